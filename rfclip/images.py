@@ -1,0 +1,95 @@
+"""Turning user images into upright RGB uint8 arrays, and resizing them for a method.
+
+Every entry point of the library (``Segmenter.predict``, the CLI, the Ray job's decode task) goes
+through :func:`to_rgb_array`, so one place decides how odd modes (CMYK, 16-bit, palette, grayscale,
+RGBA) and EXIF orientation are handled.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+ImageLike = Union[Image.Image, np.ndarray]
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """Convert a PIL image or an array to an upright ``(H, W, 3) uint8`` RGB array.
+
+    PIL inputs: EXIF orientation is applied; palette, grayscale, CMYK, LA/RGBA (alpha dropped) and
+    16/32-bit integer modes (``I;16``, ``I``: scaled by their actual maximum range) are converted.
+    Arrays: ``(H, W)`` gray, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8 is taken as is,
+    other integer types are scaled from their dtype range, floats are taken as values in [0, 1].
+    """
+    if isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+        mode = image.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+            arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(arr[:, :, None], 3, axis=2)
+        if mode == "F":
+            arr = np.clip(np.asarray(image, dtype=np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(arr[:, :, None], 3, axis=2)
+        if mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4; got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image array is empty: shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        out = arr
+    elif np.issubdtype(arr.dtype, np.integer):
+        top = float(np.iinfo(arr.dtype).max)
+        out = np.clip(arr.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        out = np.clip(arr.astype(np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.uint8) * 255
+    else:
+        raise TypeError(f"unsupported image dtype {arr.dtype}")
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    elif out.shape[2] == 4:
+        out = out[:, :, :3]
+    return np.ascontiguousarray(out)
+
+
+def resized_shape(height: int, width: int, short_side: int, max_long_side: int = 2048) -> tuple[int, int]:
+    """Size ``(h, w)`` with the short side at ``short_side``, aspect kept, long side capped.
+
+    ``short_side <= 0`` keeps the original size.
+    """
+    if short_side <= 0:
+        return height, width
+    scale = short_side / min(height, width)
+    if max(height, width) * scale > max_long_side:
+        scale = max_long_side / max(height, width)
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def resize_short_side(rgb: np.ndarray, short_side: int, max_long_side: int = 2048) -> np.ndarray:
+    """Bilinear resize of an ``(H, W, 3) uint8`` array (METHODS.md §1 "Input size").
+
+    Returns ``(h, w, 3) uint8``. Antialiased when shrinking, as a user would expect of a resize.
+    """
+    h, w = resized_shape(rgb.shape[0], rgb.shape[1], short_side, max_long_side)
+    if (h, w) == rgb.shape[:2]:
+        return rgb
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    shrink = h < rgb.shape[0] or w < rgb.shape[1]
+    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

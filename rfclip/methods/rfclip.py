@@ -1,0 +1,88 @@
+"""RF-CLIP as the paper describes it (METHODS.md §3): refocus every block, then a kk-averaged last block.
+
+Per block l < L, batched over crops: (a) distractors on the input stream; (b) defocused tokens from a
+normalised cut of the layer-averaged kk attention; (c) attention moved from distractors to defocused
+tokens; the block runs on; (d) the distractors' distraction channels smoothed on the output.
+Last block (e): ``out_proj(A_bar v)`` with ``A_bar`` the head-wise mean of every layer's kk attention.
+Crops without distractors in a layer skip (b) and (c) (the cut runs only on the crops that need it).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import refocus
+from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch
+from .base import DenseMethod, DenseOutput
+
+Tensor = torch.Tensor
+
+
+def distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, float, float | None]:
+    """``(dims, tau, min_received)`` for an architecture, from the settings or the known tables."""
+    dims = settings.distraction_dims
+    if dims is None:
+        dims = DISTRACTION_DIMS.get(base_arch(arch))
+    if dims is None:
+        raise ValueError(
+            f"distraction dimensions are unknown for {arch}: pass distraction_dims=[...] (find them with "
+            f"`python -m rfclip.find_distraction_dims --model {arch} --weights W --images DIR`)")
+    if max(dims) >= width or min(dims) < 0:
+        raise ValueError(f"distraction_dims {list(dims)} out of range for width {width}")
+    tau = settings.tau if settings.tau is not None else 5.0 / width
+    min_recv = settings.min_received_attention
+    if min_recv is None:
+        min_recv = MIN_RECEIVED_ATTENTION.get(base_arch(arch))
+    if min_recv is not None and min_recv <= 0:
+        min_recv = None
+    return torch.tensor(list(dims), dtype=torch.long, device=device), tau, min_recv
+
+
+class RFCLIP(DenseMethod):
+    name = "rfclip"
+
+    def encode(self, x: Tensor) -> DenseOutput:
+        vit, s = self.vit, self.settings
+        dims, tau, min_recv = distraction_setup(s, self.arch, vit.width, x.device)
+        tokens, grid = vit.embed(x)
+        b, n = tokens.shape[0], tokens.shape[1] - 1
+        kk_sum = None                                     # (B, H, N, N) float32, sum of patch-block kk attention
+        for l, block in enumerate(vit.blocks[:-1], start=1):
+            q, k, v = vit.qkv(block, tokens)
+            kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
+            kk_sum = kk if kk_sum is None else kk_sum + kk
+            attn = vit.softmax_attention(q, k)
+            recv = refocus.received_attention(attn) if min_recv is not None else None
+            dis = self._distractors(tokens, dims, tau, recv, min_recv)
+            if s.distractor_attention and bool(dis.any()):
+                attn = refocus.redistribute_attention(attn, dis, self._receivers(kk_sum, l, dis, n), s.lam)
+            tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
+            if s.embedding_redistribution:
+                dis_out = self._distractors(tokens, dims, tau, recv, min_recv)
+                if bool(dis_out.any()):
+                    patches = refocus.neighbour_mean_channels(tokens[:, 1:], grid, dis_out, dims)
+                    tokens = torch.cat([tokens[:, :1], patches], dim=1)
+        last = vit.blocks[-1]
+        k, v = vit.keys(last, tokens)
+        kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
+        a_bar = kk if kk_sum is None else kk_sum + kk
+        a_bar = a_bar / vit.num_layers
+        out = vit.attend(last, a_bar, v[:, :, 1:])
+        return DenseOutput(vit.head(out).reshape(b, grid[0], grid[1], -1))
+
+    @staticmethod
+    def _distractors(tokens: Tensor, dims: Tensor, tau: float, recv, min_recv) -> Tensor:
+        mask = refocus.distraction_scores(tokens[:, 1:], dims) > tau
+        if min_recv is not None:
+            mask &= recv > min_recv
+        return mask
+
+    def _receivers(self, kk_sum: Tensor, layers: int, dis: Tensor, n: int) -> Tensor:
+        """Defocused tokens ``(B, N)`` bool; the cut runs only on crops that have distractors."""
+        s = self.settings
+        receivers = ~dis
+        if not s.defocus_ncut or n < 3:
+            return receivers
+        idx = dis.any(dim=-1).nonzero().squeeze(-1)
+        affinity = kk_sum.index_select(0, idx).mean(dim=1) / layers
+        cut = refocus.defocused_tokens(affinity, dis.index_select(0, idx), s.ncut_solver, s.ncut_iters)
+        return receivers.index_copy(0, idx, cut)

@@ -1,0 +1,206 @@
+"""The refocusing math of RF-CLIP (METHODS.md §3 a-d, §4), as pure batched tensor functions.
+
+Shapes: B crops, H heads, N patch tokens on an ``(h, w)`` grid (row-major), T = N + 1 tokens with
+CLS at index 0, D channels. Masks are ``bool``. Every function works on a whole batch at once and
+is the identity on crops without distractors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def distraction_scores(x: Tensor, dims: Tensor) -> Tensor:
+    """Eq. 6, min-shifted: ``phi_i = max_{j in dims} f~_i[j] / max(sum_k f~_i[k], 1e-8)``.
+
+    Args:
+        x: ``(B, N, D)`` patch tokens of the residual stream (any float dtype).
+        dims: ``(K,)`` long, the distraction channels.
+    Returns:
+        ``(B, N)`` float32 scores in [0, 1].
+    """
+    f = x.float()
+    shifted = f - f.amin(dim=-1, keepdim=True)
+    top = shifted.index_select(-1, dims).amax(dim=-1)
+    return top / shifted.sum(dim=-1).clamp_min(1e-8)
+
+
+def received_attention(attn: Tensor) -> Tensor:
+    """Mean attention each patch receives from the patch queries, head-averaged.
+
+    Args:
+        attn: ``(B, H, T, T)`` softmax attention over all tokens.
+    Returns:
+        ``(B, N)`` float32: ``(1/N) sum_i mean_h attn[h, i, j]`` over patch rows i.
+    """
+    return attn[:, :, 1:, 1:].float().mean(dim=(1, 2))
+
+
+def find_distractors(x: Tensor, dims: Tensor, tau: float, attn: Tensor | None = None,
+                     min_received: float | None = None) -> Tensor:
+    """Distractor tokens ``{i : phi_i > tau}`` (§3a).
+
+    With ``min_received`` (the ViT-L/14 condition) a distractor must also receive a mean attention
+    above it in ``attn`` (``(B, H, T, T)``). Returns ``(B, N)`` bool.
+    """
+    mask = distraction_scores(x, dims) > tau
+    if min_received is not None:
+        if attn is None:
+            raise ValueError("min_received needs the attention matrix")
+        mask &= received_attention(attn) > min_received
+    return mask
+
+
+def fiedler_vector(affinity: Tensor, solver: str = "eigh", iters: int = 30, block: int = 6) -> Tensor:
+    """Fiedler vector ``y = D^-1/2 z`` of a symmetric affinity (§3b, Eqs. 7-8).
+
+    ``z`` is the eigenvector of the second-smallest eigenvalue of ``D^-1/2 (D - W) D^-1/2``, i.e. of
+    the second-largest of ``M = D^-1/2 W D^-1/2``.
+
+    Args:
+        affinity: ``(B, N, N)`` symmetric, non-negative, float32.
+        solver: ``"eigh"`` (exact, batched ``torch.linalg.eigh``) or ``"subspace"`` (block power
+            iteration on ``M + I`` deflated against its known top eigenvector ``D^1/2 1``, then a
+            Rayleigh-Ritz step on ``block`` vectors: ``iters`` batched matmuls of ``(N, N) x (N, block)``).
+    Returns:
+        ``(B, N)`` float32; its sign is arbitrary.
+    """
+    w = affinity.float()
+    d = w.sum(-1).clamp_min(1e-12)
+    d_isqrt = d.rsqrt()
+    m = d_isqrt[:, :, None] * w * d_isqrt[:, None, :]
+    if solver == "eigh":
+        _, vecs = torch.linalg.eigh(m)
+        z = vecs[:, :, -2]
+    elif solver == "subspace":
+        z = _second_eigvec_subspace(m, d.sqrt(), iters, block)
+    else:
+        raise ValueError(f"unknown ncut solver {solver!r}; use 'eigh' or 'subspace'")
+    return z * d_isqrt
+
+
+def _second_eigvec_subspace(m: Tensor, top: Tensor, iters: int, block: int) -> Tensor:
+    b, n, _ = m.shape
+    u = F.normalize(top, dim=-1)[:, :, None]                      # (B, N, 1) top eigenvector of m
+    k = min(block, n - 1)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(n, k, generator=gen).to(m)[None].expand(b, n, k)
+    shifted = m + torch.eye(n, device=m.device, dtype=m.dtype)      # eigenvalues in [0, 2]
+    for _ in range(iters):
+        v = v - u @ (u.transpose(1, 2) @ v)
+        v, _ = torch.linalg.qr(shifted @ v)
+    v = v - u @ (u.transpose(1, 2) @ v)
+    v, _ = torch.linalg.qr(v)
+    small = v.transpose(1, 2) @ m @ v                               # (B, k, k) Rayleigh-Ritz
+    _, ritz = torch.linalg.eigh(small)
+    return (v @ ritz[:, :, -1:]).squeeze(-1)
+
+
+def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "eigh", iters: int = 30) -> Tensor:
+    """Defocused target tokens ``T_def`` from the normalised cut (§3b).
+
+    Symmetrises ``affinity``, takes the Fiedler vector, keeps ``y_i > mean(y)``; the sign is chosen so
+    that this set is the smaller side (at most half of the patches). Distractors are removed; if
+    nothing is left, all non-distractor patches receive.
+
+    Args:
+        affinity: ``(B, N, N)`` non-negative (the layer-averaged, head-averaged kk attention).
+        distractors: ``(B, N)`` bool.
+    Returns:
+        ``(B, N)`` bool.
+    """
+    w = 0.5 * (affinity + affinity.transpose(1, 2))
+    y = fiedler_vector(w, solver=solver, iters=iters)
+    above = y > y.mean(dim=-1, keepdim=True)
+    flip = above.sum(-1, keepdim=True) * 2 > y.shape[-1]
+    above = torch.where(flip, y < y.mean(dim=-1, keepdim=True), above)
+    receivers = above & ~distractors
+    empty = ~receivers.any(dim=-1, keepdim=True)
+    return torch.where(empty, ~distractors, receivers)
+
+
+def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor, lam: float) -> Tensor:
+    """Move ``lam`` of each patch query's attention on distractors to the defocused keys (§3c).
+
+    For every head and patch query row i, over patch key columns: ``Omega_i = lam * sum_{dis} A[i, j]``;
+    ``A[i, dis] *= 1 - lam``; ``A[i, j in def] += Omega_i * A[i, j] / sum_{def} A[i, j']``. The CLS row
+    and column are untouched and every row sum is preserved. A row whose defocused weights are all
+    zero is left as it is (there is nowhere to move the mass in proportion to).
+
+    Args:
+        attn: ``(B, H, T, T)`` attention (rows sum to 1).
+        distractors, defocused: ``(B, N)`` bool, disjoint.
+        lam: fraction moved, in [0, 1].
+    Returns:
+        ``(B, H, T, T)`` same dtype.
+    """
+    dis = distractors[:, None, None, :].to(attn.dtype)
+    dfc = defocused[:, None, None, :].to(attn.dtype)
+    p = attn[:, :, 1:, 1:]
+    budget = lam * (p * dis).sum(-1, keepdim=True)
+    denom = (p * dfc).sum(-1, keepdim=True)
+    movable = (denom > 0).to(attn.dtype)
+    gain = budget * movable / torch.where(denom > 0, denom, torch.ones_like(denom))
+    new_p = p * (1 - lam * dis * movable) + gain * p * dfc
+    out = attn.clone()
+    out[:, :, 1:, 1:] = new_p
+    return out
+
+
+def _grid(x: Tensor, grid: tuple[int, int]) -> Tensor:
+    b, n, c = x.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"grid {grid} does not hold {n} tokens")
+    return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _tokens(x: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h * w).transpose(1, 2)
+
+
+def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims: Tensor) -> Tensor:
+    """Eq. 13: for masked tokens, set channels ``dims`` to the mean of their existing 8 neighbours.
+
+    The neighbourhood is 3x3 minus the centre on the patch grid; at the border only the neighbours
+    that exist count. All means use the values before the update (simultaneous). Other channels and
+    tokens are untouched.
+
+    Args:
+        x: ``(B, N, D)`` patch tokens; grid: ``(h, w)`` with ``h * w == N``;
+        mask: ``(B, N)`` bool; dims: ``(K,)`` long.
+    Returns:
+        ``(B, N, D)``.
+    """
+    if not bool(mask.any()):
+        return x
+    sel = x.index_select(-1, dims)                                   # (B, N, K)
+    g = _grid(sel.float(), grid)
+    total = F.avg_pool2d(g, 3, 1, 1, count_include_pad=True) * 9.0
+    ones = torch.ones_like(g[:, :1])
+    count = F.avg_pool2d(ones, 3, 1, 1, count_include_pad=True) * 9.0 - 1.0
+    mean = (total - g) / count.clamp_min(1.0)
+    mean = torch.where(count > 0, mean, g)
+    new = torch.where(mask[:, :, None], _tokens(mean).to(x.dtype), sel)
+    out = x.clone()
+    out[:, :, dims] = new
+    return out
+
+
+def release_mean_filter(x: Tensor, grid: tuple[int, int], mask: Tensor, keep: float = 0.6) -> Tensor:
+    """The released code's filter (§4): ``F <- keep F + (1-keep) where(m, mean3x3(F), F)``.
+
+    ``mean3x3`` includes the centre, weights 1/9, zero padding, over all channels.
+
+    Args:
+        x: ``(B, N, D)`` patch tokens; grid: ``(h, w)``; mask: ``(B, N)`` bool.
+    Returns:
+        ``(B, N, D)``.
+    """
+    if not bool(mask.any()):
+        return x
+    mean = _tokens(F.avg_pool2d(_grid(x.float(), grid), 3, 1, 1, count_include_pad=True)).to(x.dtype)
+    return torch.where(mask[:, :, None], keep * x + (1 - keep) * mean, x)

@@ -1,0 +1,267 @@
+"""``Segmenter``: images in, label maps out, for any method (METHODS.md §1 "Logits to labels").
+
+NumPy-facing ``predict`` / ``predict_batch`` / ``segment_batch`` sit over a tensor core: crops of all
+images are cut by index (no per-crop loop), grouped by size, run through the method in batches of
+``settings.batch_size``, and their upsampled logits are scattered back with one ``index_add_`` per
+batch. The per-image tail (resize to the original size, softmax, class max, thresholds) runs once
+per image.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .benchmarks import BENCHMARKS, method_settings
+from .images import ImageLike, resize_short_side, to_rgb_array
+from .methods import build_method
+from .pamr import pamr
+from .settings import make_settings
+from .text import TextEncoder
+from .vit import DenseViT
+from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
+from .weights import load_clip
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Prediction:
+    """One image's result at its original (upright) size.
+
+    Attributes:
+        labels: ``(H, W) int32`` class indices in vocabulary order.
+        confidence: ``(H, W) float32`` probability of the chosen class (before ``prob_thd``).
+    """
+
+    labels: np.ndarray
+    confidence: np.ndarray
+
+
+def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Windows ``(y1, y2, x1, x2)`` covering an image (§1.2); one window if ``crop <= 0``.
+
+    ``h_grids = ceil(max(H - crop, 0) / stride) + 1``; window i starts at ``i * stride`` and is
+    shifted back inside the image. An image smaller than the crop is one window.
+    """
+    if crop <= 0:
+        return [(0, height, 0, width)]
+    out = []
+    ny = math.ceil(max(height - crop, 0) / stride) + 1
+    nx = math.ceil(max(width - crop, 0) / stride) + 1
+    for i in range(ny):
+        y2 = min(i * stride + crop, height)
+        y1 = max(y2 - crop, 0)
+        for j in range(nx):
+            x2 = min(j * stride + crop, width)
+            x1 = max(x2 - crop, 0)
+            out.append((y1, y2, x1, x2))
+    return out
+
+
+class Segmenter:
+    """Open-vocabulary semantic segmentation with a frozen open_clip ViT.
+
+    Args:
+        model: open_clip architecture (``"ViT-B-16"``, ``"ViT-L-14"``, ...) or an open_clip model-config
+            JSON path.
+        weights: open_clip pretrained tag, local checkpoint, or fsspec URL (see ``rfclip.weights``).
+        method: one of ``rfclip.available_methods()``.
+        vocabulary: classes in label order: a list of names, a list of synonym lists, or a
+            ``"sky, cloud; road"`` string. Defaults to the benchmark's classes when ``benchmark`` is set.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when available.
+        weights_sha256: expected sha256 of the weights file; a mismatch is an error.
+        storage_options: fsspec options for a weights URL.
+        benchmark: apply the method's published settings for this benchmark preset.
+        quick_gelu: force the activation; None infers it (OpenAI weights use QuickGELU).
+        **settings: any field of ``rfclip.settings.Settings``.
+    """
+
+    def __init__(self, model: str = "ViT-B-16", weights: str = "openai", method: str = "rfclip",
+                 vocabulary: Optional[VocabularyLike] = None, device: Optional[str] = None,
+                 weights_sha256: Optional[str] = None, storage_options: Optional[dict] = None,
+                 benchmark: Optional[str] = None, quick_gelu: Optional[bool] = None, **settings):
+        layers = [method_settings(method, benchmark)] if benchmark else []
+        self.settings = make_settings(method, *layers, settings)
+        if vocabulary is None:
+            if benchmark is None:
+                raise ValueError("give a vocabulary (or a benchmark whose classes to use)")
+            vocabulary = BENCHMARKS[benchmark].vocabulary
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = DTYPES[self.settings.precision]
+        clip, tokenizer, arch, resolved = load_clip(model, weights, weights_sha256, storage_options,
+                                                     quick_gelu=quick_gelu)
+        self.model_name, self.arch, self.weights, self.benchmark, self.method_name = model, arch, resolved, benchmark, method
+        clip = clip.to(self.device)
+        clip.visual.to(self.dtype)
+        self.clip = clip
+        self.vit = DenseViT(clip.visual)
+        self.method = build_method(method, self.vit, self.settings, arch)
+        self.text_encoder = TextEncoder(clip, tokenizer, self.device)
+        self._mean = torch.tensor(MEAN, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(STD, device=self.device).view(3, 1, 1)
+        self.set_vocabulary(vocabulary)
+
+    # ---- vocabulary ----------------------------------------------------------------------------
+    def set_vocabulary(self, vocabulary: VocabularyLike) -> None:
+        """Switch classes; query embeddings are cached per name, so a repeat costs nothing."""
+        self.vocabulary = normalize_vocabulary(vocabulary)
+        names, owner = flatten(self.vocabulary)
+        self.query_names = names
+        self.text = self.text_encoder.encode_names(names)                      # (Q, E) float32
+        self._owner = torch.tensor(owner, device=self.device)                 # (Q,)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [names[0] for names in self.vocabulary]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.vocabulary)
+
+    def config(self) -> dict:
+        """JSON-able description: method, model, weights identity and sha256, vocabulary, settings."""
+        return {
+            "method": self.method_name, "model": self.model_name, "arch": self.arch,
+            "weights": {"spec": self.weights.spec, "kind": self.weights.kind, "sha256": self.weights.sha256,
+                        "quick_gelu": self.weights.quick_gelu},
+            "benchmark": self.benchmark, "vocabulary": self.vocabulary, "settings": self.settings.to_dict(),
+            "device": str(self.device),
+        }
+
+    # ---- tensor core ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense features ``(B, h, w, E)`` of normalised images ``(B, 3, H, W)`` (multiples of the patch).
+
+        After ``ln_post`` and ``proj``, before L2 normalisation; in the model's precision.
+        """
+        return self.method.encode(x.to(self.device, self.dtype)).features
+
+    def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1).float() / 255.0
+        return ((t - self._mean) / self._std).to(self.dtype)
+
+    def _global_embeddings(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Unit CLS embeddings ``(n, E)`` float32 of whole images, resized to the model's input size."""
+        side = self.settings.global_input_size or self.vit.input_size[0]
+        x = torch.stack([F.interpolate(t[None].float(), size=(side, side), mode="bilinear",
+                                       align_corners=False, antialias=True)[0] for t in images]).to(self.dtype)
+        embs = [self.vit.image_embedding(x[i:i + self.settings.batch_size])
+                for i in range(0, len(x), self.settings.batch_size)]
+        return F.normalize(torch.cat(embs).float(), dim=-1)
+
+    @torch.inference_mode()
+    def _image_logits(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sliding-window logits ``(Q, h, w)`` float32 for each normalised image ``(3, h, w)``."""
+        s, p = self.settings, self.vit.patch
+        q = self.text.shape[0]
+        sizes = [tuple(t.shape[1:]) for t in images]
+        offsets = np.cumsum([0] + [h * w for h, w in sizes])
+        acc = torch.zeros(q, int(offsets[-1]), device=self.device)
+        cnt = torch.zeros(int(offsets[-1]), device=self.device)
+        use_global = self.method.needs_global_embedding and not s.global_from_crop and (
+            s.global_semantics_weight > 0 or s.mean_vector_weight > 0)
+        global_embs = self._global_embeddings(images) if use_global else None
+
+        # Crop index per image, grouped by crop size: {(ch, cw): [(image, y1s, x1s)]}.
+        groups: dict[tuple[int, int], list] = defaultdict(list)
+        for i, (h, w) in enumerate(sizes):
+            wins = torch.tensor(sliding_windows(h, w, s.slide_crop, s.slide_stride))
+            ch, cw = int(wins[0, 1] - wins[0, 0]), int(wins[0, 3] - wins[0, 2])
+            groups[(ch, cw)].append((i, wins[:, 0], wins[:, 2]))
+
+        for (ch, cw), members in groups.items():
+            ph, pw = math.ceil(ch / p) * p, math.ceil(cw / p) * p
+            ry, rx = torch.arange(ch), torch.arange(cw)
+            crops, index, owner = [], [], []
+            for i, y1, x1 in members:
+                rows, cols = (y1[:, None] + ry).to(self.device), (x1[:, None] + rx).to(self.device)
+                crops.append(images[i][:, rows[:, :, None], cols[:, None, :]].transpose(0, 1))   # (n, 3, ch, cw)
+                index.append(int(offsets[i]) + rows[:, :, None] * sizes[i][1] + cols[:, None, :])
+                owner.append(torch.full((len(y1),), i, device=self.device))
+            crops_t = F.pad(torch.cat(crops), (0, pw - cw, 0, ph - ch))
+            index_t, owner_t = torch.cat(index), torch.cat(owner)
+            for start in range(0, len(crops_t), s.batch_size):
+                sl = slice(start, start + s.batch_size)
+                out = self.method.encode(crops_t[sl])
+                feats = F.normalize(out.features.float(), dim=-1)
+                g = None
+                if self.method.needs_global_embedding:
+                    g = F.normalize(out.cls.float(), dim=-1) if s.global_from_crop else (
+                        global_embs[owner_t[sl]] if global_embs is not None else None)
+                logits = self.method.crop_logits(feats, self.text, g)                       # (b, Q, gh, gw)
+                logits = F.interpolate(logits, size=(ph, pw), mode="bilinear", align_corners=False)
+                logits = logits[:, :, :ch, :cw]
+                idx = index_t[sl].reshape(-1)
+                acc.index_add_(1, idx, logits.permute(1, 0, 2, 3).reshape(q, -1))
+                cnt.index_add_(0, idx, torch.ones_like(idx, dtype=cnt.dtype))
+        return [(acc[:, offsets[i]:offsets[i + 1]] / cnt[offsets[i]:offsets[i + 1]]).view(q, *sizes[i])
+                for i in range(len(images))]
+
+    def _labels(self, logits: torch.Tensor, size: tuple[int, int], image: torch.Tensor) -> Prediction:
+        """Logits ``(Q, h, w)`` to a :class:`Prediction` at ``size`` (§1 steps 3-6)."""
+        s = self.settings
+        if s.pamr:
+            # [decision] PAMR runs at the working resolution, before the resize to the original size.
+            logits = pamr(image.float(), logits)
+        if tuple(logits.shape[1:]) != tuple(size):
+            logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        probs = (s.logit_scale * logits).softmax(dim=0)
+        cls = torch.zeros(self.num_classes, *size, device=probs.device)
+        cls.scatter_reduce_(0, self._owner[:, None, None].expand_as(probs), probs, reduce="amax", include_self=False)
+        conf, labels = cls.max(dim=0)
+        if s.area_thd is not None:
+            counts = torch.bincount(labels.flatten(), minlength=self.num_classes)
+            fg = counts[1:].sum()
+            drop = (counts <= s.area_thd * fg) & (counts > 0)
+            drop[0] = False
+            if bool(drop.any()):
+                cls[drop] = 0.0
+                conf, labels = cls.max(dim=0)
+        if s.prob_thd > 0:
+            labels = torch.where(conf < s.prob_thd, torch.zeros_like(labels), labels)
+        return Prediction(labels.to(torch.int32).cpu().numpy(), conf.float().cpu().numpy())
+
+    # ---- NumPy-facing API ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def segment_batch(self, images: Sequence[ImageLike],
+                      original_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[Prediction]:
+        """Segment several images at once; crops of all of them share forward batches.
+
+        Args:
+            images: PIL images or ``(H, W[, C])`` arrays (converted with ``to_rgb_array``).
+            original_sizes: if given, ``images`` are already resized with
+                ``resize_short_side(img, settings.short_side, settings.max_long_side)`` (for example in a
+                CPU task) and each prediction comes back at ``original_sizes[i]`` ``(H, W)``.
+        Returns:
+            one :class:`Prediction` per image, at its original size.
+        """
+        if len(images) == 0:
+            return []
+        rgbs = [to_rgb_array(im) for im in images]
+        if original_sizes is None:
+            sizes = [tuple(r.shape[:2]) for r in rgbs]
+            rgbs = [resize_short_side(r, self.settings.short_side, self.settings.max_long_side) for r in rgbs]
+        else:
+            if len(original_sizes) != len(rgbs):
+                raise ValueError("original_sizes must have one (H, W) per image")
+            sizes = [(int(h), int(w)) for h, w in original_sizes]
+        tensors = [self._normalise(r) for r in rgbs]
+        logits = self._image_logits(tensors)
+        return [self._labels(l, size, t) for l, size, t in zip(logits, sizes, tensors)]
+
+    def predict(self, image: ImageLike) -> np.ndarray:
+        """``(H, W) int32`` label map of one image at its original size."""
+        return self.segment_batch([image])[0].labels
+
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+        """Label maps of several images; crops are batched across images."""
+        return [p.labels for p in self.segment_batch(images)]

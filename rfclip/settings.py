@@ -1,0 +1,139 @@
+"""Every setting a method takes, with its meaning and its per-method default (METHODS.md §2-§4).
+
+A ``Segmenter`` resolves its settings as: the method's defaults, then the benchmark preset's values
+(``rfclip.benchmarks.method_settings``) if a benchmark is named, then the user's keyword arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+# Distraction dimensions (0-indexed residual-stream channels), METHODS.md §3a.
+DISTRACTION_DIMS = {
+    "ViT-B-16": (4, 162, 189, 326, 429, 474, 633, 713),
+    "ViT-L-14": (250, 261, 437, 650, 720, 779, 936, 1005),
+}
+# ViT-L/14 distractors must also receive this head-averaged mean attention ([decision], §3a).
+MIN_RECEIVED_ATTENTION = {"ViT-L-14": 0.1}
+
+
+def base_arch(arch: str) -> str:
+    """``"ViT-B-16-quickgelu"`` -> ``"ViT-B-16"``: the weights' family for the tables above."""
+    return arch[: -len("-quickgelu")] if arch.endswith("-quickgelu") else arch
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Segmentation settings. Defaults here are generic; each method overrides some (``METHOD_DEFAULTS``).
+
+    Logits to labels (§1):
+        logit_scale: softmax temperature applied to cosine logits.
+        prob_thd: a pixel whose best class probability is below this gets label 0 (background);
+            0 disables it. Only meaningful when class 0 is a background class.
+        area_thd: SCLIP's VOC21 rule: after labelling, classes other than 0 whose area is at most
+            this fraction of the foreground are removed (their probability set to 0). None disables.
+        short_side: the image is resized so its short side is this (0 keeps the size).
+        max_long_side: cap on the resized long side.
+        slide_crop, slide_stride: sliding-window size and stride in pixels; ``slide_crop = 0`` runs
+            the whole image in one pass.
+        pamr: refine logits with PAMR (10 iterations, dilations 8 and 16).
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` for the image tower.
+        batch_size: crops per forward pass (crops of several images share a batch).
+    RF-CLIP (§3):
+        tau: distractor threshold on phi; None means ``5 / width``.
+        distraction_dims: channels; None means the known set for the architecture (ViT-B/16, ViT-L/14).
+        min_received_attention: extra distractor condition (mean attention received); None means the
+            architecture's default (0.1 for ViT-L/14, off otherwise); 0 disables it.
+        lam: fraction of distractor attention moved to defocused tokens.
+        distractor_attention, defocus_ncut, embedding_redistribution: switches for §3c, §3b, §3d.
+            With ``defocus_ncut`` off, every non-distractor patch receives.
+        ncut_solver: ``"eigh"`` (exact) or ``"subspace"`` (block power iteration), ``ncut_iters`` its steps.
+    NACLIP: naclip_sigma, the Gaussian's sigma in patches.
+    RF-CLIP release (§4):
+        release_keep: weight of the unfiltered feature in ``F <- keep F + (1 - keep) F_den``.
+        release_sim_threshold: similarities below this are zeroed in feature enhancing.
+        global_semantics_weight, mean_vector_weight, h_threshold: the CASS text-side extras (0 disables
+            the first two).
+        global_from_crop: take the global (CLS) similarity from each crop instead of the whole image.
+        global_input_size: side the whole image is resized to for its CLS embedding; None means the
+            model's input size.
+    """
+
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: Optional[float] = None
+    short_side: int = 336
+    max_long_side: int = 2048
+    slide_crop: int = 224
+    slide_stride: int = 112
+    pamr: bool = False
+    precision: str = "fp32"
+    batch_size: int = 16
+    tau: Optional[float] = None
+    distraction_dims: Optional[tuple[int, ...]] = None
+    min_received_attention: Optional[float] = None
+    lam: float = 0.7
+    distractor_attention: bool = True
+    defocus_ncut: bool = True
+    embedding_redistribution: bool = True
+    ncut_solver: str = "eigh"
+    ncut_iters: int = 30
+    naclip_sigma: float = 5.0
+    release_keep: float = 0.6
+    release_sim_threshold: float = 0.4
+    global_semantics_weight: float = 0.0
+    mean_vector_weight: float = 0.0
+    h_threshold: float = 0.1
+    global_from_crop: bool = False
+    global_input_size: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["distraction_dims"] is not None:
+            d["distraction_dims"] = list(d["distraction_dims"])
+        return d
+
+
+SETTING_NAMES = tuple(f.name for f in fields(Settings))
+
+METHOD_DEFAULTS: dict[str, dict] = {
+    "clip": {},
+    "maskclip": {},
+    "sclip": {},
+    "clearclip": {"logit_scale": 50.0, "short_side": 448, "slide_crop": 448, "slide_stride": 224},
+    "naclip": {},
+    "rfclip": {},
+    "rfclip-release": {"global_semantics_weight": 0.25, "mean_vector_weight": 0.03, "h_threshold": 0.1},
+}
+
+
+def make_settings(method: str, *layers: dict) -> Settings:
+    """The method's defaults, updated by each dict in ``layers`` in order; unknown names are an error."""
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHOD_DEFAULTS)}")
+    merged: dict = dict(METHOD_DEFAULTS[method])
+    for layer in layers:
+        unknown = set(layer) - set(SETTING_NAMES)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {sorted(unknown)}; settings are {list(SETTING_NAMES)}")
+        merged.update(layer)
+    if merged.get("distraction_dims") is not None:
+        merged["distraction_dims"] = tuple(int(d) for d in merged["distraction_dims"])
+    s = replace(Settings(), **merged)
+    _validate(s)
+    return s
+
+
+def _validate(s: Settings) -> None:
+    if s.precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {s.precision!r}")
+    if s.slide_crop < 0 or (s.slide_crop > 0 and not 0 < s.slide_stride):
+        raise ValueError("slide_crop must be >= 0, and slide_stride > 0 when sliding")
+    if not 0.0 <= s.lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {s.lam}")
+    if s.ncut_solver not in ("eigh", "subspace"):
+        raise ValueError(f"ncut_solver must be 'eigh' or 'subspace', got {s.ncut_solver!r}")
+    if s.batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if s.short_side < 0 or s.max_long_side < 1:
+        raise ValueError("short_side must be >= 0 and max_long_side >= 1")

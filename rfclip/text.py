@@ -1,0 +1,46 @@
+"""Text side: query embeddings from the 80 OpenAI ImageNet prompt templates (METHODS.md §1).
+
+For each name: fill every template, encode, L2-normalise each, average, L2-normalise again.
+Embeddings are cached per (model identity, name), so a vocabulary is encoded once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+class TextEncoder:
+    """Encodes query names into ``(Q, D)`` float32 unit vectors, with a cache.
+
+    Args:
+        model: an open_clip CLIP model (its text tower is used).
+        tokenizer: the open_clip tokenizer for that model.
+        device: where to run the text tower.
+        templates: prompt templates with one ``{}``.
+    """
+
+    def __init__(self, model, tokenizer, device: torch.device, templates: tuple[str, ...] = TEMPLATES):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.templates = templates
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode_names(self, names: list[str], batch_templates: int = 1024) -> torch.Tensor:
+        """``(Q, D)`` float32 embeddings of ``names`` on the encoder's device."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._cache]
+        if missing:
+            prompts = [t.format(n) for n in missing for t in self.templates]
+            feats = []
+            for i in range(0, len(prompts), batch_templates):
+                tokens = self.tokenizer(prompts[i:i + batch_templates]).to(self.device)
+                feats.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+            per_prompt = torch.cat(feats).view(len(missing), len(self.templates), -1)
+            per_name = F.normalize(per_prompt.mean(dim=1), dim=-1)
+            for n, e in zip(missing, per_name):
+                self._cache[n] = e
+        return torch.stack([self._cache[n] for n in names]).to(self.device)

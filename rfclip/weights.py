@@ -1,0 +1,280 @@
+"""Finding, verifying and loading CLIP weights into an open_clip model.
+
+``weights`` may be:
+
+- an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...): downloaded and cached by
+  open_clip when online. When the file is not cached and the hub cannot be reached, this fails within
+  seconds (not after open_clip's retries) with a message that says to pass ``weights=PATH``;
+- a local file: an OpenAI TorchScript archive (``ViT-B-16.pt``), a state dict (``.pt``, ``.pth``,
+  ``.bin``, the OpenAI or open_clip key layout, optionally under ``"state_dict"``) or ``.safetensors``;
+- any fsspec URL (``s3://bucket/ViT-B-16.pt``, ``gs://``, ``https://``...): streamed once into a
+  local cache, then loaded as a local file.
+
+State dicts are read with ``torch.load(weights_only=True)`` or safetensors: no arbitrary objects are
+unpickled. OpenAI's TorchScript archives are read with ``torch.jit.load``, which deserialises
+TorchScript code and tensors in C++ (no Python pickle of arbitrary classes), and only their
+``state_dict`` is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import fsspec
+import open_clip
+import torch
+
+# sha256 of OpenAI's released checkpoints (METHODS.md §6). A file with one of these digests is an
+# OpenAI model, which was trained with QuickGELU.
+OPENAI_SHA256 = {
+    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f": "ViT-B-16",
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af": "ViT-B-32",
+    "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836": "ViT-L-14",
+}
+LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class WeightsError(RuntimeError):
+    """The weights could not be found, fetched, verified or loaded."""
+
+
+class WeightsUnavailableError(WeightsError):
+    """A pretrained tag is not cached and cannot be downloaded (offline)."""
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Where the weights came from and what they are.
+
+    Attributes:
+        spec: what the user passed (a tag, a path or a URL; never credentials).
+        kind: ``"tag"``, ``"file"`` or ``"url"``.
+        path: the local file that was loaded.
+        sha256: hex digest of that file.
+        quick_gelu: whether the model was built with QuickGELU (OpenAI weights).
+    """
+
+    spec: str
+    kind: str
+    path: str
+    sha256: str
+    quick_gelu: bool
+
+
+def cache_root() -> Path:
+    """``$RFCLIP_CACHE`` or ``~/.cache/rfclip``."""
+    return Path(os.environ.get("RFCLIP_CACHE", Path.home() / ".cache" / "rfclip"))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a local file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def register_model(model: str) -> str:
+    """Return an open_clip architecture name for ``model``.
+
+    ``model`` is a built-in name (``"ViT-B-16"``; ``"ViT-B/16"`` is accepted) or the path of an
+    open_clip model-config JSON (``{"embed_dim", "vision_cfg", "text_cfg"}``), which is registered
+    under the file's stem. The JSON form serves custom and tiny test architectures.
+    """
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {model} does not exist")
+        cfg = json.loads(path.read_text())
+        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ValueError(f"{model} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        open_clip.add_model_config(path)
+        return path.stem
+    name = model.replace("/", "-")
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {model!r}; known ViTs include "
+                         f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ...")
+    return name
+
+
+def _is_url(spec: str) -> bool:
+    scheme = urlparse(spec).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_message(model: str, tag: str, reason: str) -> str:
+    return (f"pretrained weights {model}/{tag!r} are not cached and cannot be downloaded ({reason}). "
+            f"Pass weights=PATH (CLI: --weights PATH) with a local .pt/.safetensors file or an fsspec URL "
+            f"such as s3://bucket/ViT-B-16.pt; OpenAI's ViT-B/16 file has sha256 "
+            f"5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f.")
+
+
+def _resolve_tag(model: str, tag: str, cache_dir: Optional[str]) -> str:
+    """Local path of an open_clip pretrained tag's file, downloading it if online."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(model, tag)
+    if not cfg:
+        raise WeightsError(f"{tag!r} is neither a file nor an open_clip pretrained tag for {model}; "
+                           f"tags for {model}: {list_pretrained_tags_by_model(model)}")
+    cached = _cached_tag_file(cfg, cache_dir)
+    if cached:
+        return cached
+    hub_host = "huggingface.co"
+    url = cfg.get("url", "")
+    host = hub_host if cfg.get("hf_hub") else urlparse(url).hostname
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and cfg.get("hf_hub"):
+        raise WeightsUnavailableError(_offline_message(model, tag, "HF_HUB_OFFLINE=1"))
+    if not host or not _host_reachable(host):
+        raise WeightsUnavailableError(_offline_message(model, tag, f"{host} is unreachable"))
+    try:
+        return download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - re-raised with the actionable message
+        raise WeightsUnavailableError(_offline_message(model, tag, f"download failed: {e}")) from e
+
+
+def _cached_tag_file(cfg: dict, cache_dir: Optional[str]) -> Optional[str]:
+    hf = cfg.get("hf_hub", "")
+    if hf:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        repo, filename = os.path.split(hf)
+        for fname in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+            hit = try_to_load_from_cache(repo, fname, cache_dir=cache_dir)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+        return None
+    url = cfg.get("url", "")
+    if url:
+        path = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
+        return str(path) if path.is_file() else None
+    return None
+
+
+def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Optional[dict]) -> str:
+    """Stream a remote file into the cache once; return its local path."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = cache_root() / "weights" / key / (os.path.basename(urlparse(url).path) or "weights.bin")
+    if target.is_file() and (expected_sha256 is None or file_sha256(target) == expected_sha256):
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".part-{os.getpid()}")
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+        os.replace(tmp, target)
+    except FileNotFoundError as e:
+        raise WeightsError(f"weights URL {url} does not exist") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return str(target)
+
+
+def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = None,
+                    storage_options: Optional[dict] = None, cache_dir: Optional[str] = None) -> ResolvedWeights:
+    """Find the weights file for ``weights`` and verify it; see the module docstring."""
+    if weights_sha256 is not None:
+        weights_sha256 = weights_sha256.strip().lower()
+        if len(weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in weights_sha256):
+            raise ValueError(f"weights_sha256 must be 64 hex digits, got {weights_sha256!r}")
+    if _is_url(weights):
+        kind, path = "url", _fetch_url(weights, weights_sha256, storage_options)
+    elif os.path.exists(weights) or weights.endswith(LOCAL_SUFFIXES) or os.sep in weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights file {weights} does not exist")
+        kind, path = "file", weights
+    else:
+        kind, path = "tag", _resolve_tag(model, weights, cache_dir)
+    digest = file_sha256(path)
+    if weights_sha256 is not None and digest != weights_sha256:
+        raise WeightsError(f"sha256 mismatch for {weights}: expected {weights_sha256}, file has {digest}")
+    quick_gelu = (model.endswith("-quickgelu") or (kind == "tag" and weights == "openai")
+                  or digest in OPENAI_SHA256 or _is_torchscript(path))
+    return ResolvedWeights(spec=weights, kind=kind, path=path, sha256=digest, quick_gelu=quick_gelu)
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, without unpickling arbitrary objects (module docstring)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path, device="cpu")
+    elif _is_torchscript(path):
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+        sd = {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"{path} is not a readable state dict (weights_only=True): {e}") from e
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise WeightsError(f"{path} does not hold a state dict")
+        sd = {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
+              storage_options: Optional[dict] = None, cache_dir: Optional[str] = None,
+              quick_gelu: Optional[bool] = None):
+    """Build the open_clip model and load verified weights into it.
+
+    Returns ``(clip_model, tokenizer, arch_name, ResolvedWeights)``; the model is float32, on the
+    CPU, in eval mode.
+    """
+    from open_clip.factory import resize_pos_embed
+
+    arch = register_model(model)
+    resolved = resolve_weights(arch, weights, weights_sha256, storage_options, cache_dir)
+    use_quick_gelu = resolved.quick_gelu if quick_gelu is None else quick_gelu
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" here; we load them next
+    try:
+        clip = open_clip.create_model(arch, pretrained=None, force_quick_gelu=use_quick_gelu)
+    finally:
+        root.setLevel(level)
+    sd = read_state_dict(resolved.path)
+    if "logit_scale" in sd and sd["logit_scale"].ndim != clip.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(clip.logit_scale.shape)
+    if getattr(clip, "logit_bias", None) is None:
+        sd.pop("logit_bias", None)
+    resize_pos_embed(sd, clip)
+    try:
+        clip.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{weights} does not fit architecture {arch}: {str(e)[:600]}") from e
+    clip.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    return clip, tokenizer, arch, resolved
