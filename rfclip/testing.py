@@ -79,28 +79,39 @@ def distractor_pattern(patch: int, seed: int = 0) -> np.ndarray:
 
 
 @torch.no_grad()
-def plant_distractors(visual, dims: Sequence[int], seed: int = 0, strength: float = 0.02) -> np.ndarray:
-    """Make ``visual.conv1`` fire strongly in channels ``dims`` on :func:`distractor_pattern` patches.
+def plant_distractors(visual, dims: Sequence[int], seed: int = 0, strength: float = 0.05,
+                      offset: float = 1.0) -> np.ndarray:
+    """Give a random ViT the two traits of real CLIP that RF-CLIP relies on, in channels ``dims``.
 
-    The filter for each channel in ``dims`` becomes ``strength *`` the pattern's sign (+1 / -1): a
-    patch painted with the pattern gets a response of about ``strength * 3 * patch**2 * 1.8``
-    (normalised pixels are about ±1.8), while smooth content correlates weakly with it. Returns the
-    pattern, ``(patch, patch, 3) uint8``.
+    - Every patch carries a raised level in ``dims`` (``offset`` added to the positional embedding),
+      so the mean embedding weight peaks there (what ``find_distraction_dims`` looks for).
+    - ``conv1`` detects :func:`distractor_pattern`: the filter of ``dims[0]`` becomes
+      ``strength *`` the pattern's sign (+1 / -1) and the other ``dims`` a third of that, so a patch
+      painted with the pattern is over-activated (a distractor), while smooth content correlates
+      weakly with it.
+
+    Returns the pattern, ``(patch, patch, 3) uint8``.
     """
+    dims = list(dims)
     patch = visual.conv1.kernel_size[0]
     pattern = distractor_pattern(patch, seed)
     sign = torch.from_numpy(pattern.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, p, p) in {-1, 1}
-    for d in dims:
-        visual.conv1.weight[d] = strength * sign
+    for i, d in enumerate(dims):
+        visual.conv1.weight[d] = (strength if i == 0 else strength / 3) * sign
+    visual.positional_embedding[1:, dims] += offset
     return pattern
 
 
 def paint_pattern(image: np.ndarray, pattern: np.ndarray, cells: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Copy ``pattern`` into ``image`` (``(H, W, 3) uint8``) at grid cells ``(row, col)``; returns a copy."""
+    """Copy ``pattern`` into ``image`` (``(H, W, 3) uint8``) at grid cells ``(row, col)``; returns a copy.
+
+    Cells that do not fit inside the image are skipped.
+    """
     out = image.copy()
     p = pattern.shape[0]
     for r, c in cells:
-        out[r * p:(r + 1) * p, c * p:(c + 1) * p] = pattern
+        if (r + 1) * p <= out.shape[0] and (c + 1) * p <= out.shape[1]:
+            out[r * p:(r + 1) * p, c * p:(c + 1) * p] = pattern
     return out
 
 
@@ -112,3 +123,32 @@ def random_model(model: str = "ViT-B-16", seed: int = 0, plant_dims: Optional[Se
     if plant_dims is not None:
         plant_distractors(clip.visual, plant_dims, seed=seed)
     return clip
+
+
+class _ArchiveNode(torch.nn.Module):
+    """A scriptable module that only holds tensors (for :func:`save_torchscript_archive`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def save_torchscript_archive(model: torch.nn.Module, path: str | Path) -> Path:
+    """Save ``model``'s tensors as a TorchScript archive laid out like OpenAI's released ``.pt`` files.
+
+    OpenAI's files are ``torch.jit`` archives whose ``state_dict`` has the model's keys plus
+    ``input_resolution``, ``context_length`` and ``vocab_size``; this writes the same structure.
+    """
+    root = _ArchiveNode()
+    sd = dict(model.state_dict())
+    sd.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    for key, value in sd.items():
+        *parents, leaf = key.split(".")
+        node = root
+        for name in parents:
+            if not hasattr(node, name):
+                node.add_module(name, _ArchiveNode())
+            node = getattr(node, name)
+        node.register_buffer(leaf, value.detach().clone())
+    path = Path(path)
+    torch.jit.script(root).save(str(path))
+    return path

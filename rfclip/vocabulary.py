@@ -34,8 +34,9 @@ def load_vocabulary(path: str, storage_options: dict | None = None) -> list[list
 def normalize_vocabulary(vocabulary: VocabularyLike) -> list[list[str]]:
     """Accept a ``;``-string, a list of names, or a list of synonym lists; return synonym lists.
 
-    Raises ``ValueError`` on an empty vocabulary, an empty class or a name repeated across classes
-    (a repeated name would make the class probability ambiguous).
+    Raises ``ValueError`` on an empty vocabulary or an empty class. A name may appear in several
+    classes (the COCO-Object file lists "bed" both as a thing and among the background words); each
+    occurrence is its own query.
     """
     if isinstance(vocabulary, str):
         return parse_vocabulary(vocabulary)
@@ -48,12 +49,6 @@ def normalize_vocabulary(vocabulary: VocabularyLike) -> list[list[str]]:
         out.append(names)
     if not out:
         raise ValueError("the vocabulary is empty: give at least one class")
-    seen: dict[str, int] = {}
-    for c, names in enumerate(out):
-        for n in names:
-            if n in seen and seen[n] != c:
-                raise ValueError(f"name {n!r} appears in classes {seen[n]} and {c}")
-            seen[n] = c
     return out
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,7 +229,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         sd = load_file(path, device="cpu")
     elif _is_torchscript(path):
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, the files are not
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
         sd = {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
     else:
         try:

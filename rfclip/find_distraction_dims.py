@@ -1,0 +1,118 @@
+"""Find the distraction dimensions of a CLIP ViT (METHODS.md §3a), so RF-CLIP can run on it.
+
+    python -m rfclip.find_distraction_dims --model M --weights W --images DIR_OR_URI [--limit 200]
+
+For each image (resized to the model's input size) the plain forward is run; the block outputs'
+patch tokens are averaged over layers (``z_bar``), min-shifted and sum-normalised per token
+(``w_i[j] = z~_i[j] / sum_k z~_i[k]``), then averaged over tokens and images. The dimensions whose
+mean weight peaks far above the rest (robust z-score over the median and MAD) are reported; pass them
+as ``distraction_dims``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import to_rgb_array
+from .segmenter import MEAN, STD
+from .vit import DenseViT
+from .weights import load_clip
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def list_images(uri: str, storage_options: dict | None = None, limit: int | None = None) -> list[str]:
+    """Sorted image URIs under a folder or prefix (recursive), local or fsspec."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if fs.isfile(root):
+        paths = [root]
+    else:
+        paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise SystemExit(f"no images under {uri}")
+    paths = paths[:limit] if limit else paths
+    return [fs.unstrip_protocol(p) if "://" in uri else p for p in paths]
+
+
+@torch.inference_mode()
+def mean_embedding_weights(vit: DenseViT, images: list[np.ndarray], batch_size: int = 8) -> torch.Tensor:
+    """``(D,)`` float64 mean sum-normalised, layer-averaged patch embedding over ``images``."""
+    side = vit.input_size
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    dtype = vit.visual.conv1.weight.dtype
+    device = vit.visual.conv1.weight.device
+    total = torch.zeros(vit.width, dtype=torch.float64)
+    count = 0
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in images[i:i + batch_size]])
+        x = ((F.interpolate(x, size=side, mode="bilinear", align_corners=False, antialias=True) - mean) / std)
+        tokens, _ = vit.embed(x.to(device, dtype))
+        z_sum = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, vit.width, device=device)
+        for block in vit.blocks:
+            tokens = vit.plain_block(block, tokens)
+            z_sum += tokens[:, 1:].float()
+        z = z_sum / vit.num_layers
+        z = z - z.amin(dim=-1, keepdim=True)
+        w = z / z.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+        total += w.sum(dim=(0, 1)).double().cpu()
+        count += w.shape[0] * w.shape[1]
+    return total / count
+
+
+def peak_dimensions(weights: torch.Tensor, top: int = 16, z_threshold: float = 8.0) -> list[dict]:
+    """The ``top`` dimensions by mean weight, each with its robust z-score and whether it is a peak."""
+    w = weights.double()
+    med = w.median()
+    mad = (w - med).abs().median().clamp_min(1e-12) * 1.4826
+    z = (w - med) / mad
+    order = torch.argsort(w, descending=True)[:top]
+    return [{"dim": int(d), "weight": float(w[d]), "z": float(z[d]), "peak": bool(z[d] > z_threshold)} for d in order]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rfclip.find_distraction_dims", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--weights-sha256", default=None)
+    p.add_argument("--images", required=True, help="folder, prefix or fsspec URI of images")
+    p.add_argument("--storage-options", default=None, help="JSON fsspec options for --images")
+    p.add_argument("--limit", type=int, default=200, help="images to use (default 200)")
+    p.add_argument("--top", type=int, default=16, help="dimensions to list (default 16)")
+    p.add_argument("--z-threshold", type=float, default=8.0, help="robust z-score that makes a peak")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    args = p.parse_args(argv)
+
+    opts = json.loads(args.storage_options) if args.storage_options else None
+    clip, _, arch, _ = load_clip(args.model, args.weights, args.weights_sha256)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vit = DenseViT(clip.visual.to(device))
+    images = []
+    for uri in list_images(args.images, opts, args.limit):
+        with fsspec.open(uri, "rb", **(opts or {})) as f, Image.open(f) as im:
+            images.append(to_rgb_array(im))
+    rows = peak_dimensions(mean_embedding_weights(vit, images), args.top, args.z_threshold)
+    peaks = sorted(r["dim"] for r in rows if r["peak"])
+    result = {"model": arch, "images": len(images), "distraction_dims": peaks, "top": rows}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{arch}: mean sum-normalised embedding weight over {len(images)} images")
+    print(f"{'dim':>6} {'weight':>10} {'robust z':>9}  peak")
+    for r in rows:
+        print(f"{r['dim']:>6} {r['weight']:>10.6f} {r['z']:>9.1f}  {'*' if r['peak'] else ''}")
+    print(f"distraction_dims = {peaks}")
+    print(f"use: --setting distraction_dims='{json.dumps(peaks)}'  (or Segmenter(..., distraction_dims={peaks}))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

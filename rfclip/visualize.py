@@ -1,0 +1,63 @@
+"""Colours for label maps: a fixed palette, label PNGs, and overlays with a legend of class names."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def palette(n: int) -> np.ndarray:
+    """``(n, 3) uint8`` distinct colours; index 0 is black-ish grey, the rest follow the VOC bit pattern."""
+    cmap = np.zeros((max(n, 1), 3), dtype=np.uint8)
+    for i in range(max(n, 1)):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap[:n]
+
+
+def label_png(labels: np.ndarray, num_classes: int) -> bytes:
+    """Encode ``(H, W)`` integer labels as PNG: 8-bit palette when ``num_classes <= 256``, else 16-bit gray."""
+    labels = np.asarray(labels)
+    top = 255 if num_classes <= 256 else 65535
+    if labels.size and (labels.min() < 0 or labels.max() > top):
+        raise ValueError(f"labels must lie in [0, {top}] for a PNG of {num_classes} classes")
+    buf = io.BytesIO()
+    if num_classes <= 256:
+        img = Image.fromarray(labels.astype(np.uint8), mode="P")
+        img.putpalette(palette(256).flatten().tolist())
+    else:
+        img = Image.fromarray(labels.astype(np.uint16))
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_label_png(data: bytes) -> np.ndarray:
+    """Inverse of :func:`label_png`: ``(H, W) int64``."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img).astype(np.int64)
+
+
+def overlay(rgb: np.ndarray, labels: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
+    """Blend a colour label map over ``rgb`` ``(H, W, 3) uint8`` and add a legend of the classes present."""
+    colours = palette(len(class_names))
+    blended = (rgb.astype(np.float32) * (1 - alpha) + colours[labels].astype(np.float32) * alpha).astype(np.uint8)
+    present = [int(c) for c in np.unique(labels)]
+    font = ImageFont.load_default()
+    row = 16
+    legend_w = 12 + max((int(font.getlength(class_names[c])) for c in present), default=40) + 28
+    h = max(rgb.shape[0], row * len(present) + 8)
+    canvas = Image.new("RGB", (rgb.shape[1] + legend_w, h), (255, 255, 255))
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        y = 4 + k * row
+        x = rgb.shape[1] + 6
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in colours[c]), outline=(0, 0, 0))
+        draw.text((x + 18, y), class_names[c], fill=(0, 0, 0), font=font)
+    return canvas

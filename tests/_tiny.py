@@ -1,0 +1,31 @@
+"""Fixtures of the library tests: tiny random open_clip models saved to disk.
+
+Imported into test modules (``from _tiny import *``) so they stay apart from conftest.py.
+"""
+import numpy as np
+import pytest
+
+from rfclip.testing import distractor_pattern, make_tiny_model_files, paint_pattern
+
+PLANTED_DIMS = list(range(8))
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """``(config_json, weights)`` of a tiny random ViT (width 64, 2 layers, 4 heads)."""
+    return make_tiny_model_files(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def planted_files(tmp_path_factory):
+    """A tiny ViT (4 layers) with distractors planted in channels 0-7 (see rfclip.testing)."""
+    return make_tiny_model_files(tmp_path_factory.mktemp("planted"), plant=True, seed=3, layers=4)
+
+
+def planted_image(h=224, w=288, seed=0, cells=((2, 3), (7, 7), (10, 12))):
+    """``(h, w, 3) uint8`` smooth random image with the distractor pattern painted in grid cells."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(yy * (c + 1) + xx * (3 - c)) % 256 for c in range(3)], -1).astype(np.float64)
+    base = (0.6 * base + 0.4 * rng.integers(0, 255, size=(1, 1, 3))).astype(np.uint8)
+    return paint_pattern(base, distractor_pattern(16, seed=3), cells)

@@ -1,0 +1,51 @@
+"""The person-facing tools: ``python -m rfclip.segment`` and ``python -m rfclip.find_distraction_dims``."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from rfclip.testing import make_tiny_model_files
+from rfclip.visualize import decode_label_png
+
+from _tiny import planted_image, tiny_files  # noqa: F401
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_segment_writes_label_pngs_and_overlays(tiny_files, tmp_path):
+    cfg, weights = tiny_files
+    paths = []
+    for i, shape in enumerate([(120, 200), (90, 60)]):
+        p = tmp_path / f"img{i}.jpg"
+        Image.fromarray(planted_image(*shape, seed=i)).save(p)
+        paths.append(str(p))
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    r = run("rfclip.segment", *paths, str(bad), "--vocabulary", "sky, cloud; road; car", "--model", cfg,
+            "--weights", weights, "--out", str(tmp_path / "out"), "--overlay", "--method", "clearclip")
+    assert r.returncode == 1, r.stderr                      # one unreadable input, reported, others written
+    assert "broken.jpg: cannot read image" in r.stderr
+    for i, shape in enumerate([(120, 200), (90, 60)]):
+        labels = decode_label_png((tmp_path / "out" / f"img{i}.png").read_bytes())
+        assert labels.shape == shape and labels.max() < 3
+        with Image.open(tmp_path / "out" / f"img{i}_overlay.png") as ov:
+            assert ov.size[1] >= shape[0] and ov.size[0] > shape[1]   # the legend widens the image
+
+
+def test_find_distraction_dims_recovers_planted_channels(tmp_path):
+    cfg, weights = make_tiny_model_files(tmp_path / "m", plant=True, seed=3, layers=4)
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.fromarray((rng.random((200, 260, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    r = run("rfclip.find_distraction_dims", "--model", cfg, "--weights", weights, "--images", str(tmp_path / "imgs"),
+            "--top", "8", "--z-threshold", "1.5", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["images"] == 4
+    assert sorted(row["dim"] for row in out["top"]) == list(range(8))
+    assert set(out["distraction_dims"]) <= set(range(8)) and len(out["distraction_dims"]) >= 4

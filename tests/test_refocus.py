@@ -1,0 +1,146 @@
+"""Invariants of the refocusing math (METHODS.md §3 a-d, §4) on constructed inputs."""
+import pytest
+import torch
+
+from rfclip import refocus
+
+DIMS = torch.tensor([1, 5])
+
+
+def stream(b=2, n=16, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, d, generator=g)
+
+
+def test_planted_overactivated_token_is_a_distractor_and_ordinary_ones_are_not():
+    x = stream(d=64)
+    x[0, 3, 5] = 60.0                      # token 3 of crop 0: one distraction channel massively active
+    x[1, 7, 2] = 60.0                      # massive, but in a channel that is not a distraction dim
+    mask = refocus.find_distractors(x, DIMS, tau=5 / 64)
+    assert mask[0, 3] and mask.sum() == 1
+
+
+def test_distraction_score_is_min_shifted_ratio():
+    x = torch.tensor([[[-1.0, 3.0, 0.0, 1.0]]])          # shifted: [0, 4, 1, 2], sum 7
+    phi = refocus.distraction_scores(x, torch.tensor([1, 3]))
+    assert phi.item() == pytest.approx(4 / 7)
+
+
+def test_attention_condition_filters_distractors():
+    x = stream(b=1, n=4, d=8)
+    x[0, :2, 1] = 50.0                                   # tokens 0 and 1 over-activated
+    attn = torch.full((1, 2, 5, 5), 0.02)
+    attn[:, :, :, 2] = 0.9                               # everyone attends to patch 1 (token index 2)
+    attn = attn / attn.sum(-1, keepdim=True)
+    mask = refocus.find_distractors(x, DIMS, tau=0.1, attn=attn, min_received=0.1)
+    assert mask.tolist() == [[False, True, False, False]]
+
+
+def two_block_affinity(n1=10, n2=6, inside=1.0, across=0.01, noise=0.01, seed=0):
+    n = n1 + n2
+    g = torch.Generator().manual_seed(seed)
+    w = torch.full((n, n), across)
+    w[:n1, :n1] = inside
+    w[n1:, n1:] = inside
+    w = w + noise * torch.rand(n, n, generator=g)
+    perm = torch.randperm(n, generator=g)
+    return w[perm][:, perm], perm
+
+
+@pytest.mark.parametrize("solver", ["eigh", "subspace"])
+def test_normalised_cut_splits_two_blocks(solver):
+    w, perm = two_block_affinity()
+    small_block = perm >= 10                             # the 6 tokens of the second block, permuted
+    dis = torch.zeros(1, 16, dtype=torch.bool)
+    defocused = refocus.defocused_tokens(w[None], dis, solver=solver)
+    assert torch.equal(defocused[0], small_block)        # the smaller side, exactly the planted block
+
+
+def test_defocused_set_excludes_distractors_and_falls_back_when_empty():
+    w, perm = two_block_affinity()
+    small_block = perm >= 10
+    dis = small_block.clone()[None]                      # every defocused token is a distractor
+    defocused = refocus.defocused_tokens(w[None], dis)
+    assert torch.equal(defocused, ~dis)                  # then all non-distractor patches receive
+    dis2 = torch.zeros(1, 16, dtype=torch.bool)
+    dis2[0, small_block.nonzero()[0]] = True
+    d2 = refocus.defocused_tokens(w[None], dis2)
+    assert not (d2 & dis2).any() and d2.sum() == small_block.sum() - 1
+
+
+def random_attention(b=2, h=3, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, n + 1, n + 1, generator=g).softmax(-1).double()
+
+
+def test_redistribution_preserves_rows_and_moves_lam_proportionally():
+    attn = random_attention()
+    dis = torch.zeros(2, 16, dtype=torch.bool)
+    dfc = torch.zeros(2, 16, dtype=torch.bool)
+    dis[0, [1, 4]] = True
+    dfc[0, [7, 8, 9]] = True
+    dis[1, [0]] = True
+    dfc[1, [2, 3]] = True
+    lam = 0.7
+    out = refocus.redistribute_attention(attn, dis, dfc, lam)
+    torch.testing.assert_close(out.sum(-1), attn.sum(-1), rtol=0, atol=1e-12)
+    assert torch.equal(out[:, :, 0], attn[:, :, 0]) and torch.equal(out[:, :, :, 0], attn[:, :, :, 0])
+    p, q = attn[:, :, 1:, 1:], out[:, :, 1:, 1:]
+    for b in range(2):
+        budget = lam * p[b][..., dis[b]].sum(-1)
+        torch.testing.assert_close(q[b][..., dis[b]], (1 - lam) * p[b][..., dis[b]])
+        gained = q[b][..., dfc[b]] - p[b][..., dfc[b]]
+        torch.testing.assert_close(gained.sum(-1), budget)                      # exactly lam of the mass
+        share = p[b][..., dfc[b]] / p[b][..., dfc[b]].sum(-1, keepdim=True)
+        torch.testing.assert_close(gained, budget[..., None] * share)           # in proportion
+        rest = ~(dis[b] | dfc[b])
+        assert torch.equal(q[b][..., rest], p[b][..., rest])
+
+
+def test_neighbour_mean_changes_only_distraction_channels_of_distractors():
+    h, w, d = 3, 4, 6
+    x = torch.arange(h * w * d, dtype=torch.float64).reshape(1, h * w, d) ** 1.3
+    mask = torch.zeros(1, h * w, dtype=torch.bool)
+    mask[0, 0] = True              # corner (0, 0): neighbours (0,1), (1,0), (1,1)
+    mask[0, 1] = True              # its neighbour (0, 1) is also a distractor: simultaneous update
+    mask[0, 6] = True              # interior (1, 2): 8 neighbours
+    dims = torch.tensor([2, 4])
+    out = refocus.neighbour_mean_channels(x, (h, w), mask, dims)
+    grid = x[0].reshape(h, w, d)
+
+    def nb_mean(r, c):
+        vals = [grid[rr, cc] for rr in range(r - 1, r + 2) for cc in range(c - 1, c + 2)
+                if (rr, cc) != (r, c) and 0 <= rr < h and 0 <= cc < w]
+        return torch.stack(vals).mean(0)
+
+    for tok, (r, c) in {0: (0, 0), 1: (0, 1), 6: (1, 2)}.items():
+        torch.testing.assert_close(out[0, tok, dims], nb_mean(r, c)[dims])
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[0, [0, 1, 6]][:, dims] = False
+    unchanged = torch.ones(1, h * w, d, dtype=torch.bool)
+    for tok in (0, 1, 6):
+        unchanged[0, tok, dims] = False
+    assert torch.equal(out[unchanged], x[unchanged])
+
+
+def test_release_filter_blends_with_3x3_mean_including_centre():
+    h, w, d = 3, 3, 2
+    x = torch.arange(h * w * d, dtype=torch.float64).reshape(1, h * w, d)
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    mask[0, 0] = True
+    out = refocus.release_mean_filter(x, (h, w), mask, keep=0.6)
+    grid = x[0].reshape(h, w, d)
+    mean00 = grid[:2, :2].reshape(-1, d).sum(0) / 9.0           # zero padding, weights 1/9
+    torch.testing.assert_close(out[0, 0], 0.6 * x[0, 0] + 0.4 * mean00)
+    assert torch.equal(out[0, 1:], x[0, 1:])
+
+
+def test_every_step_is_identity_without_distractors():
+    x = stream(b=2, n=12, d=8)
+    none = torch.zeros(2, 12, dtype=torch.bool)
+    attn = random_attention(n=12)
+    receivers = refocus.defocused_tokens(torch.rand(2, 12, 12), none)
+    assert torch.equal(refocus.redistribute_attention(attn, none, receivers, 0.7), attn)
+    assert torch.equal(refocus.neighbour_mean_channels(x, (3, 4), none, DIMS), x)
+    assert torch.equal(refocus.release_mean_filter(x, (3, 4), none), x)
+    assert not refocus.find_distractors(torch.zeros(2, 12, 8), DIMS, tau=0.1).any()

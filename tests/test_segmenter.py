@@ -1,0 +1,178 @@
+"""Every method end to end on a tiny random model: shapes, determinism, label range, odd inputs."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rfclip
+from rfclip.benchmarks import BENCHMARKS, method_settings
+from rfclip.segmenter import sliding_windows
+
+from _tiny import PLANTED_DIMS, planted_files, planted_image, tiny_files  # noqa: F401
+
+VOCAB = [["sky", "cloud"], ["road"], ["car", "vehicle"], ["tree"]]
+
+
+def make_segmenter(files, method, **kw):
+    cfg, weights = files
+    if method.startswith("rfclip"):
+        kw.setdefault("distraction_dims", PLANTED_DIMS)
+    return rfclip.Segmenter(model=cfg, weights=weights, method=method, vocabulary=VOCAB, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module", params=rfclip.available_methods())
+def segmenter(request, planted_files):
+    return make_segmenter(planted_files, request.param, short_side=224)
+
+
+def test_available_methods_cover_the_family():
+    assert set(rfclip.available_methods()) == {"clip", "maskclip", "sclip", "clearclip", "naclip", "rfclip",
+                                                "rfclip-release"}
+
+
+def test_shapes_label_range_and_determinism(segmenter):
+    img = planted_image(250, 330)
+    a = segmenter.segment_batch([img])[0]
+    b = segmenter.segment_batch([img])[0]
+    assert a.labels.shape == (250, 330) and a.labels.dtype == np.int32
+    assert a.confidence.shape == (250, 330) and a.confidence.dtype == np.float32
+    assert a.labels.min() >= 0 and a.labels.max() < len(VOCAB)
+    assert np.all((a.confidence > 0) & (a.confidence <= 1))
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.confidence, b.confidence)
+
+
+def test_batch_across_images_matches_one_at_a_time(segmenter):
+    imgs = [planted_image(250, 330, seed=1), planted_image(200, 180, seed=2), planted_image(300, 240, seed=3)]
+    together = segmenter.segment_batch(imgs)
+    for img, pred in zip(imgs, together):
+        alone = segmenter.segment_batch([img])[0]
+        np.testing.assert_allclose(pred.confidence, alone.confidence, atol=1e-4)
+        assert (pred.labels != alone.labels).mean() < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (16, 16), (40, 500), (500, 30)])
+def test_tiny_and_extreme_aspect_images(planted_files, shape):
+    for short in (0, 224):
+        seg = make_segmenter(planted_files, "rfclip", short_side=short)
+        img = (np.random.default_rng(0).random((*shape, 3)) * 255).astype(np.uint8)
+        assert seg.predict(img).shape == shape
+
+
+def test_input_modes_and_exif_orientation(tiny_files):
+    seg = make_segmenter(tiny_files, "clip", short_side=224)
+    rgb = planted_image(120, 200)
+    gray = Image.fromarray(rgb[:, :, 0], mode="L")
+    rgba = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), mode="RGBA")
+    pal = Image.fromarray(rgb).convert("P")
+    i16 = Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    for im in (gray, rgba, pal, i16, cmyk, rgb[:, :, 0], rgb.astype(np.float32) / 255):
+        assert seg.predict(im).shape == (120, 200)
+    # EXIF orientation 6 (rotate 90° clockwise): the label map is at the upright size.
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(buf, format="JPEG", exif=exif)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert seg.predict(im).shape == (200, 120)
+    with pytest.raises(ValueError):
+        seg.predict(np.zeros((0, 5, 3), np.uint8))
+
+
+@pytest.mark.parametrize("h,w,crop,stride", [(336, 448, 224, 112), (224, 224, 224, 112), (100, 700, 224, 112),
+                                             (561, 333, 448, 224), (50, 60, 224, 112), (300, 300, 0, 112)])
+def test_sliding_windows_cover_every_pixel(h, w, crop, stride):
+    cover = np.zeros((h, w), np.int32)
+    wins = sliding_windows(h, w, crop, stride)
+    for y1, y2, x1, x2 in wins:
+        assert 0 <= y1 < y2 <= h and 0 <= x1 < x2 <= w
+        assert (y2 - y1) == min(crop, h) if crop else (y2 - y1) == h
+        cover[y1:y2, x1:x2] += 1
+    assert cover.min() >= 1
+    if crop:
+        ny = int(np.ceil(max(h - crop, 0) / stride)) + 1
+        nx = int(np.ceil(max(w - crop, 0) / stride)) + 1
+        assert len(wins) == ny * nx
+
+
+def test_encode_dense_shape(segmenter):
+    x = torch.randn(2, 3, 224, 160)
+    feats = segmenter.encode_dense(x)
+    assert feats.shape == (2, 14, 10, 32)
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        segmenter.encode_dense(torch.randn(1, 3, 100, 100))
+
+
+def test_synonyms_take_the_max_and_prob_thd_sets_background(tiny_files):
+    seg = make_segmenter(tiny_files, "clip", short_side=224)
+    img = planted_image(128, 128)
+    base = seg.segment_batch([img])[0]
+    strict = make_segmenter(tiny_files, "clip", short_side=224, prob_thd=0.99).segment_batch([img])[0]
+    assert np.all(strict.labels[base.confidence < 0.99] == 0)
+    np.testing.assert_array_equal(strict.confidence, base.confidence)
+    # The class probability is the max over its names: split "sky, cloud" into two classes and the
+    # merged class's probability equals the larger of the two.
+    split = rfclip.Segmenter(model=tiny_files[0], weights=tiny_files[1], method="clip", device="cpu", short_side=224,
+                             vocabulary=[["sky"], ["cloud"], ["road"], ["car", "vehicle"], ["tree"]])
+    p_split = split.segment_batch([img])[0]
+    merged_label = np.where(p_split.labels <= 1, 0, p_split.labels - 1)
+    np.testing.assert_array_equal(merged_label, base.labels)
+    np.testing.assert_allclose(p_split.confidence, base.confidence, atol=1e-6)
+
+
+def test_settings_resolve_from_method_benchmark_and_user(tiny_files):
+    seg = rfclip.Segmenter(model=tiny_files[0], weights=tiny_files[1], method="sclip", benchmark="voc21",
+                           device="cpu", batch_size=3)
+    assert seg.num_classes == 21 and seg.class_names[1] == "aeroplane"
+    assert seg.settings.logit_scale == 65.0 and seg.settings.area_thd == 0.1 and seg.settings.batch_size == 3
+    assert method_settings("clearclip", "cityscapes")["slide_crop"] == 224
+    assert method_settings("rfclip", "voc21")["slide_crop"] == 0
+    assert method_settings("rfclip-release", "cityscapes")["global_from_crop"] is True
+    with pytest.raises(TypeError, match="unknown setting"):
+        make_segmenter(tiny_files, "clip", lamda=0.5)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_segmenter(tiny_files, "sam")
+    with pytest.raises(ValueError, match="distraction dimensions are unknown"):
+        rfclip.Segmenter(model=tiny_files[0], weights=tiny_files[1], method="rfclip", vocabulary=VOCAB,
+                         device="cpu").predict(planted_image(64, 64))
+    assert all(len(p.vocabulary) == p.num_classes for p in BENCHMARKS.values())
+    assert [BENCHMARKS[b].num_classes for b in ("voc21", "voc20", "context60", "context59", "coco_object",
+                                                "coco_stuff164k", "cityscapes", "ade20k")] == \
+        [21, 20, 60, 59, 81, 171, 19, 150]
+
+
+def test_vocabulary_parsing_and_files(tmp_path):
+    assert rfclip.parse_vocabulary("sky, cloud; road ;car") == [["sky", "cloud"], ["road"], ["car"]]
+    f = tmp_path / "cls.txt"
+    f.write_text("sky, cloud\nroad\n\ncar\n")
+    assert rfclip.load_vocabulary(str(f)) == [["sky", "cloud"], ["road"], ["car"]]
+    with pytest.raises(ValueError, match="empty"):
+        rfclip.parse_vocabulary(" ; ")
+
+
+def test_text_embeddings_are_cached(tiny_files):
+    seg = make_segmenter(tiny_files, "clip")
+    calls = []
+    original = seg.clip.encode_text
+    seg.clip.encode_text = lambda t: calls.append(len(t)) or original(t)
+    seg.set_vocabulary(VOCAB)
+    assert calls == []
+    seg.set_vocabulary(VOCAB + [["bus"]])
+    assert calls == [80]                       # one new name, 80 templates
+
+
+def test_pamr_runs_and_keeps_shapes(tiny_files):
+    seg = make_segmenter(tiny_files, "clip", short_side=224, pamr=True)
+    assert seg.predict(planted_image(100, 150)).shape == (100, 150)
+
+
+def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files):
+    fp32 = make_segmenter(planted_files, "rfclip", short_side=224)
+    bf16 = make_segmenter(planted_files, "rfclip", short_side=224, precision="bf16")
+    x = torch.randn(2, 3, 224, 224)
+    a = torch.nn.functional.normalize(fp32.encode_dense(x).float(), dim=-1)
+    b = torch.nn.functional.normalize(bf16.encode_dense(x).float(), dim=-1)
+    cos = (a * b).sum(-1)
+    assert cos.mean() > 0.99           # bf16 keeps 8 mantissa bits: stated tolerance, mean cosine > 0.99

@@ -1,0 +1,107 @@
+"""The real loading path: open_clip checkpoints in each format, fsspec URLs, sha256, offline tags."""
+import hashlib
+import os
+import time
+
+import fsspec
+import open_clip
+import pytest
+import torch
+
+import rfclip
+from rfclip.testing import random_model, save_checkpoint, save_torchscript_archive
+from rfclip.weights import WeightsError, WeightsUnavailableError, load_clip, resolve_weights
+
+from _tiny import tiny_files  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def vit_b16_files(tmp_path_factory):
+    """A random full-size ViT-B-16 saved as an OpenAI/open_clip state dict, a training checkpoint
+    and safetensors (about 600 MB each; written once per module)."""
+    d = tmp_path_factory.mktemp("vitb16")
+    model = random_model("ViT-B-16", seed=1)
+    files = {fmt: save_checkpoint(model, d / f"vitb16-{fmt}.{'safetensors' if fmt == 'safetensors' else 'pt'}", fmt)
+             for fmt in ("pt", "openclip", "safetensors")}
+    return model, files
+
+
+@pytest.mark.parametrize("fmt", ["pt", "openclip", "safetensors"])
+def test_vit_b16_checkpoint_formats_load_exactly(vit_b16_files, fmt):
+    model, files = vit_b16_files
+    clip, tokenizer, arch, resolved = load_clip("ViT-B-16", str(files[fmt]))
+    assert arch == "ViT-B-16" and resolved.kind == "file"
+    ref = model.state_dict()
+    got = clip.state_dict()
+    assert set(got) == set(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert resolved.sha256 == hashlib.sha256(files[fmt].read_bytes()).hexdigest()
+
+
+def test_torchscript_archive_like_openai_loads_with_quick_gelu(tiny_files, tmp_path):
+    cfg, weights = tiny_files
+    clip, _, arch, _ = load_clip(cfg, weights)
+    archive = save_torchscript_archive(clip, tmp_path / "openai-like.pt")
+    clip2, _, _, resolved = load_clip(cfg, str(archive))
+    assert resolved.quick_gelu
+    assert isinstance(clip2.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert all(torch.equal(a, b) for a, b in zip(clip.state_dict().values(), clip2.state_dict().values()))
+
+
+def test_sha256_is_verified(tiny_files):
+    cfg, weights = tiny_files
+    digest = hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    assert resolve_weights("rfclip-tiny", weights, digest).sha256 == digest
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        rfclip.Segmenter(model=cfg, weights=weights, weights_sha256="0" * 64, vocabulary=["a"], method="clip")
+    with pytest.raises(ValueError, match="64 hex"):
+        resolve_weights("rfclip-tiny", weights, "abc")
+
+
+def test_fsspec_url_is_streamed_once_into_the_cache(tiny_files, tmp_path, monkeypatch):
+    cfg, weights = tiny_files
+    monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path / "cache"))
+    url = "memory://models/tiny.pt"
+    with fsspec.open(url, "wb") as f, open(weights, "rb") as src:
+        f.write(src.read())
+    digest = hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    r1 = resolve_weights("rfclip-tiny", url, digest)
+    assert r1.kind == "url" and r1.sha256 == digest and str(tmp_path / "cache") in r1.path
+    fsspec.filesystem("memory").rm("/models/tiny.pt")          # a second resolve must not fetch again
+    r2 = resolve_weights("rfclip-tiny", url, digest)
+    assert r2.path == r1.path
+    with pytest.raises(WeightsError, match="does not exist"):
+        resolve_weights("rfclip-tiny", "memory://models/missing.pt")
+
+
+def test_offline_tag_fails_fast_with_a_pointer_to_weights_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="weights=PATH"):
+        rfclip.Segmenter(model="ViT-B-16", weights="openai", vocabulary=["cat"])
+    assert time.monotonic() - t0 < 20
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE"):
+        resolve_weights("ViT-B-16", "laion2b_s34b_b88k")
+
+
+def test_bad_weights_give_clear_errors(tiny_files, tmp_path):
+    cfg, _ = tiny_files
+    with pytest.raises(FileNotFoundError):
+        load_clip(cfg, str(tmp_path / "nope.pt"))
+    with pytest.raises(WeightsError, match="nor an open_clip pretrained tag"):
+        load_clip(cfg, "no-such-tag")
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(os.urandom(1000))
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_clip(cfg, str(bad))
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        load_clip("ViT-Q-99", str(bad))
+
+
+def test_wrong_architecture_is_reported(vit_b16_files, tiny_files):
+    _, files = vit_b16_files
+    cfg, _ = tiny_files
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_clip(cfg, str(files["pt"]))
