@@ -104,7 +104,8 @@ class Segmenter:
         self.clip = clip
         self.vit = DenseViT(clip.visual)
         self.method = build_method(method, self.vit, self.settings, arch)
-        self.text_encoder = TextEncoder(clip, tokenizer, self.device)
+        self.text_encoder = TextEncoder(clip, tokenizer, self.device,
+                                        identity=f"{arch}|{resolved.sha256}|{resolved.quick_gelu}")
         self._mean = torch.tensor(MEAN, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(STD, device=self.device).view(3, 1, 1)
         self.set_vocabulary(vocabulary)

@@ -1,7 +1,8 @@
 """Text side: query embeddings from the 80 OpenAI ImageNet prompt templates (METHODS.md §1).
 
 For each name: fill every template, encode, L2-normalise each, average, L2-normalise again.
-Embeddings are cached per (model identity, name), so a vocabulary is encoded once.
+Embeddings are cached per (weights identity, name) in a process-wide table, so a vocabulary is
+encoded once per process even when several Segmenters (one per method, say) share the weights.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+# weights identity -> name -> (D,) float32 CPU embedding
+_SHARED_CACHE: dict[str, dict[str, torch.Tensor]] = {}
 
 
 class TextEncoder:
@@ -20,14 +24,18 @@ class TextEncoder:
         tokenizer: the open_clip tokenizer for that model.
         device: where to run the text tower.
         templates: prompt templates with one ``{}``.
+        identity: a key that identifies the weights (e.g. their sha256 and architecture); encoders with
+            the same identity and templates share one cache. None gives a private cache.
     """
 
-    def __init__(self, model, tokenizer, device: torch.device, templates: tuple[str, ...] = TEMPLATES):
+    def __init__(self, model, tokenizer, device: torch.device, templates: tuple[str, ...] = TEMPLATES,
+                 identity: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.templates = templates
-        self._cache: dict[str, torch.Tensor] = {}
+        key = None if identity is None else f"{identity}|{hash(templates)}"
+        self._cache: dict[str, torch.Tensor] = _SHARED_CACHE.setdefault(key, {}) if key else {}
 
     @torch.no_grad()
     def encode_names(self, names: list[str], batch_templates: int = 1024) -> torch.Tensor:
@@ -42,5 +50,5 @@ class TextEncoder:
             per_prompt = torch.cat(feats).view(len(missing), len(self.templates), -1)
             per_name = F.normalize(per_prompt.mean(dim=1), dim=-1)
             for n, e in zip(missing, per_name):
-                self._cache[n] = e
+                self._cache[n] = e.cpu()
         return torch.stack([self._cache[n] for n in names]).to(self.device)

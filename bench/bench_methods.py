@@ -1,0 +1,234 @@
+"""Side-by-side cost of every method, in one process, on the same inputs.
+
+    python bench/bench_methods.py [--model ViT-B-16] [--crops 8] [--rounds 5] [--device cpu]
+                                  [--precision fp32] [--images 4] [--skip-memory]
+
+No pretrained weights exist here, so the model is random; distractors are planted in the
+architecture's distraction channels (``rfclip.testing.plant_distractors``) and painted into the
+inputs, so RF-CLIP's steps do real work (the script prints how many distractors each layer found).
+
+Tables printed:
+1. dense forward, crops/s of each method on one batch of 224x224 crops, against plain open_clip
+   ``encode_image`` on the same batch, and each method's cost relative to ``clip``;
+2. end-to-end images/s of ``Segmenter.predict_batch`` at VOC settings (short side 336, slide
+   224/112), and the ratio RF-CLIP / CLIP;
+3. the normalised-cut solver: time per batch of N x N graphs, eigh against subspace iteration;
+4. peak memory per method (CUDA: max allocated; CPU: peak RSS of a fresh process running it).
+
+Timings are medians over ``--rounds`` rounds; in each round every method runs once, in turn, so
+slow drifts of a noisy machine hit all methods alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import rfclip
+from rfclip import refocus
+from rfclip.segmenter import MEAN, STD
+from rfclip.settings import DISTRACTION_DIMS, base_arch
+from rfclip.testing import distractor_pattern, paint_pattern, random_model, save_checkpoint
+
+METHODS = rfclip.available_methods()
+
+
+def planted_images(n: int, h: int, w: int, patch: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth images with the distractor pattern painted in a few grid cells."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(yy * (c + 1 + i) + xx * (3 - c)) % 256 for c in range(3)], -1).astype(np.uint8)
+        cells = [(int(rng.integers(h // patch)), int(rng.integers(w // patch))) for _ in range(6)]
+        out.append(paint_pattern(base, distractor_pattern(patch, seed=0), cells))
+    return out
+
+
+def to_batch(images: list[np.ndarray], device, dtype) -> torch.Tensor:
+    x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images])
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x.to(device, dtype)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def build(model: str, checkpoint: str, method: str, device: str, precision: str) -> rfclip.Segmenter:
+    return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=VOC_LIKE, device=device,
+                            precision=precision, short_side=336, slide_crop=224, slide_stride=112,
+                            batch_size=args_batch)
+
+
+VOC_LIKE = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+            "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "monitor"]
+args_batch = 16
+
+
+def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> list[int]:
+    """Distractors per layer input (method rfclip's step a), summed over the batch."""
+    dims = torch.tensor(DISTRACTION_DIMS[base_arch(seg.arch)], device=x.device)
+    tau = 5.0 / seg.vit.width
+    counts = []
+    with torch.inference_mode():
+        tokens, _ = seg.vit.embed(x)
+        for block in seg.vit.blocks[:-1]:
+            counts.append(int((refocus.distraction_scores(tokens[:, 1:], dims) > tau).sum()))
+            tokens = seg.vit.plain_block(block, tokens)
+    return counts
+
+
+def peak_memory_subprocess(model, checkpoint, method, device, precision, crops) -> float:
+    """Peak RSS (MiB) above the loaded model's, of a fresh process running one dense forward."""
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import bench_methods as b
+seg = b.build({model!r}, {checkpoint!r}, {method!r}, {device!r}, {precision!r})
+x = b.to_batch(b.planted_images({crops}, 224, 224, seg.vit.patch), seg.device, seg.dtype)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+seg.encode_dense(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    global args_batch
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--crops", type=int, default=8, help="crops in the dense-forward batch")
+    p.add_argument("--images", type=int, default=4, help="images for the end-to-end table")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args()
+    args_batch = max(args.crops, 16)
+    methods = args.methods.split(",")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    tmp = tempfile.mkdtemp()
+    clip = random_model(args.model, seed=0, plant_dims=DISTRACTION_DIMS[base_arch(args.model)])
+    checkpoint = str(save_checkpoint(clip, os.path.join(tmp, "random.pt")))
+    segs = {m: build(args.model, checkpoint, m, args.device, args.precision) for m in methods}
+    any_seg = next(iter(segs.values()))
+    dtype = any_seg.dtype
+    plain = any_seg.clip.visual
+    crops = to_batch(planted_images(args.crops, 224, 224, any_seg.vit.patch), device, dtype)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# {args.model} (random, planted distractors), {args.precision}, device {device} ({device_name}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"distractors per layer input (rfclip step a, batch of {args.crops}): {distractor_counts(any_seg, crops)}")
+
+    # 1. dense forward
+    runs = {"encode_image": lambda: plain(crops)}
+    runs.update({m: (lambda s=segs[m]: s.encode_dense(crops)) for m in methods})
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()                                              # warm-up
+        times = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for k, fn in runs.items():
+                times[k].append(timed(fn, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = med.get("clip", med["encode_image"])
+    print(f"\n## 1. Dense forward, batch of {args.crops} crops 224x224 (median of {args.rounds} rounds)")
+    print("| method | crops/s | vs encode_image (time) | vs clip (time) |")
+    print("|---|---|---|---|")
+    for k in runs:
+        print(f"| {k} | {args.crops / med[k]:.2f} | {med[k] / med['encode_image']:.3f}x | {med[k] / ref:.3f}x |")
+
+    # 2. end to end at VOC settings
+    e2e = {}
+    if not args.skip_e2e:
+        images = planted_images(args.images, 375, 500, any_seg.vit.patch, seed=1)
+        for s in segs.values():
+            s.predict_batch(images[:1])
+        e2e_times = {m: [] for m in methods}
+        for _ in range(max(1, args.rounds // 2)):
+            for m in methods:
+                e2e_times[m].append(timed(lambda s=segs[m]: s.predict_batch(images), device))
+        e2e = {m: args.images / statistics.median(v) for m, v in e2e_times.items()}
+        print(f"\n## 2. End to end, predict_batch of {args.images} images 500x375 at VOC settings "
+              f"(short side 336, slide 224/112)")
+        print("| method | images/s |")
+        print("|---|---|")
+        for m in methods:
+            print(f"| {m} | {e2e[m]:.3f} |")
+        if "rfclip" in e2e and "clip" in e2e:
+            print(f"RF-CLIP / CLIP images/s ratio: {e2e['rfclip'] / e2e['clip']:.3f}")
+
+    # 3. normalised cut solver
+    n = (224 // any_seg.vit.patch) ** 2
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(args.crops, n, 64, generator=g).to(device)
+    w = (k @ k.transpose(1, 2) / 8).softmax(-1)
+    dis = torch.zeros(args.crops, n, dtype=torch.bool, device=device)
+    dis[:, 0] = True
+    solver_t = {}
+    for solver in ("eigh", "subspace"):
+        refocus.defocused_tokens(w, dis, solver)
+        solver_t[solver] = statistics.median(timed(lambda: refocus.defocused_tokens(w, dis, solver), device)
+                                             for _ in range(args.rounds))
+    layers = len(any_seg.vit.blocks) - 1
+    print(f"\n## 3. Normalised cut, batch of {args.crops} graphs of N={n}")
+    print("| solver | ms per batch | x (layers-1) as share of the rfclip forward |")
+    print("|---|---|---|")
+    for solver, t in solver_t.items():
+        share = t * layers / med["rfclip"] if "rfclip" in med else float("nan")
+        print(f"| {solver} | {t * 1000:.2f} | {share:.1%} |")
+
+    # 4. memory
+    mem = {}
+    if not args.skip_memory:
+        for m in methods:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                segs[m].encode_dense(crops)
+                mem[m] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+            else:
+                mem[m] = peak_memory_subprocess(args.model, checkpoint, m, args.device, args.precision, args.crops)
+        kind = "max allocated above the model" if device.type == "cuda" else "peak RSS growth of a fresh process"
+        print(f"\n## 4. Peak memory of one dense forward of {args.crops} crops ({kind})")
+        print("| method | MiB |")
+        print("|---|---|")
+        for m in methods:
+            print(f"| {m} | {mem[m]:.0f} |")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name, "precision": args.precision, "crops": args.crops,
+                       "dense_seconds": med, "e2e_images_per_s": e2e, "ncut_seconds": solver_t,
+                       "peak_mib": mem}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Evaluate every benchmark x method pair and write one comparison table (papers' Table 2 layout).
+
+    python jobs/evaluate.py --data-root data/ --benchmarks voc21,ade20k --methods rfclip,clearclip \
+        --model ViT-B-16 --weights openai --output out/eval [--limit N]
+
+Each pair is one run of ``jobs/segment_dataset.py``'s in-process ``run(JobConfig)`` fed with the
+benchmark's (image, label) pairs (``pipeline.datasets``) and the method's published settings for
+that benchmark (``benchmark=`` preset), written to ``OUT/<benchmark>/<method>/`` with its own
+metrics.json / metrics.md / report.md; a re-run resumes each pair. Then ``OUT/comparison.md`` and
+``OUT/comparison.json`` hold measured vs published mIoU with image counts. A pair that fails is
+shown as failed (error in the JSON) and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import posixpath
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(_REPO))
+
+import fsspec  # noqa: E402
+
+from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
+from pipeline.datasets import open_labelled_source  # noqa: E402
+from pipeline.evaluation import finish_evaluation  # noqa: E402
+from pipeline.published import TABLE_ORDER  # noqa: E402
+
+log = logging.getLogger("evaluate")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", required=True, help="MMSegmentation-style data/ folder (path or fsspec URI)")
+    p.add_argument("--benchmarks", required=True, help=f"comma-separated, from {','.join(TABLE_ORDER)}")
+    p.add_argument("--methods", required=True, help="comma-separated method names (rfclip, clearclip, ...)")
+    p.add_argument("--output", required=True, help="output folder; pair B x M goes to OUTPUT/B/M")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of each benchmark")
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--weights", default="openai")
+    p.add_argument("--weights-sha256", default=None)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None)
+    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Segmenter setting for every pair (JSON value), e.g. pamr=true; repeatable")
+    p.add_argument("--storage-options", default=None, help="JSON fsspec options for --data-root/--output")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--overwrite", action="store_true", help="redo every pair from scratch")
+    args = p.parse_args(argv)
+    args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [b for b in args.benchmarks if b not in TABLE_ORDER]
+    if unknown:
+        p.error(f"unknown benchmarks {unknown}; choose from {','.join(TABLE_ORDER)}")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    settings = {}
+    for kv in args.setting:
+        if "=" not in kv:
+            p.error(f"--setting wants KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            settings[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            settings[k.strip()] = v
+    args.settings = settings
+    return args
+
+
+def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
+    """Run one benchmark x method into OUT/benchmark/method; return its metrics.json content."""
+    sd = importlib.import_module("jobs.segment_dataset")
+    out = posixpath.join(args.output.rstrip("/"), benchmark, method)
+    src = open_labelled_source(benchmark, data_root=args.data_root, storage_options=so, limit=args.limit)
+    items, labels = sd.labelled_job_inputs(src)
+    cfg = sd.JobConfig(output=out, storage_options=so or None, benchmark=benchmark, method=method,
+                       model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
+                       precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
+                       batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,
+                       overwrite=args.overwrite, items=items, labels=labels)
+    summary = sd.run(cfg)
+    extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit,
+             "failed_images": summary["error"]}
+    return finish_evaluation(out, src, so, extra=extra)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    import rfclip.benchmarks as rb
+
+    so = json.loads(args.storage_options) if args.storage_options else {}
+    results, errors = {}, {}
+    for b in args.benchmarks:
+        for m in args.methods:
+            log.info("evaluating %s x %s", b, m)
+            try:
+                results[(b, m)] = evaluate_pair(args, b, m, so)
+            except Exception as exc:  # noqa: BLE001 - one failed pair must not lose the others
+                log.error("%s x %s failed: %s", b, m, exc)
+                errors[(b, m)] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+    val_images = {b: rb.BENCHMARKS[b].val_images for b in args.benchmarks}
+    table = build_comparison(results, args.benchmarks, args.methods, val_images,
+                             pamr=bool(args.settings.get("pamr", False)))
+    for row in table["rows"]:
+        for b, cell in row["cells"].items():
+            cell["error"] = errors.get((b, row["method"]))
+            r = results.get((b, row["method"]))
+            cell["failed_images"] = None if r is None else r.get("failed_images")
+    table.update(limit=args.limit, model=args.model, weights=args.weights, settings=args.settings)
+    fs, root = fsspec.core.url_to_fs(args.output.rstrip("/"), **so)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
+    md = comparison_markdown(table, f"mIoU comparison ({args.model}, {args.weights})")
+    if errors:
+        md += "\nFailed pairs:\n\n" + "\n".join(f"- {b} x {m}: {e}" for (b, m), e in errors.items()) + "\n"
+    fs.pipe_file(posixpath.join(root, "comparison.md"), md.encode())
+    print(md)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

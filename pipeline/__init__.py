@@ -1,0 +1,13 @@
+"""The batch segmentation pipeline: inputs -> shards -> Ray Data stages -> Parquet shards.
+
+Modules, one idea each:
+
+- ``storage``: fsspec filesystems with long-job retry defaults, atomic writes, credential redaction;
+- ``sources``: listing folders / prefixes / manifests, image ids, deterministic shards;
+- ``decode``:  robust image decoding (bad files become reasons, not crashes);
+- ``workers``: the Ray Data stage callables (CPU decode, model actor, CPU encode);
+- ``sinks``:   Parquet shard schema and atomic commits, run.json, summary.json, masks;
+- ``datasets`` / ``metrics`` / ``report``: labelled data and evaluation (see those modules).
+
+Nothing here imports Ray or torch at package import time.
+"""

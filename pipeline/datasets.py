@@ -1,0 +1,313 @@
+"""Readers for labelled data: the eight OVSS benchmarks and a user's own labelled corpus.
+
+Public API (used by ``jobs/segment_dataset.py`` and ``jobs/evaluate.py``)::
+
+    src = open_labelled_source(
+        benchmark="voc21",          # one of BENCHMARK_LAYOUTS, or None for custom labels
+        data_root="data/",          # MMSegmentation-style data/ folder (local path or fsspec URI),
+                                    # or the dataset folder itself (e.g. .../VOCdevkit/VOC2012)
+        labels=None,                # custom: folder of label PNGs named <image stem>.png
+        image_uris=None,            # custom: the images to pair with ``labels``
+        class_names=None,           # custom: class names in label-index order (the vocabulary)
+        ignore_index=255,           # custom: the label value that is ignored
+        storage_options=None,       # fsspec options for both roots
+        limit=None,                 # keep the first N pairs (split-file / sorted order)
+    ) -> LabelledSource
+
+    src.pairs            # list[(image_uri, label_uri)], every image with its label
+    src.image_ids        # list[str], the image stems, same order
+    src.class_names      # list[str], label-index order
+    src.num_classes      # K
+    src.ignore_index     # value marking ignored pixels in decoded labels
+    src.decode_label(png_bytes) -> np.ndarray  # (H, W) int64 in class-index space [0, K),
+                                               # ignored pixels == src.ignore_index
+    src.read_label(label_uri) -> np.ndarray    # the same, reading the file
+
+Benchmarks decode labels as MMSegmentation does: ``reduce_zero_label`` maps 0 -> ignore (255) and
+v -> v - 1; COCO-Object is derived from COCO-Stuff164k trainIds (0..79 things -> +1, 80..170 stuff
+-> 0 = background, 255 stays). Anything missing (layout, split file, a label for an image) raises;
+nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+IGNORE = 255
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a benchmark's val split lives inside ``data/`` and how its labels are encoded."""
+
+    dataset_dirs: tuple[str, ...]   # candidate dataset folders relative to data/, "" = data_root itself
+    marker: str                     # a folder that must exist inside the dataset folder
+    image_dir: str
+    label_dir: str
+    image_suffix: str               # e.g. ".jpg" or "_leftImg8bit.png"
+    label_suffix: str               # e.g. ".png" or "_gtFine_labelTrainIds.png"
+    split_file: Optional[str]       # list of ids (VOC style) or None: list image_dir recursively
+    transform: str                  # "identity" | "reduce_zero_label" | "coco_object"
+
+
+_VOC12 = ("VOCdevkit/VOC2012", "VOC2012", "")
+_VOC10 = ("VOCdevkit/VOC2010", "VOC2010", "")
+
+BENCHMARK_LAYOUTS: dict[str, Layout] = {
+    "voc21": Layout(_VOC12, "SegmentationClass", "JPEGImages", "SegmentationClass", ".jpg", ".png",
+                    "ImageSets/Segmentation/val.txt", "identity"),
+    "voc20": Layout(_VOC12, "SegmentationClass", "JPEGImages", "SegmentationClass", ".jpg", ".png",
+                    "ImageSets/Segmentation/val.txt", "reduce_zero_label"),
+    "context60": Layout(_VOC10, "SegmentationClassContext", "JPEGImages", "SegmentationClassContext",
+                        ".jpg", ".png", "ImageSets/SegmentationContext/val.txt", "identity"),
+    "context59": Layout(_VOC10, "SegmentationClassContext", "JPEGImages", "SegmentationClassContext",
+                        ".jpg", ".png", "ImageSets/SegmentationContext/val.txt", "reduce_zero_label"),
+    "coco_stuff164k": Layout(("coco_stuff164k", ""), "annotations/val2017", "images/val2017",
+                             "annotations/val2017", ".jpg", "_labelTrainIds.png", None, "identity"),
+    "coco_object": Layout(("coco_stuff164k", ""), "annotations/val2017", "images/val2017",
+                          "annotations/val2017", ".jpg", "_labelTrainIds.png", None, "coco_object"),
+    "cityscapes": Layout(("cityscapes", ""), "gtFine/val", "leftImg8bit/val", "gtFine/val",
+                         "_leftImg8bit.png", "_gtFine_labelTrainIds.png", None, "identity"),
+    "ade20k": Layout(("ADEChallengeData2016", ""), "annotations/validation", "images/validation",
+                     "annotations/validation", ".jpg", ".png", None, "reduce_zero_label"),
+}
+
+
+# ----------------------------------------------------------------------------- label decoding
+
+def png_to_array(data: bytes) -> np.ndarray:
+    """Decode a single-channel label PNG to its raw stored values, ``(H, W) int64``.
+
+    P-mode PNGs give their palette indices (not colours). RGB/RGBA label images are rejected.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+            raise ValueError(f"label image must be single-channel (P, L, I;16, I); got mode {im.mode}")
+        return np.asarray(im).astype(np.int64)
+
+
+def reduce_zero_label(raw: np.ndarray) -> np.ndarray:
+    """MMSegmentation's reduce_zero_label: 0 -> 255, v -> v - 1, 255 stays 255. ``(H, W) int64``."""
+    out = raw.astype(np.int64) - 1
+    out[raw == 0] = IGNORE
+    out[raw == IGNORE] = IGNORE
+    return out
+
+
+def coco_object_from_stuff(raw: np.ndarray) -> np.ndarray:
+    """COCO-Stuff164k trainIds -> COCO-Object: 0..79 -> 1..80, 80..170 -> 0, 255 stays. ``int64``."""
+    raw = raw.astype(np.int64)
+    out = np.where(raw < 80, raw + 1, 0)
+    out[raw == IGNORE] = IGNORE
+    bad = (raw > 170) & (raw != IGNORE)
+    if bad.any():
+        raise ValueError(f"COCO-Stuff trainId out of range: {np.unique(raw[bad])[:10].tolist()}")
+    return out
+
+
+_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": lambda a: a,
+    "reduce_zero_label": reduce_zero_label,
+    "coco_object": coco_object_from_stuff,
+}
+
+
+# ----------------------------------------------------------------------------- the source
+
+@dataclass
+class LabelledSource:
+    """A list of (image, label) pairs plus the class space the labels are decoded into."""
+
+    name: str                              # benchmark name, or "custom"
+    pairs: list[tuple[str, str]]           # (image_uri, label_uri)
+    class_names: list[str]
+    ignore_index: int
+    transform: str = "identity"
+    storage_options: dict = field(default_factory=dict)
+    dataset_root: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [image_stem(img) for img, _ in self.pairs]
+
+    def decode_label(self, data: bytes) -> np.ndarray:
+        """Label PNG bytes -> ``(H, W) int64`` class indices in [0, K), ``ignore_index`` elsewhere.
+
+        Raises if a non-ignored value falls outside [0, K) (a wrong vocabulary or label file).
+        """
+        lab = _TRANSFORMS[self.transform](png_to_array(data))
+        bad = ((lab < 0) | (lab >= self.num_classes)) & (lab != self.ignore_index)
+        if bad.any():
+            vals = np.unique(lab[bad])[:10].tolist()
+            raise ValueError(
+                f"{self.name}: label values {vals} are outside [0, {self.num_classes}) and not the "
+                f"ignore index {self.ignore_index}; check the vocabulary / --ignore-index")
+        return lab
+
+    def read_label(self, label_uri: str) -> np.ndarray:
+        """Read and decode one label file; see :meth:`decode_label`."""
+        with fsspec.open(label_uri, "rb", **self.storage_options) as f:
+            return self.decode_label(f.read())
+
+
+def image_stem(uri: str) -> str:
+    """The file name without extension (and without a Cityscapes ``_leftImg8bit`` suffix)."""
+    base = posixpath.basename(uri.rstrip("/"))
+    if base.endswith("_leftImg8bit.png"):
+        return base[: -len("_leftImg8bit.png")]
+    return posixpath.splitext(base)[0]
+
+
+def open_labelled_source(
+    benchmark: Optional[str] = None,
+    data_root: Optional[str] = None,
+    labels: Optional[str] = None,
+    image_uris: Optional[Sequence[str]] = None,
+    class_names: Optional[Sequence[str]] = None,
+    ignore_index: int = IGNORE,
+    storage_options: Optional[dict] = None,
+    limit: Optional[int] = None,
+) -> LabelledSource:
+    """Open a benchmark (``benchmark`` + ``data_root``) or custom labels (``labels`` + ``image_uris``
+    + ``class_names``); see the module docstring."""
+    so = dict(storage_options or {})
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if benchmark is not None:
+        if labels is not None:
+            raise ValueError("give either benchmark= or labels=, not both")
+        if data_root is None:
+            raise ValueError("benchmark= needs data_root=")
+        src = _open_benchmark(benchmark, data_root, so)
+    else:
+        if labels is None or image_uris is None or class_names is None:
+            raise ValueError("custom labels need labels=, image_uris= and class_names=")
+        src = _open_custom(labels, list(image_uris), list(class_names), int(ignore_index), so)
+    if limit is not None:
+        src.pairs = src.pairs[:limit]
+    return src
+
+
+# ----------------------------------------------------------------------------- internals
+
+def _fs_and_path(uri: str, so: dict):
+    fs, path = fsspec.core.url_to_fs(uri, **so)
+    return fs, path.rstrip("/")
+
+
+def _uri(fs, path: str) -> str:
+    """A path listed by ``fs`` back to a URI that fsspec.open understands (plain path if local)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _list_files(fs, directory: str, suffix: str) -> list[str]:
+    """All files below ``directory`` (recursive) whose name ends with ``suffix``, sorted."""
+    return sorted(p for p in fs.find(directory) if p.endswith(suffix))
+
+
+def _find_dataset_dir(fs, root: str, layout: Layout, benchmark: str) -> str:
+    tried = []
+    for sub in layout.dataset_dirs:
+        cand = posixpath.join(root, sub) if sub else root
+        tried.append(posixpath.join(cand, layout.marker))
+        if fs.isdir(posixpath.join(cand, layout.marker)):
+            return cand
+    raise FileNotFoundError(
+        f"{benchmark}: no prepared dataset under {root!r}; looked for: {', '.join(tried)}")
+
+
+def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
+    import rfclip.benchmarks as rb  # the presets: class names, reduce_zero_label
+
+    if benchmark not in BENCHMARK_LAYOUTS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; one of {sorted(BENCHMARK_LAYOUTS)}")
+    preset = rb.BENCHMARKS[benchmark]
+    layout = BENCHMARK_LAYOUTS[benchmark]
+    if bool(preset.reduce_zero_label) != (layout.transform == "reduce_zero_label"):
+        raise RuntimeError(f"{benchmark}: preset reduce_zero_label={preset.reduce_zero_label} "
+                           f"disagrees with the label layout ({layout.transform})")
+    fs, root = _fs_and_path(data_root, so)
+    ds = _find_dataset_dir(fs, root, layout, benchmark)
+    img_dir = posixpath.join(ds, layout.image_dir)
+    lab_dir = posixpath.join(ds, layout.label_dir)
+    labels_present = set(_list_files(fs, lab_dir, layout.label_suffix))
+    if layout.split_file is not None:
+        split = posixpath.join(ds, layout.split_file)
+        if not fs.isfile(split):
+            raise FileNotFoundError(f"{benchmark}: split file {split} not found")
+        ids = [ln.strip() for ln in fs.cat_file(split).decode().splitlines() if ln.strip()]
+        images_present = set(_list_files(fs, img_dir, layout.image_suffix))
+        images = [posixpath.join(img_dir, i + layout.image_suffix) for i in ids]
+        missing_img = [p for p in images if p not in images_present]
+        if missing_img:
+            raise FileNotFoundError(f"{benchmark}: {len(missing_img)} images listed in {split} are "
+                                    f"missing, e.g. {missing_img[:3]}")
+    else:
+        images = _list_files(fs, img_dir, layout.image_suffix)
+    pairs, missing = [], []
+    for img in images:
+        rel = posixpath.relpath(img, img_dir)
+        lab = posixpath.join(lab_dir, rel[: -len(layout.image_suffix)] + layout.label_suffix)
+        (pairs if lab in labels_present else missing).append((img, lab))
+    if missing:
+        raise FileNotFoundError(f"{benchmark}: {len(missing)} images have no label file, e.g. "
+                                f"{[m[1] for m in missing[:3]]}")
+    if not pairs:
+        raise FileNotFoundError(f"{benchmark}: no images found in {img_dir}")
+    ignore = IGNORE  # every benchmark decodes ignored pixels (incl. reduced zeros) to 255
+    names = [n for n in preset_class_names(preset)]
+    if len(names) != preset.num_classes:
+        raise RuntimeError(f"{benchmark}: {len(names)} class names but num_classes={preset.num_classes}")
+    return LabelledSource(benchmark, [(_uri(fs, i), _uri(fs, l)) for i, l in pairs], names, ignore,
+                          layout.transform, so, _uri(fs, ds))
+
+
+def preset_class_names(preset) -> list[str]:
+    """First name of each class of a BenchmarkPreset's vocabulary (label order); class 0 is called
+    "background" when the preset has one (VOC21 / COCO-Object list stuff words on that line)."""
+    names = [c[0] if isinstance(c, (list, tuple)) else str(c) for c in preset.vocabulary]
+    if preset.has_background:
+        names[0] = "background"
+    return names
+
+
+def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ignore_index: int,
+                 so: dict) -> LabelledSource:
+    if not image_uris:
+        raise ValueError("custom labels: no images given")
+    if not class_names:
+        raise ValueError("custom labels: empty vocabulary")
+    fs, lab_root = _fs_and_path(labels, so)
+    if not fs.isdir(lab_root):
+        raise FileNotFoundError(f"labels folder {labels!r} not found")
+    by_stem: dict[str, str] = {}
+    for p in _list_files(fs, lab_root, ".png"):
+        stem = image_stem(p)
+        if stem in by_stem:
+            raise ValueError(f"two label files for image stem {stem!r}: {by_stem[stem]}, {p}")
+        by_stem[stem] = p
+    pairs, missing = [], []
+    for img in image_uris:
+        lab = by_stem.get(image_stem(img))
+        if lab is None:
+            missing.append(img)
+        else:
+            pairs.append((img, _uri(fs, lab)))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(image_uris)} images have no label "
+                                f"<stem>.png in {labels}, e.g. {missing[:3]}")
+    return LabelledSource("custom", pairs, class_names, ignore_index, "identity", so, labels)

@@ -1,0 +1,57 @@
+"""Robust image decoding: bytes -> upright RGB uint8, or a :class:`DecodeError` with a reason.
+
+Order of checks: empty file; format identified from the header; pixel count from the header
+(before any pixel is decoded, so a decompression bomb costs nothing); full decode (truncated or
+corrupt data fails here); mode and EXIF orientation via ``rfclip.images.to_rgb_array``.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class DecodeError(ValueError):
+    """An input that can't be segmented; ``str(err)`` is the reason stored in the error row."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``data`` into an upright ``(H, W, 3) uint8`` RGB array.
+
+    Handles grayscale, palette, RGBA/LA, CMYK, 16-bit and EXIF-rotated images (first frame of
+    multi-frame files). Raises :class:`DecodeError` for empty, non-image, truncated or corrupt
+    data, and for images whose header declares more than ``max_pixels`` pixels.
+    """
+    from rfclip.images import to_rgb_array  # the one place that decides modes + EXIF (CONTRACT.md)
+
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # PIL warns (and above 2x its own limit raises) on huge images; our own max_pixels decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise DecodeError(f"not an image, or a corrupt header: format not recognised ({len(data)} bytes)") from None
+        except Image.DecompressionBombError as exc:
+            raise DecodeError(f"image too large: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any header parse failure is a corrupt file
+            raise DecodeError(f"corrupt image header: {type(exc).__name__}: {exc}") from None
+        with img:
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise DecodeError(f"image has no pixels: {w}x{h}")
+            if w * h > max_pixels:
+                raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+            try:
+                img.load()
+            except Exception as exc:  # noqa: BLE001 - truncated streams raise OSError, others vary
+                raise DecodeError(f"truncated or corrupt image data ({img.format}): {type(exc).__name__}: {exc}") from None
+            try:
+                return to_rgb_array(img)
+            except Exception as exc:  # noqa: BLE001 - an exotic mode the converter rejects
+                raise DecodeError(f"unsupported image mode {img.mode!r} ({img.format}): {exc}") from None

@@ -1,0 +1,290 @@
+"""A human-readable report.md with PNG figures, for an evaluation or a pseudo-labelling run.
+
+    write_report(output_uri, class_names, source=None, storage_options=None, num_samples=6,
+                 title=None) -> str   # URI of {output}/report.md; figures in {output}/figures/
+
+Inputs under ``output_uri``: ``predictions/*.parquet`` (columns image_uri, image_id, status,
+mask_png, class_pixels, mean_confidence, ...). With ``source`` (a LabelledSource) the run is an
+evaluation and ``metrics.json`` + ``metrics/confusion.npy`` (written by
+:func:`pipeline.metrics.reduce_confusion`) must exist too. Evaluation report: per-class IoU bar
+chart, confusion matrix heatmap (rows normalised per ground-truth class), sample grid (image,
+prediction, ground truth, shared legend), worst-classes table. Pseudo-labelling report: class
+distribution over the corpus, histogram of per-image mean confidence, grid of overlays.
+"""
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import posixpath
+from typing import Optional, Sequence
+
+import fsspec
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from .datasets import png_to_array  # noqa: E402
+from .metrics import _fmt  # noqa: E402
+
+OK = "ok"
+STAT_COLUMNS = ["image_uri", "image_id", "status", "class_pixels", "mean_confidence"]
+IGNORE_RGB = (0, 0, 0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def palette(num_classes: int) -> np.ndarray:
+    """``(K, 3) uint8`` distinct colours, deterministic: golden-ratio hue steps, 3 value levels."""
+    cols = []
+    for i in range(num_classes):
+        h = (i * 0.618033988749895) % 1.0
+        s = 0.65 + 0.35 * ((i // 3) % 2)
+        v = (1.0, 0.8, 0.6)[i % 3]
+        cols.append([int(round(c * 255)) for c in colorsys.hsv_to_rgb(h, s, v)])
+    return np.array(cols, dtype=np.uint8)
+
+
+def colorize(labels: np.ndarray, pal: np.ndarray, ignore_index: Optional[int] = None) -> np.ndarray:
+    """``(H, W)`` int class map -> ``(H, W, 3) uint8``; ignored pixels black."""
+    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    valid = (labels >= 0) & (labels < len(pal))
+    if ignore_index is not None:
+        valid &= labels != ignore_index
+    out[valid] = pal[labels[valid]]
+    return out
+
+
+def _fig_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def read_prediction_stats(output_uri: str, storage_options: Optional[dict] = None):
+    """Concatenated ``predictions/*.parquet`` columns :data:`STAT_COLUMNS` as a pyarrow Table."""
+    fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+    pdir = posixpath.join(root.rstrip("/"), "predictions")
+    files = sorted(p for p in (fs.ls(pdir, detail=False) if fs.isdir(pdir) else [])
+                   if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no predictions/*.parquet under {output_uri}")
+    import pyarrow as pa
+    return pa.concat_tables([pq.read_table(f, columns=STAT_COLUMNS, filesystem=fs) for f in files]), files, fs
+
+
+def _sample_rows(fs, files: Sequence[str], n: int) -> list[dict]:
+    """The first ``n`` ok rows (by file, then row order) with their mask_png."""
+    rows: list[dict] = []
+    for f in files:
+        t = pq.read_table(f, columns=["image_uri", "image_id", "status", "mask_png"], filesystem=fs)
+        for r in t.to_pylist():
+            if r["status"] == OK:
+                rows.append(r)
+                if len(rows) == n:
+                    return rows
+    return rows
+
+
+def _read_image(uri: str, so: dict) -> np.ndarray:
+    from .decode import decode_image  # the job's decoder: same modes / EXIF handling
+    with fsspec.open(uri, "rb", **so) as f:
+        return decode_image(f.read())
+
+
+# ----------------------------------------------------------------------------- figures
+
+def iou_bar_chart(result: dict) -> bytes:
+    """Horizontal bars of per-class IoU (%), sorted, classes with null IoU left out."""
+    cls = sorted((c for c in result["classes"] if c["iou"] is not None), key=lambda c: c["iou"])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.2 * len(cls) + 1)))
+    ax.barh([c["name"] for c in cls], [c["iou"] for c in cls], color="#4477aa")
+    ax.axvline(result["mIoU"], color="#cc3311", ls="--", label=f"mIoU {result['mIoU']:.1f}")
+    ax.set_xlabel("IoU (%)")
+    ax.set_xlim(0, 100)
+    ax.tick_params(axis="y", labelsize=7 if len(cls) > 40 else 9)
+    ax.legend(loc="lower right")
+    ax.set_title(f"Per-class IoU ({result['images']} images)")
+    return _fig_bytes(fig)
+
+
+def confusion_heatmap(cm: np.ndarray, class_names: Sequence[str]) -> bytes:
+    """``(K, K)`` counts as a heatmap, each ground-truth row divided by its total (empty rows blank)."""
+    k = cm.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = cm / cm.sum(axis=1, keepdims=True)
+    size = min(20, max(5, 0.25 * k + 2))
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    step = 1 if k <= 60 else 10
+    ticks = np.arange(0, k, step)
+    labels = [class_names[i] if step == 1 else str(i) for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("ground-truth class")
+    ax.set_title("Confusion matrix, normalised per ground-truth class")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _fig_bytes(fig)
+
+
+def sample_grid(samples: list[tuple[str, np.ndarray, np.ndarray, Optional[np.ndarray]]],
+                class_names: Sequence[str], ignore_index: Optional[int] = None,
+                overlay: bool = False) -> bytes:
+    """Rows of (title, image ``(H,W,3) uint8``, prediction ``(H,W)``, ground truth ``(H,W)`` or None).
+
+    With ground truth: image | prediction | ground truth. Without and ``overlay``: image | overlay.
+    One legend for every class shown (ignore = black).
+    """
+    pal = palette(len(class_names))
+    ncol = 3 if samples and samples[0][3] is not None else 2
+    shown: set[int] = set()
+    fig, axes = plt.subplots(len(samples), ncol, figsize=(3.2 * ncol, 2.6 * len(samples)), squeeze=False)
+    for row, (title, img, pred, gt) in zip(axes, samples):
+        shown.update(np.unique(pred).tolist())
+        pred_rgb = colorize(pred, pal)
+        panels = [(img, title), ]
+        if gt is not None:
+            shown.update(np.unique(gt[gt != ignore_index]).tolist())
+            panels += [(pred_rgb, "prediction"), (colorize(gt, pal, ignore_index), "ground truth")]
+        else:
+            blend = (0.5 * img + 0.5 * pred_rgb).astype(np.uint8) if overlay else pred_rgb
+            panels += [(blend, "prediction overlay" if overlay else "prediction")]
+        for ax, (arr, name) in zip(row, panels):
+            ax.imshow(arr, interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+    handles = [Patch(color=pal[c] / 255.0, label=class_names[c]) for c in sorted(shown)
+               if 0 <= c < len(class_names)]
+    if ignore_index is not None and any(s[3] is not None for s in samples):
+        handles.append(Patch(color=np.array(IGNORE_RGB) / 255.0, label="ignored"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=7,
+               bbox_to_anchor=(0.5, -0.02 - 0.012 * (len(handles) // 6)))
+    fig.tight_layout()
+    return _fig_bytes(fig)
+
+
+def class_distribution_chart(pixels: np.ndarray, class_names: Sequence[str], images: int) -> bytes:
+    """Bars of each class's share (%) of all predicted pixels, sorted, zero classes left out."""
+    share = pixels / max(1, pixels.sum()) * 100
+    order = [i for i in np.argsort(share) if pixels[i] > 0]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.2 * len(order) + 1)))
+    ax.barh([class_names[i] for i in order], share[order], color="#228833")
+    ax.set_xlabel("share of predicted pixels (%)")
+    ax.set_title(f"Class distribution over {images} images")
+    return _fig_bytes(fig)
+
+
+def confidence_histogram(conf: np.ndarray) -> bytes:
+    """Histogram of per-image mean confidence (max class probability), 20 bins on [0, 1]."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(conf, bins=20, range=(0, 1), color="#aa3377")
+    ax.set_xlabel("mean confidence per image")
+    ax.set_ylabel("images")
+    ax.set_title(f"Confidence ({len(conf)} images, median {np.median(conf):.2f})" if len(conf) else "Confidence")
+    return _fig_bytes(fig)
+
+
+# ----------------------------------------------------------------------------- the report
+
+def worst_classes(result: dict, cm: np.ndarray, n: int = 10) -> list[dict]:
+    """The ``n`` lowest-IoU classes present in the ground truth, with their most frequent confusion."""
+    names = [c["name"] for c in result["classes"]]
+    present = [(i, c) for i, c in enumerate(result["classes"]) if c["acc"] is not None]
+    out = []
+    for i, c in sorted(present, key=lambda t: t[1]["iou"])[:n]:
+        row = cm[i].astype(np.float64).copy()
+        row[i] = -1
+        j = int(np.argmax(row))
+        share = row[j] / cm[i].sum() * 100 if row[j] > 0 else 0.0
+        out.append({"name": c["name"], "iou": c["iou"], "acc": c["acc"],
+                    "confused_with": names[j] if row[j] > 0 else None, "confused_share": share})
+    return out
+
+
+def write_report(output_uri: str, class_names: Sequence[str], source=None,
+                 storage_options: Optional[dict] = None, num_samples: int = 6,
+                 title: Optional[str] = None) -> str:
+    """Write ``{output}/report.md`` and ``{output}/figures/*.png``; return the report's URI."""
+    so = dict(storage_options or {})
+    stats, files, fs = read_prediction_stats(output_uri, so)
+    root = fsspec.core.url_to_fs(output_uri, **so)[1].rstrip("/")
+    fs.makedirs(posixpath.join(root, "figures"), exist_ok=True)
+
+    def put(name: str, data: bytes) -> str:
+        fs.pipe_file(posixpath.join(root, "figures", name), data)
+        return f"figures/{name}"
+
+    status = np.array(stats.column("status").to_pylist(), dtype=object)
+    ok = status == OK
+    n_ok, n_err = int(ok.sum()), int((~ok).sum())
+    rows = _sample_rows(fs, files, num_samples)
+    samples = []
+    gt_of = dict(source.pairs) if source is not None else {}
+    for r in rows:
+        img = _read_image(r["image_uri"], so)
+        pred = png_to_array(r["mask_png"])
+        gt = None
+        if source is not None:
+            if r["image_uri"] not in gt_of:
+                raise KeyError(f"no label for {r['image_uri']} in the labelled source")
+            gt = source.read_label(gt_of[r["image_uri"]])
+            if gt.shape != pred.shape:
+                raise ValueError(f"{r['image_id']}: prediction {pred.shape} vs label {gt.shape}")
+        if img.shape[:2] != pred.shape:
+            raise ValueError(f"{r['image_id']}: image {img.shape[:2]} vs prediction {pred.shape}")
+        samples.append((str(r["image_id"]), img, pred, gt))
+
+    md = [f"# {title or ('Evaluation report' if source is not None else 'Pseudo-labelling report')}", "",
+          f"{n_ok} images segmented, {n_err} failed (see `status`/`error` in predictions/*.parquet).", ""]
+    if source is not None:
+        with fs.open(posixpath.join(root, "metrics.json"), "rb") as f:
+            result = json.load(f)
+        with fs.open(posixpath.join(root, "metrics", "confusion.npy"), "rb") as f:
+            cm = np.load(io.BytesIO(f.read()))
+        md += [f"Evaluated on {result['images']} images, {result['num_classes']} classes "
+               f"(full table: [metrics.md](metrics.md)).", "",
+               "| aAcc | mIoU | mAcc |", "|---|---|---|",
+               f"| {_fmt(result['aAcc'])} | {_fmt(result['mIoU'])} | {_fmt(result['mAcc'])} |", "",
+               "## Per-class IoU", "", f"![per-class IoU]({put('iou.png', iou_bar_chart(result))})", "",
+               "## Worst classes", "", "| class | IoU | Acc | most often predicted as |", "|---|---|---|---|"]
+        for w in worst_classes(result, cm):
+            conf = f"{w['confused_with']} ({w['confused_share']:.0f}% of its pixels)" if w["confused_with"] else "–"
+            md.append(f"| {w['name']} | {w['iou']:.2f} | {w['acc']:.2f} | {conf} |")
+        md += ["", "## Confusion matrix", "",
+               f"![confusion matrix]({put('confusion.png', confusion_heatmap(cm, list(class_names)))})", ""]
+        if samples:
+            md += ["## Samples", "", "Image, prediction, ground truth (black: ignored pixels).", "",
+                   f"![samples]({put('samples.png', sample_grid(samples, class_names, source.ignore_index))})", ""]
+    else:
+        k = len(class_names)
+        pixels = np.zeros(k, dtype=np.int64)
+        for cp, s in zip(stats.column("class_pixels").to_pylist(), status):
+            if s == OK and cp is not None:
+                if len(cp) != k:
+                    raise ValueError(f"class_pixels has {len(cp)} entries, vocabulary has {k}")
+                pixels += np.asarray(cp, dtype=np.int64)
+        conf = np.array([c for c, s in zip(stats.column("mean_confidence").to_pylist(), status)
+                         if s == OK and c is not None], dtype=np.float64)
+        md += ["## Class distribution", "",
+               f"![class distribution]({put('class_distribution.png', class_distribution_chart(pixels, class_names, n_ok))})",
+               "", "| class | share of pixels (%) | images |", "|---|---|---|"]
+        images_with = np.zeros(k, dtype=np.int64)
+        for cp, s in zip(stats.column("class_pixels").to_pylist(), status):
+            if s == OK and cp is not None:
+                images_with += np.asarray(cp) > 0
+        for i in np.argsort(-pixels):
+            if pixels[i] > 0:
+                md.append(f"| {class_names[i]} | {pixels[i] / pixels.sum() * 100:.2f} | {images_with[i]} |")
+        md += ["", "## Confidence", "", f"![confidence]({put('confidence.png', confidence_histogram(conf))})", ""]
+        if samples:
+            md += ["## Samples", "", "Image and prediction overlaid (50%).", "",
+                   f"![samples]({put('samples.png', sample_grid(samples, class_names, overlay=True))})", ""]
+    uri = posixpath.join(output_uri.rstrip("/"), "report.md")
+    fs.pipe_file(posixpath.join(root, "report.md"), "\n".join(md).encode())
+    return uri

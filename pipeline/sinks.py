@@ -1,0 +1,207 @@
+"""Outputs of the job: Parquet prediction shards (atomic commits), run.json, summary.json, masks.
+
+Layout under ``--output``::
+
+    run.json                         configuration (first run; a resume must match it)
+    predictions/shard-XXXXX.parquet  one row per input image (:data:`PREDICTION_SCHEMA`)
+    masks/<image_id>.png             only with --save-masks (palette PNG)
+    summary.json                     written last
+
+A shard file is the commit: it appears whole (temp name + rename, or one object PUT) or not at
+all. With labelled inputs, the shard's ``K x K`` int64 confusion matrix travels in the same file's
+key-value metadata, so predictions and metrics are committed by one atomic write.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .storage import atomic_write_bytes, get_fs, redact
+
+PREDICTIONS_DIR = "predictions"
+MASKS_DIR = "masks"
+RUN_JSON = "run.json"
+SUMMARY_JSON = "summary.json"
+META_SHARD = b"rfclip.shard"
+META_CONFUSION = b"rfclip.confusion"
+
+PREDICTION_SCHEMA = pa.schema([
+    ("image_uri", pa.string()),
+    ("image_id", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("status", pa.string()),               # "ok" | "error"
+    ("error", pa.string()),                # reason; null when ok
+    ("mask_png", pa.binary()),             # label map, 8-bit (K <= 256) or 16-bit PNG, upright size
+    ("class_pixels", pa.list_(pa.int64())),  # length K
+    ("mean_confidence", pa.float32()),
+    ("elapsed_ms", pa.float32()),
+])
+
+
+def shard_path(name: str) -> str:
+    """``predictions/<name>.parquet`` (relative to the output root)."""
+    return posixpath.join(PREDICTIONS_DIR, f"{name}.parquet")
+
+
+def encode_label_png(labels: np.ndarray, num_classes: int) -> bytes:
+    """``(H, W)`` integer label map -> PNG bytes: 8-bit gray if ``num_classes <= 256`` else 16-bit."""
+    if num_classes <= 256:
+        im = Image.fromarray(labels.astype(np.uint8))  # mode L
+    else:
+        im = Image.fromarray(labels.astype(np.uint16))  # mode I;16
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_label_png(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_label_png` (and of :func:`palette_png`): ``(H, W) int64``."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im).astype(np.int64)
+
+
+def _palette(n: int = 256) -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved class index), 256 RGB triples flattened."""
+    pal = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+_PALETTE = _palette()
+
+
+def palette_png(labels: np.ndarray, num_classes: int) -> bytes:
+    """A viewable mask: P-mode PNG with the VOC colour map (pixel value = class index).
+
+    More than 256 classes can't fit a palette; those masks are 16-bit gray PNGs instead.
+    """
+    if num_classes > 256:
+        return encode_label_png(labels, num_classes)
+    im = Image.fromarray(labels.astype(np.uint8)).convert("P")  # L -> P keeps the index values
+    im.putpalette(_PALETTE)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def rows_to_table(rows: Sequence[dict], shard_meta: dict, confusion: Optional[dict] = None) -> pa.Table:
+    """Rows (dicts with the schema's columns) -> a table whose metadata records the shard (and confusion)."""
+    cols = {f.name: [r.get(f.name) for r in rows] for f in PREDICTION_SCHEMA}
+    meta = {META_SHARD: json.dumps(shard_meta).encode()}
+    if confusion is not None:
+        meta[META_CONFUSION] = json.dumps(confusion).encode()
+    return pa.table(cols, schema=PREDICTION_SCHEMA.with_metadata(meta))
+
+
+def commit_shard(output_uri: str, storage_options: Optional[dict], name: str, rows: Sequence[dict],
+                 shard_meta: dict, confusion: Optional[dict] = None) -> str:
+    """Write ``predictions/<name>.parquet`` atomically; returns its path within the output fs."""
+    table = rows_to_table(rows, shard_meta, confusion)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    fs, root = get_fs(output_uri, storage_options)
+    path = posixpath.join(root, shard_path(name))
+    atomic_write_bytes(fs, path, buf.getvalue().to_pybytes())
+    return path
+
+
+def committed_shard_names(output_uri: str, storage_options: Optional[dict]) -> set[str]:
+    """Names (``shard-XXXXX``) of the shards already committed under ``output_uri``."""
+    fs, root = get_fs(output_uri, storage_options)
+    folder = posixpath.join(root, PREDICTIONS_DIR)
+    if not fs.exists(folder):
+        return set()
+    names = set()
+    fs.invalidate_cache(folder)  # listings are cached by s3fs; a resume must see the latest commits
+    for p in fs.ls(folder, detail=False):
+        base = posixpath.basename(p)
+        if base.startswith("shard-") and base.endswith(".parquet"):
+            names.add(base[: -len(".parquet")])
+    return names
+
+
+def read_shard_metadata(output_uri: str, storage_options: Optional[dict], name: str) -> tuple[dict, Optional[dict]]:
+    """``(shard_meta, confusion or None)`` from a committed shard's Parquet footer."""
+    fs, root = get_fs(output_uri, storage_options)
+    with fs.open(posixpath.join(root, shard_path(name)), "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    conf = json.loads(meta[META_CONFUSION]) if META_CONFUSION in meta else None
+    return json.loads(meta[META_SHARD]), conf
+
+
+def load_confusion_total(output_uri: str, storage_options: Optional[dict] = None) -> np.ndarray:
+    """Sum of the confusion matrices of all committed shards: ``(K, K) int64`` (rows: ground truth).
+
+    Raises ``ValueError`` if a shard has none (the run had no labels) or the sizes differ.
+    """
+    total = None
+    for name in sorted(committed_shard_names(output_uri, storage_options)):
+        _, conf = read_shard_metadata(output_uri, storage_options, name)
+        if conf is None:
+            raise ValueError(f"shard {name} of {output_uri!r} has no confusion matrix (run without labels?)")
+        m = np.asarray(conf["matrix"], dtype=np.int64)
+        if total is not None and total.shape != m.shape:
+            raise ValueError(f"shard {name}: confusion matrix {m.shape} != {total.shape}")
+        total = m if total is None else total + m
+    if total is None:
+        raise ValueError(f"no committed shards under {output_uri!r}")
+    return total
+
+
+def write_json(output_uri: str, storage_options: Optional[dict], name: str, obj: dict) -> None:
+    """Atomically write ``obj`` (credentials redacted) as ``<output>/<name>``."""
+    fs, root = get_fs(output_uri, storage_options)
+    data = json.dumps(redact(obj), indent=2, sort_keys=True, default=str).encode()
+    atomic_write_bytes(fs, posixpath.join(root, name), data)
+
+
+def read_json(output_uri: str, storage_options: Optional[dict], name: str) -> Optional[dict]:
+    """``<output>/<name>`` parsed, or None if absent."""
+    fs, root = get_fs(output_uri, storage_options)
+    path = posixpath.join(root, name)
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable ``key: old -> new`` lines for every differing leaf of two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, key + ".")
+        elif a != b:
+            sa, sb = json.dumps(a, default=str), json.dumps(b, default=str)
+            out.append(f"{key}: {sa[:120]} -> {sb[:120]}")
+    return out
+
+
+def clear_outputs(output_uri: str, storage_options: Optional[dict]) -> None:
+    """--overwrite: remove this job's outputs (run.json, summary.json, predictions/, masks/) only."""
+    fs, root = get_fs(output_uri, storage_options)
+    for name in (SUMMARY_JSON, RUN_JSON):
+        p = posixpath.join(root, name)
+        if fs.exists(p):
+            fs.rm(p)
+    for d in (PREDICTIONS_DIR, MASKS_DIR):
+        p = posixpath.join(root, d)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)

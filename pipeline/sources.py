@@ -1,0 +1,159 @@
+"""Inputs of the job: a folder / prefix listed recursively, or a manifest of image URIs, then
+cut into deterministic shards.
+
+An input item is a dict ``{"image_uri": str, "label_uri": str | None}``. Items are sorted by
+``image_uri`` and cut into shards of ``shard_size``; shard ``i`` is named ``shard-{i:05d}`` and
+carries a sha256 digest of its URIs, so the same inputs and shard size give the same shards on
+every run, and a resumed run can tell when they do not.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import pyarrow.parquet as pq
+
+from .storage import full_uri, get_fs
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path", "image")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The resolved inputs: ``items`` sorted by image URI, ``root`` for relative ids (None: manifest)."""
+
+    items: list[dict]
+    root: Optional[str]
+    kind: str                      # "folder" | "manifest" | "file"
+    duplicates_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work and of commit: ``items[start:start+len]`` of the sorted inputs."""
+
+    index: int
+    name: str                      # "shard-00042"
+    items: tuple[dict, ...]
+    digest: str                    # sha256 over the shard's image (and label) URIs
+
+
+def is_image_path(path: str) -> bool:
+    """True if ``path`` ends with one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
+    """List the images behind ``uri``: a folder/prefix (recursive), a manifest, or one image.
+
+    Manifests: ``.parquet`` (column ``image_uri``, or ``uri``/``path``/``image``; an optional
+    ``label_uri`` column is carried along) or a text file with one URI per line (blank lines and
+    ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder.
+    Raises ``FileNotFoundError`` for a missing input and ``ValueError`` for an empty one.
+    """
+    fs, path = get_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input {uri!r} does not exist")
+    if fs.isdir(path):
+        files = fs.find(path)
+        items = [{"image_uri": full_uri(fs, f), "label_uri": None} for f in files if is_image_path(f)]
+        root, kind = full_uri(fs, path.rstrip("/")), "folder"
+        if not items:
+            raise ValueError(f"input {uri!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)}; "
+                             f"{len(files)} other files found)")
+    elif is_image_path(path):
+        items, root, kind = [{"image_uri": full_uri(fs, path), "label_uri": None}], None, "file"
+    else:
+        items, root, kind = _read_manifest(fs, path), None, "manifest"
+        if not items:
+            raise ValueError(f"manifest {uri!r} lists no image URIs")
+    return _dedupe_sorted(items, root, kind)
+
+
+def _read_manifest(fs, path: str) -> list[dict]:
+    base = posixpath.dirname(path)
+    data = fs.cat_file(path)
+    if path.lower().endswith((".parquet", ".pq")):
+        table = pq.read_table(io.BytesIO(data))
+        col = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
+        if col is None:
+            raise ValueError(f"Parquet manifest {path!r} needs one of the columns {MANIFEST_URI_COLUMNS}; "
+                             f"it has {table.column_names}")
+        uris = [u for u in table.column(col).to_pylist()]
+        labels = table.column("label_uri").to_pylist() if "label_uri" in table.column_names else [None] * len(uris)
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"manifest {path!r} is neither Parquet nor UTF-8 text: {exc}") from exc
+        uris = [ln.strip() for ln in text.splitlines()]
+        uris = [u for u in uris if u and not u.startswith("#")]
+        labels = [None] * len(uris)
+    out = []
+    for u, lab in zip(uris, labels):
+        if u is None or not str(u).strip():
+            continue
+        out.append({"image_uri": _resolve(fs, base, str(u).strip()),
+                    "label_uri": _resolve(fs, base, str(lab).strip()) if lab else None})
+    return out
+
+
+def _resolve(fs, base: str, entry: str) -> str:
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    return full_uri(fs, posixpath.normpath(posixpath.join(base, entry)))
+
+
+def _dedupe_sorted(items: list[dict], root: Optional[str], kind: str) -> Inputs:
+    by_uri: dict[str, dict] = {}
+    for it in items:
+        by_uri.setdefault(it["image_uri"], it)
+    dropped = len(items) - len(by_uri)
+    if dropped:
+        log.warning("inputs list %d duplicate image URIs; each image is processed once", dropped)
+    return Inputs([by_uri[u] for u in sorted(by_uri)], root, kind, dropped)
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def image_id(image_uri: str, root: Optional[str] = None) -> str:
+    """A stable, file-name-safe id: ``<stem>-<10 hex of sha1(path relative to root)>``.
+
+    Relative to the input root, so the same corpus copied to another bucket keeps its ids;
+    with a manifest (no root) the whole URI is hashed.
+    """
+    rel = image_uri[len(root):].lstrip("/") if root and image_uri.startswith(root.rstrip("/") + "/") else image_uri
+    stem = posixpath.splitext(posixpath.basename(image_uri))[0]
+    stem = _SAFE.sub("_", stem).strip("._")[:64] or "image"
+    return f"{stem}-{hashlib.sha1(rel.encode('utf-8')).hexdigest()[:10]}"
+
+
+def items_digest(items: Sequence[dict]) -> str:
+    """sha256 over the items' ``image_uri`` and ``label_uri``, in order."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(it["image_uri"].encode("utf-8"))
+        h.update(b"\t")
+        h.update((it.get("label_uri") or "").encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def make_shards(items: Sequence[dict], shard_size: int) -> list[Shard]:
+    """Cut the (already sorted) items into consecutive shards of ``shard_size`` (the last may be short)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shards = []
+    for i, start in enumerate(range(0, len(items), shard_size)):
+        chunk = tuple(items[start:start + shard_size])
+        shards.append(Shard(i, f"shard-{i:05d}", chunk, items_digest(chunk)))
+    return shards

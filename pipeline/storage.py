@@ -1,0 +1,234 @@
+"""fsspec helpers for a long batch job: filesystems with patient retry defaults, whole-object
+reads with retries, atomic writes, and credential redaction.
+
+Credentials only travel inside ``storage_options`` dicts; anything that is logged or written
+(run.json, summary.json, error rows) goes through :func:`redact` / :func:`scrub` first.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import posixpath
+import random
+import time
+import uuid
+from typing import Any, Callable, Iterable, Optional, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Object stores make a single PUT (or a completed multipart upload) visible all at once, so a
+# write to the final key is already an atomic commit; everything else writes a temp name and renames.
+OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss"}
+
+# s3fs/botocore defaults (connect 5 s, read 15 s, 5 legacy attempts) are tuned for interactive use;
+# a job that runs for hours against a busy bucket wants more patience. Users may override any key.
+S3_LONG_JOB_DEFAULTS = {
+    "config_kwargs": {
+        "connect_timeout": 30,
+        "read_timeout": 120,
+        "retries": {"max_attempts": 10, "mode": "adaptive"},
+    },
+}
+
+SECRET_KEY_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session", "sas", "signature")
+REDACTED = "***"
+
+
+def protocol_of(uri: str) -> str:
+    """``"s3"`` for ``s3://b/k``, ``"file"`` for a local path."""
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    return "file"
+
+
+def with_retry_defaults(uri: str, storage_options: Optional[dict]) -> dict:
+    """``storage_options`` merged over the long-job defaults for ``uri``'s protocol (user wins)."""
+    so = copy.deepcopy(storage_options or {})
+    if protocol_of(uri) in ("s3", "s3a"):
+        merged = copy.deepcopy(S3_LONG_JOB_DEFAULTS)
+        for k, v in so.items():
+            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **v}
+            else:
+                merged[k] = v
+        return merged
+    return so
+
+
+def get_fs(uri: str, storage_options: Optional[dict] = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path within it)`` for ``uri``, with :func:`with_retry_defaults` applied."""
+    return url_to_fs(uri, **with_retry_defaults(uri, storage_options))
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URI for ``path`` on ``fs`` that :func:`get_fs` resolves back (protocol kept, local stays a path)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI with ``/``."""
+    return posixpath.join(uri.rstrip("/"), *parts) if "://" in uri else posixpath.join(uri, *parts)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying (timeouts, connection resets, throttling, 5xx)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    name = type(exc).__name__
+    text = str(exc)
+    transient_words = ("Timeout", "timed out", "Throttl", "SlowDown", "ServiceUnavailable", "InternalError",
+                       "Connection reset", "EndpointConnectionError", "IncompleteRead", "503", "500", "502", "504")
+    return any(w in name or w in text for w in transient_words)
+
+
+def retry_call(fn: Callable[[], T], what: str, attempts: int = 5, base_delay_s: float = 0.5,
+               max_delay_s: float = 30.0) -> T:
+    """Call ``fn()``; retry transient failures (:func:`is_transient`) with jittered exponential backoff.
+
+    Non-transient errors and the last transient one propagate unchanged.
+    """
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if i == attempts - 1 or not is_transient(exc):
+                raise
+            delay = min(max_delay_s, base_delay_s * 2 ** i) * (0.5 + random.random())
+            log.warning("transient storage error on %s (attempt %d/%d): %s; retrying in %.1fs",
+                        what, i + 1, attempts, scrub(str(exc)), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5) -> dict[str, Any]:
+    """Read whole files; returns ``{path: bytes | Exception}`` (one failure never hides the others).
+
+    Uses ``fs.cat(paths, on_error="return")`` so async filesystems (s3fs) fetch concurrently, then
+    retries each transient failure on its own with :func:`retry_call`.
+    """
+    if not paths:
+        return {}
+    # fs.cat expands glob characters; names like "img[1].jpg" must be read literally with cat_file.
+    plain = [p for p in paths if not any(c in p for c in "*?[")]
+    try:
+        got = fs.cat(plain, on_error="return") if plain else {}
+    except Exception as exc:  # noqa: BLE001 - the whole batch failed; each file is retried on its own
+        got = {p: ConnectionError(f"batch read failed: {exc}") for p in plain}
+    out: dict[str, Any] = {}
+    for p in paths:
+        if p in plain:
+            v = got.get(p, got.get(fs._strip_protocol(p), ConnectionError(f"no result returned for {p}")))
+        else:
+            v = ConnectionError("read literally")  # transient by construction: goes through cat_file below
+        if isinstance(v, Exception) and is_transient(v):
+            try:
+                v = retry_call(lambda p=p: fs.cat_file(p), f"read {p}", attempts=attempts)
+            except Exception as exc:  # noqa: BLE001 - reported per file by the caller
+                v = exc
+        out[p] = v
+    return out
+
+
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, attempts: int = 5) -> None:
+    """Make ``path`` hold exactly ``data``, all at once or not at all.
+
+    Object stores: one ``pipe_file`` (a single PUT or one completed multipart upload is atomic).
+    Other filesystems: write ``.tmp-<uuid>-<name>`` in the same folder, then rename over ``path``.
+    """
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    parent = posixpath.dirname(path)
+    if proto in OBJECT_STORE_PROTOCOLS:
+        retry_call(lambda: fs.pipe_file(path, data), f"write {path}", attempts=attempts)
+        return
+    fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex[:12]}-{posixpath.basename(path)}")
+    try:
+        retry_call(lambda: fs.pipe_file(tmp, data), f"write {tmp}", attempts=attempts)
+        fs.mv(tmp, path)  # LocalFileSystem.mv is os.replace-style: atomic within one filesystem
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def check_writable(uri: str, storage_options: Optional[dict] = None) -> None:
+    """Fail fast (``PermissionError`` with a clear message) if ``uri`` can't take a small write."""
+    fs, path = get_fs(uri, storage_options)
+    probe = posixpath.join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        if protocol_of(uri) not in OBJECT_STORE_PROTOCOLS:
+            fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - re-raised with a clear message
+        raise PermissionError(f"output {uri!r} is not writable: {type(exc).__name__}: {scrub(str(exc))}") from exc
+
+
+# --------------------------------------------------------------------------------------- secrets
+
+_KNOWN_SECRETS: set[str] = set()
+
+
+def _is_secret_key(key: str) -> bool:
+    k = key.lower()
+    if k in ("endpoint_url", "region_name", "anon", "use_ssl", "key_prefix"):
+        return False
+    return any(w in k for w in SECRET_KEY_WORDS)
+
+
+def secret_values(obj: Any) -> set[str]:
+    """All string values under secret-looking keys (key, secret, token, password, ...) of ``obj``."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str) and _is_secret_key(str(k)) and v:
+                found.add(v)
+            else:
+                found |= secret_values(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            found |= secret_values(v)
+    return found
+
+
+def register_secrets(storage_options: Optional[dict]) -> None:
+    """Remember the secrets in ``storage_options`` so that :func:`scrub` removes them from any text."""
+    _KNOWN_SECRETS.update(s for s in secret_values(storage_options or {}) if len(s) >= 4)
+
+
+def redact(obj: Any) -> Any:
+    """A deep copy of ``obj`` with values under secret-looking keys replaced by ``"***"``."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if _is_secret_key(str(k)) and isinstance(v, str) and v else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return scrub(obj)
+    return obj
+
+
+def scrub(text: str, extra: Iterable[str] = ()) -> str:
+    """``text`` with every registered (and ``extra``) secret value replaced by ``"***"``."""
+    for s in sorted(set(_KNOWN_SECRETS) | set(extra), key=len, reverse=True):
+        if s and s in text:
+            text = text.replace(s, REDACTED)
+    return text
+
+
+class ScrubFilter(logging.Filter):
+    """A logging filter that scrubs registered secrets from every record's message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API name
+        if _KNOWN_SECRETS:
+            record.msg = scrub(record.getMessage())
+            record.args = ()
+        return True

@@ -1,0 +1,227 @@
+"""The Ray Data stages of the job, as ``map_batches`` callables.
+
+Batches are ``dict[str, np.ndarray]`` (Ray Data's numpy format), one entry per image:
+
+1. :func:`decode_stage` (CPU tasks): ``image_uri`` -> bytes (fsspec, retried) -> upright RGB ->
+   resized to ``short_side`` -> ``pixels`` (raw bytes of ``(rh, rw, 3) uint8``), ``width``/``height``
+   (upright original size), ``status``/``error``.
+2. :class:`SegmentWorker` (actor pool; each actor holds one ``rfclip.Segmenter``): ``pixels`` ->
+   ``labels`` (raw bytes of ``(height, width)`` uint8 or uint16), ``mean_confidence``.
+3. :func:`encode_stage` (CPU tasks): ``labels`` -> ``mask_png``, ``class_pixels`` (bytes of ``(K,)
+   int64``; b"" on error rows), + a palette mask file with --save-masks, + ``confusion`` (bytes of a
+   ``(K, K) int64`` matrix) when a label is given.
+
+Images travel between stages as raw bytes plus their shape rather than as ragged tensor columns,
+so error rows (no pixels) and images of different sizes share one simple, fixed Arrow schema.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from .decode import DecodeError, decode_image
+from .storage import atomic_write_bytes, get_fs, read_many, scrub
+
+log = logging.getLogger(__name__)
+
+# Test hook: seconds to sleep per model batch, so a fault-injection test can act mid-run.
+# Only read from the environment of the worker process; never set in production.
+WORKER_DELAY_ENV = "RFCLIP_TEST_WORKER_DELAY_S"
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """uint8 for up to 256 classes, else uint16: the dtype of the ``labels`` column's bytes."""
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
+
+
+def _err(exc: BaseException) -> str:
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"read failed: file not found: {scrub(str(exc))}"
+    return f"read failed: {type(exc).__name__}: {scrub(str(exc))}"
+
+
+def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: int, short_side: int,
+                 max_long_side: int) -> dict:
+    """CPU stage: read, decode and resize each image of the batch; bad ones become error rows.
+
+    Adds ``pixels`` (object array of bytes), ``rh``, ``rw`` (resized size, int32), ``width``,
+    ``height`` (upright original size, int32), ``status``, ``error``, ``decode_ms`` (float32) and
+    ``decode_pid`` (int64).
+    """
+    from rfclip.images import resize_short_side
+
+    uris = [str(u) for u in batch["image_uri"]]
+    n = len(uris)
+    out = dict(batch)
+    pixels = np.empty(n, dtype=object)
+    rh = np.zeros(n, np.int32); rw = np.zeros(n, np.int32)
+    width = np.zeros(n, np.int32); height = np.zeros(n, np.int32)
+    status = np.empty(n, dtype=object); error = np.empty(n, dtype=object)
+    decode_ms = np.zeros(n, np.float32)
+
+    # Group by filesystem so that one batch may mix local paths and URLs (manifests).
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(uris):
+        groups.setdefault(u.split("://", 1)[0] if "://" in u else "file", []).append(i)
+    for idxs in groups.values():
+        t0 = time.perf_counter()
+        fs, _ = get_fs(uris[idxs[0]], storage_options)
+        paths = [fs._strip_protocol(uris[i]) for i in idxs]
+        got = read_many(fs, paths)
+        read_ms = (time.perf_counter() - t0) * 1000.0 / len(idxs)
+        for i, p in zip(idxs, paths):
+            t1 = time.perf_counter()
+            data = got[p]
+            pixels[i] = b""
+            try:
+                if isinstance(data, BaseException):
+                    raise data
+                rgb = decode_image(data, max_pixels=max_pixels)
+                height[i], width[i] = rgb.shape[:2]
+                small = np.ascontiguousarray(resize_short_side(rgb, short_side, max_long_side))
+                rh[i], rw[i] = small.shape[:2]
+                pixels[i] = small.tobytes()
+                status[i], error[i] = "ok", None
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this image's error row
+                status[i], error[i] = "error", _err(exc)
+            decode_ms[i] = read_ms + (time.perf_counter() - t1) * 1000.0
+    out.update(pixels=pixels, rh=rh, rw=rw, width=width, height=height, status=status, error=error,
+               decode_ms=decode_ms, decode_pid=np.full(n, os.getpid(), np.int64))
+    return out
+
+
+class SegmentWorker:
+    """Model stage: one ``rfclip.Segmenter`` per actor, built once in ``__init__``.
+
+    ``__call__`` takes a decoded batch and returns it without ``pixels``, plus ``labels`` (bytes of
+    ``(height, width)`` :func:`label_dtype`), ``mean_confidence`` (float32, NaN on error rows) and
+    ``segment_ms`` (float32, the batch's model time shared equally by its ok images) and
+    ``model_pid`` (int64; compared with ``decode_pid`` to prove decoding ran elsewhere).
+    """
+
+    def __init__(self, segmenter_kwargs: dict):
+        import rfclip
+
+        self.seg = rfclip.Segmenter(**segmenter_kwargs)
+        self.dtype = label_dtype(self.seg.num_classes)
+        self.delay_s = float(os.environ.get(WORKER_DELAY_ENV, "0") or 0)
+
+    def _segment(self, images: list, sizes: list) -> list:
+        return self.seg.segment_batch(images, original_sizes=sizes)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["image_uri"])
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        labels = np.empty(n, dtype=object)
+        labels[:] = [b""] * n
+        conf = np.full(n, np.nan, np.float32)
+        seg_ms = np.zeros(n, np.float32)
+        status = np.array(batch["status"], dtype=object)
+        error = np.array(batch["error"], dtype=object)
+        ok = [i for i in range(n) if status[i] == "ok"]
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if ok:
+            images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["rh"][i]), int(batch["rw"][i]), 3)
+                      .copy() for i in ok]  # writable: torch.from_numpy warns on read-only buffers
+            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
+            t0 = time.perf_counter()
+            try:
+                preds = self._segment(images, sizes)
+                results = list(zip(ok, preds, [None] * len(ok)))
+            except Exception as exc:  # noqa: BLE001 - isolate the failing image(s), logged below
+                log.warning("segment_batch failed on a batch of %d (%s); retrying image by image", len(ok), exc)
+                results = []
+                for i, img, size in zip(ok, images, sizes):
+                    try:
+                        results.append((i, self._segment([img], [size])[0], None))
+                    except Exception as exc1:  # noqa: BLE001 - this image's error row
+                        results.append((i, None, exc1))
+            per = (time.perf_counter() - t0) * 1000.0 / len(ok)
+            for i, pred, exc in results:
+                seg_ms[i] = per
+                if exc is not None:
+                    status[i], error[i] = "error", f"segmentation failed: {type(exc).__name__}: {scrub(str(exc))}"
+                    continue
+                lab = np.asarray(pred.labels)
+                if lab.shape != (int(batch["height"][i]), int(batch["width"][i])):
+                    status[i], error[i] = "error", f"segmenter returned labels of shape {lab.shape}"
+                    continue
+                labels[i] = lab.astype(self.dtype).tobytes()
+                conf[i] = float(np.mean(pred.confidence, dtype=np.float64))
+        out.update(labels=labels, mean_confidence=conf, segment_ms=seg_ms, status=status, error=error,
+                   model_pid=np.full(n, os.getpid(), np.int64))
+        return out
+
+
+def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_options: Optional[dict],
+                 save_masks: bool, decode_label: Optional[Callable] = None,
+                 label_storage_options: Optional[dict] = None, ignore_index: int = 255) -> dict:
+    """CPU stage: label bytes -> ``mask_png`` + ``class_pixels`` (+ masks/<image_id>.png, + confusion).
+
+    With ``decode_label`` (``bytes -> (H, W) int64`` in class-index space, ignored pixels ==
+    ``ignore_index``), rows with a ``label_uri`` get ``confusion``: bytes of a ``(K, K) int64``
+    matrix (rows: ground truth, columns: prediction); a label that can't be read or doesn't match
+    the image size turns the row into an error row (never a silently skipped image).
+    """
+    from .sinks import encode_label_png, palette_png
+
+    n = len(batch["image_uri"])
+    dt = label_dtype(num_classes)
+    out = {k: v for k, v in batch.items() if k != "labels"}
+    mask_png = np.empty(n, dtype=object)
+    class_pixels = np.empty(n, dtype=object)
+    confusion = np.empty(n, dtype=object)
+    status = np.array(batch["status"], dtype=object)
+    error = np.array(batch["error"], dtype=object)
+    elapsed = (np.asarray(batch["decode_ms"], np.float32) + np.asarray(batch["segment_ms"], np.float32))
+    out_fs = out_root = None
+    if save_masks:
+        out_fs, out_root = get_fs(output_uri, storage_options)
+    labelled = decode_label is not None and "label_uri" in batch
+    if labelled:
+        from .metrics import confusion_matrix  # provided by the evaluation side (pipeline/metrics.py)
+        label_uris = [batch["label_uri"][i] for i in range(n)]
+        want = [i for i in range(n) if status[i] == "ok" and label_uris[i]]
+        label_bytes: dict[int, object] = {}
+        if want:
+            lfs, _ = get_fs(str(label_uris[want[0]]), label_storage_options)
+            paths = [lfs._strip_protocol(str(label_uris[i])) for i in want]
+            got = read_many(lfs, paths)
+            label_bytes = {i: got[p] for i, p in zip(want, paths)}
+    for i in range(n):
+        mask_png[i] = b""
+        class_pixels[i] = b""
+        confusion[i] = b""
+        if status[i] != "ok":
+            continue
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        lab = np.frombuffer(batch["labels"][i], dt).reshape(h, w)
+        if labelled and batch["label_uri"][i]:
+            try:
+                data = label_bytes[i]
+                if isinstance(data, BaseException):
+                    raise data
+                gt = np.asarray(decode_label(data))
+                if gt.shape != lab.shape:
+                    raise ValueError(f"label size {gt.shape[::-1]} != image size {(w, h)}")
+                confusion[i] = np.asarray(confusion_matrix(lab.astype(np.int64), gt, num_classes, ignore_index),
+                                          dtype=np.int64).tobytes()
+            except Exception as exc:  # noqa: BLE001 - the row records why it can't be scored
+                status[i], error[i] = "error", f"label failed: {type(exc).__name__}: {scrub(str(exc))}"
+                continue
+        mask_png[i] = encode_label_png(lab, num_classes)
+        class_pixels[i] = np.bincount(lab.ravel(), minlength=num_classes).astype(np.int64).tobytes()
+        if save_masks:
+            path = posixpath.join(out_root, "masks", f"{batch['image_id'][i]}.png")
+            atomic_write_bytes(out_fs, path, palette_png(lab, num_classes))
+    out.update(mask_png=mask_png, class_pixels=class_pixels, confusion=confusion, status=status,
+               error=error, elapsed_ms=elapsed)
+    return out

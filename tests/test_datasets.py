@@ -1,0 +1,200 @@
+"""Labelled-data readers on the real mini datasets (VOC, ADE20K, CamVid) and synthetic layouts."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.datasets import (coco_object_from_stuff, image_stem, open_labelled_source,
+                               reduce_zero_label)
+from shared_data import shared_data_dir
+
+CAMVID = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+          "Pedestrian", "Bicyclist"]
+
+
+def _standard_layout(tmp_path: Path, data: Path) -> Path:
+    """tmp/data/VOCdevkit/VOC2012 -> voc2012-mini, tmp/data/ADEChallengeData2016 -> ade20k-mini."""
+    root = tmp_path / "data"
+    (root / "VOCdevkit").mkdir(parents=True)
+    os.symlink(data / "voc2012-mini", root / "VOCdevkit" / "VOC2012")
+    os.symlink(data / "ade20k-mini", root / "ADEChallengeData2016")
+    return root
+
+
+def test_voc21_pairs_and_known_pixels():
+    data = shared_data_dir()
+    src = open_labelled_source("voc21", data_root=str(data / "voc2012-mini"))
+    assert src.num_classes == 21 and src.ignore_index == 255
+    assert len(src.pairs) == 18
+    for img, lab in src.pairs:
+        assert Path(img).is_file() and Path(lab).is_file()
+        assert image_stem(img) == image_stem(lab)
+    assert src.class_names[:2] == ["background", "aeroplane"]
+    lab_uri = dict(src.pairs)[str(data / "voc2012-mini/JPEGImages/2007_000033_crop513.jpg")]
+    lab = src.read_label(lab_uri)
+    assert lab.dtype == np.int64 and lab.shape == (513, 513)
+    # palette indices, not colours: (261, 19) is aeroplane (1), (222, 361) background, (285, 476) border
+    assert lab[261, 19] == 1 and lab[222, 361] == 0 and lab[285, 476] == 255
+    assert (lab == 1).sum() == 51198 and (lab == 255).sum() == 11058
+    assert set(np.unique(lab)) == {0, 1, 255}
+
+
+def test_voc20_reduces_zero_label():
+    data = shared_data_dir()
+    src = open_labelled_source("voc20", data_root=str(data / "voc2012-mini"))
+    assert src.num_classes == 20 and src.class_names[0] == "aeroplane"
+    lab = src.read_label(str(data / "voc2012-mini/SegmentationClass/2007_000033_crop513.png"))
+    assert lab[261, 19] == 0          # aeroplane: 1 -> 0
+    assert lab[222, 361] == 255       # background: 0 -> ignored
+    assert lab[285, 476] == 255       # border stays ignored
+    assert (lab == 255).sum() == 200913 + 11058
+
+
+def test_standard_data_root_layout_and_limit(tmp_path):
+    data = shared_data_dir()
+    root = _standard_layout(tmp_path, data)
+    voc = open_labelled_source("voc21", data_root=str(root))
+    assert len(voc.pairs) == 18
+    assert voc.image_ids == [ln.strip() for ln in
+                             (data / "voc2012-mini/ImageSets/Segmentation/val.txt").read_text().split()]
+    assert len(open_labelled_source("voc21", data_root=str(root), limit=5).pairs) == 5
+    ade = open_labelled_source("ade20k", data_root=str(root))
+    assert len(ade.pairs) == 6 and ade.num_classes == 150
+    with pytest.raises(FileNotFoundError, match="context60"):
+        open_labelled_source("context60", data_root=str(root))
+
+
+def test_ade20k_reduce_zero_label_known_pixels():
+    data = shared_data_dir()
+    src = open_labelled_source("ade20k", data_root=str(data / "ade20k-mini"))
+    assert [image_stem(i) for i, _ in src.pairs] == [image_stem(l) for _, l in src.pairs]
+    assert src.class_names[0] == "wall" and src.class_names[17] == "plant"
+    lab = src.read_label(str(data / "ade20k-mini/annotations/validation/ADE_val_00000001.png"))
+    assert lab.shape == (512, 683)
+    assert lab[386, 344] == 255       # raw 0 "other" -> ignored
+    assert lab[407, 141] == 0         # raw 1 wall -> 0
+    assert lab[402, 576] == 17        # raw 18 plant -> 17
+    assert (lab == 255).sum() == 3613 and (lab == 2).sum() == 134492
+
+
+def test_custom_labels_camvid():
+    data = shared_data_dir()
+    images = sorted(str(p) for p in (data / "camvid-val/val").glob("*.png"))
+    src = open_labelled_source(labels=str(data / "camvid-val/valannot"), image_uris=images,
+                               class_names=CAMVID, ignore_index=11)
+    assert len(src.pairs) == 101 and src.num_classes == 11 and src.ignore_index == 11
+    assert all(image_stem(i) == image_stem(l) for i, l in src.pairs)
+    lab = src.read_label(str(data / "camvid-val/valannot/0016E5_07959.png"))
+    assert lab[48, 255] == 0 and lab[300, 415] == 3 and lab[209, 364] == 8 and lab[179, 294] == 11
+    # with the default ignore index 255 the unlabelled value 11 is out of the class range
+    strict = open_labelled_source(labels=str(data / "camvid-val/valannot"), image_uris=images,
+                                  class_names=CAMVID)
+    with pytest.raises(ValueError, match="outside"):
+        strict.read_label(str(data / "camvid-val/valannot/0016E5_07959.png"))
+
+
+def test_custom_labels_missing_label_raises(tmp_path):
+    data = shared_data_dir()
+    images = sorted(str(p) for p in (data / "camvid-val/val").glob("*.png"))[:3]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for img in images[:2]:
+        os.symlink(data / "camvid-val/valannot" / Path(img).name, labels / Path(img).name)
+    with pytest.raises(FileNotFoundError, match="1 of 3 images have no label"):
+        open_labelled_source(labels=str(labels), image_uris=images, class_names=CAMVID)
+
+
+def test_voc_missing_label_raises(tmp_path):
+    data = shared_data_dir()
+    voc = tmp_path / "VOC2012"
+    (voc / "SegmentationClass").mkdir(parents=True)
+    os.symlink(data / "voc2012-mini/JPEGImages", voc / "JPEGImages")
+    os.symlink(data / "voc2012-mini/ImageSets", voc / "ImageSets")
+    for p in sorted((data / "voc2012-mini/SegmentationClass").glob("*.png"))[1:]:
+        os.symlink(p, voc / "SegmentationClass" / p.name)
+    with pytest.raises(FileNotFoundError, match="1 images have no label"):
+        open_labelled_source("voc21", data_root=str(voc))
+
+
+def test_object_storage_root():
+    """A data root on fsspec storage (memory://) is read through the same reader."""
+    data = shared_data_dir()
+    fs = fsspec.filesystem("memory")
+    for p in (data / "ade20k-mini").rglob("*"):
+        if p.is_file():
+            fs.pipe_file(f"/bucket/data/ADEChallengeData2016/{p.relative_to(data / 'ade20k-mini')}",
+                         p.read_bytes())
+    try:
+        src = open_labelled_source("ade20k", data_root="memory://bucket/data")
+        assert len(src.pairs) == 6
+        assert all(i.startswith("memory://") and l.startswith("memory://") for i, l in src.pairs)
+        lab = src.read_label(src.pairs[0][1])
+        assert lab[407, 141] == 0
+    finally:
+        fs.rm("/bucket", recursive=True)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _coco_layout(tmp_path: Path, raw: np.ndarray) -> Path:
+    coco = tmp_path / "data" / "coco_stuff164k"
+    for d in ("images/val2017", "annotations/val2017"):
+        (coco / d).mkdir(parents=True)
+    for name in ("000000000139", "000000000285"):
+        Image.new("RGB", (3, 2)).save(coco / "images/val2017" / f"{name}.jpg")
+        (coco / "annotations/val2017" / f"{name}_labelTrainIds.png").write_bytes(_png(raw))
+    return tmp_path / "data"
+
+
+COCO_RAW = np.array([[0, 79, 80], [170, 255, 5]], dtype=np.uint8)
+
+
+def test_coco_stuff_layout(tmp_path):
+    """Synthetic prepared COCO-Stuff164k layout: trainIds read as they are."""
+    stuff = open_labelled_source("coco_stuff164k", data_root=str(_coco_layout(tmp_path, COCO_RAW)))
+    assert stuff.num_classes == 171 and len(stuff.pairs) == 2
+    assert stuff.image_ids == ["000000000139", "000000000285"]
+    np.testing.assert_array_equal(stuff.read_label(stuff.pairs[1][1]), COCO_RAW)
+
+
+def test_coco_object_layout(tmp_path):
+    """COCO-Object from the same files: things +1, stuff -> background 0, 255 stays."""
+    obj = open_labelled_source("coco_object", data_root=str(_coco_layout(tmp_path, COCO_RAW)))
+    assert obj.num_classes == 81 and len(obj.pairs) == 2
+    assert obj.class_names[:2] == ["background", "person"]
+    np.testing.assert_array_equal(obj.read_label(obj.pairs[0][1]), [[1, 80, 0], [0, 255, 6]])
+
+
+def test_cityscapes_layout(tmp_path):
+    """Synthetic Cityscapes layout: per-city folders, _leftImg8bit / _gtFine_labelTrainIds pairing."""
+    city = tmp_path / "data" / "cityscapes"
+    for c in ("frankfurt", "lindau"):
+        (city / "leftImg8bit/val" / c).mkdir(parents=True)
+        (city / "gtFine/val" / c).mkdir(parents=True)
+        Image.new("RGB", (3, 2)).save(city / "leftImg8bit/val" / c / f"{c}_000000_000019_leftImg8bit.png")
+        (city / "gtFine/val" / c / f"{c}_000000_000019_gtFine_labelTrainIds.png").write_bytes(
+            _png(np.array([[0, 18, 255], [1, 2, 3]])))
+    cs = open_labelled_source("cityscapes", data_root=str(tmp_path / "data"))
+    assert cs.num_classes == 19
+    assert cs.image_ids == ["frankfurt_000000_000019", "lindau_000000_000019"]
+    assert cs.pairs[1][1].endswith("gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png")
+    np.testing.assert_array_equal(cs.read_label(cs.pairs[0][1]), [[0, 18, 255], [1, 2, 3]])
+
+
+def test_label_transforms_unit():
+    raw = np.array([0, 1, 2, 150, 255])
+    np.testing.assert_array_equal(reduce_zero_label(raw), [255, 0, 1, 149, 255])
+    np.testing.assert_array_equal(coco_object_from_stuff(np.array([0, 79, 80, 170, 255])),
+                                  [1, 80, 0, 0, 255])
+    with pytest.raises(ValueError):
+        coco_object_from_stuff(np.array([171]))

@@ -1,0 +1,80 @@
+"""Robust decoding of bad and unusual image files (pipeline/decode.py)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import DecodeError, decode_image
+
+
+def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb(h=40, w=60, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"this is a text file pretending to be a jpeg\n" * 5, "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt"),
+])
+def test_bad_bytes_get_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(data)
+
+
+def test_truncated_jpeg_and_png_are_errors():
+    arr = _rgb(300, 400)
+    for fmt in ("JPEG", "PNG"):
+        data = _enc(Image.fromarray(arr), fmt)
+        with pytest.raises(DecodeError, match="truncated|corrupt"):
+            decode_image(data[: int(len(data) * 0.6)])
+
+
+def test_too_many_pixels_is_rejected_from_the_header():
+    data = _enc(Image.new("L", (8000, 7000)), "PNG")       # 56 MP of zeros: a tiny file
+    assert len(data) < 200_000
+    with pytest.raises(DecodeError, match="too large: 8000x7000"):
+        decode_image(data)                                  # default max_pixels = 50 MP
+    with pytest.raises(DecodeError, match="max_pixels 1000"):
+        decode_image(_enc(Image.fromarray(_rgb()), "PNG"), max_pixels=1000)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
+def test_unusual_modes_become_rgb_uint8(mode):
+    base = Image.fromarray(_rgb())
+    if mode == "I;16":
+        im = Image.fromarray((np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) * 27))
+        assert im.mode == "I;16"
+        fmt = "PNG"
+    else:
+        im = base.convert(mode)
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = decode_image(_enc(im, fmt))
+    assert out.shape == (40, 60, 3) and out.dtype == np.uint8
+    if mode == "I;16":
+        assert out[..., 0].max() > 200 and out[..., 0].min() == 0   # scaled from 16 bits, not clipped
+
+
+def test_exif_rotated_jpeg_is_made_upright():
+    arr = np.zeros((40, 60, 3), np.uint8)
+    arr[:10, :10] = 255                                     # bright top-left corner, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                        # "rotate 90 CW to display"
+    out = decode_image(_enc(Image.fromarray(arr), "JPEG", exif=exif, quality=95))
+    assert out.shape == (60, 40, 3)                         # upright size swaps width and height
+    assert out[:10, -10:].mean() > 200 and out[:10, :10].mean() < 50   # corner moved to top-right
+
+
+def test_webp_bmp_tiff_decode():
+    arr = _rgb()
+    for fmt in ("WEBP", "BMP", "TIFF"):
+        out = decode_image(_enc(Image.fromarray(arr), fmt, **({"lossless": True} if fmt == "WEBP" else {})))
+        np.testing.assert_array_equal(out, arr)

@@ -1,0 +1,100 @@
+"""The comparison table, the published numbers, and jobs/evaluate.py end to end on real VOC / ADE files."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.comparison import build_comparison, comparison_markdown
+from pipeline.published import PUBLISHED, TABLE_ORDER, published
+from shared_data import shared_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_published_table_is_consistent():
+    assert set(PUBLISHED) == {"CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "RF-CLIP", "RF-CLIP + PAMR"}
+    for row, vals in PUBLISHED.items():
+        assert abs(np.mean([vals[b] for b in TABLE_ORDER]) - vals["avg"]) <= 0.1, row
+    assert published("rfclip", "voc21") == 64.8 and published("clearclip", "ade20k") == 16.7
+    assert published("rfclip", "voc21", pamr=True) == 67.2 and published("unknown", "voc21") is None
+
+
+def test_comparison_table_layout():
+    results = {("voc21", "rfclip"): {"mIoU": 10.0, "images": 5},
+               ("ade20k", "rfclip"): {"mIoU": 20.0, "images": 2000},
+               ("voc21", "clearclip"): {"mIoU": 30.0, "images": 5}}
+    t = build_comparison(results, ["ade20k", "voc21"], ["rfclip", "clearclip"],
+                         {"voc21": 1449, "ade20k": 2000})
+    assert t["benchmarks"] == ["voc21", "ade20k"]  # table order, not argument order
+    rf, cc = t["rows"]
+    assert rf["avg"]["mIoU"] == 15.0 and rf["avg"]["published"] == pytest.approx((64.8 + 20.4) / 2)
+    assert rf["avg"]["published_avg_all"] == 44.2
+    assert cc["avg"]["mIoU"] is None  # ade20k missing: no average over a partial row
+    md = comparison_markdown(t)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| method | VOC21 | ADE | avg |"
+    assert lines[1] == "| rfclip | **10.0** (64.8) n=5/1449 | **20.0** (20.4) n=2000 | **15.0** (42.6) |"
+    assert lines[2].startswith("| clearclip | **30.0** (51.8) n=5/1449 | – (16.7) |")
+    pamr = build_comparison(results, ["voc21"], ["rfclip"], pamr=True)
+    assert pamr["rows"][0]["cells"]["voc21"]["published"] == 67.2
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
+    """voc20 + ade20k x clip + clearclip, random tiny model, 2 real images each: mechanics only.
+
+    Checks: counts, per-pair metrics.json equal a direct NumPy mIoU from the stored predictions
+    (mask_png) and the real label files, report written, comparison table filled."""
+    data = shared_data_dir()
+    import pyarrow.parquet as pq
+    from pipeline.datasets import open_labelled_source, png_to_array
+
+    root = tmp_path / "data"
+    (root / "VOCdevkit").mkdir(parents=True)
+    os.symlink(data / "voc2012-mini", root / "VOCdevkit" / "VOC2012")
+    os.symlink(data / "ade20k-mini", root / "ADEChallengeData2016")
+    cfg, weights = tiny_model
+    out = tmp_path / "eval"
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import evaluate
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    rc = evaluate.main(["--data-root", str(root), "--benchmarks", "ade20k,voc20",
+                        "--methods", "clip,clearclip", "--limit", "2", "--model", str(cfg),
+                        "--weights", str(weights), "--output", str(out), "--shard-size", "1"])
+    assert rc == 0
+    table = json.loads((out / "comparison.json").read_text())
+    assert table["benchmarks"] == ["voc20", "ade20k"] and table["methods"] == ["clip", "clearclip"]
+    for row in table["rows"]:
+        for b, cell in row["cells"].items():
+            run = out / b / row["method"]
+            m = json.loads((run / "metrics.json").read_text())
+            assert cell["images"] == m["images"] == 2 and m["failed_images"] == 0
+            assert len(m["classes"]) == {"voc20": 20, "ade20k": 150}[b]
+            src = open_labelled_source(b, data_root=str(root), limit=2)
+            rows = pq.read_table(run / "predictions").to_pylist()
+            assert sorted(r["image_uri"] for r in rows) == sorted(i for i, _ in src.pairs)
+            k = src.num_classes
+            tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
+            for r in rows:
+                pred = png_to_array(r["mask_png"])
+                gt = src.read_label(dict(src.pairs)[r["image_uri"]])
+                keep = gt != 255
+                for c in range(k):
+                    tp[c] += np.sum((pred[keep] == c) & (gt[keep] == c))
+                    fp[c] += np.sum((pred[keep] == c) & (gt[keep] != c))
+                    fn[c] += np.sum((pred[keep] != c) & (gt[keep] == c))
+            with np.errstate(invalid="ignore"):
+                direct = np.nanmean(tp / (tp + fp + fn)) * 100
+            assert m["mIoU"] == pytest.approx(direct, rel=1e-9) and cell["mIoU"] == m["mIoU"]
+            text = (run / "report.md").read_text()
+            assert "figures/confusion.png" in text and (run / "figures/samples.png").is_file()
+    md = (out / "comparison.md").read_text()
+    assert re.search(r"\| clip \| \*\*[0-9.]+\*\* \(49\.1\) n=2/1449 \| \*\*[0-9.]+\*\* \(3\.2\) n=2/2000 \|", md)

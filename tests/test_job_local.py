@@ -1,0 +1,194 @@
+"""End to end on local files: rows, masks, bad files, run.json/summary.json, resume rules, fail-fast."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import (pipeline_cli_args, pipeline_job_config, plant_bad_and_odd_images, read_predictions,
+                      write_images)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """6 random images + the planted bad/odd files: (folder, expectations by file name)."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_images(root / "good", 6, seed=3)
+    expect = plant_bad_and_odd_images(root / "odd")
+    return root, expect
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tiny_model, corpus, tmp_path_factory):
+    from jobs.segment_dataset import run
+
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("out") / "run"
+    cfg = pipeline_job_config(tiny_model, input=str(root), output=str(out), save_masks=True)
+    summary = run(cfg)
+    return cfg, out, summary
+
+
+def test_every_input_gets_exactly_one_row_with_the_right_status(first_run, corpus):
+    cfg, out, summary = first_run
+    root, expect = corpus
+    t = read_predictions(str(out))
+    n_inputs = 6 + len(expect)
+    assert t.num_rows == n_inputs
+    uris = t.column("image_uri").to_pylist()
+    assert len(set(uris)) == n_inputs
+    assert len(set(t.column("image_id").to_pylist())) == n_inputs
+    by_name = {u.rsplit("/", 1)[1]: r for u, r in zip(uris, t.to_pylist())}
+    for name, (status, what) in expect.items():
+        row = by_name[name]
+        assert row["status"] == status, (name, row["error"])
+        if status == "error":
+            assert re.search(what, row["error"]), (name, row["error"])
+            assert row["mask_png"] is None and row["error"]
+        else:
+            assert row["error"] is None
+            assert (row["height"], row["width"]) == what, name
+    n_err = sum(1 for s, _ in expect.values() if s == "error")
+    assert summary["ok"] == n_inputs - n_err and summary["error"] == n_err and summary["skipped"] == 0
+    assert summary["rows_decoded_in_model_process"] == 0      # decoding ran in CPU tasks, not the actor
+
+
+def test_masks_decode_to_image_size_and_class_pixels_add_up(first_run):
+    cfg, out, _ = first_run
+    t = read_predictions(str(out))
+    ok = [r for r in t.to_pylist() if r["status"] == "ok"]
+    assert ok
+    for r in ok:
+        lab = np.asarray(Image.open(io.BytesIO(r["mask_png"])))
+        assert lab.shape == (r["height"], r["width"])
+        assert lab.max() < 3
+        assert len(r["class_pixels"]) == 3 and sum(r["class_pixels"]) == r["height"] * r["width"]
+        np.testing.assert_array_equal(np.bincount(lab.ravel(), minlength=3), r["class_pixels"])
+        assert 0.0 < r["mean_confidence"] <= 1.0 and r["elapsed_ms"] > 0
+        saved = np.asarray(Image.open(out / "masks" / f"{r['image_id']}.png"))
+        np.testing.assert_array_equal(saved, lab)                      # --save-masks: palette PNG, same labels
+        assert Image.open(out / "masks" / f"{r['image_id']}.png").mode == "P"
+    assert len(list((out / "masks").iterdir())) == len(ok)
+
+
+def test_mask_matches_an_in_process_segmenter(first_run, tiny_model):
+    """The pipeline's label map equals Segmenter.segment_batch on the same decoded, resized image."""
+    import rfclip
+    from jobs.segment_dataset import segmenter_kwargs
+    from pipeline.decode import decode_image
+
+    cfg, out, _ = first_run
+    row = next(r for r in read_predictions(str(out)).to_pylist() if r["image_uri"].endswith("img000.png"))
+    seg = rfclip.Segmenter(**segmenter_kwargs(cfg), device="cpu")
+    rgb = decode_image(open(row["image_uri"], "rb").read())
+    small = rfclip.images.resize_short_side(rgb, seg.settings.short_side, seg.settings.max_long_side)
+    want = seg.segment_batch([small], original_sizes=[rgb.shape[:2]])[0].labels
+    got = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+    assert (got == want).mean() > 0.999
+
+
+def test_run_json_and_summary(first_run):
+    cfg, out, summary = first_run
+    run_doc = json.loads((out / "run.json").read_text())
+    seg = run_doc["config"]["segmenter"]
+    assert seg["method"] == "rfclip" and seg["vocabulary"] == [["sky", "cloud"], ["road"], ["car"]]
+    assert re.fullmatch(r"[0-9a-f]{64}", seg["weights"]["sha256"])
+    assert seg["settings"]["short_side"] == 64
+    assert run_doc["config"]["num_inputs"] == summary["images_total"]
+    assert run_doc["versions"]["ray"] and run_doc["versions"]["torch"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["ok"] == summary["ok"] and on_disk["images_per_second"] > 0
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, tiny_model):
+    from jobs.segment_dataset import ConfigMismatch, run
+
+    cfg, out, first = first_run
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "predictions").iterdir()}
+    again = run(cfg)
+    assert again["skipped"] == first["images_total"] and again["ok"] == 0 and again["shards_committed_this_run"] == 0
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "predictions").iterdir()}
+    assert after == before
+    changed = pipeline_job_config(tiny_model, input=cfg.input, output=cfg.output, save_masks=True,
+                                  vocabulary="sky; road; car")
+    with pytest.raises(ConfigMismatch, match=r"(?s)vocabulary.*--overwrite"):
+        run(changed)
+    smaller = pipeline_job_config(tiny_model, input=cfg.input, output=cfg.output, save_masks=True, shard_size=3)
+    with pytest.raises(ConfigMismatch, match="shard_size: 4 -> 3"):
+        run(smaller)
+
+
+def test_overwrite_starts_over(first_run, tiny_model, tmp_path):
+    from jobs.segment_dataset import run
+
+    cfg, out, first = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cfg2 = pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), vocabulary="sky; road", overwrite=True)
+    s = run(cfg2)
+    assert s["skipped"] == 0 and s["ok"] + s["error"] == first["images_total"]
+    assert not (copy / "masks").exists()                         # old --save-masks output removed
+    assert json.loads((copy / "run.json").read_text())["config"]["segmenter"]["vocabulary"] == [["sky"], ["road"]]
+
+
+def test_labelled_inputs_store_a_confusion_matrix_per_shard(ray_local, tiny_model, tmp_path):
+    """The evaluation hook: items with label_uri + LabelSpec -> each shard carries its K x K matrix."""
+    from jobs.segment_dataset import LabelSpec, run
+    from pipeline import sinks
+
+    imgs = write_images(tmp_path / "img", 5, seed=7)
+    items = []
+    rng = np.random.default_rng(0)
+    for p in imgs:
+        h, w = np.asarray(Image.open(p)).shape[:2]
+        gt = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        gt[:2] = 255                                             # ignored rows
+        lp = p.with_suffix(".label.png")
+        Image.fromarray(gt).save(lp)
+        items.append({"image_uri": str(p), "label_uri": str(lp)})
+
+    def decode(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)
+
+    spec = LabelSpec(decode_label=decode, num_classes=3, ignore_index=255, identity={"kind": "test"})
+    out = tmp_path / "eval"
+    s = run(pipeline_job_config(tiny_model, output=str(out), items=items, labels=spec))
+    assert s["ok"] == 5
+    total = sinks.load_confusion_total(str(out))
+    t = read_predictions(str(out))
+    label_of = {i["image_uri"]: i["label_uri"] for i in items}
+    want = np.zeros((3, 3), np.int64)
+    for r in t.to_pylist():
+        pred = np.asarray(Image.open(io.BytesIO(r["mask_png"]))).astype(np.int64)
+        gt = decode(open(label_of[r["image_uri"]], "rb").read())
+        keep = gt != 255
+        want += np.bincount(3 * gt[keep] + pred[keep], minlength=9).reshape(3, 3)
+    np.testing.assert_array_equal(total, want)
+    assert total.sum() == sum((r["height"] - 2) * r["width"] for r in t.to_pylist())
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unwritable"])
+def test_fail_fast_with_a_clear_message(case, tiny_model, tmp_path, capsys):
+    import os
+
+    from jobs.segment_dataset import main
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    if case != "missing":
+        inp.mkdir()
+        (inp / "readme.txt").write_text("x")
+    if case == "unwritable":
+        write_images(inp, 1)
+        out = "/proc/rfclip-out" if os.geteuid() == 0 else "/rfclip-out-not-allowed"
+    rc = main(["--input", str(inp), "--output", str(out)] + pipeline_cli_args(tiny_model))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert {"missing": "does not exist", "empty": "contains no images", "unwritable": "not writable"}[case] in err

@@ -1,0 +1,137 @@
+"""Faults: the driver killed after some shards (then resumed), and a model actor killed mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (REPO_ROOT, kill_group, pipeline_cli_args, pipeline_job_config, read_predictions,
+                      start_local_ray, write_images)
+
+pytestmark = pytest.mark.slow
+N_IMAGES, SHARD = 24, 4
+
+
+def _committed(out: Path) -> list[Path]:
+    d = out / "predictions"
+    return sorted(d.glob("shard-*.parquet")) if d.exists() else []
+
+
+def _check_exactly_once(out: Path, inputs: Path) -> None:
+    t = read_predictions(str(out))
+    uris = t.column("image_uri").to_pylist()
+    want = sorted(str(p) for p in inputs.rglob("*") if p.is_file())
+    assert len(uris) == len(set(uris)) == len(want)            # no image duplicated
+    assert sorted(uris) == want                                 # no image missing
+    assert set(t.column("status").to_pylist()) == {"ok"}
+
+
+def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_model, tmp_path):
+    inputs = tmp_path / "in"
+    write_images(inputs, N_IMAGES, seed=5)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO_ROOT / "jobs" / "segment_dataset.py"), "--input", str(inputs), "--output", str(out),
+           "--shard-size", str(SHARD)] + pipeline_cli_args(tiny_model)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RFCLIP_TEST_WORKER_DELAY_S"] = "1.0"
+    log = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(_committed(out)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)                     # the driver and its embedded Ray, at once
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+        log.close()
+    first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in _committed(out)}
+    assert 2 <= len(first) < N_IMAGES // SHARD, "the kill must land mid-run"
+
+    env.pop("RFCLIP_TEST_WORKER_DELAY_S")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == len(first) * SHARD
+    assert summary["ok"] == N_IMAGES - len(first) * SHARD
+    for p in _committed(out):                                   # committed shards were not recomputed
+        if p.name in first:
+            assert (p.stat().st_mtime_ns, p.read_bytes()) == first[p.name]
+    assert len(_committed(out)) == N_IMAGES // SHARD
+    assert not list(out.rglob(".tmp-*"))
+    _check_exactly_once(out, inputs)
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of all descendants of ``pid``, from /proc (no psutil here)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _segment_worker_pids() -> list[int]:
+    """PIDs of this test process's own Ray model actors (descendants only: never another session's)."""
+    pids = []
+    for p in _descendants(os.getpid()):
+        try:
+            if b"SegmentWorker" in open(f"/proc/{p}/cmdline", "rb").read():
+                pids.append(p)
+        except OSError:
+            continue
+    return pids
+
+
+def test_killed_model_actor_every_image_exactly_once(tiny_model, tmp_path):
+    import ray
+    from jobs.segment_dataset import run
+
+    tmp = start_local_ray({"RFCLIP_TEST_WORKER_DELAY_S": "1.0"})
+    try:
+        inputs = tmp_path / "in"
+        write_images(inputs, N_IMAGES, seed=6)
+        out = tmp_path / "out"
+        cfg = pipeline_job_config(tiny_model, input=str(inputs), output=str(out), shard_size=SHARD)
+        result: dict = {}
+
+        def target():
+            result["summary"] = run(cfg)
+
+        th = threading.Thread(target=target, daemon=True)
+        th.start()
+        deadline = time.time() + 240
+        while len(_committed(out)) < 1 and time.time() < deadline and th.is_alive():
+            time.sleep(0.1)
+        pids = _segment_worker_pids()
+        assert pids and th.is_alive(), "no model actor found mid-run"
+        before = len(_committed(out))
+        os.kill(pids[0], signal.SIGKILL)
+        th.join(timeout=300)
+        assert not th.is_alive()
+        assert before < N_IMAGES // SHARD                        # it died with work left
+        assert result["summary"]["ok"] == N_IMAGES and result["summary"]["duplicate_rows_dropped"] == 0
+        _check_exactly_once(out, inputs)
+        assert pids[0] not in _segment_worker_pids()             # that process is really gone
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,154 @@
+"""Confusion matrices and the reducer (over shards committed by pipeline.sinks) against a direct
+per-class NumPy computation, shard reordering and resumed runs."""
+from __future__ import annotations
+
+import json
+import math
+
+import fsspec
+import numpy as np
+import pytest
+
+from pipeline.metrics import confusion_matrix, reduce_confusion, summarize
+from pipeline.sinks import commit_shard
+
+K = 6
+IGN = 255
+NAMES = [f"c{i}" for i in range(K)]
+
+
+def _random_maps(rng, n):
+    """n (pred, gt) pairs of varied sizes; class 5 never occurs, class 4 only in predictions."""
+    out = []
+    for _ in range(n):
+        h, w = rng.integers(5, 40, size=2)
+        gt = rng.integers(0, 4, size=(h, w))
+        gt[rng.random((h, w)) < 0.15] = IGN
+        pred = rng.integers(0, 5, size=(h, w))
+        out.append((pred, gt))
+    return out
+
+
+def _direct(maps):
+    """Per-class TP / FP / FN with boolean masks over all images, MMSegmentation-style means."""
+    tp = np.zeros(K); fp = np.zeros(K); fn = np.zeros(K)
+    for pred, gt in maps:
+        keep = gt != IGN
+        p, g = pred[keep], gt[keep]
+        for c in range(K):
+            tp[c] += np.sum((p == c) & (g == c))
+            fp[c] += np.sum((p == c) & (g != c))
+            fn[c] += np.sum((p != c) & (g == c))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (tp + fp + fn)
+        acc = tp / (tp + fn)
+    total = sum(int((gt != IGN).sum()) for _, gt in maps)
+    return iou * 100, acc * 100, np.nanmean(iou) * 100, np.nanmean(acc) * 100, tp.sum() / total * 100
+
+
+def _write_shards(output, maps, shard_size, order=None, names=None):
+    """Commit shards of ``maps`` like the job does: rows + the shard's summed matrix in the footer."""
+    idx = list(range(0, len(maps), shard_size))
+    for s in (order or range(len(idx))):
+        start = idx[s]
+        part = maps[start:start + shard_size]
+        cm = sum(confusion_matrix(p, g, K, IGN) for p, g in part)
+        rows = [dict(image_uri=f"/img/{i}.jpg", image_id=f"img{i}", width=g.shape[1], height=g.shape[0],
+                     status="ok", error=None, mask_png=b"", class_pixels=[0] * K, mean_confidence=0.5,
+                     elapsed_ms=1.0) for i, (_, g) in enumerate(part, start)]
+        name = (names or "shard-{:05d}").format(s)
+        commit_shard(output, None, name, rows, {"name": name},
+                     {"num_classes": K, "ignore_index": IGN, "images": len(part), "matrix": cm.tolist()})
+
+
+def test_confusion_matrix_basic():
+    gt = np.array([[0, 1, IGN], [2, 2, 1]])
+    pred = np.array([[0, 2, 1], [2, 0, 1]])
+    cm = confusion_matrix(pred, gt, 3, IGN)
+    assert cm.dtype == np.int64 and cm.shape == (3, 3)
+    np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 1], [1, 0, 1]])
+    with pytest.raises(ValueError, match="ground-truth values"):
+        confusion_matrix(pred, np.array([[0, 1, 7], [2, 2, 1]]), 3, IGN)
+    with pytest.raises(ValueError, match="prediction values"):
+        confusion_matrix(np.full((2, 3), 3), gt, 3, IGN)
+    with pytest.raises(ValueError, match="shape"):
+        confusion_matrix(pred[:, :2], gt, 3, IGN)
+
+
+def test_reducer_equals_direct_numpy(tmp_path):
+    maps = _random_maps(np.random.default_rng(0), 23)
+    out = str(tmp_path / "run")
+    _write_shards(out, maps, shard_size=5)
+    res = reduce_confusion(out, class_names=NAMES, extra={"benchmark": "synthetic", "method": "random"})
+    iou, acc, miou, macc, aacc = _direct(maps)
+    assert res["images"] == 23 and res["benchmark"] == "synthetic"
+    assert math.isclose(res["mIoU"], miou, rel_tol=1e-12)
+    assert math.isclose(res["mAcc"], macc, rel_tol=1e-12)
+    assert math.isclose(res["aAcc"], aacc, rel_tol=1e-12)
+    for c, (i, a) in enumerate(zip(iou, acc)):
+        got = res["classes"][c]
+        assert got["name"] == NAMES[c]
+        assert (got["iou"] is None) == np.isnan(i) and (got["acc"] is None) == np.isnan(a)
+        if got["iou"] is not None:
+            assert math.isclose(got["iou"], i, rel_tol=1e-12)
+    # class 5: absent everywhere -> null; class 4: predicted only -> IoU 0, Acc null
+    assert res["classes"][5] == {"name": "c5", "iou": None, "acc": None}
+    assert res["classes"][4]["iou"] == 0.0 and res["classes"][4]["acc"] is None
+    on_disk = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    md = (tmp_path / "run/metrics.md").read_text()
+    assert f"| {miou:.2f} |" in md and "| c5 | – | – |" in md
+    cm = np.load(tmp_path / "run/metrics/confusion.npy")
+    assert cm.dtype == np.int64 and cm.sum() == res["pixels"]
+
+
+def test_reducer_order_and_resume_invariant(tmp_path):
+    maps = _random_maps(np.random.default_rng(1), 20)
+    a, b, c = (str(tmp_path / n) for n in ("a", "b", "c"))
+    _write_shards(a, maps, 4)
+    # written in another order and under names that sort differently
+    _write_shards(b, maps, 4, order=[3, 0, 4, 2, 1], names="shard-{}x")
+    # a "resumed" run: shards 0-2 done first, then the run dies, restarts, redoes shard 2 and
+    # finishes 3-4 (shard 2 is overwritten, not added twice)
+    _write_shards(c, maps[:12], 4)
+    _write_shards(c, maps, 4, order=[2, 3, 4])
+    ra, rb, rc = (reduce_confusion(x, class_names=NAMES) for x in (a, b, c))
+    assert ra == rb == rc and ra["images"] == 20
+    assert math.isclose(ra["mIoU"], _direct(maps)[2], rel_tol=1e-12)
+
+
+def test_reducer_refuses_double_counting_and_empty(tmp_path):
+    maps = _random_maps(np.random.default_rng(2), 8)
+    out = str(tmp_path / "run")
+    _write_shards(out, maps, 4)
+    _write_shards(out, maps[:4], 4, names="shard-extra-{}")  # same images under another shard name
+    with pytest.raises(ValueError, match="counted in two shards"):
+        reduce_confusion(out, class_names=NAMES)
+    with pytest.raises(ValueError, match="no committed shards"):
+        reduce_confusion(str(tmp_path / "empty"), class_names=NAMES)
+    good = str(tmp_path / "good")
+    _write_shards(good, maps, 4)
+    with pytest.raises(ValueError, match="class names"):
+        reduce_confusion(good, class_names=NAMES[:3])
+
+
+def test_reducer_on_object_storage():
+    maps = _random_maps(np.random.default_rng(3), 6)
+    out = "memory://metrics-test/run"
+    try:
+        _write_shards(out, maps, 2)
+        res = reduce_confusion(out, class_names=NAMES)
+        assert res["images"] == 6
+        with fsspec.open(out + "/metrics.json") as f:
+            assert json.load(f)["mIoU"] == res["mIoU"]
+    finally:
+        fsspec.filesystem("memory").rm("/metrics-test", recursive=True)
+
+
+def test_summarize_matches_mmseg_formula_on_small_case():
+    # gt row / pred col. class0: TP 3 FP 1 FN 1 -> IoU 3/5; class1: TP 2 FP 1 FN 1 -> 2/4; class2 empty
+    cm = np.array([[3, 1, 0], [1, 2, 0], [0, 0, 0]], dtype=np.int64)
+    r = summarize(cm, ["a", "b", "c"], images=1)
+    assert math.isclose(r["classes"][0]["iou"], 60.0) and math.isclose(r["classes"][1]["iou"], 50.0)
+    assert math.isclose(r["mIoU"], 55.0) and math.isclose(r["aAcc"], 5 / 7 * 100)
+    assert math.isclose(r["mAcc"], (3 / 4 + 2 / 3) / 2 * 100)

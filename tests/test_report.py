@@ -1,0 +1,98 @@
+"""report.md + PNG figures for an evaluation and for a pseudo-labelling run, on real VOC files."""
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.datasets import open_labelled_source
+from pipeline.metrics import confusion_matrix, reduce_confusion
+from pipeline.sinks import commit_shard
+from pipeline.report import colorize, palette, write_report
+from shared_data import shared_data_dir
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fake_run(out, src, n, rng):
+    """predictions/shard-00000.parquet + its confusion: the label with 20% of pixels changed."""
+    rows, cm = [], np.zeros((src.num_classes,) * 2, dtype=np.int64)
+    for img, lab in src.pairs[:n]:
+        gt = src.read_label(lab)
+        pred = np.where(gt == src.ignore_index, 0, gt)
+        noise = rng.random(gt.shape) < 0.2
+        pred[noise] = rng.integers(0, src.num_classes, size=int(noise.sum()))
+        cm += confusion_matrix(pred, gt, src.num_classes, src.ignore_index)
+        counts = np.bincount(pred.ravel(), minlength=src.num_classes)
+        rows.append(dict(image_uri=img, image_id=img.rsplit("/", 1)[-1][:-4], width=gt.shape[1],
+                         height=gt.shape[0], status="ok", error=None, mask_png=_png(pred),
+                         class_pixels=counts.tolist(), mean_confidence=float(rng.random()),
+                         elapsed_ms=1.0))
+    rows.append(dict(image_uri="/nope.jpg", image_id="nope", width=None, height=None, status="error",
+                     error="not an image", mask_png=None, class_pixels=None, mean_confidence=None,
+                     elapsed_ms=0.1))
+    commit_shard(str(out), None, "shard-00000", rows, {"name": "shard-00000"},
+                 {"num_classes": src.num_classes, "ignore_index": src.ignore_index, "images": n,
+                  "matrix": cm.tolist()})
+
+
+def _figures(report_text, out):
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_text)
+    for link in links:
+        with Image.open(out / link) as im:
+            assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
+    return links
+
+
+def test_evaluation_report(tmp_path):
+    data = shared_data_dir()
+    src = open_labelled_source("voc21", data_root=str(data / "voc2012-mini"))
+    out = tmp_path / "run"
+    _fake_run(out, src, 4, np.random.default_rng(0))
+    result = reduce_confusion(str(out), class_names=src.class_names, extra={"benchmark": "voc21", "method": "fake"})
+    uri = write_report(str(out), src.class_names, source=src, num_samples=3)
+    text = (out / "report.md").read_text()
+    assert uri.endswith("report.md")
+    assert f"| {result['mIoU']:.2f} |" in text
+    assert "4 images segmented, 1 failed" in text
+    assert _figures(text, out) == ["figures/iou.png", "figures/confusion.png", "figures/samples.png"]
+    # worst-classes table: rows sorted by IoU, only classes present in the ground truth
+    table = text.split("## Worst classes")[1].split("## Confusion")[0]
+    ious = [float(m) for m in re.findall(r"^\| [^|]+ \| ([0-9.]+) \|", table, flags=re.M)]
+    present = sorted(c["iou"] for c in result["classes"] if c["acc"] is not None)
+    assert ious == pytest.approx([round(v, 2) for v in present[:10]], abs=0.006)
+
+
+def test_pseudo_label_report(tmp_path):
+    data = shared_data_dir()
+    src = open_labelled_source("voc21", data_root=str(data / "voc2012-mini"))
+    out = tmp_path / "run"
+    _fake_run(out, src, 3, np.random.default_rng(1))
+    write_report(str(out), src.class_names, num_samples=2)
+    text = (out / "report.md").read_text()
+    assert _figures(text, out) == ["figures/class_distribution.png", "figures/confidence.png",
+                                   "figures/samples.png"]
+    assert "3 images segmented, 1 failed" in text
+    # background gets ~80% of each image plus noise: the top row of the distribution table
+    first = text.split("| class | share of pixels (%) | images |")[1].splitlines()[2]
+    assert first.startswith("| background |") and first.endswith("| 3 |")
+
+
+def test_palette_and_colorize():
+    pal = palette(171)
+    assert pal.shape == (171, 3) and pal.dtype == np.uint8
+    assert len({tuple(c) for c in pal}) == 171
+    rgb = colorize(np.array([[0, 1], [255, 2]]), pal, ignore_index=255)
+    assert (rgb[1, 0] == 0).all() and (rgb[0, 1] == pal[1]).all()
+
+
+def test_report_needs_predictions(tmp_path):
+    with pytest.raises(FileNotFoundError, match="predictions"):
+        write_report(str(tmp_path), ["a", "b"])

@@ -1,0 +1,110 @@
+"""Shard commits, label PNGs, run.json helpers and credential redaction (pipeline/sinks.py, storage.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import sinks, storage
+
+
+def _row(i, ok=True):
+    lab = np.full((3, 4), i % 2, np.int64)
+    return {"image_uri": f"/x/{i}.jpg", "image_id": f"{i}-abc", "width": 4 if ok else None, "height": 3 if ok else None,
+            "status": "ok" if ok else "error", "error": None if ok else "empty file (0 bytes)",
+            "mask_png": sinks.encode_label_png(lab, 2) if ok else None,
+            "class_pixels": np.bincount(lab.ravel(), minlength=2).tolist() if ok else None,
+            "mean_confidence": 0.5 if ok else None, "elapsed_ms": 1.0}
+
+
+@pytest.mark.parametrize("k,dtype", [(21, np.uint8), (300, np.uint16)])
+def test_label_png_round_trip(k, dtype):
+    lab = np.random.default_rng(0).integers(0, k, (17, 23))
+    png = sinks.encode_label_png(lab, k)
+    np.testing.assert_array_equal(sinks.decode_label_png(png), lab)
+    np.testing.assert_array_equal(sinks.decode_label_png(sinks.palette_png(lab, k)), lab)
+
+
+def test_commit_shard_is_atomic_readable_and_carries_confusion(tmp_path):
+    out = str(tmp_path / "out")
+    rows = [_row(0), _row(1), _row(2, ok=False)]
+    conf = {"num_classes": 2, "ignore_index": 255, "images": 2, "matrix": [[5, 1], [0, 6]]}
+    sinks.commit_shard(out, None, "shard-00000", rows, {"name": "shard-00000", "digest": "d"}, conf)
+    sinks.commit_shard(out, None, "shard-00001", rows[:1], {"name": "shard-00001"}, conf)
+    files = sorted(p.name for p in (tmp_path / "out" / "predictions").iterdir())
+    assert files == ["shard-00000.parquet", "shard-00001.parquet"]          # no temp files left behind
+    t = pq.read_table(tmp_path / "out" / "predictions" / "shard-00000.parquet")
+    assert t.schema.remove_metadata() == sinks.PREDICTION_SCHEMA
+    assert t.column("status").to_pylist() == ["ok", "ok", "error"]
+    assert t.column("mask_png").to_pylist()[2] is None
+    assert sinks.committed_shard_names(out, None) == {"shard-00000", "shard-00001"}
+    meta, c = sinks.read_shard_metadata(out, None, "shard-00000")
+    assert meta["digest"] == "d" and c["matrix"] == [[5, 1], [0, 6]]
+    np.testing.assert_array_equal(sinks.load_confusion_total(out), [[10, 2], [0, 12]])
+
+
+def test_config_differences_names_the_changed_keys():
+    a = {"segmenter": {"method": "rfclip", "settings": {"prob_thd": 0.0}}, "shard_size": 10}
+    b = {"segmenter": {"method": "sclip", "settings": {"prob_thd": 0.0}}, "shard_size": 10}
+    d = sinks.config_differences(a, b)
+    assert d == ['segmenter.method: "rfclip" -> "sclip"']
+    assert sinks.config_differences(a, json.loads(json.dumps(a))) == []
+
+
+def test_secrets_are_redacted_and_scrubbed():
+    so = {"key": "AKIAEXAMPLEKEY", "secret": "verysecretvalue", "client_kwargs": {"endpoint_url": "http://h:1"},
+          "config_kwargs": {"retries": {"max_attempts": 3}}}
+    storage.register_secrets(so)
+    r = storage.redact({"storage_options": so, "note": "failed with verysecretvalue in it"})
+    text = json.dumps(r)
+    assert "verysecretvalue" not in text and "AKIAEXAMPLEKEY" not in text
+    assert r["storage_options"]["client_kwargs"]["endpoint_url"] == "http://h:1"   # not a secret
+    assert r["storage_options"]["config_kwargs"]["retries"]["max_attempts"] == 3
+    assert storage.scrub("x AKIAEXAMPLEKEY y") == "x *** y"
+
+
+def test_s3_retry_defaults_are_raised_and_user_wins():
+    so = storage.with_retry_defaults("s3://b/k", {"config_kwargs": {"read_timeout": 5}})
+    assert so["config_kwargs"]["read_timeout"] == 5
+    assert so["config_kwargs"]["retries"]["max_attempts"] >= 10
+    assert so["config_kwargs"]["connect_timeout"] > 5
+    assert storage.with_retry_defaults("/local/path", None) == {}
+
+
+def test_retry_call_retries_transient_errors_only():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("Connection reset by peer")
+        return "ok"
+
+    assert storage.retry_call(flaky, "x", attempts=5, base_delay_s=0.001) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("nope")
+
+    with pytest.raises(FileNotFoundError):
+        storage.retry_call(missing, "x", attempts=5, base_delay_s=0.001)
+    assert len(calls) == 1
+
+
+def test_unwritable_output_fails_fast(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        import os
+        if os.geteuid() == 0:
+            target = "/proc/rfclip-out"      # root ignores permission bits; /proc refuses new files
+        else:
+            target = str(ro / "out")
+        with pytest.raises(PermissionError, match="not writable"):
+            storage.check_writable(target)
+    finally:
+        ro.chmod(0o700)

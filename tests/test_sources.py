@@ -1,0 +1,81 @@
+"""Listing, manifests, image ids and deterministic shards (pipeline/sources.py)."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import sources
+
+
+def test_folder_listing_is_recursive_sorted_and_filtered(pipeline_images):
+    (pipeline_images / "c").mkdir()
+    (pipeline_images / "c" / "UPPER.JPEG").write_bytes(b"x")
+    (pipeline_images / "c" / "scan.TIFF").write_bytes(b"x")
+    inp = sources.resolve_inputs(str(pipeline_images))
+    uris = [it["image_uri"] for it in inp.items]
+    assert len(uris) == 12                      # 10 generated + 2 upper-case extensions; notes.txt skipped
+    assert uris == sorted(uris)
+    assert not any(u.endswith(".txt") for u in uris)
+    assert inp.kind == "folder" and inp.root == str(pipeline_images)
+
+
+def test_text_manifest_resolves_relative_entries_and_skips_comments(pipeline_images, tmp_path):
+    imgs = sorted(str(p) for p in pipeline_images.rglob("*.jpg"))
+    rel = sorted(p.relative_to(tmp_path) for p in pipeline_images.rglob("*.png"))
+    man = tmp_path / "list.txt"
+    man.write_text("# my images\n\n" + "\n".join(imgs) + "\n" + "\n".join(str(r) for r in rel) + "\n" + imgs[0] + "\n")
+    inp = sources.resolve_inputs(str(man))
+    assert inp.kind == "manifest"
+    assert len(inp.items) == len(imgs) + len(rel)   # duplicate of imgs[0] dropped
+    assert inp.duplicates_dropped == 1
+    assert str(tmp_path / rel[0]) in [it["image_uri"] for it in inp.items]
+
+
+def test_parquet_manifest_carries_label_uris(tmp_path):
+    t = pa.table({"image_uri": ["s3://b/x/2.jpg", "s3://b/x/1.jpg"], "label_uri": ["s3://b/y/2.png", None]})
+    pq.write_table(t, tmp_path / "m.parquet")
+    inp = sources.resolve_inputs(str(tmp_path / "m.parquet"))
+    assert [it["image_uri"] for it in inp.items] == ["s3://b/x/1.jpg", "s3://b/x/2.jpg"]
+    assert [it["label_uri"] for it in inp.items] == [None, "s3://b/y/2.png"]
+
+
+def test_parquet_manifest_without_uri_column_is_an_error(tmp_path):
+    pq.write_table(pa.table({"foo": ["a.jpg"]}), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match="image_uri"):
+        sources.resolve_inputs(str(tmp_path / "m.parquet"))
+
+
+def test_missing_and_empty_inputs_fail_with_clear_messages(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sources.resolve_inputs(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x")
+    with pytest.raises(ValueError, match="contains no images"):
+        sources.resolve_inputs(str(tmp_path / "empty"))
+    (tmp_path / "blank.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="lists no image"):
+        sources.resolve_inputs(str(tmp_path / "blank.txt"))
+
+
+def test_shards_are_deterministic_and_cover_every_item_once():
+    items = [{"image_uri": f"/d/{i:04d}.jpg", "label_uri": None} for i in range(23)]
+    a, b = sources.make_shards(items, 5), sources.make_shards(list(items), 5)
+    assert [s.name for s in a] == [f"shard-{i:05d}" for i in range(5)]
+    assert [s.digest for s in a] == [s.digest for s in b]
+    assert [len(s.items) for s in a] == [5, 5, 5, 5, 3]
+    flat = [it["image_uri"] for s in a for it in s.items]
+    assert flat == [it["image_uri"] for it in items]
+    changed = items[:7] + [{"image_uri": "/d/0007b.jpg", "label_uri": None}] + items[8:]
+    c = sources.make_shards(changed, 5)
+    assert c[0].digest == a[0].digest and c[1].digest != a[1].digest
+    with pytest.raises(ValueError):
+        sources.make_shards(items, 0)
+
+
+def test_image_id_is_stable_safe_and_relative_to_root():
+    a = sources.image_id("/data/x/img 1.jpg", "/data")
+    assert a == sources.image_id("s3://other/x/img 1.jpg", "s3://other")   # same relative path, same id
+    assert a.startswith("img_1-") and "/" not in a and " " not in a
+    assert sources.image_id("/data/x/img 1.png", "/data") != a           # extension is part of the identity
+    assert sources.image_id("/data/y/img 1.jpg", "/data") != a
