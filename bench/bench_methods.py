@@ -73,8 +73,10 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def build(model: str, checkpoint: str, method: str, device: str, precision: str) -> rfclip.Segmenter:
-    return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=VOC_LIKE, device=device,
+def build(model: str, checkpoint: str, method: str, device: str, precision: str,
+          vocabulary=None) -> rfclip.Segmenter:
+    return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=vocabulary or VOC_LIKE,
+                            device=device,
                             precision=precision, short_side=336, slide_crop=224, slide_stride=112,
                             batch_size=args_batch)
 
@@ -103,7 +105,7 @@ def peak_memory_subprocess(model, checkpoint, method, device, precision, crops) 
 import resource, sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import bench_methods as b
-seg = b.build({model!r}, {checkpoint!r}, {method!r}, {device!r}, {precision!r})
+seg = b.build({model!r}, {checkpoint!r}, {method!r}, {device!r}, {precision!r}, ["object"])
 x = b.to_batch(b.planted_images({crops}, 224, 224, seg.vit.patch), seg.device, seg.dtype)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 seg.encode_dense(x)

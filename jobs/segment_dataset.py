@@ -5,7 +5,7 @@
 
 In-process use (``jobs/evaluate.py``): ``run(JobConfig(...)) -> summary dict``. For evaluation,
 pass ``items`` (``[{"image_uri", "label_uri"}]``) and ``labels`` (:class:`LabelSpec`); every shard
-then also stores its ``K x K`` confusion matrix (see ``pipeline.sinks.load_confusion_total``).
+then also stores its ``K x K`` confusion matrix (summed by ``pipeline.metrics.load_shard_confusions``).
 """
 from __future__ import annotations
 
@@ -457,7 +457,8 @@ def _storage_options_arg(text: Optional[str]) -> Optional[dict]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io_ = p.add_argument_group("inputs and outputs")
-    io_.add_argument("--input", required=True, help="folder/prefix (local, s3://, any fsspec URL) or a .txt/.parquet manifest")
+    io_.add_argument("--input", help="folder/prefix (local, s3://, any fsspec URL) or a .txt/.parquet manifest "
+                     "(not needed with --data-root)")
     io_.add_argument("--output", required=True, help="output folder/prefix (local or object storage)")
     io_.add_argument("--storage-options",
                      help="fsspec options as JSON or @file.json (default: $RFCLIP_STORAGE_OPTIONS, else the standard "
@@ -466,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--overwrite", action="store_true", help="delete previous outputs and start over")
     io_.add_argument("--shard-size", type=int, default=1000)
     io_.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    e = p.add_argument_group("evaluation (optional): labelled data -> metrics.json, metrics.md, report.md")
+    e.add_argument("--data-root", help="with --benchmark: the MMSegmentation-style data/ folder (local or fsspec)")
+    e.add_argument("--labels", help="folder of label PNGs named by the images' stems (class index = vocabulary order)")
+    e.add_argument("--ignore-index", type=int, default=255, help="label value ignored with --labels (default 255)")
+    e.add_argument("--limit", type=int, help="use only the first N images (sorted / split-file order)")
     v = p.add_argument_group("vocabulary (exactly one)")
     v.add_argument("--vocabulary", help='"sky, cloud; road; car": ";" between classes, ", " between synonyms')
     v.add_argument("--vocabulary-file", help="cls_*.txt format, local or fsspec URL")
@@ -519,17 +525,73 @@ def setup_logging() -> None:
     root.setLevel(logging.INFO)
 
 
+def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
+    """Resolve ``--data-root`` / ``--labels`` / ``--limit`` into ``cfg.items`` (and ``cfg.labels``).
+
+    Returns the ``pipeline.datasets.LabelledSource`` for an evaluation, else None.
+    """
+    from pipeline.datasets import open_labelled_source
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    so = cfg.storage_options
+    if args.data_root:
+        if not cfg.benchmark:
+            raise ValueError("--data-root needs --benchmark NAME (the layout and classes to read)")
+        if cfg.input:
+            raise ValueError("give --input or --data-root, not both")
+        src = open_labelled_source(cfg.benchmark, data_root=args.data_root, storage_options=so, limit=args.limit)
+    elif args.labels:
+        if not cfg.input:
+            raise ValueError("--labels needs --input (the images to pair with the labels)")
+        import rfclip
+        vocab, extra = _vocabulary(cfg)
+        if vocab is None:
+            vocab = rfclip.benchmarks.BENCHMARKS[extra["benchmark"]].vocabulary
+        image_uris = [it["image_uri"] for it in sources.resolve_inputs(cfg.input, so).items]
+        src = open_labelled_source(labels=args.labels, image_uris=image_uris, class_names=[c[0] for c in vocab],
+                                   ignore_index=args.ignore_index, storage_options=so, limit=args.limit)
+    else:
+        if args.limit is not None:
+            if not cfg.input:
+                raise ValueError("--input is required")
+            cfg.items = sources.resolve_inputs(cfg.input, so).items[:args.limit]
+        return None
+    cfg.items, cfg.labels = labelled_job_inputs(src)
+    return src
+
+
+def finish(cfg: JobConfig, src) -> dict:
+    """After a run: metrics + report for an evaluation, the pseudo-label report otherwise."""
+    from pipeline.evaluation import finish_evaluation, finish_pseudo_labels
+
+    so = cfg.storage_options
+    if src is not None:
+        return finish_evaluation(cfg.output, src, so, extra={"method": cfg.method, "model": cfg.model,
+                                                             "weights": cfg.weights})
+    run_doc = sinks.read_json(cfg.output, so, sinks.RUN_JSON) or {}
+    report = finish_pseudo_labels(cfg.output, run_doc.get("runtime", {}).get("class_names", []), so)
+    return {"report": storage.scrub(report)}
+
+
 def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the process exit status (2 for a clear user-facing error)."""
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         cfg = config_from_args(args)
+        src = attach_inputs(cfg, args)
         summary = run(cfg)
+        result = finish(cfg, src)
     except (FileNotFoundError, ValueError, PermissionError, ConfigMismatch) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if src is not None:
+        print(f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f} over "
+              f"{result['images']} images -> {storage.scrub(cfg.output)}/metrics.md, report.md")
+    else:
+        print(f"report: {result['report']}")
     return 0
 
 

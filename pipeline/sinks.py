@@ -13,7 +13,6 @@ key-value metadata, so predictions and metrics are committed by one atomic write
 """
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from typing import Optional, Sequence
@@ -21,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from rfclip.visualize import decode_label_png, label_png  # noqa: F401  (decode re-exported)
 
 from .storage import atomic_write_bytes, get_fs, redact
 
@@ -52,52 +51,13 @@ def shard_path(name: str) -> str:
 
 
 def encode_label_png(labels: np.ndarray, num_classes: int) -> bytes:
-    """``(H, W)`` integer label map -> PNG bytes: 8-bit gray if ``num_classes <= 256`` else 16-bit."""
-    if num_classes <= 256:
-        im = Image.fromarray(labels.astype(np.uint8))  # mode L
-    else:
-        im = Image.fromarray(labels.astype(np.uint16))  # mode I;16
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_label_png(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_label_png` (and of :func:`palette_png`): ``(H, W) int64``."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im).astype(np.int64)
-
-
-def _palette(n: int = 256) -> list[int]:
-    """The PASCAL VOC colour map (bit-interleaved class index), 256 RGB triples flattened."""
-    pal = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
-_PALETTE = _palette()
+    """``(H, W)`` label map -> PNG bytes for ``mask_png``: 8-bit gray, 16-bit beyond 256 classes."""
+    return label_png(labels, num_classes, colours=False)
 
 
 def palette_png(labels: np.ndarray, num_classes: int) -> bytes:
-    """A viewable mask: P-mode PNG with the VOC colour map (pixel value = class index).
-
-    More than 256 classes can't fit a palette; those masks are 16-bit gray PNGs instead.
-    """
-    if num_classes > 256:
-        return encode_label_png(labels, num_classes)
-    im = Image.fromarray(labels.astype(np.uint8)).convert("P")  # L -> P keeps the index values
-    im.putpalette(_PALETTE)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """A viewable mask for ``masks/``: VOC-palette PNG (16-bit gray beyond 256 classes)."""
+    return label_png(labels, num_classes, colours=True)
 
 
 def rows_to_table(rows: Sequence[dict], shard_meta: dict, confusion: Optional[dict] = None) -> pa.Table:
@@ -143,25 +103,6 @@ def read_shard_metadata(output_uri: str, storage_options: Optional[dict], name: 
         meta = pq.read_schema(f).metadata or {}
     conf = json.loads(meta[META_CONFUSION]) if META_CONFUSION in meta else None
     return json.loads(meta[META_SHARD]), conf
-
-
-def load_confusion_total(output_uri: str, storage_options: Optional[dict] = None) -> np.ndarray:
-    """Sum of the confusion matrices of all committed shards: ``(K, K) int64`` (rows: ground truth).
-
-    Raises ``ValueError`` if a shard has none (the run had no labels) or the sizes differ.
-    """
-    total = None
-    for name in sorted(committed_shard_names(output_uri, storage_options)):
-        _, conf = read_shard_metadata(output_uri, storage_options, name)
-        if conf is None:
-            raise ValueError(f"shard {name} of {output_uri!r} has no confusion matrix (run without labels?)")
-        m = np.asarray(conf["matrix"], dtype=np.int64)
-        if total is not None and total.shape != m.shape:
-            raise ValueError(f"shard {name}: confusion matrix {m.shape} != {total.shape}")
-        total = m if total is None else total + m
-    if total is None:
-        raise ValueError(f"no committed shards under {output_uri!r}")
-    return total
 
 
 def write_json(output_uri: str, storage_options: Optional[dict], name: str, obj: dict) -> None:

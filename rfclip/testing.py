@@ -152,3 +152,4 @@ def save_torchscript_archive(model: torch.nn.Module, path: str | Path) -> Path:
     path = Path(path)
     torch.jit.script(root).save(str(path))
     return path
+

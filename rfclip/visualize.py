@@ -21,24 +21,30 @@ def palette(n: int) -> np.ndarray:
     return cmap[:n]
 
 
-def label_png(labels: np.ndarray, num_classes: int) -> bytes:
-    """Encode ``(H, W)`` integer labels as PNG: 8-bit palette when ``num_classes <= 256``, else 16-bit gray."""
+def label_png(labels: np.ndarray, num_classes: int, colours: bool = True) -> bytes:
+    """Encode ``(H, W)`` integer labels as PNG; pixel values are class indices.
+
+    ``num_classes <= 256``: 8-bit, with the VOC palette when ``colours`` (mode P, viewable) or plain
+    gray (mode L). More classes: 16-bit gray (a palette cannot hold them).
+    """
     labels = np.asarray(labels)
     top = 255 if num_classes <= 256 else 65535
     if labels.size and (labels.min() < 0 or labels.max() > top):
         raise ValueError(f"labels must lie in [0, {top}] for a PNG of {num_classes} classes")
-    buf = io.BytesIO()
-    if num_classes <= 256:
+    if num_classes > 256:
+        img = Image.fromarray(labels.astype(np.uint16))
+    elif colours:
         img = Image.fromarray(labels.astype(np.uint8), mode="P")
         img.putpalette(palette(256).flatten().tolist())
     else:
-        img = Image.fromarray(labels.astype(np.uint16))
-    img.save(buf, format="PNG", optimize=False)
+        img = Image.fromarray(labels.astype(np.uint8), mode="L")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def decode_label_png(data: bytes) -> np.ndarray:
-    """Inverse of :func:`label_png`: ``(H, W) int64``."""
+    """Inverse of :func:`label_png` (any of its forms): ``(H, W) int64`` class indices."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img).astype(np.int64)
 

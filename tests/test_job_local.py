@@ -7,6 +7,8 @@ import re
 import shutil
 
 import numpy as np
+
+from pipeline.metrics import load_shard_confusions
 import pytest
 from PIL import Image
 
@@ -162,7 +164,7 @@ def test_labelled_inputs_store_a_confusion_matrix_per_shard(ray_local, tiny_mode
     out = tmp_path / "eval"
     s = run(pipeline_job_config(tiny_model, output=str(out), items=items, labels=spec))
     assert s["ok"] == 5
-    total = sinks.load_confusion_total(str(out))
+    total = load_shard_confusions(str(out))["confusion"]
     t = read_predictions(str(out))
     label_of = {i["image_uri"]: i["label_uri"] for i in items}
     want = np.zeros((3, 3), np.int64)

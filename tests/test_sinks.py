@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
+from pipeline.metrics import load_shard_confusions
 import pyarrow.parquet as pq
 import pytest
 
@@ -32,7 +34,7 @@ def test_commit_shard_is_atomic_readable_and_carries_confusion(tmp_path):
     rows = [_row(0), _row(1), _row(2, ok=False)]
     conf = {"num_classes": 2, "ignore_index": 255, "images": 2, "matrix": [[5, 1], [0, 6]]}
     sinks.commit_shard(out, None, "shard-00000", rows, {"name": "shard-00000", "digest": "d"}, conf)
-    sinks.commit_shard(out, None, "shard-00001", rows[:1], {"name": "shard-00001"}, conf)
+    sinks.commit_shard(out, None, "shard-00001", [_row(3)], {"name": "shard-00001"}, conf)
     files = sorted(p.name for p in (tmp_path / "out" / "predictions").iterdir())
     assert files == ["shard-00000.parquet", "shard-00001.parquet"]          # no temp files left behind
     t = pq.read_table(tmp_path / "out" / "predictions" / "shard-00000.parquet")
@@ -42,7 +44,7 @@ def test_commit_shard_is_atomic_readable_and_carries_confusion(tmp_path):
     assert sinks.committed_shard_names(out, None) == {"shard-00000", "shard-00001"}
     meta, c = sinks.read_shard_metadata(out, None, "shard-00000")
     assert meta["digest"] == "d" and c["matrix"] == [[5, 1], [0, 6]]
-    np.testing.assert_array_equal(sinks.load_confusion_total(out), [[10, 2], [0, 12]])
+    np.testing.assert_array_equal(load_shard_confusions(out)["confusion"], [[10, 2], [0, 12]])
 
 
 def test_config_differences_names_the_changed_keys():

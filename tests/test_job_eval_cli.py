@@ -1,0 +1,85 @@
+"""The job's command line as a user runs it for evaluation: --benchmark/--data-root, --labels, --limit."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import pipeline_cli_args, read_predictions
+from shared_data import shared_data_dir
+
+pytestmark = pytest.mark.slow
+
+CAMVID = "sky; building; pole; road; pavement; tree; sign symbol; fence; car; pedestrian; bicyclist"
+
+
+def model_flags(tiny_model):
+    flags = pipeline_cli_args(tiny_model)
+    i = flags.index("--vocabulary")
+    return flags[:i] + flags[i + 2:]                      # each test gives its own vocabulary
+
+
+def test_benchmark_from_data_root_writes_metrics_and_report(ray_local, tiny_model, tmp_path, capsys):
+    from jobs.segment_dataset import main
+
+    data = shared_data_dir()
+    out = tmp_path / "voc"
+    rc = main(["--benchmark", "voc21", "--data-root", str(data / "voc2012-mini"), "--limit", "3",
+               "--output", str(out)] + model_flags(tiny_model))
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and len(metrics["classes"]) == 21
+    assert 0.0 <= metrics["mIoU"] <= 100.0
+    assert (out / "metrics.md").is_file() and (out / "report.md").is_file()
+    assert "mIoU" in capsys.readouterr().out
+    rows = read_predictions(out).to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+
+
+def test_custom_labels_camvid_with_ignore_index(ray_local, tiny_model, tmp_path):
+    from jobs.segment_dataset import main
+
+    data = shared_data_dir() / "camvid-val"
+    images, labels = tmp_path / "val", tmp_path / "valannot"
+    images.mkdir()
+    labels.mkdir()
+    for p in sorted((data / "val").iterdir())[:3]:
+        shutil.copy(p, images / p.name)
+        shutil.copy(data / "valannot" / p.name, labels / p.name)
+    out = tmp_path / "camvid"
+    rc = main(["--input", str(images), "--labels", str(labels), "--ignore-index", "11", "--vocabulary", CAMVID,
+               "--output", str(out)] + model_flags(tiny_model))
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and [c["name"] for c in metrics["classes"]][:2] == ["sky", "building"]
+    # aAcc recomputed from the stored masks and the label files, ignoring value 11
+    correct = total = 0
+    for row in read_predictions(out).to_pylist():
+        with Image.open(__import__("io").BytesIO(row["mask_png"])) as m:
+            pred = np.asarray(m).astype(np.int64)
+        gt = np.asarray(Image.open(labels / (row["image_uri"].rsplit("/", 1)[-1]))).astype(np.int64)
+        keep = gt != 11
+        correct += int((pred[keep] == gt[keep]).sum())
+        total += int(keep.sum())
+    assert metrics["aAcc"] == pytest.approx(100.0 * correct / total, abs=1e-6)
+
+
+def test_pseudo_labels_with_limit_write_a_report(ray_local, tiny_model, tmp_path):
+    from jobs.segment_dataset import main
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray((np.random.default_rng(i).random((50, 70, 3)) * 255).astype(np.uint8)).save(src / f"{i}.png")
+    out = tmp_path / "pl"
+    rc = main(["--input", str(src), "--limit", "2", "--vocabulary", "sky; road", "--output", str(out)]
+              + model_flags(tiny_model))
+    assert rc == 0
+    assert len(read_predictions(out)) == 2
+    report = (out / "report.md").read_text()
+    assert "confidence" in report.lower() and (out / "figures").is_dir()
+    assert main(["--data-root", "x", "--output", str(tmp_path / "bad"), "--vocabulary", "a"]
+                + model_flags(tiny_model)) == 2              # --data-root without --benchmark: clear error
