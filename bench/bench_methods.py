@@ -39,7 +39,7 @@ from rfclip.segmenter import MEAN, STD
 from rfclip.settings import DISTRACTION_DIMS, base_arch
 from rfclip.testing import distractor_pattern, paint_pattern, random_model, save_checkpoint
 
-METHODS = rfclip.available_methods()
+METHODS = rfclip.available_methods() + ["rfclip+subspace"]
 
 
 def planted_images(n: int, h: int, w: int, patch: int, seed: int = 0) -> list[np.ndarray]:
@@ -75,8 +75,12 @@ def timed(fn, device) -> float:
 
 def build(model: str, checkpoint: str, method: str, device: str, precision: str,
           vocabulary=None) -> rfclip.Segmenter:
+    """``method`` may carry one setting variant: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``."""
+    extra = {}
+    if method.endswith("+subspace"):
+        method, extra = method[: -len("+subspace")], {"ncut_solver": "subspace"}
     return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=vocabulary or VOC_LIKE,
-                            device=device,
+                            device=device, **extra,
                             precision=precision, short_side=336, slide_crop=224, slide_stride=112,
                             batch_size=args_batch)
 

@@ -121,7 +121,8 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "eigh"
     return torch.where(empty, ~distractors, receivers)
 
 
-def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor, lam: float) -> Tensor:
+def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor, lam: float,
+                           inplace: bool = False) -> Tensor:
     """Move ``lam`` of each patch query's attention on distractors to the defocused keys (§3c).
 
     For every head and patch query row i, over patch key columns: ``Omega_i = lam * sum_{dis} A[i, j]``;
@@ -129,23 +130,29 @@ def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor,
     and column are untouched and every row sum is preserved. A row whose defocused weights are all
     zero is left as it is (there is nowhere to move the mass in proportion to).
 
+    Each element is scaled once: ``A[i, j] *= 1 - lam*[j in dis] + (Omega_i / S_i)*[j in def]``, with
+    the row sums ``sum_dis A`` and ``S_i = sum_def A`` taken as matrix-vector products.
+
     Args:
         attn: ``(B, H, T, T)`` attention (rows sum to 1).
         distractors, defocused: ``(B, N)`` bool, disjoint.
         lam: fraction moved, in [0, 1].
+        inplace: scale ``attn`` itself (it is returned) instead of a copy.
     Returns:
         ``(B, H, T, T)`` same dtype.
     """
-    dis = distractors[:, None, None, :].to(attn.dtype)
-    dfc = defocused[:, None, None, :].to(attn.dtype)
-    p = attn[:, :, 1:, 1:]
-    budget = lam * (p * dis).sum(-1, keepdim=True)
-    denom = (p * dfc).sum(-1, keepdim=True)
-    movable = (denom > 0).to(attn.dtype)
-    gain = budget * movable / torch.where(denom > 0, denom, torch.ones_like(denom))
-    new_p = p * (1 - lam * dis * movable) + gain * p * dfc
-    out = attn.clone()
-    out[:, :, 1:, 1:] = new_p
+    out = attn if inplace else attn.clone()
+    p = out[:, :, 1:, 1:]
+    dis = distractors[:, None, :, None].to(attn.dtype)                  # (B, 1, N, 1) column selectors
+    dfc = defocused[:, None, :, None].to(attn.dtype)
+    on_dis = p @ dis                                                    # (B, H, N, 1) row sums over dis
+    on_dfc = p @ dfc
+    movable = on_dfc > 0
+    gain = torch.where(movable, lam * on_dis / torch.where(movable, on_dfc, torch.ones_like(on_dfc)),
+                       torch.zeros_like(on_dfc))
+    cut = lam * movable.to(attn.dtype)                                  # (B, H, N, 1)
+    factor = 1 - cut * dis.transpose(-1, -2) + gain * dfc.transpose(-1, -2)   # (B, H, N, N) by broadcast
+    p.mul_(factor)
     return out
 
 

@@ -95,10 +95,10 @@ class DenseViT:
 
     def softmax_attention(self, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """``softmax(a b^T / sqrt(dh) + bias)`` over keys, computed in float32: ``(B, H, T, T)``."""
-        logits = torch.matmul(a, b.transpose(-1, -2)).float() * self.scale
+        logits = torch.matmul(a * self.scale, b.transpose(-1, -2))   # scale folded into the (T, dh) side
         if bias is not None:
             logits = logits + bias
-        return logits.softmax(dim=-1)
+        return logits.softmax(dim=-1, dtype=torch.float32)
 
     def project(self, block: nn.Module, heads_out: Tensor) -> Tensor:
         """Merge heads ``(B, H, T', dh)`` and apply ``out_proj``: ``(B, T', D)`` (no residual, no ls_1)."""

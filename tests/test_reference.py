@@ -275,3 +275,21 @@ def test_subspace_solver_agrees_with_eigh_on_structured_graphs():
     exact = refocus.defocused_tokens(w, dis, "eigh")
     fast = refocus.defocused_tokens(w, dis, "subspace", iters=30)
     assert torch.equal(exact, fast)
+
+
+def test_crops_and_layers_without_distractors_skip_the_cut(planted_files, monkeypatch):
+    from rfclip import refocus
+
+    calls = []
+    original = refocus.defocused_tokens
+    monkeypatch.setattr(refocus, "defocused_tokens", lambda w, d, *a: calls.append(w.shape[0]) or original(w, d, *a))
+    seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"],
+                           device="cpu", distraction_dims=PLANTED_DIMS, tau=0.07)
+    painted, plain_crop = crops(n=1)[0], crops(n=1)[0].clone()
+    plain_img = torch.from_numpy(planted_image(224, 160, cells=())).permute(2, 0, 1).float() / 255
+    plain_crop = (plain_img - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    seg.encode_dense(torch.stack([painted.float(), plain_crop]))
+    assert calls and all(n == 1 for n in calls)          # only the painted crop goes through the cut
+    calls.clear()
+    seg.encode_dense(plain_crop[None])
+    assert calls == []                                    # no distractors anywhere: no cut at all

@@ -54,7 +54,8 @@ class RFCLIP(DenseMethod):
             recv = refocus.received_attention(attn) if min_recv is not None else None
             dis = self._distractors(tokens, dims, tau, recv, min_recv)
             if s.distractor_attention and bool(dis.any()):
-                attn = refocus.redistribute_attention(attn, dis, self._receivers(kk_sum, l, dis, n), s.lam)
+                attn = refocus.redistribute_attention(attn, dis, self._receivers(kk_sum, l, dis, n), s.lam,
+                                                      inplace=True)
             tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
             if s.embedding_redistribution:
                 dis_out = self._distractors(tokens, dims, tau, recv, min_recv)
