@@ -33,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:  # `python jobs/segment_dataset.py` from a ch
 
 from pipeline import sinks, sources, storage  # noqa: E402
 from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
+from rfclip.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("segment_dataset")
 
@@ -516,12 +517,20 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         progress=not args.no_progress)
 
 
+_LOG_HANDLER: Optional[logging.Handler] = None
+
+
 def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(storage.ScrubFilter())
+    """INFO logs to the current stderr, secrets scrubbed. Idempotent: a repeated call (jobs/evaluate.py,
+    tests) replaces the handler instead of stacking one bound to an old stream."""
+    global _LOG_HANDLER
     root = logging.getLogger()
-    root.addHandler(handler)
+    if _LOG_HANDLER is not None:
+        root.removeHandler(_LOG_HANDLER)
+    _LOG_HANDLER = logging.StreamHandler(sys.stderr)
+    _LOG_HANDLER.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _LOG_HANDLER.addFilter(storage.ScrubFilter())
+    root.addHandler(_LOG_HANDLER)
     root.setLevel(logging.INFO)
 
 
@@ -583,7 +592,7 @@ def main(argv: Optional[list] = None) -> int:
         src = attach_inputs(cfg, args)
         summary = run(cfg)
         result = finish(cfg, src)
-    except (FileNotFoundError, ValueError, PermissionError, ConfigMismatch) as exc:
+    except (FileNotFoundError, ValueError, PermissionError, ConfigMismatch, WeightsError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

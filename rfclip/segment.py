@@ -19,6 +19,7 @@ from .cli_args import add_model_arguments, parse_settings
 from .images import to_rgb_array
 from .segmenter import Segmenter
 from .visualize import label_png, overlay
+from .weights import WeightsError
 from .vocabulary import load_vocabulary, parse_vocabulary
 
 
@@ -36,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary
                   else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
-    seg = Segmenter(model=args.model, weights=args.weights, method=args.method, vocabulary=vocabulary,
-                    device=args.device, weights_sha256=args.weights_sha256, benchmark=args.benchmark,
-                    **parse_settings(args.setting, args.precision))
+    try:
+        seg = Segmenter(model=args.model, weights=args.weights, method=args.method, vocabulary=vocabulary,
+                        device=args.device, weights_sha256=args.weights_sha256, benchmark=args.benchmark,
+                        **parse_settings(args.setting, args.precision))
+    except (WeightsError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0

@@ -49,3 +49,18 @@ def test_find_distraction_dims_recovers_planted_channels(tmp_path):
     assert out["images"] == 4
     assert sorted(row["dim"] for row in out["top"]) == list(range(8))
     assert set(out["distraction_dims"]) <= set(range(8)) and len(out["distraction_dims"]) >= 4
+
+
+def test_offline_default_weights_fail_fast_with_a_message(tmp_path):
+    import time
+
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.fromarray(planted_image(64, 64)).save(img)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "rfclip.segment", str(img), "--vocabulary", "sky; road",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "weights=PATH" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 60

@@ -35,7 +35,7 @@ def test_benchmark_from_data_root_writes_metrics_and_report(ray_local, tiny_mode
     assert 0.0 <= metrics["mIoU"] <= 100.0
     assert (out / "metrics.md").is_file() and (out / "report.md").is_file()
     assert "mIoU" in capsys.readouterr().out
-    rows = read_predictions(out).to_pylist()
+    rows = read_predictions(str(out)).to_pylist()
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
 
 
@@ -57,7 +57,7 @@ def test_custom_labels_camvid_with_ignore_index(ray_local, tiny_model, tmp_path)
     assert metrics["images"] == 3 and [c["name"] for c in metrics["classes"]][:2] == ["sky", "building"]
     # aAcc recomputed from the stored masks and the label files, ignoring value 11
     correct = total = 0
-    for row in read_predictions(out).to_pylist():
+    for row in read_predictions(str(out)).to_pylist():
         with Image.open(__import__("io").BytesIO(row["mask_png"])) as m:
             pred = np.asarray(m).astype(np.int64)
         gt = np.asarray(Image.open(labels / (row["image_uri"].rsplit("/", 1)[-1]))).astype(np.int64)
@@ -78,8 +78,21 @@ def test_pseudo_labels_with_limit_write_a_report(ray_local, tiny_model, tmp_path
     rc = main(["--input", str(src), "--limit", "2", "--vocabulary", "sky; road", "--output", str(out)]
               + model_flags(tiny_model))
     assert rc == 0
-    assert len(read_predictions(out)) == 2
+    assert len(read_predictions(str(out))) == 2
     report = (out / "report.md").read_text()
     assert "confidence" in report.lower() and (out / "figures").is_dir()
     assert main(["--data-root", "x", "--output", str(tmp_path / "bad"), "--vocabulary", "a"]
                 + model_flags(tiny_model)) == 2              # --data-root without --benchmark: clear error
+
+
+def test_job_with_unreachable_default_weights_fails_fast(tmp_path, monkeypatch, capsys):
+    from jobs.segment_dataset import main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")           # deterministic with or without a network
+    src = tmp_path / "imgs"
+    src.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(src / "a.png")
+    rc = main(["--input", str(src), "--output", str(tmp_path / "out"), "--vocabulary", "sky; road", "--no-progress"])
+    assert rc == 2
+    assert "weights=PATH" in capsys.readouterr().err

@@ -159,7 +159,7 @@ def test_text_embeddings_are_cached(tiny_files):
     seg.clip.encode_text = lambda t: calls.append(len(t)) or original(t)
     seg.set_vocabulary(VOCAB)
     assert calls == []
-    seg.set_vocabulary(VOCAB + [["bus"]])
+    seg.set_vocabulary(VOCAB + [["a name no other test uses 7f3a"]])
     assert calls == [80]                       # one new name, 80 templates
 
 
@@ -168,11 +168,12 @@ def test_pamr_runs_and_keeps_shapes(tiny_files):
     assert seg.predict(planted_image(100, 150)).shape == (100, 150)
 
 
-def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files, precision):
     fp32 = make_segmenter(planted_files, "rfclip", short_side=224)
-    bf16 = make_segmenter(planted_files, "rfclip", short_side=224, precision="bf16")
-    x = torch.randn(2, 3, 224, 224)
+    low = make_segmenter(planted_files, "rfclip", short_side=224, precision=precision)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     a = torch.nn.functional.normalize(fp32.encode_dense(x).float(), dim=-1)
-    b = torch.nn.functional.normalize(bf16.encode_dense(x).float(), dim=-1)
+    b = torch.nn.functional.normalize(low.encode_dense(x).float(), dim=-1)
     cos = (a * b).sum(-1)
-    assert cos.mean() > 0.99           # bf16 keeps 8 mantissa bits: stated tolerance, mean cosine > 0.99
+    assert cos.mean() > 0.99           # stated tolerance for 16-bit image towers: mean cosine > 0.99

@@ -1,0 +1,47 @@
+"""CUDA paths: the same methods on the GPU in fp32, fp16 and bf16. Skipped (with the reason) without CUDA.
+
+Run them on a GPU machine with ``python -m pytest -q tests/test_cuda.py``.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rfclip
+
+from _tiny import PLANTED_DIMS, planted_files, planted_image  # noqa: F401
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def segmenter(files, method, device, **kw):
+    if method.startswith("rfclip"):
+        kw.setdefault("distraction_dims", PLANTED_DIMS)
+    return rfclip.Segmenter(model=files[0], weights=files[1], method=method, vocabulary=["sky", "road", "car"],
+                            device=device, short_side=224, **kw)
+
+
+@pytest.mark.parametrize("method", rfclip.available_methods())
+def test_cuda_fp32_matches_cpu(planted_files, method):
+    x = torch.randn(3, 3, 224, 160, generator=torch.Generator().manual_seed(0))
+    cpu = segmenter(planted_files, method, "cpu").encode_dense(x)
+    gpu = segmenter(planted_files, method, "cuda", ncut_solver="eigh").encode_dense(x).cpu()
+    # TF32 may be on for matmuls on the GPU: compare directions, not digits.
+    cos = (F.normalize(cpu.float(), dim=-1) * F.normalize(gpu.float(), dim=-1)).sum(-1)
+    assert cos.min() > 0.999
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["clip", "clearclip", "rfclip", "rfclip-release"])
+def test_cuda_reduced_precision_is_close_to_fp32(planted_files, method, precision):
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    ref = segmenter(planted_files, method, "cuda").encode_dense(x).float()
+    low = segmenter(planted_files, method, "cuda", precision=precision).encode_dense(x).float()
+    cos = (F.normalize(ref, dim=-1) * F.normalize(low, dim=-1)).sum(-1)
+    assert cos.mean() > 0.99                      # stated tolerance for 16-bit image towers
+
+
+def test_cuda_predict_batch_end_to_end(planted_files):
+    seg = segmenter(planted_files, "rfclip", "cuda", precision="bf16")
+    preds = seg.segment_batch([planted_image(250, 330), planted_image(90, 70, seed=2)])
+    assert preds[0].labels.shape == (250, 330) and preds[1].labels.shape == (90, 70)
+    assert preds[0].labels.max() < 3
