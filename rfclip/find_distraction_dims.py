@@ -52,8 +52,10 @@ def mean_embedding_weights(vit: DenseViT, images: list[np.ndarray], batch_size: 
     total = torch.zeros(vit.width, dtype=torch.float64)
     count = 0
     for i in range(0, len(images), batch_size):
-        x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in images[i:i + batch_size]])
-        x = ((F.interpolate(x, size=side, mode="bilinear", align_corners=False, antialias=True) - mean) / std)
+        x = torch.cat([F.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255.0, size=side,
+                                     mode="bilinear", align_corners=False, antialias=True)
+                       for im in images[i:i + batch_size]])                       # images differ in size
+        x = (x - mean) / std
         tokens, _ = vit.embed(x.to(device, dtype))
         z_sum = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, vit.width, device=device)
         for block in vit.blocks:

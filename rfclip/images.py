@@ -84,12 +84,12 @@ def resized_shape(height: int, width: int, short_side: int, max_long_side: int =
 def resize_short_side(rgb: np.ndarray, short_side: int, max_long_side: int = 2048) -> np.ndarray:
     """Bilinear resize of an ``(H, W, 3) uint8`` array (METHODS.md §1 "Input size").
 
-    Returns ``(h, w, 3) uint8``. Antialiased when shrinking, as a user would expect of a resize.
+    Returns ``(h, w, 3) uint8``. Plain bilinear (no antialiasing), as MMSegmentation's ``Resize``
+    (cv2 ``INTER_LINEAR``) does in the pipelines behind the published numbers.
     """
     h, w = resized_shape(rgb.shape[0], rgb.shape[1], short_side, max_long_side)
     if (h, w) == rgb.shape[:2]:
         return rgb
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    shrink = h < rgb.shape[0] or w < rgb.shape[1]
-    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

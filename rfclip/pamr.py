@@ -1,7 +1,8 @@
 """PAMR: pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), as a post-processing step.
 
 Affinities between each pixel and its 8 neighbours at each dilation come from colour differences
-scaled by the local colour spread: ``k(p, n) = -mean_c |I_p - I_n| / (0.1 * std_n(I)_p)``, softmax over
+scaled by the local colour spread: ``k(p, n) = -mean_c |I_p - I_n| / (0.1 * std(I)_p)`` (the std over the
+neighbours and the pixel itself), softmax over
 all neighbours; the masks are then averaged ``iters`` times with those weights.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def pamr(image: Tensor, masks: Tensor, iters: int = 10, dilations: tuple[int, ..
     """Refine ``masks`` ``(Q, H, W)`` with affinities from ``image`` ``(3, H, W)``; returns ``(Q, H, W)``."""
     img = image.float()
     nb = _neighbours(img, dilations)                                  # (3, K, H, W)
-    spread = nb.std(dim=1, keepdim=True) + 1e-8
+    spread = torch.cat([nb, img[:, None]], dim=1).std(dim=1, keepdim=True) + 1e-8   # centre included
     aff = -(nb - img[:, None]).abs() / (0.1 * spread)
     weights = aff.mean(dim=0).softmax(dim=0)                         # (K, H, W)
     out = masks.float()

@@ -151,13 +151,22 @@ class Segmenter:
         return ((t - self._mean) / self._std).to(self.dtype)
 
     def _global_embeddings(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Unit CLS embeddings ``(n, E)`` float32 of whole images, resized to the model's input size."""
-        side = self.settings.global_input_size or self.vit.input_size[0]
-        x = torch.stack([F.interpolate(t[None].float(), size=(side, side), mode="bilinear",
-                                       align_corners=False, antialias=True)[0] for t in images]).to(self.dtype)
-        embs = [self.vit.image_embedding(x[i:i + self.settings.batch_size])
-                for i in range(0, len(x), self.settings.batch_size)]
-        return F.normalize(torch.cat(embs).float(), dim=-1)
+        """Unit CLS embeddings ``(n, E)`` float32 of whole images, from the method's own forward pass.
+
+        Each image ``(3, h, w)`` runs once, whole, padded to a multiple of the patch (or resized to a
+        square ``global_input_size`` when that is set).
+        """
+        p, side = self.vit.patch, self.settings.global_input_size
+        out = []
+        for t in images:
+            if side:
+                x = F.interpolate(t[None].float(), size=(side, side), mode="bilinear", align_corners=False)
+                x = x.to(self.dtype)
+            else:
+                h, w = t.shape[1:]
+                x = F.pad(t[None], (0, math.ceil(w / p) * p - w, 0, math.ceil(h / p) * p - h))
+            out.append(self.method.encode(x).cls)
+        return F.normalize(torch.cat(out).float(), dim=-1)
 
     @torch.inference_mode()
     def _image_logits(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -168,7 +177,9 @@ class Segmenter:
         offsets = np.cumsum([0] + [h * w for h, w in sizes])
         acc = torch.zeros(q, int(offsets[-1]), device=self.device)
         cnt = torch.zeros(int(offsets[-1]), device=self.device)
-        use_global = self.method.needs_global_embedding and not s.global_from_crop and (
+        # One window per image (slide_crop 0) means the crop is the whole image: its CLS is the global one.
+        from_crop = s.global_from_crop or s.slide_crop <= 0
+        use_global = self.method.needs_global_embedding and not from_crop and (
             s.global_semantics_weight > 0 or s.mean_vector_weight > 0)
         global_embs = self._global_embeddings(images) if use_global else None
 
@@ -196,7 +207,7 @@ class Segmenter:
                 feats = F.normalize(out.features.float(), dim=-1)
                 g = None
                 if self.method.needs_global_embedding:
-                    g = F.normalize(out.cls.float(), dim=-1) if s.global_from_crop else (
+                    g = F.normalize(out.cls.float(), dim=-1) if from_crop else (
                         global_embs[owner_t[sl]] if global_embs is not None else None)
                 logits = self.method.crop_logits(feats, self.text, g)                       # (b, Q, gh, gw)
                 logits = F.interpolate(logits, size=(ph, pw), mode="bilinear", align_corners=False)
@@ -210,11 +221,15 @@ class Segmenter:
     def _labels(self, logits: torch.Tensor, size: tuple[int, int], image: torch.Tensor) -> Prediction:
         """Logits ``(Q, h, w)`` to a :class:`Prediction` at ``size`` (§1 steps 3-6)."""
         s = self.settings
-        if s.pamr:
-            # [decision] PAMR runs at the working resolution, before the resize to the original size.
-            logits = pamr(image.float(), logits)
         if tuple(logits.shape[1:]) != tuple(size):
             logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        if s.pamr:
+            # PAMR on the logits at the original size; the colour guide is the working image resized
+            # back to that size (the original pixels are not kept when a CPU task resized them).
+            guide = image.float()
+            if tuple(guide.shape[1:]) != tuple(size):
+                guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
+            logits = pamr(guide, logits)
         probs = (s.logit_scale * logits).softmax(dim=0)
         cls = torch.zeros(self.num_classes, *size, device=probs.device)
         cls.scatter_reduce_(0, self._owner[:, None, None].expand_as(probs), probs, reduce="amax", include_self=False)

@@ -35,7 +35,9 @@ class Settings:
         short_side: the image is resized so its short side is this (0 keeps the size).
         max_long_side: cap on the resized long side.
         slide_crop, slide_stride: sliding-window size and stride in pixels; ``slide_crop = 0`` runs
-            the whole image in one pass.
+            the whole image in one pass. [decision] Every method pads a crop (or whole image) on the
+            bottom/right to a multiple of the patch size and cuts the padding off the logits again, as
+            ClearCLIP does (METHODS.md §2), instead of dropping the remainder pixels.
         pamr: refine logits with PAMR (10 iterations, dilations 8 and 16).
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` for the image tower.
         batch_size: crops per forward pass (crops of several images share a batch).
@@ -43,7 +45,8 @@ class Settings:
         tau: distractor threshold on phi; None means ``5 / width``.
         distraction_dims: channels; None means the known set for the architecture (ViT-B/16, ViT-L/14).
         min_received_attention: extra distractor condition (mean attention received); None means the
-            architecture's default (0.1 for ViT-L/14, off otherwise); 0 disables it.
+            architecture's default (0.1 for ViT-L/14, off otherwise); 0 disables it. [decision] Step (d)
+            reuses the attention received in the same block (before redistribution) for this condition.
         lam: fraction of distractor attention moved to defocused tokens.
         distractor_attention, defocus_ncut, embedding_redistribution: switches for §3c, §3b, §3d.
             With ``defocus_ncut`` off, every non-distractor patch receives.
@@ -55,8 +58,8 @@ class Settings:
         global_semantics_weight, mean_vector_weight, h_threshold: the CASS text-side extras (0 disables
             the first two).
         global_from_crop: take the global (CLS) similarity from each crop instead of the whole image.
-        global_input_size: side the whole image is resized to for its CLS embedding; None means the
-            model's input size.
+        global_input_size: side of the square the whole image is resized to for its CLS embedding;
+            None runs the whole image at its working size (padded to the patch), as the released code.
     """
 
     logit_scale: float = 40.0
@@ -127,8 +130,9 @@ def make_settings(method: str, *layers: dict) -> Settings:
 def _validate(s: Settings) -> None:
     if s.precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {s.precision!r}")
-    if s.slide_crop < 0 or (s.slide_crop > 0 and not 0 < s.slide_stride):
-        raise ValueError("slide_crop must be >= 0, and slide_stride > 0 when sliding")
+    if s.slide_crop < 0 or (s.slide_crop > 0 and not 0 < s.slide_stride <= s.slide_crop):
+        raise ValueError("slide_crop must be >= 0, and 0 < slide_stride <= slide_crop when sliding "
+                         "(a larger stride would leave pixels no window covers)")
     if not 0.0 <= s.lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {s.lam}")
     if s.ncut_solver not in ("eigh", "subspace"):

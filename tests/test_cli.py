@@ -40,8 +40,8 @@ def test_find_distraction_dims_recovers_planted_channels(tmp_path):
     cfg, weights = make_tiny_model_files(tmp_path / "m", plant=True, seed=3, layers=4)
     rng = np.random.default_rng(0)
     (tmp_path / "imgs").mkdir()
-    for i in range(4):
-        Image.fromarray((rng.random((200, 260, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    for i, shape in enumerate([(200, 260), (224, 224), (150, 330), (300, 200)]):   # sizes differ, as real folders
+        Image.fromarray((rng.random((*shape, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
     r = run("rfclip.find_distraction_dims", "--model", cfg, "--weights", weights, "--images", str(tmp_path / "imgs"),
             "--top", "8", "--z-threshold", "1.5", "--json")
     assert r.returncode == 0, r.stderr

@@ -4,7 +4,9 @@ Image side: every block plain; after each block the distractors are mean-filtere
 (``refocus.release_mean_filter``); ``z_bar`` is the mean of the L block outputs; feature enhancing by
 thresholded cosine similarity; two branches through a kk-averaged last block, averaged.
 Text side (from CASS): per crop and per cluster of similar queries, the query that best matches the
-whole image moves toward its two best-matching patches, and the whole image's similarity is added.
+whole image moves toward (the unit mean of) its two best-matching patches, and the patch logits are
+blended with the whole image's similarity: ``(1 - w) * patch + w * global``. The whole image's
+embedding is the CLS of this method's own (filtered) forward pass on the whole image.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class RFCLIPRelease(DenseMethod):
             q, k, v = vit.qkv(block, tokens)
             if l < vit.num_layers - 1:
                 kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-                kk_sum = kk if kk_sum is None else kk_sum + kk
+                kk_sum = kk.clone() if kk_sum is None else kk_sum.add_(kk)
             tokens = vit.plain_block(block, tokens, (q, k, v))
             mask = refocus.distraction_scores(tokens[:, 1:], dims) > tau
             patches = refocus.release_mean_filter(tokens[:, 1:], grid, mask, s.release_keep)
@@ -101,8 +103,9 @@ class RFCLIPRelease(DenseMethod):
             top2 = logits.reshape(b, q, h * w).topk(min(2, h * w), dim=-1).indices      # (B, Q, 2)
             picked_feats = torch.gather(flat[:, None].expand(b, q, h * w, flat.shape[-1]), 2,
                                         top2[..., None].expand(*top2.shape, flat.shape[-1]))
+            target = F.normalize(picked_feats.mean(dim=2), dim=-1)                          # (B, Q, E)
             moved = F.normalize((1 - s.mean_vector_weight) * text.float()[None]
-                                + s.mean_vector_weight * picked_feats.mean(dim=2), dim=-1)   # (B, Q, E)
+                                + s.mean_vector_weight * target, dim=-1)
             adjusted = torch.einsum("bne,bqe->bqn", flat, moved).reshape(b, q, h, w)
             ids = self._cluster_ids(text)
             member = F.one_hot(ids).T.bool()                              # (C, Q)
@@ -110,5 +113,5 @@ class RFCLIPRelease(DenseMethod):
             picked = torch.zeros(b, q, dtype=torch.bool, device=logits.device)
             picked.scatter_(1, scores.argmax(dim=-1), True)
             logits = torch.where(picked[:, :, None, None], adjusted.to(logits.dtype), logits)
-        # [decision] the global similarity is added, weighted, to every pixel's logits.
-        return logits + s.global_semantics_weight * gsim[:, :, None, None].to(logits.dtype)
+        w = s.global_semantics_weight
+        return (1 - w) * logits + w * gsim[:, :, None, None].to(logits.dtype)

@@ -49,14 +49,20 @@ class RFCLIP(DenseMethod):
         for l, block in enumerate(vit.blocks[:-1], start=1):
             q, k, v = vit.qkv(block, tokens)
             kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-            kk_sum = kk if kk_sum is None else kk_sum + kk
-            attn = vit.softmax_attention(q, k)
+            kk_sum = kk.clone() if kk_sum is None else kk_sum.add_(kk)
+            # The attention matrix is materialised only when it is needed: for the received-attention
+            # condition (ViT-L/14) or to move mass; otherwise the fused kernel runs (plain block).
+            attn = vit.softmax_attention(q, k) if min_recv is not None else None
             recv = refocus.received_attention(attn) if min_recv is not None else None
             dis = self._distractors(tokens, dims, tau, recv, min_recv)
             if s.distractor_attention and bool(dis.any()):
+                attn = vit.softmax_attention(q, k) if attn is None else attn
                 attn = refocus.redistribute_attention(attn, dis, self._receivers(kk_sum, l, dis, n), s.lam,
                                                       inplace=True)
-            tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
+            if attn is None:
+                tokens = vit.plain_block(block, tokens, (q, k, v))
+            else:
+                tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
             if s.embedding_redistribution:
                 dis_out = self._distractors(tokens, dims, tau, recv, min_recv)
                 if bool(dis_out.any()):
@@ -65,8 +71,7 @@ class RFCLIP(DenseMethod):
         last = vit.blocks[-1]
         k, v = vit.keys(last, tokens)
         kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-        a_bar = kk if kk_sum is None else kk_sum + kk
-        a_bar = a_bar / vit.num_layers
+        a_bar = (kk if kk_sum is None else kk_sum.add_(kk)).div_(vit.num_layers)
         out = vit.attend(last, a_bar, v[:, :, 1:])
         return DenseOutput(vit.head(out).reshape(b, grid[0], grid[1], -1))
 
@@ -84,6 +89,6 @@ class RFCLIP(DenseMethod):
         if not s.defocus_ncut or n < 3:
             return receivers
         idx = dis.any(dim=-1).nonzero().squeeze(-1)
-        affinity = kk_sum.index_select(0, idx).mean(dim=1) / layers
+        affinity = kk_sum.mean(dim=1).index_select(0, idx) / layers      # head-average first: (B', N, N)
         cut = refocus.defocused_tokens(affinity, dis.index_select(0, idx), s.ncut_solver, s.ncut_iters)
         return receivers.index_copy(0, idx, cut)
