@@ -13,7 +13,8 @@ Tables printed:
 2. end-to-end images/s of ``Segmenter.predict_batch`` at VOC settings (short side 336, slide
    224/112), and the ratio RF-CLIP / CLIP;
 3. the normalised-cut solver: time per batch of N x N graphs, eigh against subspace iteration;
-4. peak memory per method (CUDA: max allocated; CPU: peak RSS of a fresh process running it).
+4. peak memory of one dense forward per method (CUDA: max allocated; CPU: peak live tensor bytes
+   from the torch profiler's allocation events).
 
 Timings are medians over ``--rounds`` rounds; in each round every method runs once, in turn, so
 slow drifts of a noisy machine hit all methods alike.
@@ -25,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,22 +103,20 @@ def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> list[int]:
     return counts
 
 
-def peak_memory_subprocess(model, checkpoint, method, device, precision, crops) -> float:
-    """Peak RSS (MiB) above the loaded model's, of a fresh process running one dense forward."""
-    code = f"""
-import resource, sys, torch
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-import bench_methods as b
-seg = b.build({model!r}, {checkpoint!r}, {method!r}, {device!r}, {precision!r}, ["object"])
-x = b.to_batch(b.planted_images({crops}, 224, 224, seg.vit.patch), seg.device, seg.dtype)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-seg.encode_dense(x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    return float(r.stdout.strip().splitlines()[-1])
+def peak_tensor_memory_cpu(fn) -> float:
+    """Peak MiB of tensor memory allocated while ``fn`` runs, from the torch profiler's allocation
+    events (running sum of allocations and frees in time order). Process RSS cannot show it: the
+    model load already raised the RSS high-water mark above any forward pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2 ** 20
 
 
 def main() -> None:
@@ -205,7 +203,7 @@ def main() -> None:
                                              for _ in range(args.rounds))
     layers = len(any_seg.vit.blocks) - 1
     print(f"\n## 3. Normalised cut, batch of {args.crops} graphs of N={n}")
-    print("| solver | ms per batch | x (layers-1) as share of the rfclip forward |")
+    print("| solver | ms per batch | if run in all L-1 layers: share of the rfclip forward |")
     print("|---|---|---|")
     for solver, t in solver_t.items():
         share = t * layers / med["rfclip"] if "rfclip" in med else float("nan")
@@ -221,8 +219,9 @@ def main() -> None:
                 segs[m].encode_dense(crops)
                 mem[m] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
             else:
-                mem[m] = peak_memory_subprocess(args.model, checkpoint, m, args.device, args.precision, args.crops)
-        kind = "max allocated above the model" if device.type == "cuda" else "peak RSS growth of a fresh process"
+                with torch.inference_mode():
+                    mem[m] = peak_tensor_memory_cpu(lambda s=segs[m]: s.encode_dense(crops))
+        kind = "max allocated above the model" if device.type == "cuda" else "peak tensor memory, torch profiler"
         print(f"\n## 4. Peak memory of one dense forward of {args.crops} crops ({kind})")
         print("| method | MiB |")
         print("|---|---|")
