@@ -10,7 +10,6 @@ then also stores its ``K x K`` confusion matrix (summed by ``pipeline.metrics.lo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -84,6 +83,7 @@ class JobConfig:
     cpus_per_worker: float = 1.0
     batch_size: int = 8
     decode_batch_size: int = 16
+    window_images: int = 100_000
     ray_address: Optional[str] = None
     progress: bool = True
     # Evaluation hook: pre-resolved inputs (instead of ``input``) and their ground truth.
@@ -298,7 +298,18 @@ def run(cfg: JobConfig) -> dict:
     counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0}
     t_pipe = time.time()
     if pending:
-        _run_pipeline(cfg, pending, inputs, probe, seg_kw, identity, counts, skipped)
+        # Pending shards run in windows of about ``window_images`` images, one Ray Data execution
+        # each, so the driver and the object store hold one window's rows, not the whole corpus.
+        total_images = skipped + sum(len(s.items) for s in pending)
+        started_ray = _init_ray(cfg.ray_address)
+        try:
+            for window in shard_windows(pending, cfg.window_images):
+                _run_pipeline(cfg, window, inputs, probe, seg_kw, identity, counts,
+                              skipped + counts["ok"] + counts["error"], total_images)
+        finally:
+            if started_ray:
+                import ray
+                ray.shutdown()
     wall = time.time() - t_start
     done = counts["ok"] + counts["error"]
     summary = {
@@ -321,89 +332,99 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def shard_windows(pending: list, window_images: int) -> list[list]:
+    """Consecutive groups of shards with about ``window_images`` images each (at least one shard)."""
+    windows, current, size = [], [], 0
+    for shard in pending:
+        if current and size + len(shard.items) > window_images:
+            windows.append(current)
+            current, size = [], 0
+        current.append(shard)
+        size += len(shard.items)
+    if current:
+        windows.append(current)
+    return windows
+
+
 def _run_pipeline(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: dict, seg_kw: dict,
-                  identity: dict, counts: dict, skipped: int) -> None:
+                  identity: dict, counts: dict, done_before: int, total: int) -> None:
+    """One Ray Data execution over the shards in ``pending`` (Ray already initialised)."""
     import ray
     import ray.data
     from tqdm import tqdm
 
     from pipeline.workers import SegmentWorker, decode_stage, encode_stage
 
-    started_ray = _init_ray(cfg.ray_address)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = cfg.progress
-        workers, gpw = _default_workers(cfg)
-        num_classes = probe["num_classes"]
-        rows = []
-        for s in pending:
-            for pos, it in enumerate(s.items):
-                rows.append({"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
-                             "image_id": sources.image_id(it["image_uri"], inputs.root),
-                             "shard": s.index, "pos": pos})
-        n = len(rows)
-        blocks = max(1, min(20000, math.ceil(n / cfg.decode_batch_size)))
-        ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        # The decode tasks reserve heap memory for one worst-case image (RGB + float resize buffers).
-        # That also keeps Ray Data from fusing decoding into the model actor (it fuses task->actor
-        # maps whose remote args are equal): decoding must stay in CPU tasks so the model never waits
-        # on it. summary["rows_decoded_in_model_process"] checks that it did.
-        ds = ds.map_batches(decode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
-                            memory=int(cfg.max_pixels) * 3 * 6,
-                            fn_kwargs=dict(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels,
-                                           short_side=probe["short_side"], max_long_side=probe["max_long_side"]))
-        ds = ds.map_batches(SegmentWorker, batch_size=cfg.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=workers),
-                            num_gpus=gpw, num_cpus=cfg.cpus_per_worker,
-                            fn_constructor_kwargs={"segmenter_kwargs": seg_kw})
-        lab = cfg.labels
-        ds = ds.map_batches(encode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
-                            fn_kwargs=dict(num_classes=num_classes, output_uri=cfg.output,
-                                           storage_options=cfg.storage_options, save_masks=cfg.save_masks,
-                                           decode_label=lab.decode_label if lab else None,
-                                           label_storage_options=(lab.storage_options if lab and lab.storage_options
-                                                                  is not None else cfg.storage_options),
-                                           ignore_index=lab.ignore_index if lab else 255))
-        log.info("pipeline: %d images, %d model workers (%s GPU each, batch %d)", n, workers, gpw, cfg.batch_size)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    workers, gpw = _default_workers(cfg)
+    num_classes = probe["num_classes"]
+    rows = []
+    for s in pending:
+        for pos, it in enumerate(s.items):
+            rows.append({"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
+                         "image_id": sources.image_id(it["image_uri"], inputs.root),
+                         "shard": s.index, "pos": pos})
+    n = len(rows)
+    blocks = max(1, min(20000, math.ceil(n / cfg.decode_batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    # The decode tasks reserve heap memory for one worst-case image (RGB + float resize buffers).
+    # That also keeps Ray Data from fusing decoding into the model actor (it fuses task->actor
+    # maps whose remote args are equal): decoding must stay in CPU tasks so the model never waits
+    # on it. summary["rows_decoded_in_model_process"] checks that it did.
+    ds = ds.map_batches(decode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
+                        memory=int(cfg.max_pixels) * 3 * 6,
+                        fn_kwargs=dict(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels,
+                                       short_side=probe["short_side"], max_long_side=probe["max_long_side"]))
+    ds = ds.map_batches(SegmentWorker, batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_gpus=gpw, num_cpus=cfg.cpus_per_worker,
+                        fn_constructor_kwargs={"segmenter_kwargs": seg_kw})
+    lab = cfg.labels
+    ds = ds.map_batches(encode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
+                        fn_kwargs=dict(num_classes=num_classes, output_uri=cfg.output,
+                                       storage_options=cfg.storage_options, save_masks=cfg.save_masks,
+                                       decode_label=lab.decode_label if lab else None,
+                                       label_storage_options=(lab.storage_options if lab and lab.storage_options
+                                                              is not None else cfg.storage_options),
+                                       ignore_index=lab.ignore_index if lab else 255))
+    log.info("pipeline: %d images, %d model workers (%s GPU each, batch %d)", n, workers, gpw, cfg.batch_size)
 
-        by_index = {s.index: s for s in pending}
-        buffers: dict[int, dict[int, dict]] = {}
-        done_shards: set[int] = set()
-        total = skipped + n
-        bar = tqdm(total=total, initial=skipped, unit="img", desc="segmented", disable=not cfg.progress,
-                   mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
-        t0 = time.time()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            keys = list(batch)
-            for j in range(len(batch["image_uri"])):
-                r = {k: batch[k][j] for k in keys}
-                si, pos = int(r["shard"]), int(r["pos"])
-                buf = buffers.setdefault(si, {})
-                if si in done_shards or pos in buf:
-                    counts["duplicates_dropped"] += 1
-                    log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
-                    continue
-                buf[pos] = r
-                bar.update(1)
-                if int(r["decode_pid"]) == int(r["model_pid"]):
-                    counts["decoded_in_model_process"] += 1
-                shard = by_index[si]
-                if len(buf) == len(shard.items):
-                    _commit(cfg, shard, buffers.pop(si), identity, num_classes, counts)
-                    done_shards.add(si)
-                    processed = counts["ok"] + counts["error"]
-                    log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, skipped + processed,
-                             total, processed / max(time.time() - t0, 1e-9))
-        bar.close()
-        if buffers:
-            missing = {by_index[si].name: len(by_index[si].items) - len(b) for si, b in buffers.items()}
-            raise RuntimeError(f"pipeline ended with incomplete shards (missing rows): {missing}")
-        never = [s.name for s in pending if s.index not in done_shards]
-        if never:
-            raise RuntimeError(f"pipeline produced no rows for shards {never[:10]}")
-    finally:
-        if started_ray:
-            ray.shutdown()
+    by_index = {s.index: s for s in pending}
+    buffers: dict[int, dict[int, dict]] = {}
+    done_shards: set[int] = set()
+    bar = tqdm(total=total, initial=done_before, unit="img", desc="segmented", disable=not cfg.progress,
+               mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
+    t0 = time.time()
+    processed_at_start = counts["ok"] + counts["error"]
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        keys = list(batch)
+        for j in range(len(batch["image_uri"])):
+            r = {k: batch[k][j] for k in keys}
+            si, pos = int(r["shard"]), int(r["pos"])
+            buf = buffers.setdefault(si, {})
+            if si in done_shards or pos in buf:
+                counts["duplicates_dropped"] += 1
+                log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
+                continue
+            buf[pos] = r
+            bar.update(1)
+            if int(r["decode_pid"]) == int(r["model_pid"]):
+                counts["decoded_in_model_process"] += 1
+            shard = by_index[si]
+            if len(buf) == len(shard.items):
+                _commit(cfg, shard, buffers.pop(si), identity, num_classes, counts)
+                done_shards.add(si)
+                in_window = counts["ok"] + counts["error"] - processed_at_start
+                log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
+                         total, in_window / max(time.time() - t0, 1e-9))
+    bar.close()
+    if buffers:
+        missing = {by_index[si].name: len(by_index[si].items) - len(b) for si, b in buffers.items()}
+        raise RuntimeError(f"pipeline ended with incomplete shards (missing rows): {missing}")
+    never = [s.name for s in pending if s.index not in done_shards]
+    if never:
+        raise RuntimeError(f"pipeline produced no rows for shards {never[:10]}")
 
 
 def _commit(cfg: JobConfig, shard, rows_by_pos: dict, identity: dict, num_classes: int, counts: dict) -> None:
@@ -494,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-worker", type=float, default=1.0)
     r.add_argument("--batch-size", type=int, default=8, help="images per model call")
     r.add_argument("--decode-batch-size", type=int, default=16, help="images per CPU decode/encode task")
+    r.add_argument("--window-images", type=int, default=100_000,
+                   help="images per Ray Data execution window; bounds driver and object-store memory on huge corpora")
     r.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process local Ray)")
     r.add_argument("--no-progress", action="store_true")
     return p
@@ -513,7 +536,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         precision=args.precision, settings=settings, shard_size=args.shard_size, max_pixels=args.max_pixels,
         save_masks=args.save_masks, overwrite=args.overwrite, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-        batch_size=args.batch_size, decode_batch_size=args.decode_batch_size, ray_address=args.ray_address,
+        batch_size=args.batch_size, decode_batch_size=args.decode_batch_size, window_images=args.window_images,
+        ray_address=args.ray_address,
         progress=not args.no_progress)
 
 

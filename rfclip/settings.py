@@ -5,7 +5,7 @@ A ``Segmenter`` resolves its settings as: the method's defaults, then the benchm
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 # Distraction dimensions (0-indexed residual-stream channels), METHODS.md §3a.

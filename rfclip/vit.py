@@ -125,10 +125,3 @@ class DenseViT:
     def head(self, tokens: Tensor) -> Tensor:
         """``ln_post(tokens) @ proj``: ``(..., D)`` to ``(..., E)``, not normalised."""
         return self.visual.ln_post(tokens) @ self.visual.proj
-
-    def image_embedding(self, x: Tensor) -> Tensor:
-        """Plain CLIP image embedding (CLS through every unchanged block): ``(B, E)``, not normalised."""
-        tokens, _ = self.embed(x)
-        for block in self.blocks:
-            tokens = self.plain_block(block, tokens)
-        return self.head(tokens[:, 0])
