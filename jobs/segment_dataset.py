@@ -150,16 +150,25 @@ def _probe(seg_kw: dict) -> dict:
     import gc
 
     import rfclip
+    from rfclip.benchmarks import BENCHMARKS
+    from rfclip.vocabulary import normalize_vocabulary
 
-    seg = rfclip.Segmenter(**{**seg_kw, "device": "cpu"})
+    # The real vocabulary is checked and recorded, but encoded only by the workers: the probe's
+    # Segmenter gets one word, so a CPU-only head node does not spend minutes on a 171-class
+    # prompt ensemble that every worker computes again anyway.
+    vocabulary = seg_kw.get("vocabulary")
+    vocabulary = normalize_vocabulary(vocabulary if vocabulary is not None
+                                      else BENCHMARKS[seg_kw["benchmark"]].vocabulary)
+    seg = rfclip.Segmenter(**{**seg_kw, "vocabulary": [["object"]], "device": "cpu"})
     try:  # a setting that only fails at inference time (e.g. unknown distraction dims) fails here, once
         seg.segment_batch([np.full((40, 56, 3), 127, np.uint8)])
     except Exception as exc:
         raise ValueError(f"the segmenter can't segment a test image with this configuration: "
                          f"{type(exc).__name__}: {exc}") from exc
-    info = {"config": seg.config(), "num_classes": int(seg.num_classes),
+    config = {**seg.config(), "vocabulary": vocabulary}
+    info = {"config": config, "num_classes": len(vocabulary),
             "short_side": int(seg.settings.short_side), "max_long_side": int(seg.settings.max_long_side),
-            "class_names": list(seg.class_names)}
+            "class_names": [names[0] for names in vocabulary]}
     del seg
     gc.collect()
     return info
