@@ -97,7 +97,7 @@ def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> list[int]:
     with torch.inference_mode():
         tokens, _ = seg.vit.embed(x)
         for block in seg.vit.blocks[:-1]:
-            counts.append(int((refocus.distraction_scores(tokens[:, 1:], dims) > tau).sum()))
+            counts.append(int(refocus.find_distractors(tokens[:, 1:], dims, tau).sum()))
             tokens = seg.vit.plain_block(block, tokens)
     return counts
 

@@ -28,6 +28,7 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
 
 import fsspec  # noqa: E402
 
+from rfclip.cli_args import parse_setting  # noqa: E402
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
 from pipeline.datasets import open_labelled_source  # noqa: E402
 from pipeline.evaluation import finish_evaluation  # noqa: E402
@@ -47,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--weights", default="openai")
     p.add_argument("--weights-sha256", default=None)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None)
-    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE", type=parse_setting,
                    help="extra Segmenter setting for every pair (JSON value), e.g. pamr=true; repeatable")
     p.add_argument("--storage-options", default=None, help="JSON fsspec options for --data-root/--output")
     p.add_argument("--shard-size", type=int, default=1000)
@@ -63,16 +64,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"unknown benchmarks {unknown}; choose from {','.join(TABLE_ORDER)}")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
-    settings = {}
-    for kv in args.setting:
-        if "=" not in kv:
-            p.error(f"--setting wants KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        try:
-            settings[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            settings[k.strip()] = v
-    args.settings = settings
+    args.settings = dict(args.setting)
     return args
 
 

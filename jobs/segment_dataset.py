@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:  # `python jobs/segment_dataset.py` from a ch
 
 from pipeline import sinks, sources, storage  # noqa: E402
 from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
+from rfclip.cli_args import parse_setting  # noqa: E402
 from rfclip.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("segment_dataset")
@@ -463,16 +464,6 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, identity: dict, num_classe
 
 # ----------------------------------------------------------------------------------------- CLI
 
-def _parse_setting(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--setting wants key=value, got {text!r}")
-    k, v = text.split("=", 1)
-    try:
-        return k.strip(), json.loads(v)
-    except json.JSONDecodeError:
-        return k.strip(), v
-
-
 def _storage_options_arg(text: Optional[str]) -> Optional[dict]:
     """JSON, or ``@path`` to a JSON file (keeps secrets off the command line and out of job listings)."""
     if not text:
@@ -516,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in SETTING_FLAGS.items():
         m.add_argument("--" + name.replace("_", "-"), type=typ)
     m.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None)
-    m.add_argument("--setting", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
+    m.add_argument("--setting", action="append", type=parse_setting, default=[], metavar="KEY=VALUE",
                    help="any other Segmenter setting (value parsed as JSON when possible); repeatable")
     r = p.add_argument_group("execution")
     r.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")

@@ -40,7 +40,6 @@ import numpy as np
 from PIL import Image
 
 IGNORE = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)

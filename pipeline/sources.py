@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
+from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
 from .storage import full_uri, get_fs
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path", "image")
 
 

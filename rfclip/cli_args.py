@@ -16,24 +16,30 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_method: str = "
     g.add_argument("--method", default=default_method, help=f"method (default {default_method})")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+    g.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE", type=parse_setting,
                    help=f"any method setting, JSON-parsed value; repeatable. Names: {', '.join(SETTING_NAMES)}")
 
 
-def parse_settings(pairs: list[str], precision: str | None = None) -> dict:
-    """``["lam=0.6", "distraction_dims=[1,2]"]`` -> ``{"lam": 0.6, "distraction_dims": [1, 2]}``."""
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--setting expects NAME=VALUE, got {pair!r}")
-        name, raw = pair.split("=", 1)
-        name = name.strip().replace("-", "_")
-        if name not in SETTING_NAMES:
-            raise SystemExit(f"unknown setting {name!r}; settings are: {', '.join(SETTING_NAMES)}")
-        try:
-            out[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[name] = raw
+def parse_setting(text: str) -> tuple[str, object]:
+    """``"lam=0.6"`` -> ``("lam", 0.6)``: the value is JSON when it parses, else the raw string.
+
+    Usable as an argparse ``type=``; an unknown name or a missing ``=`` is an argparse error.
+    """
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--setting expects NAME=VALUE, got {text!r}")
+    name, raw = text.split("=", 1)
+    name = name.strip().replace("-", "_")
+    if name not in SETTING_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown setting {name!r}; settings are: {', '.join(SETTING_NAMES)}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
+def parse_settings(pairs: list[tuple[str, object]], precision: str | None = None) -> dict:
+    """Parsed ``--setting`` pairs (and ``--precision``) as Segmenter keyword arguments."""
+    out = dict(pairs)
     if precision:
         out["precision"] = precision
     return out

@@ -20,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import to_rgb_array
+from .images import IMAGE_SUFFIXES, to_rgb_array
 from .segmenter import MEAN, STD
 from .vit import DenseViT
 from .weights import load_clip
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def list_images(uri: str, storage_options: dict | None = None, limit: int | None = None) -> list[str]:

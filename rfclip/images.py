@@ -15,6 +15,9 @@ from PIL import Image, ImageOps
 
 ImageLike = Union[Image.Image, np.ndarray]
 
+# File endings listed as images (case-insensitive) by every tool that walks a folder.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """Convert a PIL image or an array to an upright ``(H, W, 3) uint8`` RGB array.

@@ -38,18 +38,18 @@ def received_attention(attn: Tensor) -> Tensor:
     return attn[:, :, 1:, 1:].float().mean(dim=(1, 2))
 
 
-def find_distractors(x: Tensor, dims: Tensor, tau: float, attn: Tensor | None = None,
+def find_distractors(x: Tensor, dims: Tensor, tau: float, received: Tensor | None = None,
                      min_received: float | None = None) -> Tensor:
     """Distractor tokens ``{i : phi_i > tau}`` (§3a).
 
     With ``min_received`` (the ViT-L/14 condition) a distractor must also receive a mean attention
-    above it in ``attn`` (``(B, H, T, T)``). Returns ``(B, N)`` bool.
+    above it: ``received`` is ``(B, N)``, from :func:`received_attention`. Returns ``(B, N)`` bool.
     """
     mask = distraction_scores(x, dims) > tau
     if min_received is not None:
-        if attn is None:
-            raise ValueError("min_received needs the attention matrix")
-        mask &= received_attention(attn) > min_received
+        if received is None:
+            raise ValueError("min_received needs the received attention")
+        mask &= received > min_received
     return mask
 
 

@@ -32,7 +32,7 @@ def test_attention_condition_filters_distractors():
     attn = torch.full((1, 2, 5, 5), 0.02)
     attn[:, :, :, 2] = 0.9                               # everyone attends to patch 1 (token index 2)
     attn = attn / attn.sum(-1, keepdim=True)
-    mask = refocus.find_distractors(x, DIMS, tau=0.1, attn=attn, min_received=0.1)
+    mask = refocus.find_distractors(x, DIMS, tau=0.1, received=refocus.received_attention(attn), min_received=0.1)
     assert mask.tolist() == [[False, True, False, False]]
 
 

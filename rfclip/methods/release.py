@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import refocus
 from .base import DenseMethod, DenseOutput
-from .rfclip import distraction_setup
+from .rfclip import distraction_setup, kk_averaged_last_block
 
 Tensor = torch.Tensor
 
@@ -62,7 +62,7 @@ class RFCLIPRelease(DenseMethod):
                 kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
                 kk_sum = kk.clone() if kk_sum is None else kk_sum.add_(kk)
             tokens = vit.plain_block(block, tokens, (q, k, v))
-            mask = refocus.distraction_scores(tokens[:, 1:], dims) > tau
+            mask = refocus.find_distractors(tokens[:, 1:], dims, tau)
             patches = refocus.release_mean_filter(tokens[:, 1:], grid, mask, s.release_keep)
             tokens = torch.cat([tokens[:, :1], patches], dim=1)
             out_sum += tokens.float()
@@ -75,14 +75,9 @@ class RFCLIPRelease(DenseMethod):
         sim = torch.where(sim < s.release_sim_threshold, torch.zeros_like(sim), sim).to(tokens.dtype)
         branch_a = torch.cat([before_last[:, :1], sim @ before_last[:, 1:]], dim=1)
         branch_b = torch.cat([z_bar[:, :1], sim @ z_bar[:, 1:]], dim=1)
-        last = vit.blocks[-1]
-        outs = []
-        for u in (branch_a, branch_b):
-            k, v = vit.keys(last, u)
-            kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-            a_bar = (kk if kk_sum is None else kk_sum + kk) / vit.num_layers
-            outs.append(vit.attend(last, a_bar, v[:, :, 1:]))
-        dense = vit.head(0.5 * (outs[0] + outs[1]))
+        out_a = kk_averaged_last_block(vit, kk_sum, branch_a)
+        out_b = kk_averaged_last_block(vit, kk_sum, branch_b, consume_sum=True)
+        dense = vit.head(0.5 * (out_a + out_b))
         return DenseOutput(dense.reshape(b, grid[0], grid[1], -1), cls)
 
     def _cluster_ids(self, text: Tensor) -> Tensor:

@@ -37,6 +37,23 @@ def distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, 
     return torch.tensor(list(dims), dtype=torch.long, device=device), tau, min_recv
 
 
+def kk_averaged_last_block(vit, kk_sum: Tensor | None, tokens: Tensor, consume_sum: bool = False) -> Tensor:
+    """Eq. 14: ``out_proj(A_bar v)`` of the last block on ``tokens`` ``(B, T, D)``: ``(B, N, D)``.
+
+    ``A_bar`` is the head-wise mean over all L layers of the patch-block kk attention: ``kk_sum``
+    ``(B, H, N, N)`` holds layers 1..L-1, the last layer's entry is computed here from ``tokens``.
+    No residual, no FFN. ``consume_sum`` lets the sum be reused in place (it is then spent).
+    """
+    last = vit.blocks[-1]
+    k, v = vit.keys(last, tokens)
+    kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
+    if kk_sum is None:
+        a_bar = kk
+    else:
+        a_bar = kk_sum.add_(kk) if consume_sum else kk_sum + kk
+    return vit.attend(last, a_bar.div_(vit.num_layers), v[:, :, 1:])
+
+
 class RFCLIP(DenseMethod):
     name = "rfclip"
 
@@ -54,7 +71,7 @@ class RFCLIP(DenseMethod):
             # condition (ViT-L/14) or to move mass; otherwise the fused kernel runs (plain block).
             attn = vit.softmax_attention(q, k) if min_recv is not None else None
             recv = refocus.received_attention(attn) if min_recv is not None else None
-            dis = self._distractors(tokens, dims, tau, recv, min_recv)
+            dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
             if s.distractor_attention and bool(dis.any()):
                 attn = vit.softmax_attention(q, k) if attn is None else attn
                 attn = refocus.redistribute_attention(attn, dis, self._receivers(kk_sum, l, dis, n), s.lam,
@@ -64,23 +81,12 @@ class RFCLIP(DenseMethod):
             else:
                 tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
             if s.embedding_redistribution:
-                dis_out = self._distractors(tokens, dims, tau, recv, min_recv)
+                dis_out = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
                 if bool(dis_out.any()):
                     patches = refocus.neighbour_mean_channels(tokens[:, 1:], grid, dis_out, dims)
                     tokens = torch.cat([tokens[:, :1], patches], dim=1)
-        last = vit.blocks[-1]
-        k, v = vit.keys(last, tokens)
-        kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-        a_bar = (kk if kk_sum is None else kk_sum.add_(kk)).div_(vit.num_layers)
-        out = vit.attend(last, a_bar, v[:, :, 1:])
+        out = kk_averaged_last_block(vit, kk_sum, tokens, consume_sum=True)
         return DenseOutput(vit.head(out).reshape(b, grid[0], grid[1], -1))
-
-    @staticmethod
-    def _distractors(tokens: Tensor, dims: Tensor, tau: float, recv, min_recv) -> Tensor:
-        mask = refocus.distraction_scores(tokens[:, 1:], dims) > tau
-        if min_recv is not None:
-            mask &= recv > min_recv
-        return mask
 
     def _receivers(self, kk_sum: Tensor, layers: int, dis: Tensor, n: int) -> Tensor:
         """Defocused tokens ``(B, N)`` bool; the cut runs only on crops that have distractors."""
