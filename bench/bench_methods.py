@@ -1,7 +1,7 @@
 """Side-by-side cost of every method, in one process, on the same inputs.
 
     python bench/bench_methods.py [--model ViT-B-16] [--crops 8] [--rounds 5] [--device cpu]
-                                  [--precision fp32] [--images 4] [--skip-memory]
+                                  [--precision fp32] [--images 4] [--skip-memory] [--profile rfclip,clip]
 
 No pretrained weights exist here, so the model is random; distractors are planted in the
 architecture's distraction channels (``rfclip.testing.plant_distractors``) and painted into the
@@ -12,9 +12,11 @@ Tables printed:
    ``encode_image`` on the same batch, and each method's cost relative to ``clip``;
 2. end-to-end images/s of ``Segmenter.predict_batch`` at VOC settings (short side 336, slide
    224/112), and the ratio RF-CLIP / CLIP;
-3. the normalised-cut solver: time per batch of N x N graphs, eigh against subspace iteration;
+3. the normalised-cut solver: time per batch of N x N graphs, eigh against subspace iteration and
+   power iteration by repeated squaring;
 4. peak memory of one dense forward per method (CUDA: max allocated; CPU: peak live tensor bytes
-   from the torch profiler's allocation events).
+   from the torch profiler's allocation events);
+5. with ``--profile``, the torch profiler's op table of one dense forward of the named methods.
 
 Timings are medians over ``--rounds`` rounds; in each round every method runs once, in turn, so
 slow drifts of a noisy machine hit all methods alike.
@@ -35,10 +37,20 @@ import torch
 import rfclip
 from rfclip import refocus
 from rfclip.segmenter import MEAN, STD
-from rfclip.settings import DISTRACTION_DIMS, base_arch
+from rfclip.settings import DISTRACTION_DIMS, PLANS, base_arch
 from rfclip.testing import distractor_pattern, paint_pattern, random_model, save_checkpoint
 
-METHODS = rfclip.available_methods() + ["rfclip+subspace"]
+SOLVERS = ("eigh", "subspace", "squaring")
+
+
+def default_methods(device: torch.device) -> list[str]:
+    """Every method, plus variants that the defaults (``ncut_solver="auto"``, ``plan="auto"``) do
+    not pick on this device: rfclip with the other cut solvers and plans, and clip graphed."""
+    if device.type == "cpu":
+        extra = ["rfclip+subspace", "rfclip+squaring", "rfclip+fused"]
+    else:
+        extra = ["clip+graphed", "rfclip+graphed", "rfclip+explicit", "rfclip+eigh", "rfclip+subspace"]
+    return rfclip.available_methods() + extra
 
 
 def planted_images(n: int, h: int, w: int, patch: int, seed: int = 0) -> list[np.ndarray]:
@@ -74,10 +86,12 @@ def timed(fn, device) -> float:
 
 def build(model: str, checkpoint: str, method: str, device: str, precision: str,
           vocabulary=None) -> rfclip.Segmenter:
-    """``method`` may carry one setting variant: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``."""
+    """``method`` may name a variant: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``,
+    ``"rfclip+fused"`` with ``plan="fused"`` (likewise ``explicit``, ``graphed``)."""
     extra = {}
-    if method.endswith("+subspace"):
-        method, extra = method[: -len("+subspace")], {"ncut_solver": "subspace"}
+    if "+" in method:
+        method, variant = method.split("+", 1)
+        extra = {"plan": variant} if variant in PLANS else {"ncut_solver": variant}
     return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=vocabulary or VOC_LIKE,
                             device=device, **extra,
                             precision=precision, short_side=336, slide_crop=224, slide_stride=112,
@@ -118,6 +132,21 @@ def peak_tensor_memory_cpu(fn) -> float:
     return peak / 2 ** 20
 
 
+def profile_table(fn, device: torch.device, rows: int = 15) -> str:
+    """torch.profiler's op table for one call of ``fn`` (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode():
+        fn()
+        sync(device)
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
+
+
 def main() -> None:
     global args_batch
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -127,14 +156,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated; default: every method and cut solver")
+    p.add_argument("--profile", default="", help="comma-separated methods to profile (torch.profiler table "
+                   "of one dense forward, sorted by self device time on CUDA, self CPU time on CPU)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     args_batch = max(args.crops, 16)
-    methods = args.methods.split(",")
     device = torch.device(args.device)
+    methods = args.methods.split(",") if args.methods else default_methods(device)
     torch.manual_seed(0)
 
     tmp = tempfile.mkdtemp()
@@ -196,7 +227,7 @@ def main() -> None:
     dis = torch.zeros(args.crops, n, dtype=torch.bool, device=device)
     dis[:, 0] = True
     solver_t = {}
-    for solver in ("eigh", "subspace"):
+    for solver in SOLVERS:
         refocus.defocused_tokens(w, dis, solver)
         solver_t[solver] = statistics.median(timed(lambda: refocus.defocused_tokens(w, dis, solver), device)
                                              for _ in range(args.rounds))
@@ -212,6 +243,8 @@ def main() -> None:
     mem = {}
     if not args.skip_memory:
         for m in methods:
+            if m.endswith("+graphed"):
+                continue                          # a graph's memory is its pool, set aside at capture
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -225,7 +258,12 @@ def main() -> None:
         print("| method | MiB |")
         print("|---|---|")
         for m in methods:
-            print(f"| {m} | {mem[m]:.0f} |")
+            print(f"| {m} | {mem[m]:.0f} |" if m in mem else f"| {m} | n/a (CUDA graph pool) |")
+
+    # 5. where the time goes
+    for m in filter(None, args.profile.split(",")):
+        print(f"\n## 5. Profile of one dense forward of {args.crops} crops: {m}")
+        print(profile_table(lambda s=segs[m]: s.encode_dense(crops), device))
 
     if args.json:
         with open(args.json, "w") as f:

@@ -90,9 +90,17 @@ def resize_short_side(rgb: np.ndarray, short_side: int, max_long_side: int = 204
     Returns ``(h, w, 3) uint8``. Plain bilinear (no antialiasing), as MMSegmentation's ``Resize``
     (cv2 ``INTER_LINEAR``) does in the pipelines behind the published numbers.
     """
-    h, w = resized_shape(rgb.shape[0], rgb.shape[1], short_side, max_long_side)
-    if (h, w) == rgb.shape[:2]:
-        return rgb
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
-    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    t = resize_short_side_tensor(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), short_side,
+                                 max_long_side)
+    return t.permute(1, 2, 0).numpy()
+
+
+def resize_short_side_tensor(image: torch.Tensor, short_side: int, max_long_side: int = 2048) -> torch.Tensor:
+    """:func:`resize_short_side` for a ``(3, H, W) uint8`` tensor on any device: ``(3, h, w) uint8``.
+
+    The result is rounded back to uint8, as the published pipelines store the resized image."""
+    h, w = resized_shape(image.shape[1], image.shape[2], short_side, max_long_side)
+    if (h, w) == tuple(image.shape[1:]):
+        return image
+    t = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False)
+    return t[0].round().clamp(0, 255).to(torch.uint8)

@@ -6,6 +6,8 @@ is the identity on crops without distractors.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,10 +23,11 @@ def distraction_scores(x: Tensor, dims: Tensor) -> Tensor:
     Returns:
         ``(B, N)`` float32 scores in [0, 1].
     """
-    f = x.float()
-    shifted = f - f.amin(dim=-1, keepdim=True)
-    top = shifted.index_select(-1, dims).amax(dim=-1)
-    return top / shifted.sum(dim=-1).clamp_min(1e-8)
+    # Reductions only (no shifted (B, N, D) copy): sum_k (f_k - min) = sum_k f_k - D * min.
+    low = x.amin(dim=-1).float()
+    total = x.sum(dim=-1, dtype=torch.float32) - x.shape[-1] * low
+    top = x.index_select(-1, dims).amax(dim=-1).float() - low
+    return top / total.clamp_min(1e-8)
 
 
 def received_attention(attn: Tensor) -> Tensor:
@@ -53,7 +56,7 @@ def find_distractors(x: Tensor, dims: Tensor, tau: float, received: Tensor | Non
     return mask
 
 
-def fiedler_vector(affinity: Tensor, solver: str = "eigh", iters: int = 30, block: int = 6) -> Tensor:
+def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, block: int = 6) -> Tensor:
     """Fiedler vector ``y = D^-1/2 z`` of a symmetric affinity (§3b, Eqs. 7-8).
 
     ``z`` is the eigenvector of the second-smallest eigenvalue of ``D^-1/2 (D - W) D^-1/2``, i.e. of
@@ -61,12 +64,19 @@ def fiedler_vector(affinity: Tensor, solver: str = "eigh", iters: int = 30, bloc
 
     Args:
         affinity: ``(B, N, N)`` symmetric, non-negative, float32.
-        solver: ``"eigh"`` (exact, batched ``torch.linalg.eigh``) or ``"subspace"`` (block power
+        solver: ``"auto"`` (``"eigh"`` on CPU, ``"squaring"`` elsewhere); ``"eigh"`` (exact, batched
+            ``torch.linalg.eigh``); ``"subspace"`` (block power
             iteration on ``M + I`` deflated against its known top eigenvector ``D^1/2 1``, then a
-            Rayleigh-Ritz step on ``block`` vectors: ``iters`` batched matmuls of ``(N, N) x (N, block)``).
+            Rayleigh-Ritz step on ``block`` vectors: ``iters`` batched matmuls of ``(N, N) x (N, block)``
+            and as many small QRs); ``"squaring"`` (the same power iteration, single vector, taken as
+            ``ceil(log2(iters))`` squarings of the deflated ``(N, N)`` operator: a handful of large
+            batched matmuls and no factorisation, which suits GPUs, where batched ``eigh`` and ``qr``
+            of 196 x 196 matrices run one matrix at a time).
     Returns:
         ``(B, N)`` float32; its sign is arbitrary.
     """
+    if solver == "auto":
+        solver = "eigh" if affinity.device.type == "cpu" else "squaring"
     w = affinity.float()
     d = w.sum(-1).clamp_min(1e-12)
     d_isqrt = d.rsqrt()
@@ -76,8 +86,10 @@ def fiedler_vector(affinity: Tensor, solver: str = "eigh", iters: int = 30, bloc
         z = vecs[:, :, -2]
     elif solver == "subspace":
         z = _second_eigvec_subspace(m, d.sqrt(), iters, block)
+    elif solver == "squaring":
+        z = _second_eigvec_squaring(m, d.sqrt(), iters)
     else:
-        raise ValueError(f"unknown ncut solver {solver!r}; use 'eigh' or 'subspace'")
+        raise ValueError(f"unknown ncut solver {solver!r}; use 'eigh', 'subspace' or 'squaring'")
     return z * d_isqrt
 
 
@@ -98,7 +110,34 @@ def _second_eigvec_subspace(m: Tensor, top: Tensor, iters: int, block: int) -> T
     return (v @ ritz[:, :, -1:]).squeeze(-1)
 
 
-def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "eigh", iters: int = 30) -> Tensor:
+def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int) -> Tensor:
+    """Power iteration with ``S = (M + I)/2 - u u^T`` (spectrum in [0, 1], the top eigenvector ``u``
+    moved to 0), as ``S^(2^p)`` by ``p = ceil(log2(iters))`` squarings, each rescaled to max |.| = 1
+    so nothing underflows. Rounding that brings ``u`` back has eigenvalue ~eps and is squared away."""
+    b, n, _ = m.shape
+    u = F.normalize(top, dim=-1)
+    s = torch.baddbmm(0.5 * m, u[:, :, None], u[:, None, :], alpha=-1)
+    s.diagonal(dim1=1, dim2=2).add_(0.5)
+    for _ in range(max(1, math.ceil(math.log2(max(iters, 2))))):
+        s = s @ s
+        # trace(S^p) lies in [lambda_max^p, N lambda_max^p]: dividing by it keeps entries O(1).
+        s = s / s.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
+    return F.normalize((s @ _start_vector(n, m.device, m.dtype)).squeeze(-1), dim=-1)
+
+
+_START_VECTORS: dict = {}
+
+
+def _start_vector(n: int, device, dtype) -> Tensor:
+    """A fixed random ``(N, 1)`` start for the power iteration, made once per size and device."""
+    key = (n, str(device), dtype)
+    if key not in _START_VECTORS:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        _START_VECTORS[key] = torch.randn(n, 1, generator=gen).to(device=device, dtype=dtype)
+    return _START_VECTORS[key]
+
+
+def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto", iters: int = 30) -> Tensor:
     """Defocused target tokens ``T_def`` from the normalised cut (§3b).
 
     Symmetrises ``affinity``, takes the Fiedler vector, keeps ``y_i > mean(y)``; the sign is chosen so
@@ -156,6 +195,42 @@ def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor,
     return out
 
 
+def redistributed_attention_output(q: Tensor, k: Tensor, v: Tensor, distractors: Tensor, defocused: Tensor,
+                                   lam: float) -> Tensor:
+    """``redistribute_attention(softmax(q k^T / sqrt(dh)), distractors, defocused, lam) @ v`` (§3c), without
+    forming the ``(T, T)`` attention matrix.
+
+    On a patch row i the redistributed attention is ``A[i, j] * (1 - cut_i [j in dis] + gain_i [j in def])``,
+    so ``A' v = A v - cut * A(1_dis v) + gain * A(1_def v)``, and the row sums ``A 1_dis``, ``A 1_def``
+    that give ``cut`` and ``gain`` are attention applied to indicator values. That is four fused
+    attention passes over the same ``q, k`` (``F.scaled_dot_product_attention``), each as cheap as the
+    block's own, instead of writing and rescaling ``B * H * T^2`` attention weights.
+
+    Args:
+        q, k, v: ``(B, H, T, dh)``; CLS at token 0.
+        distractors, defocused: ``(B, N)`` bool over the patches, disjoint.
+        lam: fraction moved, in [0, 1].
+    Returns:
+        ``(B, H, T, dh)`` in ``v``'s dtype; the CLS row is plain attention.
+    """
+    b, h, t, dh = v.shape
+    dis = F.pad(distractors, (1, 0)).to(v.dtype)[:, None, :, None]       # (B, 1, T, 1); CLS is neither
+    dfc = F.pad(defocused, (1, 0)).to(v.dtype)[:, None, :, None]
+    indicators = F.pad(torch.cat([dis, dfc], dim=-1), (0, dh - 2)).expand(b, h, t, dh)
+    acc = torch.promote_types(v.dtype, torch.float32)                   # combine in >= float32
+    out, on_dis_v, on_dfc_v, sums = (F.scaled_dot_product_attention(q, k, value) for value in
+                                     (v, v * dis, v * dfc, indicators))
+    sums = sums[..., :2].to(acc)
+    on_dis, on_dfc = sums[..., 0:1], sums[..., 1:2]                     # (B, H, T, 1) row sums
+    movable = on_dfc > 0
+    movable[:, :, 0] = False                                            # the CLS row is untouched
+    cut = lam * movable.to(acc)
+    gain = torch.where(movable, lam * on_dis / torch.where(movable, on_dfc, torch.ones_like(on_dfc)),
+                       torch.zeros_like(on_dfc))
+    out = out.to(acc).addcmul_(on_dis_v, cut, value=-1).addcmul_(on_dfc_v, gain)
+    return out.to(v.dtype)
+
+
 def _grid(x: Tensor, grid: tuple[int, int]) -> Tensor:
     b, n, c = x.shape
     h, w = grid
@@ -169,7 +244,8 @@ def _tokens(x: Tensor) -> Tensor:
     return x.reshape(b, c, h * w).transpose(1, 2)
 
 
-def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims: Tensor) -> Tensor:
+def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims: Tensor,
+                            skip_if_empty: bool = True) -> Tensor:
     """Eq. 13: for masked tokens, set channels ``dims`` to the mean of their existing 8 neighbours.
 
     The neighbourhood is 3x3 minus the centre on the patch grid; at the border only the neighbours
@@ -179,10 +255,11 @@ def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims
     Args:
         x: ``(B, N, D)`` patch tokens; grid: ``(h, w)`` with ``h * w == N``;
         mask: ``(B, N)`` bool; dims: ``(K,)`` long.
+        skip_if_empty: return ``x`` itself when ``mask`` is all False (a host sync to find out).
     Returns:
         ``(B, N, D)``.
     """
-    if not bool(mask.any()):
+    if skip_if_empty and not bool(mask.any()):
         return x
     sel = x.index_select(-1, dims)                                   # (B, N, K)
     g = _grid(sel.float(), grid)
@@ -192,22 +269,24 @@ def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims
     mean = (total - g) / count.clamp_min(1.0)
     mean = torch.where(count > 0, mean, g)
     new = torch.where(mask[:, :, None], _tokens(mean).to(x.dtype), sel)
-    out = x.clone()
-    out[:, :, dims] = new
-    return out
+    return x.index_copy(-1, dims, new)
 
 
-def release_mean_filter(x: Tensor, grid: tuple[int, int], mask: Tensor, keep: float = 0.6) -> Tensor:
+def release_mean_filter(x: Tensor, grid: tuple[int, int], mask: Tensor, keep: float = 0.6,
+                        skip_if_empty: bool = True) -> Tensor:
     """The released code's filter (§4): ``F <- keep F + (1-keep) where(m, mean3x3(F), F)``.
 
     ``mean3x3`` includes the centre, weights 1/9, zero padding, over all channels.
 
     Args:
         x: ``(B, N, D)`` patch tokens; grid: ``(h, w)``; mask: ``(B, N)`` bool.
+        skip_if_empty: return ``x`` itself when ``mask`` is all False (a host sync to find out).
     Returns:
         ``(B, N, D)``.
     """
-    if not bool(mask.any()):
+    if skip_if_empty and not bool(mask.any()):
         return x
-    mean = _tokens(F.avg_pool2d(_grid(x.float(), grid), 3, 1, 1, count_include_pad=True)).to(x.dtype)
-    return torch.where(mask[:, :, None], keep * x + (1 - keep) * mean, x)
+    # Pooled as contiguous NCHW: the channels-last view that _grid gives pools several times slower on GPUs.
+    xf = x.float()
+    mean = _tokens(F.avg_pool2d(_grid(xf, grid).contiguous(), 3, 1, 1, count_include_pad=True))
+    return torch.where(mask[:, :, None], torch.lerp(xf, mean, 1 - keep).to(x.dtype), x)

@@ -50,7 +50,21 @@ class Settings:
         lam: fraction of distractor attention moved to defocused tokens.
         distractor_attention, defocus_ncut, embedding_redistribution: switches for §3c, §3b, §3d.
             With ``defocus_ncut`` off, every non-distractor patch receives.
-        ncut_solver: ``"eigh"`` (exact) or ``"subspace"`` (block power iteration), ``ncut_iters`` its steps.
+        ncut_solver: ``"eigh"`` (exact), ``"subspace"`` (block power iteration) or ``"squaring"`` (power
+            iteration as repeated squaring, few large matmuls: the fast one on GPUs); ``ncut_iters`` their
+            steps. [decision] ``"auto"`` (default) is ``"eigh"`` on CPU and ``"squaring"`` on GPUs, where
+            batched ``eigh`` of 196 x 196 matrices runs one matrix at a time (80 ms for 32 on an H100).
+        plan: how the forward pass runs; results agree to float rounding (tested), only cost differs.
+            ``"explicit"``: RF-CLIP keeps explicit attention matrices; fastest on CPUs.
+            ``"fused"``: RF-CLIP runs fused attention passes and keeps no ``(T, T)`` matrices; fastest
+            on GPUs, where those passes are memory-bound.
+            On both, crops and layers without distractors skip the refocusing steps (host-side checks).
+            ``"graphed"``: ``"fused"`` without host checks (every crop goes through every step, which is
+            the identity where there are no distractors), replayed as CUDA graphs, one per crop-batch
+            shape (any method). It saves the host's launch time, and pays for the skipped work: on an
+            H100 it lost to ``"fused"`` at 128 crops per batch (README, Performance). Needs
+            ``ncut_solver`` ``"squaring"`` or ``"auto"`` (cuSOLVER calls cannot be captured).
+            ``"auto"``: ``"explicit"`` on CPUs, ``"fused"`` elsewhere.
     NACLIP: naclip_sigma, the Gaussian's sigma in patches.
     RF-CLIP release (§4):
         release_keep: weight of the unfiltered feature in ``F <- keep F + (1 - keep) F_den``.
@@ -79,8 +93,9 @@ class Settings:
     distractor_attention: bool = True
     defocus_ncut: bool = True
     embedding_redistribution: bool = True
-    ncut_solver: str = "eigh"
+    ncut_solver: str = "auto"
     ncut_iters: int = 30
+    plan: str = "auto"
     naclip_sigma: float = 5.0
     release_keep: float = 0.6
     release_sim_threshold: float = 0.4
@@ -98,6 +113,18 @@ class Settings:
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
+NCUT_SOLVERS = ("auto", "eigh", "subspace", "squaring")
+PLANS = ("auto", "explicit", "fused", "graphed")
+
+
+def resolve_plan(plan: str, device) -> str:
+    """``"auto"`` -> ``"explicit"`` on CPUs, ``"fused"`` elsewhere. ``"graphed"`` needs a CUDA device."""
+    kind = getattr(device, "type", str(device))
+    if plan == "auto":
+        return "explicit" if kind == "cpu" else "fused"
+    if plan == "graphed" and kind != "cuda":
+        raise ValueError(f"plan='graphed' replays CUDA graphs and needs a CUDA device, not {kind}")
+    return plan
 
 METHOD_DEFAULTS: dict[str, dict] = {
     "clip": {},
@@ -135,8 +162,13 @@ def _validate(s: Settings) -> None:
                          "(a larger stride would leave pixels no window covers)")
     if not 0.0 <= s.lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {s.lam}")
-    if s.ncut_solver not in ("eigh", "subspace"):
-        raise ValueError(f"ncut_solver must be 'eigh' or 'subspace', got {s.ncut_solver!r}")
+    if s.ncut_solver not in NCUT_SOLVERS:
+        raise ValueError(f"ncut_solver must be one of {', '.join(NCUT_SOLVERS)}; got {s.ncut_solver!r}")
+    if s.plan not in PLANS:
+        raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {s.plan!r}")
+    if s.plan == "graphed" and s.ncut_solver not in ("auto", "squaring"):
+        raise ValueError(f"plan='graphed' needs ncut_solver 'squaring' or 'auto': {s.ncut_solver!r} calls "
+                         f"cuSOLVER, which CUDA graphs cannot capture")
     if s.batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if s.short_side < 0 or s.max_long_side < 1:

@@ -100,6 +100,19 @@ class DenseViT:
             logits = logits + bias
         return logits.softmax(dim=-1, dtype=torch.float32)
 
+    def mean_patch_self_attention(self, k: Tensor) -> Tensor:
+        """Head-mean of the patch block of ``softmax(k k^T / sqrt(dh))``: ``(B, N, N)`` float32.
+
+        The softmax runs over all T keys (CLS included) before the CLS row and column are dropped;
+        it is kept in ``k``'s dtype (half the memory traffic of float32 in 16-bit towers), the head
+        mean is taken in float32."""
+        b, h, t, dh = k.shape
+        k3 = k.reshape(b * h, t, dh)
+        # scale applied inside the matmul (alpha); beta=0 ignores the (broadcast) input
+        logits = torch.baddbmm(k3.new_zeros(1, 1, 1).expand(b * h, t, t), k3, k3.transpose(1, 2),
+                               beta=0, alpha=self.scale)
+        return logits.view(b, h, t, t).softmax(dim=-1)[:, :, 1:, 1:].mean(dim=1, dtype=torch.float32)
+
     def project(self, block: nn.Module, heads_out: Tensor) -> Tensor:
         """Merge heads ``(B, H, T', dh)`` and apply ``out_proj``: ``(B, T', D)`` (no residual, no ls_1)."""
         b, h, t, dh = heads_out.shape

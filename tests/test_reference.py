@@ -225,11 +225,18 @@ def fast_features(seg, imgs):
     return seg.encode_dense(torch.stack(imgs).float()).double()
 
 
+@pytest.mark.parametrize("plan", ["explicit", "fused", "fused-without-host-checks"])
 @pytest.mark.parametrize("method", ["rfclip", "rfclip-release"])
-def test_refocusing_methods_match_the_loop_reference(planted_files, method):
+def test_refocusing_methods_match_the_loop_reference(planted_files, method, plan, monkeypatch):
+    """``fused-without-host-checks`` is what the graphed plan runs (CUDA only), here on the CPU."""
+    if plan == "fused-without-host-checks":
+        from rfclip.methods import release, rfclip as rf
+        for module in (rf, release):
+            monkeypatch.setattr(module, "plan_flags", lambda settings, device: (True, False))
+        plan = "fused"
     tau = 0.07
     seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method=method, vocabulary=["a"],
-                           device="cpu", distraction_dims=PLANTED_DIMS, tau=tau)
+                           device="cpu", distraction_dims=PLANTED_DIMS, tau=tau, plan=plan)
     imgs = crops()
     fast = fast_features(seg, imgs)
     visual = seg.clip.visual
@@ -242,6 +249,17 @@ def test_refocusing_methods_match_the_loop_reference(planted_files, method):
         torch.testing.assert_close(fast[b], ref, atol=TOL, rtol=0)
 
 
+def test_received_attention_condition_on_the_fused_plan(planted_files):
+    """The received-attention condition (ViT-L/14) needs the attention matrix even on the fused plan;
+    with a threshold every distractor passes, the result is the one without the condition."""
+    kw = dict(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"], device="cpu",
+              distraction_dims=PLANTED_DIMS, tau=0.07, plan="fused")
+    x = torch.stack(crops()).float()
+    plain = rfclip.Segmenter(**kw).encode_dense(x)
+    with_condition = rfclip.Segmenter(**kw, min_received_attention=1e-12).encode_dense(x)
+    torch.testing.assert_close(with_condition, plain, atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["clip", "maskclip", "sclip", "clearclip", "naclip"])
 def test_baselines_match_the_loop_reference(planted_files, method):
     seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method=method, vocabulary=["a"],
@@ -252,7 +270,7 @@ def test_baselines_match_the_loop_reference(planted_files, method):
     torch.testing.assert_close(fast[0], ref, atol=TOL, rtol=0)
 
 
-def test_subspace_solver_agrees_with_eigh_on_structured_graphs():
+def test_iterative_solvers_agree_with_eigh_on_structured_graphs():
     """On graphs with a cut to find (a gap after the second eigenvalue) both solvers split alike.
 
     (On a random model's unstructured attention the second eigenvalue is nearly degenerate and the
@@ -273,8 +291,8 @@ def test_subspace_solver_agrees_with_eigh_on_structured_graphs():
     dis = torch.zeros(len(w), n, dtype=torch.bool)
     dis[:, :3] = True
     exact = refocus.defocused_tokens(w, dis, "eigh")
-    fast = refocus.defocused_tokens(w, dis, "subspace", iters=30)
-    assert torch.equal(exact, fast)
+    for solver in ("subspace", "squaring"):
+        assert torch.equal(exact, refocus.defocused_tokens(w, dis, solver, iters=30)), solver
 
 
 def test_crops_and_layers_without_distractors_skip_the_cut(planted_files, monkeypatch):

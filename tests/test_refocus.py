@@ -1,6 +1,7 @@
 """Invariants of the refocusing math (METHODS.md §3 a-d, §4) on constructed inputs."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rfclip import refocus
 
@@ -47,7 +48,7 @@ def two_block_affinity(n1=10, n2=6, inside=1.0, across=0.01, noise=0.01, seed=0)
     return w[perm][:, perm], perm
 
 
-@pytest.mark.parametrize("solver", ["eigh", "subspace"])
+@pytest.mark.parametrize("solver", ["auto", "eigh", "subspace", "squaring"])
 def test_normalised_cut_splits_two_blocks(solver):
     w, perm = two_block_affinity()
     small_block = perm >= 10                             # the 6 tokens of the second block, permuted
@@ -71,6 +72,24 @@ def test_defocused_set_excludes_distractors_and_falls_back_when_empty():
 def random_attention(b=2, h=3, n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, h, n + 1, n + 1, generator=g).softmax(-1).double()
+
+
+def test_fused_redistribution_equals_the_explicit_matrix_times_v():
+    """Four fused attention passes give ``redistribute_attention(A) @ v`` (CLS row untouched)."""
+    g = torch.Generator().manual_seed(4)
+    b, h, n, dh = 2, 3, 16, 8
+    q, k, v = (torch.randn(b, h, n + 1, dh, generator=g, dtype=torch.float64) for _ in range(3))
+    dis = torch.zeros(b, n, dtype=torch.bool)
+    dfc = torch.zeros(b, n, dtype=torch.bool)
+    dis[0, [1, 4]] = True
+    dfc[0, [7, 8, 9]] = True
+    dfc[1, [2, 3]] = True                                  # crop 1 has no distractors: plain attention
+    attn = (q @ k.transpose(-1, -2) / dh ** 0.5).softmax(-1)
+    explicit = refocus.redistribute_attention(attn, dis, dfc, 0.7) @ v
+    fused = refocus.redistributed_attention_output(q, k, v, dis, dfc, 0.7)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fused[1], attn[1] @ v[1], rtol=0, atol=1e-12)
+    assert not torch.allclose(fused[0], attn[0] @ v[0])   # crop 0 did change
 
 
 def test_redistribution_preserves_rows_and_moves_lam_proportionally():
@@ -144,3 +163,27 @@ def test_every_step_is_identity_without_distractors():
     assert torch.equal(refocus.neighbour_mean_channels(x, (3, 4), none, DIMS), x)
     assert torch.equal(refocus.release_mean_filter(x, (3, 4), none), x)
     assert not refocus.find_distractors(torch.zeros(2, 12, 8), DIMS, tau=0.1).any()
+
+
+def test_auto_solver_is_exact_eigh_on_cpu():
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 40, 8, generator=g)
+    w = (k @ k.transpose(1, 2)).softmax(-1)
+    w = 0.5 * (w + w.transpose(1, 2))
+    torch.testing.assert_close(refocus.fiedler_vector(w, "auto"), refocus.fiedler_vector(w, "eigh"), rtol=0, atol=0)
+
+
+def test_squaring_solver_finds_the_fiedler_vector_up_to_sign():
+    """On a graph with a spectral gap the power-by-squaring vector is the exact eigenvector's direction."""
+    w, _ = two_block_affinity(noise=0.2)
+    w = 0.5 * (w + w.T)
+    exact = refocus.fiedler_vector(w[None], "eigh")
+    fast = refocus.fiedler_vector(w[None], "squaring", iters=64)
+    cos = (F.normalize(exact, dim=-1) * F.normalize(fast, dim=-1)).sum().abs()
+    assert cos > 0.9999
+
+
+def test_unknown_solver_is_refused():
+    w, _ = two_block_affinity()
+    with pytest.raises(ValueError, match="unknown ncut solver"):
+        refocus.fiedler_vector(w[None], "lanczos")

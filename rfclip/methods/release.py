@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .. import refocus
 from .base import DenseMethod, DenseOutput
-from .rfclip import distraction_setup, kk_averaged_last_block
+from .kk_attention import KKAttention
+from .rfclip import distraction_setup, plan_flags
 
 Tensor = torch.Tensor
 
@@ -53,19 +54,21 @@ class RFCLIPRelease(DenseMethod):
         dims, tau, _ = distraction_setup(s, self.arch, vit.width, x.device)
         tokens, grid = vit.embed(x)
         b = tokens.shape[0]
-        kk_sum = None
+        fused, check = plan_flags(s, x.device)
+        kk = KKAttention(vit, fused, need_affinity=False)
         out_sum = torch.zeros_like(tokens, dtype=torch.float32)
         before_last = tokens
         for l, block in enumerate(vit.blocks):
             q, k, v = vit.qkv(block, tokens)
             if l < vit.num_layers - 1:
-                kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-                kk_sum = kk.clone() if kk_sum is None else kk_sum.add_(kk)
+                kk.add(k)
             tokens = vit.plain_block(block, tokens, (q, k, v))
-            mask = refocus.find_distractors(tokens[:, 1:], dims, tau)
-            patches = refocus.release_mean_filter(tokens[:, 1:], grid, mask, s.release_keep)
-            tokens = torch.cat([tokens[:, :1], patches], dim=1)
-            out_sum += tokens.float()
+            patches = tokens[:, 1:]
+            mask = refocus.find_distractors(patches, dims, tau)
+            filtered = refocus.release_mean_filter(patches, grid, mask, s.release_keep, check)
+            if filtered is not patches:
+                tokens = torch.cat([tokens[:, :1], filtered], dim=1)
+            out_sum.add_(tokens)
             if l == vit.num_layers - 2:
                 before_last = tokens
         cls = vit.head(tokens[:, 0])
@@ -75,8 +78,8 @@ class RFCLIPRelease(DenseMethod):
         sim = torch.where(sim < s.release_sim_threshold, torch.zeros_like(sim), sim).to(tokens.dtype)
         branch_a = torch.cat([before_last[:, :1], sim @ before_last[:, 1:]], dim=1)
         branch_b = torch.cat([z_bar[:, :1], sim @ z_bar[:, 1:]], dim=1)
-        out_a = kk_averaged_last_block(vit, kk_sum, branch_a)
-        out_b = kk_averaged_last_block(vit, kk_sum, branch_b, consume_sum=True)
+        out_a = kk.last_block(branch_a)
+        out_b = kk.last_block(branch_b)
         dense = vit.head(0.5 * (out_a + out_b))
         return DenseOutput(dense.reshape(b, grid[0], grid[1], -1), cls)
 

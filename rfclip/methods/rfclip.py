@@ -3,22 +3,37 @@
 Per block l < L, batched over crops: (a) distractors on the input stream; (b) defocused tokens from a
 normalised cut of the layer-averaged kk attention; (c) attention moved from distractors to defocused
 tokens; the block runs on; (d) the distractors' distraction channels smoothed on the output.
-Last block (e): ``out_proj(A_bar v)`` with ``A_bar`` the head-wise mean of every layer's kk attention.
+Last block (e): ``out_proj(A_bar v)`` with ``A_bar`` the mean over layers of each head's kk attention.
 Crops without distractors in a layer skip (b) and (c) (the cut runs only on the crops that need it).
+On GPUs only fused attention runs on ViT-B (``refocus.redistributed_attention_output`` and the
+``fused`` plan of :class:`KKAttention`); on CPUs explicit attention matrices are cheaper.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import refocus
-from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch
+from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch, resolve_plan
 from .base import DenseMethod, DenseOutput
+from .kk_attention import KKAttention
 
 Tensor = torch.Tensor
 
 
+_SETUPS: dict = {}
+
+
 def distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, float, float | None]:
-    """``(dims, tau, min_received)`` for an architecture, from the settings or the known tables."""
+    """``(dims, tau, min_received)`` for an architecture, from the settings or the known tables.
+
+    Cached per settings and device, so a forward pass makes no host-to-device copy (CUDA graphs)."""
+    key = (id(settings), arch, width, str(device))
+    if key not in _SETUPS:
+        _SETUPS[key] = (settings, _distraction_setup(settings, arch, width, device))
+    return _SETUPS[key][1]
+
+
+def _distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, float, float | None]:
     dims = settings.distraction_dims
     if dims is None:
         dims = DISTRACTION_DIMS.get(base_arch(arch))
@@ -37,21 +52,12 @@ def distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, 
     return torch.tensor(list(dims), dtype=torch.long, device=device), tau, min_recv
 
 
-def kk_averaged_last_block(vit, kk_sum: Tensor | None, tokens: Tensor, consume_sum: bool = False) -> Tensor:
-    """Eq. 14: ``out_proj(A_bar v)`` of the last block on ``tokens`` ``(B, T, D)``: ``(B, N, D)``.
-
-    ``A_bar`` is the head-wise mean over all L layers of the patch-block kk attention: ``kk_sum``
-    ``(B, H, N, N)`` holds layers 1..L-1, the last layer's entry is computed here from ``tokens``.
-    No residual, no FFN. ``consume_sum`` lets the sum be reused in place (it is then spent).
-    """
-    last = vit.blocks[-1]
-    k, v = vit.keys(last, tokens)
-    kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-    if kk_sum is None:
-        a_bar = kk
-    else:
-        a_bar = kk_sum.add_(kk) if consume_sum else kk_sum + kk
-    return vit.attend(last, a_bar.div_(vit.num_layers), v[:, :, 1:])
+def plan_flags(settings, device: torch.device) -> tuple[bool, bool]:
+    """``(fused, host_checks)`` for the plan: fused attention (``fused``, ``graphed``), and skipping
+    steps by looking at masks on the host (all but ``graphed``, which must never synchronise; its
+    masked steps are the identity where a mask is empty)."""
+    plan = resolve_plan(settings.plan, device)
+    return plan != "explicit", plan != "graphed"
 
 
 class RFCLIP(DenseMethod):
@@ -60,41 +66,49 @@ class RFCLIP(DenseMethod):
     def encode(self, x: Tensor) -> DenseOutput:
         vit, s = self.vit, self.settings
         dims, tau, min_recv = distraction_setup(s, self.arch, vit.width, x.device)
+        fused, check = plan_flags(s, x.device)
         tokens, grid = vit.embed(x)
         b, n = tokens.shape[0], tokens.shape[1] - 1
-        kk_sum = None                                     # (B, H, N, N) float32, sum of patch-block kk attention
-        for l, block in enumerate(vit.blocks[:-1], start=1):
+        kk = KKAttention(vit, fused, need_affinity=s.distractor_attention and s.defocus_ncut and n >= 3)
+        for block in vit.blocks[:-1]:
             q, k, v = vit.qkv(block, tokens)
-            kk = vit.softmax_attention(k, k)[:, :, 1:, 1:]
-            kk_sum = kk.clone() if kk_sum is None else kk_sum.add_(kk)
-            # The attention matrix is materialised only when it is needed: for the received-attention
-            # condition (ViT-L/14) or to move mass; otherwise the fused kernel runs (plain block).
+            kk.add(k)
+            # The attention matrix is materialised for the received-attention condition (ViT-L/14), or
+            # to move mass on the explicit plan; the fused plan moves it with four fused passes.
             attn = vit.softmax_attention(q, k) if min_recv is not None else None
             recv = refocus.received_attention(attn) if min_recv is not None else None
             dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
-            if s.distractor_attention and bool(dis.any()):
-                attn = vit.softmax_attention(q, k) if attn is None else attn
-                attn = refocus.redistribute_attention(attn, dis, self._receivers(kk_sum, l, dis, n), s.lam,
-                                                      inplace=True)
-            if attn is None:
-                tokens = vit.plain_block(block, tokens, (q, k, v))
-            else:
+            if s.distractor_attention and (not check or bool(dis.any())):
+                receivers = self._receivers(kk, dis, check)
+                if fused and attn is None:
+                    heads = refocus.redistributed_attention_output(q, k, v, dis, receivers, s.lam)
+                    tokens = vit.finish_block(block, tokens, vit.project(block, heads))
+                else:
+                    attn = vit.softmax_attention(q, k) if attn is None else attn
+                    attn = refocus.redistribute_attention(attn, dis, receivers, s.lam, inplace=True)
+                    tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
+            elif attn is not None:
                 tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
+            else:
+                tokens = vit.plain_block(block, tokens, (q, k, v))
             if s.embedding_redistribution:
-                dis_out = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
-                if bool(dis_out.any()):
-                    patches = refocus.neighbour_mean_channels(tokens[:, 1:], grid, dis_out, dims)
-                    tokens = torch.cat([tokens[:, :1], patches], dim=1)
-        out = kk_averaged_last_block(vit, kk_sum, tokens, consume_sum=True)
+                patches = tokens[:, 1:]
+                dis_out = refocus.find_distractors(patches, dims, tau, recv, min_recv)
+                smoothed = refocus.neighbour_mean_channels(patches, grid, dis_out, dims, check)
+                if smoothed is not patches:
+                    tokens = torch.cat([tokens[:, :1], smoothed], dim=1)
+        out = kk.last_block(tokens)
         return DenseOutput(vit.head(out).reshape(b, grid[0], grid[1], -1))
 
-    def _receivers(self, kk_sum: Tensor, layers: int, dis: Tensor, n: int) -> Tensor:
-        """Defocused tokens ``(B, N)`` bool; the cut runs only on crops that have distractors."""
+    def _receivers(self, kk: KKAttention, dis: Tensor, check: bool) -> Tensor:
+        """Defocused tokens ``(B, N)`` bool. With ``check`` the cut runs only on crops that have
+        distractors (a host sync); without, on all (what it gives crops without distractors is unused)."""
         s = self.settings
         receivers = ~dis
-        if not s.defocus_ncut or n < 3:
+        if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
             return receivers
+        if not check:
+            return refocus.defocused_tokens(kk.affinity(None), dis, s.ncut_solver, s.ncut_iters)
         idx = dis.any(dim=-1).nonzero().squeeze(-1)
-        affinity = kk_sum.mean(dim=1).index_select(0, idx) / layers      # head-average first: (B', N, N)
-        cut = refocus.defocused_tokens(affinity, dis.index_select(0, idx), s.ncut_solver, s.ncut_iters)
+        cut = refocus.defocused_tokens(kk.affinity(idx), dis.index_select(0, idx), s.ncut_solver, s.ncut_iters)
         return receivers.index_copy(0, idx, cut)

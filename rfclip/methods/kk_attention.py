@@ -1,0 +1,81 @@
+"""The layer-averaged kk attention that RF-CLIP keeps across blocks (METHODS.md §3b and Eq. 14).
+
+Each block l < L contributes ``K_l = softmax(k_l k_l^T / sqrt(dh))`` (over all T keys, CLS included),
+of which the patch block is used. Two consumers need the running sum:
+
+- the normalised cut (§3b): the head-mean of the patch block, averaged over the layers so far,
+  ``(B', N, N)`` for the crops that have distractors;
+- the last block (Eq. 14): ``out_proj(A_bar v)``, with ``A_bar`` the mean over all L layers of each
+  head's patch block.
+
+Two storage plans give the same numbers (tested), and differ only in cost:
+
+- ``explicit``: keep the per-head sum ``(B, H, N, N)`` float32. Cheapest on CPUs.
+- ``fused``: keep each layer's keys ``(B, H, T, dh)`` and only the ``(B, N, N)`` head-mean sum; apply
+  ``A_bar v = (1/L) sum_l K_l v`` as L fused attention passes (``q = k = k_l``; a zero CLS value drops
+  the CLS column without renormalising). No per-head ``(T, T)`` matrix is kept, which on GPUs, where
+  these passes are memory-bound, is several times cheaper.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+class KKAttention:
+    """Running sum of the kk attention of blocks 1..L-1.
+
+    Args:
+        vit: the walked tower (``rfclip.vit.DenseViT``).
+        fused: the storage plan (see the module docstring).
+        need_affinity: whether :meth:`affinity` will be asked for (the cut is on).
+    """
+
+    def __init__(self, vit, fused: bool, need_affinity: bool):
+        self.vit, self.fused, self.need_affinity = vit, fused, need_affinity
+        self.layers = 0
+        self._keys: list[Tensor] = []               # fused: k_l, (B, H, T, dh) contiguous
+        self._head_sum: Optional[Tensor] = None     # explicit: (B, H, N, N) float32
+        self._mean_sum: Optional[Tensor] = None     # fused: (B, N, N) float32, sum of head means
+
+    def add(self, k: Tensor) -> None:
+        """Add the keys ``(B, H, T, dh)`` of the next block."""
+        self.layers += 1
+        if self.fused:
+            self._keys.append(k.contiguous())
+            if self.need_affinity:
+                kk = self.vit.mean_patch_self_attention(self._keys[-1])
+                self._mean_sum = kk if self._mean_sum is None else self._mean_sum.add_(kk)
+        else:
+            kk = self.vit.softmax_attention(k, k)[:, :, 1:, 1:]
+            self._head_sum = kk.clone() if self._head_sum is None else self._head_sum.add_(kk)
+
+    def affinity(self, crops: Optional[Tensor] = None) -> Tensor:
+        """Head-mean patch-block kk attention averaged over the blocks added so far, for ``crops``
+        (``(B',)`` long indices; None: all): ``(B', N, N)`` float32."""
+        total = self._mean_sum if self.fused else self._head_sum
+        if crops is not None:
+            total = total.index_select(0, crops)
+        if not self.fused:
+            total = total.mean(dim=1)
+        return total / self.layers
+
+    def last_block(self, tokens: Tensor) -> Tensor:
+        """Eq. 14 on ``tokens`` ``(B, T, D)`` (all L-1 blocks added): ``out_proj(A_bar v)``, ``(B, N, D)``.
+        No residual, no FFN. Can be called more than once (on different tokens)."""
+        vit = self.vit
+        last = vit.blocks[-1]
+        k, v = vit.keys(last, tokens)
+        if not self.fused:
+            a_bar = (self._head_sum + vit.softmax_attention(k, k)[:, :, 1:, 1:]) / vit.num_layers
+            return vit.attend(last, a_bar, v[:, :, 1:])
+        v = torch.cat([torch.zeros_like(v[:, :, :1]), v[:, :, 1:]], dim=2)
+        b, h, t, dh = v.shape
+        total = torch.zeros(b, h, t - 1, dh, device=v.device, dtype=torch.promote_types(v.dtype, torch.float32))
+        for kl in (*self._keys, k):
+            total.add_(F.scaled_dot_product_attention(kl, kl, v)[:, :, 1:])
+        return vit.project(last, (total / vit.num_layers).to(v.dtype))
