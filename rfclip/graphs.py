@@ -4,7 +4,8 @@ RF-CLIP launches a few hundred small kernels per block (distractor scores, the c
 updates). At GPU batch sizes the host cannot issue them as fast as the GPU runs them, so the GPU
 waits. A CUDA graph records the launches of one forward pass once and replays them with one call.
 That needs a forward pass without host synchronisation and with fixed shapes: the ``graphed`` plan
-runs the fused plan without its host-side checks. Each input shape gets its own graph, and short batches are padded to the full batch.
+runs the fused plan without its host-side checks. Each input shape gets its own graph, and short
+batches are padded to the full batch.
 """
 from __future__ import annotations
 

@@ -112,8 +112,8 @@ def _second_eigvec_subspace(m: Tensor, top: Tensor, iters: int, block: int) -> T
 
 def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int) -> Tensor:
     """Power iteration with ``S = (M + I)/2 - u u^T`` (spectrum in [0, 1], the top eigenvector ``u``
-    moved to 0), as ``S^(2^p)`` by ``p = ceil(log2(iters))`` squarings, each rescaled to max |.| = 1
-    so nothing underflows. Rounding that brings ``u`` back has eigenvalue ~eps and is squared away."""
+    moved to 0), as ``S^(2^p)`` by ``p = ceil(log2(iters))`` squarings, each divided by its trace so
+    nothing underflows. Rounding that brings ``u`` back has eigenvalue ~eps and is squared away."""
     b, n, _ = m.shape
     u = F.normalize(top, dim=-1)
     s = torch.baddbmm(0.5 * m, u[:, :, None], u[:, None, :], alpha=-1)

@@ -51,7 +51,7 @@ class RFCLIPRelease(DenseMethod):
 
     def encode(self, x: Tensor) -> DenseOutput:
         vit, s = self.vit, self.settings
-        dims, tau, _ = distraction_setup(s, self.arch, vit.width, x.device)
+        dims, tau, _ = distraction_setup(self, x.device)
         tokens, grid = vit.embed(x)
         b = tokens.shape[0]
         fused, check = plan_flags(s, x.device)

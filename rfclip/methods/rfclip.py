@@ -20,17 +20,15 @@ from .kk_attention import KKAttention
 Tensor = torch.Tensor
 
 
-_SETUPS: dict = {}
+def distraction_setup(method: DenseMethod, device) -> tuple[Tensor, float, float | None]:
+    """``(dims, tau, min_received)`` for ``method``'s architecture, from its settings or the known tables.
 
-
-def distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, float, float | None]:
-    """``(dims, tau, min_received)`` for an architecture, from the settings or the known tables.
-
-    Cached per settings and device, so a forward pass makes no host-to-device copy (CUDA graphs)."""
-    key = (id(settings), arch, width, str(device))
-    if key not in _SETUPS:
-        _SETUPS[key] = (settings, _distraction_setup(settings, arch, width, device))
-    return _SETUPS[key][1]
+    Cached on the method per device, so a forward pass makes no host-to-device copy (CUDA graphs)."""
+    cache = method.__dict__.setdefault("_distraction_setup", {})
+    key = str(device)
+    if key not in cache:
+        cache[key] = _distraction_setup(method.settings, method.arch, method.vit.width, device)
+    return cache[key]
 
 
 def _distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, float, float | None]:
@@ -65,7 +63,7 @@ class RFCLIP(DenseMethod):
 
     def encode(self, x: Tensor) -> DenseOutput:
         vit, s = self.vit, self.settings
-        dims, tau, min_recv = distraction_setup(s, self.arch, vit.width, x.device)
+        dims, tau, min_recv = distraction_setup(self, x.device)
         fused, check = plan_flags(s, x.device)
         tokens, grid = vit.embed(x)
         b, n = tokens.shape[0], tokens.shape[1] - 1
@@ -108,7 +106,7 @@ class RFCLIP(DenseMethod):
         if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
             return receivers
         if not check:
-            return refocus.defocused_tokens(kk.affinity(None), dis, s.ncut_solver, s.ncut_iters)
+            return refocus.defocused_tokens(kk.affinity(), dis, s.ncut_solver, s.ncut_iters)
         idx = dis.any(dim=-1).nonzero().squeeze(-1)
         cut = refocus.defocused_tokens(kk.affinity(idx), dis.index_select(0, idx), s.ncut_solver, s.ncut_iters)
         return receivers.index_copy(0, idx, cut)
