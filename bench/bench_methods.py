@@ -49,7 +49,8 @@ def default_methods(device: torch.device) -> list[str]:
     if device.type == "cpu":
         extra = ["rfclip+subspace", "rfclip+squaring", "rfclip+fused"]
     else:
-        extra = ["clip+graphed", "rfclip+graphed", "rfclip+explicit", "rfclip+eigh", "rfclip+subspace"]
+        extra = ["clip+graphed", "rfclip+graphed", "rfclip+triton", "rfclip+graphed+triton", "rfclip+explicit",
+                 "rfclip+eigh", "rfclip+subspace"]
     return rfclip.available_methods() + extra
 
 
@@ -86,12 +87,18 @@ def timed(fn, device) -> float:
 
 def build(model: str, checkpoint: str, method: str, device: str, precision: str,
           vocabulary=None) -> rfclip.Segmenter:
-    """``method`` may name a variant: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``,
-    ``"rfclip+fused"`` with ``plan="fused"`` (likewise ``explicit``, ``graphed``)."""
+    """``method`` may name variants: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``,
+    ``"rfclip+fused"`` with ``plan="fused"`` (likewise ``explicit``, ``graphed``), ``"rfclip+triton"``
+    with ``attention_kernels="triton"``; they combine (``"rfclip+graphed+triton"``)."""
+    method, *variants = method.split("+")
     extra = {}
-    if "+" in method:
-        method, variant = method.split("+", 1)
-        extra = {"plan": variant} if variant in PLANS else {"ncut_solver": variant}
+    for variant in variants:
+        if variant in PLANS:
+            extra["plan"] = variant
+        elif variant == "triton":
+            extra["attention_kernels"] = "triton"
+        else:
+            extra["ncut_solver"] = variant
     return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=vocabulary or VOC_LIKE,
                             device=device, **extra,
                             precision=precision, short_side=336, slide_crop=224, slide_stride=112,
@@ -243,7 +250,7 @@ def main() -> None:
     mem = {}
     if not args.skip_memory:
         for m in methods:
-            if m.endswith("+graphed"):
+            if "graphed" in m.split("+"):
                 continue                          # a graph's memory is its pool, set aside at capture
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

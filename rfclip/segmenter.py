@@ -105,7 +105,7 @@ class Segmenter:
         self.clip = clip
         self.vit = DenseViT(clip.visual)
         self.method = build_method(method, self.vit, self.settings, arch)
-        self.plan = resolve_plan(self.settings.plan, self.device)
+        self.plan = resolve_plan(self.settings, self.device)
         # The crops' forward pass: replayed from CUDA graphs on the graphed plan (see rfclip.graphs).
         self._encode_crops = (GraphedEncoder(self.method.encode, self.settings.batch_size)
                               if self.plan == "graphed" else self.method.encode)

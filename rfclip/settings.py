@@ -5,6 +5,7 @@ A ``Segmenter`` resolves its settings as: the method's defaults, then the benchm
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
@@ -64,7 +65,11 @@ class Settings:
             shape (any method). It saves the host's launch time, and pays for the skipped work: on an
             H100 it lost to ``"fused"`` at 128 crops per batch (README, Performance). Needs
             ``ncut_solver`` ``"squaring"`` or ``"auto"`` (cuSOLVER calls cannot be captured).
-            ``"auto"``: ``"explicit"`` on CPUs, ``"fused"`` elsewhere.
+            ``"auto"``: ``"explicit"`` on CPUs, ``"fused"`` elsewhere (``"fused"`` with Triton kernels).
+        attention_kernels: who runs RF-CLIP's per-block affinity and step (c) on the fused and graphed
+            plans: ``"torch"`` (PyTorch ops and fused attention passes) or ``"triton"`` (one Triton kernel
+            each, ``rfclip.kernels``; CUDA devices, crops of at most 1024 tokens). Same numbers (tested).
+            [decision] Off by default until measured on a GPU (README, Performance).
     NACLIP: naclip_sigma, the Gaussian's sigma in patches.
     RF-CLIP release (§4):
         release_keep: weight of the unfiltered feature in ``F <- keep F + (1 - keep) F_den``.
@@ -96,6 +101,7 @@ class Settings:
     ncut_solver: str = "auto"
     ncut_iters: int = 30
     plan: str = "auto"
+    attention_kernels: str = "torch"
     naclip_sigma: float = 5.0
     release_keep: float = 0.6
     release_sim_threshold: float = 0.4
@@ -115,13 +121,20 @@ class Settings:
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 NCUT_SOLVERS = ("auto", "eigh", "subspace", "squaring")
 PLANS = ("auto", "explicit", "fused", "graphed")
+ATTENTION_KERNELS = ("torch", "triton")
 
 
-def resolve_plan(plan: str, device) -> str:
-    """``"auto"`` -> ``"explicit"`` on CPUs, ``"fused"`` elsewhere. ``"graphed"`` needs a CUDA device."""
+def resolve_plan(settings: Settings, device) -> str:
+    """The plan that runs on ``device``: ``"auto"`` -> ``"explicit"`` on CPUs, ``"fused"`` elsewhere or
+    with Triton kernels. ``"graphed"`` needs a CUDA device; Triton kernels need one too (or, for tests,
+    CPU tensors in Triton's interpreter, ``TRITON_INTERPRET=1``)."""
     kind = getattr(device, "type", str(device))
+    plan, triton = settings.plan, settings.attention_kernels == "triton"
+    if triton and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention_kernels='triton' needs a CUDA device, not {kind} (CPU tensors run only in "
+                         f"Triton's interpreter, TRITON_INTERPRET=1, which is for tests)")
     if plan == "auto":
-        return "explicit" if kind == "cpu" else "fused"
+        return "explicit" if kind == "cpu" and not triton else "fused"
     if plan == "graphed" and kind != "cuda":
         raise ValueError(f"plan='graphed' replays CUDA graphs and needs a CUDA device, not {kind}")
     return plan
@@ -166,6 +179,11 @@ def _validate(s: Settings) -> None:
         raise ValueError(f"ncut_solver must be one of {', '.join(NCUT_SOLVERS)}; got {s.ncut_solver!r}")
     if s.plan not in PLANS:
         raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {s.plan!r}")
+    if s.attention_kernels not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernels must be one of {', '.join(ATTENTION_KERNELS)}; "
+                         f"got {s.attention_kernels!r}")
+    if s.attention_kernels == "triton" and s.plan == "explicit":
+        raise ValueError("attention_kernels='triton' runs on the fused and graphed plans, not 'explicit'")
     if s.plan == "graphed" and s.ncut_solver not in ("auto", "squaring"):
         raise ValueError(f"plan='graphed' needs ncut_solver 'squaring' or 'auto': {s.ncut_solver!r} calls "
                          f"cuSOLVER, which CUDA graphs cannot capture")

@@ -22,6 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without a GPU, rfclip.kernels' Triton kernels run on CPU tensors in Triton's interpreter. Triton reads
+# the switch when it is imported (open_clip imports it), so it is set here, before any test module loads.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:

@@ -70,6 +70,20 @@ def test_cuda_graph_replays_new_inputs_and_pads_short_batches(planted_files):
     assert len(seg._encode_crops._graphs) == 1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("plan", ["fused", "graphed"])
+def test_cuda_triton_kernels_agree_with_torch(planted_files, plan, precision):
+    """attention_kernels='triton' (compiled kernels, captured in graphs on the graphed plan) against torch."""
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    kw = dict(plan=plan, batch_size=4, precision=precision)
+    want = segmenter(planted_files, "rfclip", "cuda", **kw).encode_dense(x).float()
+    got = segmenter(planted_files, "rfclip", "cuda", attention_kernels="triton", **kw).encode_dense(x).float()
+    if precision == "fp32":
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    cos = (F.normalize(got, dim=-1) * F.normalize(want, dim=-1)).sum(-1)
+    assert cos.min() > 0.999
+
+
 def test_cuda_graphed_segmentation_matches_eager(planted_files):
     imgs = [planted_image(250, 330), planted_image(90, 70, seed=2), planted_image(300, 200, seed=3)]
     a = segmenter(planted_files, "rfclip", "cuda", plan="graphed", batch_size=4).segment_batch(imgs)

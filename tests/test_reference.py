@@ -225,18 +225,27 @@ def fast_features(seg, imgs):
     return seg.encode_dense(torch.stack(imgs).float()).double()
 
 
-@pytest.mark.parametrize("plan", ["explicit", "fused", "fused-without-host-checks"])
-@pytest.mark.parametrize("method", ["rfclip", "rfclip-release"])
+PLAN_CASES = [(m, p) for m in ("rfclip", "rfclip-release") for p in ("explicit", "fused", "fused-without-host-checks")]
+
+
+@pytest.mark.parametrize("method,plan", PLAN_CASES + [("rfclip", "fused+triton")])   # the kernels are RF-CLIP's
 def test_refocusing_methods_match_the_loop_reference(planted_files, method, plan, monkeypatch):
-    """``fused-without-host-checks`` is what the graphed plan runs (CUDA only), here on the CPU."""
+    """``fused-without-host-checks`` is what the graphed plan runs (CUDA only), here on the CPU.
+    ``fused+triton`` runs rfclip.kernels (in Triton's interpreter without a GPU, see conftest.py)."""
+    extra = {}
     if plan == "fused-without-host-checks":
         from rfclip.methods import release, rfclip as rf
         for module in (rf, release):
             monkeypatch.setattr(module, "plan_flags", lambda settings, device: (True, False))
         plan = "fused"
+    elif plan == "fused+triton":
+        from rfclip import kernels
+        if not kernels.interpreted():
+            pytest.skip("the kernels run on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
+        plan, extra = "fused", {"attention_kernels": "triton"}
     tau = 0.07
     seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method=method, vocabulary=["a"],
-                           device="cpu", distraction_dims=PLANTED_DIMS, tau=tau, plan=plan)
+                           device="cpu", distraction_dims=PLANTED_DIMS, tau=tau, plan=plan, **extra)
     imgs = crops()
     fast = fast_features(seg, imgs)
     visual = seg.clip.visual

@@ -177,3 +177,23 @@ def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files, precision):
     b = torch.nn.functional.normalize(low.encode_dense(x).float(), dim=-1)
     cos = (a * b).sum(-1)
     assert cos.mean() > 0.99           # stated tolerance for 16-bit image towers: mean cosine > 0.99
+
+
+def test_plans_and_kernels_that_cannot_run_are_refused_up_front(planted_files, monkeypatch):
+    def build(**kw):
+        return rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=VOCAB,
+                                device="cpu", distraction_dims=list(range(8)), **kw)
+    with pytest.raises(ValueError, match="plan must be one of"):
+        build(plan="fast")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        build(plan="graphed")
+    with pytest.raises(ValueError, match="cuSOLVER"):
+        build(plan="graphed", ncut_solver="eigh")
+    with pytest.raises(ValueError, match="attention_kernels must be one of"):
+        build(attention_kernels="cuda")
+    with pytest.raises(ValueError, match="not 'explicit'"):
+        build(attention_kernels="triton", plan="explicit")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention_kernels='triton' needs a CUDA device"):
+        build(attention_kernels="triton")
+    assert build().plan == "explicit"

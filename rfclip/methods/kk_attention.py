@@ -14,7 +14,9 @@ Two storage plans give the same numbers (tested), and differ only in cost:
 - ``fused``: keep each layer's keys ``(B, H, T, dh)`` and only the ``(B, N, N)`` head-mean sum; apply
   ``A_bar v = (1/L) sum_l K_l v`` as L fused attention passes (``q = k = k_l``; a zero CLS value drops
   the CLS column without renormalising). No per-head ``(T, T)`` matrix is kept, which on GPUs, where
-  these passes are memory-bound, is several times cheaper.
+  these passes are memory-bound, is several times cheaper. With ``triton`` the head-mean of each
+  block is one kernel (``rfclip.kernels.accumulate_kk_head_mean``) that adds into the running sum
+  without writing the per-head softmax.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .. import kernels
 
 Tensor = torch.Tensor
 
@@ -33,10 +37,11 @@ class KKAttention:
         vit: the walked tower (``rfclip.vit.DenseViT``).
         fused: the storage plan (see the module docstring).
         need_affinity: whether :meth:`affinity` will be asked for (the cut is on).
+        triton: on the fused plan, accumulate the affinity with the Triton kernel.
     """
 
-    def __init__(self, vit, fused: bool, need_affinity: bool):
-        self.vit, self.fused, self.need_affinity = vit, fused, need_affinity
+    def __init__(self, vit, fused: bool, need_affinity: bool, triton: bool = False):
+        self.vit, self.fused, self.need_affinity, self.triton = vit, fused, need_affinity, triton
         self.layers = 0
         self._keys: list[Tensor] = []               # fused: k_l, (B, H, T, dh) contiguous
         self._head_sum: Optional[Tensor] = None     # explicit: (B, H, N, N) float32
@@ -47,7 +52,12 @@ class KKAttention:
         self.layers += 1
         if self.fused:
             self._keys.append(k.contiguous())
-            if self.need_affinity:
+            if self.need_affinity and self.triton:
+                if self._mean_sum is None:
+                    b, _, t, _ = k.shape
+                    self._mean_sum = torch.zeros(b, t - 1, t - 1, device=k.device, dtype=torch.float32)
+                kernels.accumulate_kk_head_mean(self._keys[-1], self._mean_sum, self.vit.scale)
+            elif self.need_affinity:
                 kk = self.vit.mean_patch_self_attention(self._keys[-1])
                 self._mean_sum = kk if self._mean_sum is None else self._mean_sum.add_(kk)
         else:

@@ -6,13 +6,14 @@ tokens; the block runs on; (d) the distractors' distraction channels smoothed on
 Last block (e): ``out_proj(A_bar v)`` with ``A_bar`` the mean over layers of each head's kk attention.
 Crops without distractors in a layer skip (b) and (c) (the cut runs only on the crops that need it).
 On GPUs only fused attention runs on ViT-B (``refocus.redistributed_attention_output`` and the
-``fused`` plan of :class:`KKAttention`); on CPUs explicit attention matrices are cheaper.
+``fused`` plan of :class:`KKAttention`, or one Triton kernel for each with ``attention_kernels="triton"``,
+``rfclip.kernels``); on CPUs explicit attention matrices are cheaper.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import refocus
+from .. import kernels, refocus
 from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch, resolve_plan
 from .base import DenseMethod, DenseOutput
 from .kk_attention import KKAttention
@@ -54,7 +55,7 @@ def plan_flags(settings, device: torch.device) -> tuple[bool, bool]:
     """``(fused, host_checks)`` for the plan: fused attention (``fused``, ``graphed``), and skipping
     steps by looking at masks on the host (all but ``graphed``, which must never synchronise; its
     masked steps are the identity where a mask is empty)."""
-    plan = resolve_plan(settings.plan, device)
+    plan = resolve_plan(settings, device)
     return plan != "explicit", plan != "graphed"
 
 
@@ -67,7 +68,10 @@ class RFCLIP(DenseMethod):
         fused, check = plan_flags(s, x.device)
         tokens, grid = vit.embed(x)
         b, n = tokens.shape[0], tokens.shape[1] - 1
-        kk = KKAttention(vit, fused, need_affinity=s.distractor_attention and s.defocus_ncut and n >= 3)
+        triton = s.attention_kernels == "triton"
+        redistributed = kernels.redistributed_attention_output if triton else refocus.redistributed_attention_output
+        kk = KKAttention(vit, fused, need_affinity=s.distractor_attention and s.defocus_ncut and n >= 3,
+                         triton=triton)
         for block in vit.blocks[:-1]:
             q, k, v = vit.qkv(block, tokens)
             kk.add(k)
@@ -79,7 +83,7 @@ class RFCLIP(DenseMethod):
             if s.distractor_attention and (not check or bool(dis.any())):
                 receivers = self._receivers(kk, dis, check)
                 if fused and attn is None:
-                    heads = refocus.redistributed_attention_output(q, k, v, dis, receivers, s.lam)
+                    heads = redistributed(q, k, v, dis, receivers, s.lam)
                     tokens = vit.finish_block(block, tokens, vit.project(block, heads))
                 else:
                     attn = vit.softmax_attention(q, k) if attn is None else attn

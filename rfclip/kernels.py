@@ -1,0 +1,183 @@
+"""Triton kernels for RF-CLIP's two per-block attention steps (``Settings.attention_kernels="triton"``).
+
+On the ``fused`` plan each block l < L of RF-CLIP spends, beside the plain block:
+
+- the cut's affinity: the head-mean of ``softmax(k k^T / sqrt(dh))``, which PyTorch computes by writing
+  and re-reading ``B * H * T^2`` logits and probabilities (:meth:`rfclip.vit.DenseViT.mean_patch_self_attention`);
+- step (c): four fused attention passes (:func:`rfclip.refocus.redistributed_attention_output`).
+
+At ViT crop sizes a whole attention row fits on chip (T = 197 keys at 224 px for ViT-B/16), so each
+step is one kernel here: a program holds ``BLOCK_M`` query rows against all T keys, takes the softmax
+in float32, and writes only what the step needs: the ``(N, N)`` head-mean added to the running sum,
+or the redistributed ``A' v``. Rows of at most :data:`MAX_TOKENS` keys.
+
+The numbers match the PyTorch steps (tested; float32 within 1e-5). On CPU tensors the kernels run in
+Triton's interpreter, which is how the test suite checks them without a GPU; it is slow and meant for
+tests only (the setting refuses CPUs unless ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                      # triton ships with CUDA builds of torch on Linux only
+    triton = tl = None
+
+Tensor = torch.Tensor
+
+MAX_TOKENS = 1024
+_LOG2E = 1.4426950408889634
+
+
+def available() -> bool:
+    """Whether Triton can be imported."""
+    return triton is not None
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def _check(t: int, dh: int, scores: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_T, BLOCK_D)`` for ``t`` tokens of head size ``dh``, with about ``scores``
+    float32 scores per program (``BLOCK_M * BLOCK_T``)."""
+    if triton is None:
+        raise RuntimeError("attention_kernels='triton' needs the triton package (it comes with torch's "
+                           "CUDA builds on Linux); use attention_kernels='torch'")
+    if t > MAX_TOKENS:
+        raise ValueError(f"the Triton kernels hold whole attention rows and take at most {MAX_TOKENS} tokens, "
+                         f"got {t} (smaller crops, or attention_kernels='torch')")
+    block_t = max(16, triton.next_power_of_2(t))
+    return max(16, min(64, scores // block_t)), block_t, max(16, triton.next_power_of_2(dh))
+
+
+# ---- kernel bodies (plain functions, made kernels on first use by _jit) ---------------------------
+def _kk_head_mean_body(K, OUT, T, H, scale, inv_heads,
+                       s_kb, s_kh, s_kt, s_kd, s_ob, s_or, s_oc,
+                       DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # Program (row block, crop): OUT[b, i-1, j-1] += mean_h softmax_j(k_hi . k_hj * scale), i, j >= 1.
+    b = tl.program_id(1)
+    rows = 1 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)        # patch query tokens
+    cols = tl.arange(0, BLOCK_T)                                         # key tokens, CLS included
+    ch = tl.arange(0, BLOCK_D)
+    row_ok, col_ok, ch_ok = rows < T, cols < T, ch < DH
+    acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+    for h in range(H):
+        base = K + b * s_kb + h * s_kh
+        q = tl.load(base + rows[:, None] * s_kt + ch[None, :] * s_kd, mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+        k = tl.load(base + cols[:, None] * s_kt + ch[None, :] * s_kd, mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale     # log2 units
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        p = tl.exp2(s - tl.max(s, axis=1)[:, None])
+        acc += p * (1.0 / tl.sum(p, axis=1))[:, None]
+    ptr = OUT + b * s_ob + (rows - 1)[:, None] * s_or + (cols - 1)[None, :] * s_oc
+    keep = row_ok[:, None] & (col_ok & (cols >= 1))[None, :]
+    tl.store(ptr, tl.load(ptr, mask=keep, other=0.0) + acc * inv_heads, mask=keep)
+
+
+def _redistributed_body(Q, K, V, DIS, DFC, O, T, H, scale, lam,
+                        s_qb, s_qh, s_qt, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                        s_ob, s_oh, s_ot, s_od, s_mb, s_mn,
+                        DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # Program (row block, crop * head): O = A' V with A' the redistributed softmax(q k^T * scale).
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)            # query tokens, CLS included
+    cols = tl.arange(0, BLOCK_T)
+    ch = tl.arange(0, BLOCK_D)
+    row_ok, col_ok, ch_ok = rows < T, cols < T, ch < DH
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qt + ch[None, :] * s_qd,
+                mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + cols[:, None] * s_kt + ch[None, :] * s_kd,
+                mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vt + ch[None, :] * s_vd,
+                mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    p = tl.exp2(s - tl.max(s, axis=1)[:, None])
+    p = p * (1.0 / tl.sum(p, axis=1))[:, None]
+    # Column indicators over the patch keys (the CLS key, column 0, is neither).
+    patch = col_ok & (cols >= 1)
+    dis = tl.load(DIS + b * s_mb + (cols - 1) * s_mn, mask=patch, other=0).to(tl.float32)
+    dfc = tl.load(DFC + b * s_mb + (cols - 1) * s_mn, mask=patch, other=0).to(tl.float32)
+    on_dis = tl.sum(p * dis[None, :], axis=1)
+    on_dfc = tl.sum(p * dfc[None, :], axis=1)
+    movable = (on_dfc > 0) & (rows >= 1)                                 # the CLS row is untouched
+    cut = tl.where(movable, lam, 0.0)
+    gain = tl.where(movable, lam * on_dis / tl.where(movable, on_dfc, 1.0), 0.0)
+    p = p * (1.0 - cut[:, None] * dis[None, :] + gain[:, None] * dfc[None, :])
+    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_ot + ch[None, :] * s_od, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & ch_ok[None, :])
+
+
+def _launch(body, device: torch.device, grid, *args, **meta):
+    if device.type == "cpu" and not interpreted():
+        raise RuntimeError("the Triton kernels run on CUDA devices; CPU tensors only in Triton's interpreter "
+                           "(TRITON_INTERPRET=1 set before triton is imported; for tests)")
+    _jit(body)[grid](*args, num_warps=8 if meta["BLOCK_T"] >= 256 else 4, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(body):
+    # Compiled (or, with TRITON_INTERPRET=1, interpreted) on first use. Triton reads that switch when it is
+    # imported, because its own library functions are decorated then; setting it later has no effect.
+    return triton.jit(body)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs: exact products (not TF32), so the float32 path matches PyTorch to 1e-5.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def accumulate_kk_head_mean(k: Tensor, out: Tensor, scale: float) -> Tensor:
+    """``out += mean_h softmax(k_h k_h^T * scale)[1:, 1:]`` in place (the cut's affinity, one block).
+
+    Args:
+        k: ``(B, H, T, dh)`` keys, any strides, float32/float16/bfloat16; CLS at token 0.
+        out: ``(B, N, N)`` float32 running sum, N = T - 1.
+        scale: the attention scale, ``dh ** -0.5``.
+    Returns:
+        ``out``.
+    """
+    b, h, t, dh = k.shape
+    if out.shape != (b, t - 1, t - 1) or out.dtype != torch.float32:
+        raise ValueError(f"out must be ({b}, {t - 1}, {t - 1}) float32, got {tuple(out.shape)} {out.dtype}")
+    block_m, block_t, block_d = _check(t, dh, scores=8192)      # it also keeps a float32 sum of the tile
+    _launch(_kk_head_mean_body, k.device, (triton.cdiv(t - 1, block_m), b),
+            k, out, t, h, scale * _LOG2E, 1.0 / h, *k.stride(), *out.stride(),
+            DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(k.dtype))
+    return out
+
+
+def redistributed_attention_output(q: Tensor, k: Tensor, v: Tensor, distractors: Tensor, defocused: Tensor,
+                                   lam: float, scale: float | None = None) -> Tensor:
+    """Step (c) in one kernel: the same result as :func:`rfclip.refocus.redistributed_attention_output`.
+
+    Args:
+        q, k, v: ``(B, H, T, dh)``, any strides, one dtype; CLS at token 0.
+        distractors, defocused: ``(B, N)`` bool over the patches, disjoint.
+        lam: fraction moved, in [0, 1].
+        scale: attention scale; None means ``dh ** -0.5``.
+    Returns:
+        ``(B, H, T, dh)`` contiguous, in ``v``'s dtype; the CLS row is plain attention.
+    """
+    b, h, t, dh = q.shape
+    block_m, block_t, block_d = _check(t, dh, scores=16384)
+    scale = dh ** -0.5 if scale is None else scale
+    dis = distractors.to(torch.uint8).contiguous()
+    dfc = defocused.to(torch.uint8).contiguous()
+    out = torch.empty(b, h, t, dh, device=v.device, dtype=v.dtype)
+    _launch(_redistributed_body, q.device, (triton.cdiv(t, block_m), b * h),
+            q, k, v, dis, dfc, out, t, h, scale * _LOG2E, float(lam),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dis.stride(),
+            DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(v.dtype))
+    return out
+
