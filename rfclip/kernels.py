@@ -18,14 +18,17 @@ tests only (the setting refuses CPUs unless ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:                      # triton ships with CUDA builds of torch on Linux only
-    triton = tl = None
+    triton = tl = OutOfResources = None
 
 Tensor = torch.Tensor
 
@@ -43,17 +46,15 @@ def interpreted() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
-def _check(t: int, dh: int, scores: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_T, BLOCK_D)`` for ``t`` tokens of head size ``dh``, with about ``scores``
-    float32 scores per program (``BLOCK_M * BLOCK_T``)."""
+def _tiles(t: int, dh: int) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_D)`` for ``t`` tokens of head size ``dh`` (powers of two, at least 16)."""
     if triton is None:
         raise RuntimeError("attention_kernels='triton' needs the triton package (it comes with torch's "
                            "CUDA builds on Linux); use attention_kernels='torch'")
     if t > MAX_TOKENS:
         raise ValueError(f"the Triton kernels hold whole attention rows and take at most {MAX_TOKENS} tokens, "
                          f"got {t} (smaller crops, or attention_kernels='torch')")
-    block_t = max(16, triton.next_power_of_2(t))
-    return max(16, min(64, scores // block_t)), block_t, max(16, triton.next_power_of_2(dh))
+    return max(16, triton.next_power_of_2(t)), max(16, triton.next_power_of_2(dh))
 
 
 # ---- kernel bodies (plain functions, made kernels on first use by _jit) ---------------------------
@@ -118,11 +119,61 @@ def _redistributed_body(Q, K, V, DIS, DFC, O, T, H, scale, lam,
              mask=row_ok[:, None] & ch_ok[None, :])
 
 
-def _launch(body, device: torch.device, grid, *args, **meta):
+@dataclass
+class Launch:
+    """One kernel launch: ``body[grid](*args, **constexprs, num_warps=..., num_stages=...)``.
+
+    Block sizes and warps were chosen by compiling for sm_90 without a GPU (``bench/kernel_resources.py``):
+    the largest row block that neither spills registers nor outgrows shared memory at T = 197, 257, 577.
+    """
+    body: Callable
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: Optional[int] = None       # None: Triton's default
+
+
+def kk_head_mean_launch(k: Tensor, out: Tensor, scale: float) -> Launch:
+    """The launch of :func:`accumulate_kk_head_mean` (arguments as there)."""
+    b, h, t, dh = k.shape
+    if out.shape != (b, t - 1, t - 1) or out.dtype != torch.float32:
+        raise ValueError(f"out must be ({b}, {t - 1}, {t - 1}) float32, got {tuple(out.shape)} {out.dtype}")
+    block_t, block_d = _tiles(t, dh)
+    block_m = 32 if block_t <= 256 else 16
+    return Launch(_kk_head_mean_body, (triton.cdiv(t - 1, block_m), b),
+                  (k, out, t, h, scale * _LOG2E, 1.0 / h, *k.stride(), *out.stride()),
+                  dict(DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(k.dtype)),
+                  num_warps=8 if block_t >= 256 else 4,
+                  # pipelining the head loop (prefetching the next head's keys) outgrows shared memory above 256
+                  num_stages=None if block_t <= 256 else 1)
+
+
+def redistributed_launch(q: Tensor, k: Tensor, v: Tensor, dis: Tensor, dfc: Tensor, out: Tensor, lam: float,
+                         scale: float) -> Launch:
+    """The launch of :func:`redistributed_attention_output`; ``dis``, ``dfc`` ``(B, N)`` uint8, ``out`` like ``v``."""
+    b, h, t, dh = q.shape
+    block_t, block_d = _tiles(t, dh)
+    block_m = 32 if block_t <= 512 else 16
+    return Launch(_redistributed_body, (triton.cdiv(t, block_m), b * h),
+                  (q, k, v, dis, dfc, out, t, h, scale * _LOG2E, float(lam),
+                   *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dis.stride()),
+                  dict(DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(v.dtype)),
+                  num_warps=8 if block_t >= 256 else 4)
+
+
+def _run(launch: Launch, device: torch.device) -> None:
     if device.type == "cpu" and not interpreted():
         raise RuntimeError("the Triton kernels run on CUDA devices; CPU tensors only in Triton's interpreter "
                            "(TRITON_INTERPRET=1 set before triton is imported; for tests)")
-    _jit(body)[grid](*args, num_warps=8 if meta["BLOCK_T"] >= 256 else 4, **meta)
+    options = {"num_warps": launch.num_warps}
+    if launch.num_stages is not None:
+        options["num_stages"] = launch.num_stages
+    try:
+        _jit(launch.body)[launch.grid](*launch.args, **launch.constexprs, **options)
+    except OutOfResources as e:
+        raise RuntimeError(f"this GPU cannot hold the Triton kernel's tiles for {launch.constexprs['BLOCK_T']} "
+                           f"keys ({e}); use attention_kernels='torch', or smaller crops") from e
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,18 +198,12 @@ def accumulate_kk_head_mean(k: Tensor, out: Tensor, scale: float) -> Tensor:
     Returns:
         ``out``.
     """
-    b, h, t, dh = k.shape
-    if out.shape != (b, t - 1, t - 1) or out.dtype != torch.float32:
-        raise ValueError(f"out must be ({b}, {t - 1}, {t - 1}) float32, got {tuple(out.shape)} {out.dtype}")
-    block_m, block_t, block_d = _check(t, dh, scores=8192)      # it also keeps a float32 sum of the tile
-    _launch(_kk_head_mean_body, k.device, (triton.cdiv(t - 1, block_m), b),
-            k, out, t, h, scale * _LOG2E, 1.0 / h, *k.stride(), *out.stride(),
-            DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(k.dtype))
+    _run(kk_head_mean_launch(k, out, scale), k.device)
     return out
 
 
 def redistributed_attention_output(q: Tensor, k: Tensor, v: Tensor, distractors: Tensor, defocused: Tensor,
-                                   lam: float, scale: float | None = None) -> Tensor:
+                                   lam: float, scale: Optional[float] = None) -> Tensor:
     """Step (c) in one kernel: the same result as :func:`rfclip.refocus.redistributed_attention_output`.
 
     Args:
@@ -169,15 +214,8 @@ def redistributed_attention_output(q: Tensor, k: Tensor, v: Tensor, distractors:
     Returns:
         ``(B, H, T, dh)`` contiguous, in ``v``'s dtype; the CLS row is plain attention.
     """
-    b, h, t, dh = q.shape
-    block_m, block_t, block_d = _check(t, dh, scores=16384)
-    scale = dh ** -0.5 if scale is None else scale
-    dis = distractors.to(torch.uint8).contiguous()
-    dfc = defocused.to(torch.uint8).contiguous()
-    out = torch.empty(b, h, t, dh, device=v.device, dtype=v.dtype)
-    _launch(_redistributed_body, q.device, (triton.cdiv(t, block_m), b * h),
-            q, k, v, dis, dfc, out, t, h, scale * _LOG2E, float(lam),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dis.stride(),
-            DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(v.dtype))
+    out = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dis, dfc = (m.to(torch.uint8).contiguous() for m in (distractors, defocused))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    _run(redistributed_launch(q, k, v, dis, dfc, out, lam, scale), q.device)
     return out
-

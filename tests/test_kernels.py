@@ -75,3 +75,25 @@ def test_kernels_refuse_what_they_cannot_hold():
     _, k, _ = qkv(1, 1, 17, 16, torch.float32)
     with pytest.raises(ValueError, match="float32"):
         kernels.accumulate_kk_head_mean(k, torch.zeros(1, 16, 16, device=DEVICE, dtype=torch.float16), 0.25)
+
+
+def test_kernels_compile_for_an_h100_without_spills_at_vit_b_size(tmp_path):
+    """The compiled path, without a GPU: bench/kernel_resources.py compiles both kernels for sm_90 as a launch
+    would (same blocks, same argument specialisation) in a process without the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = tmp_path / "resources.json"
+    subprocess.run([sys.executable, str(root / "bench" / "kernel_resources.py"), "--arch", "90", "--tokens", "197,577",
+                    "--json", str(out)], env=env, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kernel"], r["tokens"]) for r in rows} == {(k, t) for k in ("kk_head_mean", "redistributed")
+                                                           for t in (197, 577)}
+    assert all(r["fits"] for r in rows), rows
+    assert all(r["spill_store_bytes"] == 0 for r in rows if r["tokens"] == 197), rows
