@@ -22,6 +22,7 @@ import tempfile
 import torch
 
 from rfclip import kernels
+from rfclip.segmenter import DTYPES
 
 # Largest dynamic shared memory one block may use, bytes (CUDA programming guide, compute capabilities).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -51,8 +52,8 @@ def compile_for(launch: kernels.Launch, arch: int) -> dict:
     fn = triton.jit(launch.body)
     signature, constants, attrs = {}, dict(launch.constexprs), {}
     divisible = [["tt.divisibility", 16]]
-    for name, value in zip(fn.arg_names, launch.args):
-        index = (fn.arg_names.index(name),)
+    for i, (name, value) in enumerate(zip(fn.arg_names, launch.args)):
+        index = (i,)
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + TRITON_TYPES[value.dtype]
             attrs[index] = divisible                    # torch allocations and these views are 16-byte aligned
@@ -94,7 +95,7 @@ def main() -> None:
     args = p.parse_args()
     if kernels.interpreted():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     rows = []
     print(f"# rfclip.kernels compiled for sm_{args.arch}, {args.dtype}, 12 heads of 64")
     print("| kernel | T | BLOCK_M x BLOCK_T | warps | registers | spill stores (bytes) | shared (KiB) | fits |")

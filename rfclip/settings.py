@@ -5,7 +5,6 @@ A ``Segmenter`` resolves its settings as: the method's defaults, then the benchm
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
@@ -128,9 +127,11 @@ def resolve_plan(settings: Settings, device) -> str:
     """The plan that runs on ``device``: ``"auto"`` -> ``"explicit"`` on CPUs, ``"fused"`` elsewhere or
     with Triton kernels. ``"graphed"`` needs a CUDA device; Triton kernels need one too (or, for tests,
     CPU tensors in Triton's interpreter, ``TRITON_INTERPRET=1``)."""
+    from . import kernels           # imported here: settings stays a leaf that imports no triton
+
     kind = getattr(device, "type", str(device))
     plan, triton = settings.plan, settings.attention_kernels == "triton"
-    if triton and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if triton and kind != "cuda" and not kernels.interpreted():
         raise ValueError(f"attention_kernels='triton' needs a CUDA device, not {kind} (CPU tensors run only in "
                          f"Triton's interpreter, TRITON_INTERPRET=1, which is for tests)")
     if plan == "auto":
