@@ -32,7 +32,7 @@ if str(REPO_ROOT) not in sys.path:  # `python jobs/segment_dataset.py` from a ch
 
 from pipeline import sinks, sources, storage  # noqa: E402
 from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
-from rfclip.cli_args import parse_setting  # noqa: E402
+from rfclip.cli_args import parse_setting, parse_settings  # noqa: E402
 from rfclip.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("segment_dataset")
@@ -136,9 +136,7 @@ def _vocabulary(cfg: JobConfig) -> tuple[list, dict]:
 def segmenter_kwargs(cfg: JobConfig) -> dict:
     """Keyword arguments for ``rfclip.Segmenter`` (device left to each worker)."""
     vocab, extra = _vocabulary(cfg)
-    settings = dict(cfg.settings)
-    if cfg.precision:
-        settings["precision"] = cfg.precision
+    settings = parse_settings(cfg.settings.items(), cfg.precision)
     kw = dict(model=cfg.model, weights=cfg.weights, method=cfg.method, vocabulary=vocab,
               weights_sha256=cfg.weights_sha256, storage_options=cfg.storage_options, **extra, **settings)
     return kw
@@ -220,7 +218,7 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
     return (max(1, int(gpus // gpw)) if gpw > 0 else 1), gpw
 
 
-def _to_parquet_row(r: dict, num_classes: int) -> dict:
+def _to_parquet_row(r: dict) -> dict:
     ok = r["status"] == "ok"
     cp = r["class_pixels"]
     return {
@@ -442,7 +440,7 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, identity: dict, num_classe
     for p, r in enumerate(rows):  # the row must be the image the shard expects at that position
         if str(r["image_uri"]) != shard.items[p]["image_uri"]:
             raise RuntimeError(f"{shard.name}[{p}]: got {r['image_uri']!r}, expected {shard.items[p]['image_uri']!r}")
-    out_rows = [_to_parquet_row(r, num_classes) for r in rows]
+    out_rows = [_to_parquet_row(r) for r in rows]
     ok = sum(r["status"] == "ok" for r in out_rows)
     confusion = None
     if cfg.labels is not None:

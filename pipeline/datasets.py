@@ -268,9 +268,7 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
     if not pairs:
         raise FileNotFoundError(f"{benchmark}: no images found in {img_dir}")
     ignore = IGNORE  # every benchmark decodes ignored pixels (incl. reduced zeros) to 255
-    names = [n for n in preset_class_names(preset)]
-    if len(names) != preset.num_classes:
-        raise RuntimeError(f"{benchmark}: {len(names)} class names but num_classes={preset.num_classes}")
+    names = preset_class_names(preset)
     return LabelledSource(benchmark, [(_uri(fs, i), _uri(fs, l)) for i, l in pairs], names, ignore,
                           layout.transform, so, _uri(fs, ds))
 

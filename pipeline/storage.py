@@ -72,11 +72,6 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or a URI with ``/``."""
-    return posixpath.join(uri.rstrip("/"), *parts) if "://" in uri else posixpath.join(uri, *parts)
-
-
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying (timeouts, connection resets, throttling, 5xx)."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
