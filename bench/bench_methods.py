@@ -2,16 +2,20 @@
 
     python bench/bench_methods.py [--model ViT-B-16] [--crops 8] [--rounds 5] [--device cpu]
                                   [--precision fp32] [--images 4] [--skip-memory] [--profile rfclip,clip]
+                                  [--workloads isolated,clustered]
 
 No pretrained weights exist here, so the model is random; distractors are planted in the
 architecture's distraction channels (``rfclip.testing.plant_distractors``) and painted into the
-inputs, so RF-CLIP's steps do real work (the script prints how many distractors each layer found).
+inputs, so RF-CLIP's steps do real work. Two workloads (``planted_images``): ``isolated`` single
+distractors, which RF-CLIP's step (d) smooths away after the first layer, and ``clustered`` 3x3
+blocks, which it cannot, so its steps run in most layers. The script prints how many distractors each
+layer found, on the plain model and on RF-CLIP's own path.
 
 Tables printed:
-1. dense forward, crops/s of each method on one batch of 224x224 crops, against plain open_clip
-   ``encode_image`` on the same batch, and each method's cost relative to ``clip``;
+1. dense forward, crops/s of each method on one batch of 224x224 crops per workload, against plain
+   open_clip ``encode_image`` on the same batch, and each method's cost relative to ``clip``;
 2. end-to-end images/s of ``Segmenter.predict_batch`` at VOC settings (short side 336, slide
-   224/112), and the ratio RF-CLIP / CLIP;
+   224/112), and the ratio RF-CLIP / CLIP (first workload);
 3. the normalised-cut solver: time per batch of N x N graphs, eigh against subspace iteration and
    power iteration by repeated squaring;
 4. peak memory of one dense forward per method (CUDA: max allocated; CPU: peak live tensor bytes
@@ -30,6 +34,7 @@ import platform
 import statistics
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -37,6 +42,7 @@ import torch
 import rfclip
 from rfclip import refocus
 from rfclip.segmenter import MEAN, STD
+from rfclip.methods.rfclip import distraction_setup
 from rfclip.settings import DISTRACTION_DIMS, PLANS, base_arch
 from rfclip.testing import distractor_pattern, paint_pattern, random_model, save_checkpoint
 
@@ -54,14 +60,32 @@ def default_methods(device: torch.device) -> list[str]:
     return rfclip.available_methods() + extra
 
 
-def planted_images(n: int, h: int, w: int, patch: int, seed: int = 0) -> list[np.ndarray]:
-    """Smooth images with the distractor pattern painted in a few grid cells."""
+# Two planted workloads (see planted_images): where RF-CLIP's steps stop after the first layer, and
+# where they run in most layers.
+WORKLOADS = {"isolated": dict(spots=6, cluster=1), "clustered": dict(spots=2, cluster=3)}
+
+
+def planted_images(n: int, h: int, w: int, patch: int, seed: int = 0, spots: int = 6,
+                   cluster: int = 1) -> list[np.ndarray]:
+    """Smooth images with the distractor pattern painted on ``spots`` random squares of
+    ``cluster x cluster`` grid cells each.
+
+    - ``cluster=1`` (workload ``isolated``): single distractors. Step (d) replaces each by its
+      neighbours' mean, so on RF-CLIP's own path they are gone after the first layer.
+    - ``cluster=3`` (workload ``clustered``): 3x3 blocks. A distractor's neighbours are distractors too,
+      so smoothing cannot remove them and RF-CLIP's steps run in most layers (real CLIP weights make
+      distractors in layers 7-12, the paper's Fig. 2; how many survive step (d) there is unknown here).
+    """
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         yy, xx = np.mgrid[0:h, 0:w]
         base = np.stack([(yy * (c + 1 + i) + xx * (3 - c)) % 256 for c in range(3)], -1).astype(np.uint8)
-        cells = [(int(rng.integers(h // patch)), int(rng.integers(w // patch))) for _ in range(6)]
+        cells = []
+        for _ in range(spots):
+            r = int(rng.integers(h // patch - cluster + 1))
+            c = int(rng.integers(w // patch - cluster + 1))
+            cells += [(r + dr, c + dc) for dr in range(cluster) for dc in range(cluster)]
         out.append(paint_pattern(base, distractor_pattern(patch, seed=0), cells))
     return out
 
@@ -110,17 +134,30 @@ VOC_LIKE = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus
 args_batch = 16
 
 
-def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> list[int]:
-    """Distractors per layer input (method rfclip's step a), summed over the batch."""
-    dims = torch.tensor(DISTRACTION_DIMS[base_arch(seg.arch)], device=x.device)
-    tau = 5.0 / seg.vit.width
-    counts = []
+def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Distractors per layer, summed over the batch ``x``: ``(plain, rfclip)``.
+
+    ``plain``: step (a)'s mask on each block input of the unchanged model. ``rfclip``: the masks that
+    ``seg`` (an ``rfclip`` segmenter) finds on its own path, steps (a) and (d) alternating (input of
+    block 1, output of block 1, input of block 2, ...), recorded by wrapping
+    ``refocus.find_distractors`` for one forward."""
+    dims, tau, _ = distraction_setup(seg.method, x.device)
+    plain, found = [], []
+    real = refocus.find_distractors
+
+    def record(*a, **kw):
+        mask = real(*a, **kw)
+        found.append(int(mask.sum()))
+        return mask
+
     with torch.inference_mode():
         tokens, _ = seg.vit.embed(x)
         for block in seg.vit.blocks[:-1]:
-            counts.append(int(refocus.find_distractors(tokens[:, 1:], dims, tau).sum()))
+            plain.append(int(refocus.find_distractors(tokens[:, 1:], dims, tau).sum()))
             tokens = seg.vit.plain_block(block, tokens)
-    return counts
+        with mock.patch.object(refocus, "find_distractors", record):
+            seg.method.encode(x)
+    return plain, found
 
 
 def peak_tensor_memory_cpu(fn) -> float:
@@ -166,6 +203,9 @@ def main() -> None:
     p.add_argument("--methods", default=None, help="comma-separated; default: every method and cut solver")
     p.add_argument("--profile", default="", help="comma-separated methods to profile (torch.profiler table "
                    "of one dense forward, sorted by self device time on CUDA, self CPU time on CPU)")
+    p.add_argument("--workloads", default="isolated,clustered",
+                   help=f"comma-separated planted workloads for table 1 ({', '.join(WORKLOADS)}; see planted_images); "
+                        "the others use the first")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
@@ -182,15 +222,25 @@ def main() -> None:
     any_seg = next(iter(segs.values()))
     dtype = any_seg.dtype
     plain = any_seg.clip.visual
-    crops = to_batch(planted_images(args.crops, 224, 224, any_seg.vit.patch), device, dtype)
+    workloads = args.workloads.split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        p.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
+    batches = {w: to_batch(planted_images(args.crops, 224, 224, any_seg.vit.patch, **WORKLOADS[w]), device, dtype)
+               for w in workloads}
+    crops = batches[workloads[0]]                     # tables 3-5 use the first workload
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {args.model} (random, planted distractors), {args.precision}, device {device} ({device_name}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"distractors per layer input (rfclip step a, batch of {args.crops}): {distractor_counts(any_seg, crops)}")
+    counter = segs.get("rfclip") or build(args.model, checkpoint, "rfclip", args.device, args.precision)
+    for w, x in batches.items():
+        on_plain, on_rfclip = distractor_counts(counter, x)
+        print(f"distractors per layer, workload {w}, batch of {args.crops}: plain model's block inputs {on_plain}; "
+              f"rfclip's own path, input/output of each block {on_rfclip}")
 
-    # 1. dense forward
-    runs = {"encode_image": lambda: plain(crops)}
-    runs.update({m: (lambda s=segs[m]: s.encode_dense(crops)) for m in methods})
+    # 1. dense forward, every workload and method interleaved in each round
+    runs = {(w, "encode_image"): (lambda x=x: plain(x)) for w, x in batches.items()}
+    runs.update({(w, m): (lambda s=segs[m], x=x: s.encode_dense(x)) for w, x in batches.items() for m in methods})
     with torch.inference_mode():
         for fn in runs.values():
             fn()                                              # warm-up
@@ -198,18 +248,24 @@ def main() -> None:
         for _ in range(args.rounds):
             for k, fn in runs.items():
                 times[k].append(timed(fn, device))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ref = med.get("clip", med["encode_image"])
-    print(f"\n## 1. Dense forward, batch of {args.crops} crops 224x224 (median of {args.rounds} rounds)")
-    print("| method | crops/s | vs encode_image (time) | vs clip (time) |")
-    print("|---|---|---|---|")
-    for k in runs:
-        print(f"| {k} | {args.crops / med[k]:.2f} | {med[k] / med['encode_image']:.3f}x | {med[k] / ref:.3f}x |")
+    dense = {k: statistics.median(v) for k, v in times.items()}
+    med = {m: dense[(workloads[0], m)] for m in ["encode_image", *methods]}
+    print(f"\n## 1. Dense forward, batch of {args.crops} crops 224x224 (median of {args.rounds} rounds); "
+          f"per workload: crops/s, time vs encode_image, time vs clip")
+    print("| method | " + " | ".join(f"{w}: crops/s | vs encode_image | vs clip" for w in workloads) + " |")
+    print("|---|" + "---|---|---|" * len(workloads))
+    for m in ["encode_image", *methods]:
+        cells = []
+        for w in workloads:
+            t, enc = dense[(w, m)], dense[(w, "encode_image")]
+            ref = dense.get((w, "clip"), enc)
+            cells.append(f"{args.crops / t:.2f} | {t / enc:.3f}x | {t / ref:.3f}x")
+        print(f"| {m} | " + " | ".join(cells) + " |")
 
     # 2. end to end at VOC settings
     e2e = {}
     if not args.skip_e2e:
-        images = planted_images(args.images, 375, 500, any_seg.vit.patch, seed=1)
+        images = planted_images(args.images, 375, 500, any_seg.vit.patch, seed=1, **WORKLOADS[workloads[0]])
         for s in segs.values():
             s.predict_batch(images[:1])
         e2e_times = {m: [] for m in methods}
@@ -275,7 +331,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "precision": args.precision, "crops": args.crops,
-                       "dense_seconds": med, "e2e_images_per_s": e2e, "ncut_seconds": solver_t,
+                       "dense_seconds": {f"{w}/{m}": t for (w, m), t in dense.items()}, "e2e_images_per_s": e2e, "ncut_seconds": solver_t,
                        "peak_mib": mem}, f, indent=1)
 
 

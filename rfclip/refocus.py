@@ -170,7 +170,8 @@ def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor,
     zero is left as it is (there is nowhere to move the mass in proportion to).
 
     Each element is scaled once: ``A[i, j] *= 1 - lam*[j in dis] + (Omega_i / S_i)*[j in def]``, with
-    the row sums ``sum_dis A`` and ``S_i = sum_def A`` taken as matrix-vector products.
+    the row sums ``sum_dis A`` and ``S_i = sum_def A`` taken by one matrix product with both column
+    selectors, and the factor built as a rank-2 update of ones (one matmul).
 
     Args:
         attn: ``(B, H, T, T)`` attention (rows sum to 1).
@@ -182,16 +183,18 @@ def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor,
     """
     out = attn if inplace else attn.clone()
     p = out[:, :, 1:, 1:]
-    dis = distractors[:, None, :, None].to(attn.dtype)                  # (B, 1, N, 1) column selectors
-    dfc = defocused[:, None, :, None].to(attn.dtype)
-    on_dis = p @ dis                                                    # (B, H, N, 1) row sums over dis
-    on_dfc = p @ dfc
+    b, h, n, _ = p.shape
+    sel = torch.stack([distractors, defocused], dim=-1).to(attn.dtype)[:, None]   # (B, 1, N, 2) column selectors
+    sums = p @ sel                                                      # (B, H, N, 2) row sums over dis, def
+    on_dis, on_dfc = sums[..., :1], sums[..., 1:]
     movable = on_dfc > 0
     gain = torch.where(movable, lam * on_dis / torch.where(movable, on_dfc, torch.ones_like(on_dfc)),
                        torch.zeros_like(on_dfc))
-    cut = lam * movable.to(attn.dtype)                                  # (B, H, N, 1)
-    factor = 1 - cut * dis.transpose(-1, -2) + gain * dfc.transpose(-1, -2)   # (B, H, N, N) by broadcast
-    p.mul_(factor)
+    coef = torch.cat([-lam * movable.to(attn.dtype), gain], dim=-1)    # (B, H, N, 2): -cut, gain
+    # factor = 1 - cut_i [j in dis] + gain_i [j in def], a rank-2 update of ones: one pass over (N, N).
+    ones = p.new_ones(1, 1, 1).expand(b * h, n, n)
+    factor = torch.baddbmm(ones, coef.reshape(b * h, n, 2), sel.transpose(-1, -2).expand(b, h, 2, n).reshape(b * h, 2, n))
+    p.mul_(factor.view(b, h, n, n))
     return out
 
 
@@ -245,7 +248,7 @@ def _tokens(x: Tensor) -> Tensor:
 
 
 def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims: Tensor,
-                            skip_if_empty: bool = True) -> Tensor:
+                            skip_if_empty: bool = True, inplace: bool = False) -> Tensor:
     """Eq. 13: for masked tokens, set channels ``dims`` to the mean of their existing 8 neighbours.
 
     The neighbourhood is 3x3 minus the centre on the patch grid; at the border only the neighbours
@@ -256,6 +259,7 @@ def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims
         x: ``(B, N, D)`` patch tokens; grid: ``(h, w)`` with ``h * w == N``;
         mask: ``(B, N)`` bool; dims: ``(K,)`` long.
         skip_if_empty: return ``x`` itself when ``mask`` is all False (a host sync to find out).
+        inplace: write the ``K`` channels into ``x`` (it is returned) instead of a copy of ``x``.
     Returns:
         ``(B, N, D)``.
     """
@@ -269,7 +273,7 @@ def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims
     mean = (total - g) / count.clamp_min(1.0)
     mean = torch.where(count > 0, mean, g)
     new = torch.where(mask[:, :, None], _tokens(mean).to(x.dtype), sel)
-    return x.index_copy(-1, dims, new)
+    return x.index_copy_(-1, dims, new) if inplace else x.index_copy(-1, dims, new)
 
 
 def release_mean_filter(x: Tensor, grid: tuple[int, int], mask: Tensor, keep: float = 0.6,

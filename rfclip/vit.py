@@ -93,12 +93,21 @@ class DenseViT:
         y = F.linear(block.ln_1(x), w, bias).view(b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return y[0], y[1]
 
-    def softmax_attention(self, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """``softmax(a b^T / sqrt(dh) + bias)`` over keys, computed in float32: ``(B, H, T, T)``."""
-        logits = torch.matmul(a * self.scale, b.transpose(-1, -2))   # scale folded into the (T, dh) side
-        if bias is not None:
-            logits = logits + bias
-        return logits.softmax(dim=-1, dtype=torch.float32)
+    def logits(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a b^T / sqrt(dh)`` in ``a``'s dtype: ``(B, H, T, T')`` for ``a`` ``(B, H, T, dh)``, ``b`` ``(B, H, T', dh)``.
+
+        One batched matmul with the scale as its ``alpha``. The views that :meth:`qkv` returns are copied
+        once into ``(B*H, T, dh)``; ``b``'s transpose is a view of that copy, which the matmul reads as it
+        is (a transposed copy of ``b`` costs twice as much on CPUs)."""
+        a3 = a.reshape(-1, a.shape[-2], a.shape[-1])
+        b3 = a3 if b is a else b.reshape(-1, b.shape[-2], b.shape[-1])
+        zero = a3.new_zeros(1, 1, 1).expand(a3.shape[0], a3.shape[1], b3.shape[1])  # ignored (beta=0)
+        out = torch.baddbmm(zero, a3, b3.transpose(1, 2), beta=0, alpha=self.scale)
+        return out.view(*a.shape[:-2], a3.shape[1], b3.shape[1])
+
+    def softmax_attention(self, a: Tensor, b: Tensor) -> Tensor:
+        """``softmax(a b^T / sqrt(dh))`` over keys, computed in float32: ``(B, H, T, T)``."""
+        return self.logits(a, b).softmax(dim=-1, dtype=torch.float32)
 
     def mean_patch_self_attention(self, k: Tensor) -> Tensor:
         """Head-mean of the patch block of ``softmax(k k^T / sqrt(dh))``: ``(B, N, N)`` float32.
@@ -106,12 +115,7 @@ class DenseViT:
         The softmax runs over all T keys (CLS included) before the CLS row and column are dropped;
         it is kept in ``k``'s dtype (half the memory traffic of float32 in 16-bit towers), the head
         mean is taken in float32."""
-        b, h, t, dh = k.shape
-        k3 = k.reshape(b * h, t, dh)
-        # scale applied inside the matmul (alpha); beta=0 ignores the (broadcast) input
-        logits = torch.baddbmm(k3.new_zeros(1, 1, 1).expand(b * h, t, t), k3, k3.transpose(1, 2),
-                               beta=0, alpha=self.scale)
-        return logits.view(b, h, t, t).softmax(dim=-1)[:, :, 1:, 1:].mean(dim=1, dtype=torch.float32)
+        return self.logits(k, k).softmax(dim=-1)[:, :, 1:, 1:].mean(dim=1, dtype=torch.float32)
 
     def project(self, block: nn.Module, heads_out: Tensor) -> Tensor:
         """Merge heads ``(B, H, T', dh)`` and apply ``out_proj``: ``(B, T', D)`` (no residual, no ls_1)."""

@@ -67,11 +67,9 @@ class KKAttention:
     def affinity(self, crops: Optional[Tensor] = None) -> Tensor:
         """Head-mean patch-block kk attention averaged over the blocks added so far, for ``crops``
         (``(B',)`` long indices; None: all): ``(B', N, N)`` float32."""
-        total = self._mean_sum if self.fused else self._head_sum
+        total = self._mean_sum if self.fused else self._head_sum.mean(dim=1)    # head mean before the copy
         if crops is not None:
             total = total.index_select(0, crops)
-        if not self.fused:
-            total = total.mean(dim=1)
         return total / self.layers
 
     def last_block(self, tokens: Tensor) -> Tensor:

@@ -80,8 +80,10 @@ class RFCLIP(DenseMethod):
             attn = vit.softmax_attention(q, k) if min_recv is not None else None
             recv = refocus.received_attention(attn) if min_recv is not None else None
             dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
-            if s.distractor_attention and (not check or bool(dis.any())):
-                receivers = self._receivers(kk, dis, check)
+            # With host checks, one sync per block finds the crops that have distractors (B',) long.
+            crops = dis.any(dim=-1).nonzero().squeeze(-1) if s.distractor_attention and check else None
+            if s.distractor_attention and (crops is None or crops.numel() > 0):
+                receivers = self._receivers(kk, dis, crops)
                 if fused and attn is None:
                     heads = redistributed(q, k, v, dis, receivers, s.lam)
                     tokens = vit.finish_block(block, tokens, vit.project(block, heads))
@@ -94,23 +96,22 @@ class RFCLIP(DenseMethod):
             else:
                 tokens = vit.plain_block(block, tokens, (q, k, v))
             if s.embedding_redistribution:
+                # Into the block's fresh output, in place; no host check: on crops without distractors
+                # it writes back the same K channels, a few small kernels, cheaper than a sync on GPUs.
                 patches = tokens[:, 1:]
                 dis_out = refocus.find_distractors(patches, dims, tau, recv, min_recv)
-                smoothed = refocus.neighbour_mean_channels(patches, grid, dis_out, dims, check)
-                if smoothed is not patches:
-                    tokens = torch.cat([tokens[:, :1], smoothed], dim=1)
+                refocus.neighbour_mean_channels(patches, grid, dis_out, dims, skip_if_empty=False, inplace=True)
         out = kk.last_block(tokens)
         return DenseOutput(vit.head(out).reshape(b, grid[0], grid[1], -1))
 
-    def _receivers(self, kk: KKAttention, dis: Tensor, check: bool) -> Tensor:
-        """Defocused tokens ``(B, N)`` bool. With ``check`` the cut runs only on crops that have
-        distractors (a host sync); without, on all (what it gives crops without distractors is unused)."""
+    def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None) -> Tensor:
+        """Defocused tokens ``(B, N)`` bool. The cut runs on ``crops`` ``(B',)`` long only, the crops
+        that have distractors; with None, on all (what it gives crops without distractors is unused)."""
         s = self.settings
         receivers = ~dis
         if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
             return receivers
-        if not check:
+        if crops is None or crops.numel() == dis.shape[0]:
             return refocus.defocused_tokens(kk.affinity(), dis, s.ncut_solver, s.ncut_iters)
-        idx = dis.any(dim=-1).nonzero().squeeze(-1)
-        cut = refocus.defocused_tokens(kk.affinity(idx), dis.index_select(0, idx), s.ncut_solver, s.ncut_iters)
-        return receivers.index_copy(0, idx, cut)
+        cut = refocus.defocused_tokens(kk.affinity(crops), dis.index_select(0, crops), s.ncut_solver, s.ncut_iters)
+        return receivers.index_copy(0, crops, cut)

@@ -1,0 +1,41 @@
+"""The two planted workloads of bench/bench_methods.py do what the README says they do."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rfclip
+from rfclip.testing import make_tiny_model_files
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_methods  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def planted_rfclip(tmp_path_factory):
+    """rfclip on a tiny ViT (4 layers) with distractors planted in channels 0-7, detecting the pattern
+    that ``bench_methods.planted_images`` paints (pattern seed 0)."""
+    cfg, weights = make_tiny_model_files(tmp_path_factory.mktemp("planted4"), plant=True, seed=0, layers=4)
+    return rfclip.Segmenter(model=cfg, weights=weights, method="rfclip", vocabulary=["a", "b"], device="cpu",
+                            distraction_dims=list(range(8)))
+
+
+def counts(seg, workload):
+    images = bench_methods.planted_images(4, 224, 224, 16, **bench_methods.WORKLOADS[workload])
+    return bench_methods.distractor_counts(seg, bench_methods.to_batch(images, "cpu", torch.float32))
+
+
+def test_isolated_distractors_are_smoothed_away_after_the_first_block(planted_rfclip):
+    plain, found = counts(planted_rfclip, "isolated")
+    assert all(c > 0 for c in plain)                   # the plain model keeps them in every block input
+    assert found[0] > 0 and found[1] > 0               # block 1 input and output
+    assert found[2:] == [0] * (len(found) - 2)         # step (d) removed them: no work in later blocks
+
+
+def test_clustered_distractors_survive_smoothing(planted_rfclip):
+    plain, found = counts(planted_rfclip, "clustered")
+    iso_plain, _ = counts(planted_rfclip, "isolated")
+    assert all(c > i for c, i in zip(plain, iso_plain))
+    block_inputs = found[0::2]
+    assert len(block_inputs) == 3 and all(c > 0 for c in block_inputs)   # steps (a)-(c) run in every block
