@@ -39,6 +39,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from .storage import full_uri, get_fs
+
 IGNORE = 255
 
 
@@ -201,16 +203,8 @@ def open_labelled_source(
 # ----------------------------------------------------------------------------- internals
 
 def _fs_and_path(uri: str, so: dict):
-    fs, path = fsspec.core.url_to_fs(uri, **so)
+    fs, path = get_fs(uri, so)
     return fs, path.rstrip("/")
-
-
-def _uri(fs, path: str) -> str:
-    """A path listed by ``fs`` back to a URI that fsspec.open understands (plain path if local)."""
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        return path
-    return fs.unstrip_protocol(path)
 
 
 def _list_files(fs, directory: str, suffix: str) -> list[str]:
@@ -269,8 +263,8 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
         raise FileNotFoundError(f"{benchmark}: no images found in {img_dir}")
     ignore = IGNORE  # every benchmark decodes ignored pixels (incl. reduced zeros) to 255
     names = preset_class_names(preset)
-    return LabelledSource(benchmark, [(_uri(fs, i), _uri(fs, l)) for i, l in pairs], names, ignore,
-                          layout.transform, so, _uri(fs, ds))
+    return LabelledSource(benchmark, [(full_uri(fs, i), full_uri(fs, l)) for i, l in pairs], names, ignore,
+                          layout.transform, so, full_uri(fs, ds))
 
 
 def preset_class_names(preset) -> list[str]:
@@ -303,7 +297,7 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
         if lab is None:
             missing.append(img)
         else:
-            pairs.append((img, _uri(fs, lab)))
+            pairs.append((img, full_uri(fs, lab)))
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(image_uris)} images have no label "
                                 f"<stem>.png in {labels}, e.g. {missing[:3]}")

@@ -105,7 +105,7 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
     """Sum of every committed shard's matrix: ``{"confusion": (K, K) int64, "images": int,
     "ignore_index": int, "shards": int}``. Raises on no shards, a shard without a matrix,
     differing sizes / ignore indices, or an image counted in two shards."""
-    from .sinks import PREDICTIONS_DIR, committed_shard_names, read_shard_metadata
+    from .sinks import committed_shard_names, parse_shard_metadata, shard_path
     from .storage import get_fs
 
     so = storage_options or {}
@@ -115,7 +115,9 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
     fs, root = get_fs(output_uri, so)
     total, images, ignore, seen = None, 0, None, set()
     for name in names:
-        _, conf = read_shard_metadata(output_uri, so, name)
+        with fs.open(posixpath.join(root, shard_path(name)), "rb") as f:      # one read: rows and footer
+            t = pq.read_table(f, columns=["image_uri", "status"])
+        _, conf = parse_shard_metadata(t.schema.metadata)
         if conf is None:
             raise ValueError(f"shard {name} has no confusion matrix (a run without labels?)")
         m = np.asarray(conf["matrix"], dtype=np.int64)
@@ -124,8 +126,6 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
         if ignore is not None and conf["ignore_index"] != ignore:
             raise ValueError(f"shard {name}: ignore_index {conf['ignore_index']} != {ignore}")
         ignore = conf["ignore_index"]
-        with fs.open(posixpath.join(root, PREDICTIONS_DIR, f"{name}.parquet"), "rb") as f:
-            t = pq.read_table(f, columns=["image_uri", "status"])
         ok = [u for u, st in zip(t.column("image_uri").to_pylist(), t.column("status").to_pylist()) if st == "ok"]
         dup = seen.intersection(ok)
         if dup:

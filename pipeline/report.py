@@ -30,6 +30,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .datasets import png_to_array  # noqa: E402
 from .metrics import _fmt  # noqa: E402
+from .storage import get_fs  # noqa: E402
 
 OK = "ok"
 STAT_COLUMNS = ["image_uri", "image_id", "status", "class_pixels", "mean_confidence"]
@@ -67,13 +68,14 @@ def _fig_bytes(fig) -> bytes:
 
 
 def read_prediction_stats(output_uri: str, storage_options: Optional[dict] = None):
-    """Concatenated ``predictions/*.parquet`` columns :data:`STAT_COLUMNS` as a pyarrow Table."""
-    fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
-    pdir = posixpath.join(root.rstrip("/"), "predictions")
-    files = sorted(p for p in (fs.ls(pdir, detail=False) if fs.isdir(pdir) else [])
-                   if p.endswith(".parquet"))
+    """Columns :data:`STAT_COLUMNS` of every committed shard (``predictions/shard-*.parquet``, not the
+    temp files that a crashed commit may leave) as one pyarrow Table; also the shard paths and the fs."""
+    from .sinks import committed_shard_names, shard_path
+
+    fs, root = get_fs(output_uri, storage_options)
+    files = [posixpath.join(root, shard_path(name)) for name in sorted(committed_shard_names(output_uri, storage_options))]
     if not files:
-        raise FileNotFoundError(f"no predictions/*.parquet under {output_uri}")
+        raise FileNotFoundError(f"no predictions/shard-*.parquet under {output_uri}")
     import pyarrow as pa
     return pa.concat_tables([pq.read_table(f, columns=STAT_COLUMNS, filesystem=fs) for f in files]), files, fs
 
@@ -213,7 +215,7 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
     """Write ``{output}/report.md`` and ``{output}/figures/*.png``; return the report's URI."""
     so = dict(storage_options or {})
     stats, files, fs = read_prediction_stats(output_uri, so)
-    root = fsspec.core.url_to_fs(output_uri, **so)[1].rstrip("/")
+    root = get_fs(output_uri, so)[1].rstrip("/")
     fs.makedirs(posixpath.join(root, "figures"), exist_ok=True)
 
     def put(name: str, data: bytes) -> str:

@@ -133,6 +133,23 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5
     return out
 
 
+def read_uris(uris: list[str], storage_options: Optional[dict] = None) -> list[Any]:
+    """Bytes of each URI, or the exception that reading it raised, in order. URIs are grouped by
+    protocol and each group read with :func:`read_many`, so one batch may mix local paths and URLs
+    (manifests)."""
+    out: list[Any] = [None] * len(uris)
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(uris):
+        groups.setdefault(u.split("://", 1)[0] if "://" in u else "file", []).append(i)
+    for idxs in groups.values():
+        fs, _ = get_fs(uris[idxs[0]], storage_options)
+        paths = [fs._strip_protocol(uris[i]) for i in idxs]
+        got = read_many(fs, paths)
+        for i, p in zip(idxs, paths):
+            out[i] = got[p]
+    return out
+
+
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, attempts: int = 5) -> None:
     """Make ``path`` hold exactly ``data``, all at once or not at all.
 

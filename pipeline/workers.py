@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .decode import DecodeError, decode_image
-from .storage import atomic_write_bytes, get_fs, read_many, scrub
+from .storage import atomic_write_bytes, get_fs, read_uris, scrub
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +66,24 @@ def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: in
     status = np.empty(n, dtype=object); error = np.empty(n, dtype=object)
     decode_ms = np.zeros(n, np.float32)
 
-    # Group by filesystem so that one batch may mix local paths and URLs (manifests).
-    groups: dict[str, list[int]] = {}
-    for i, u in enumerate(uris):
-        groups.setdefault(u.split("://", 1)[0] if "://" in u else "file", []).append(i)
-    for idxs in groups.values():
-        t0 = time.perf_counter()
-        fs, _ = get_fs(uris[idxs[0]], storage_options)
-        paths = [fs._strip_protocol(uris[i]) for i in idxs]
-        got = read_many(fs, paths)
-        read_ms = (time.perf_counter() - t0) * 1000.0 / len(idxs)
-        for i, p in zip(idxs, paths):
-            t1 = time.perf_counter()
-            data = got[p]
-            pixels[i] = b""
-            try:
-                if isinstance(data, BaseException):
-                    raise data
-                rgb = decode_image(data, max_pixels=max_pixels)
-                height[i], width[i] = rgb.shape[:2]
-                small = np.ascontiguousarray(resize_short_side(rgb, short_side, max_long_side))
-                rh[i], rw[i] = small.shape[:2]
-                pixels[i] = small.tobytes()
-                status[i], error[i] = "ok", None
-            except Exception as exc:  # noqa: BLE001 - every failure becomes this image's error row
-                status[i], error[i] = "error", _err(exc)
-            decode_ms[i] = read_ms + (time.perf_counter() - t1) * 1000.0
+    t0 = time.perf_counter()
+    got = read_uris(uris, storage_options)
+    read_ms = (time.perf_counter() - t0) * 1000.0 / max(n, 1)
+    for i, data in enumerate(got):
+        t1 = time.perf_counter()
+        pixels[i] = b""
+        try:
+            if isinstance(data, BaseException):
+                raise data
+            rgb = decode_image(data, max_pixels=max_pixels)
+            height[i], width[i] = rgb.shape[:2]
+            small = np.ascontiguousarray(resize_short_side(rgb, short_side, max_long_side))
+            rh[i], rw[i] = small.shape[:2]
+            pixels[i] = small.tobytes()
+            status[i], error[i] = "ok", None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this image's error row
+            status[i], error[i] = "error", _err(exc)
+        decode_ms[i] = read_ms + (time.perf_counter() - t1) * 1000.0
     out.update(pixels=pixels, rh=rh, rw=rw, width=width, height=height, status=status, error=error,
                decode_ms=decode_ms, decode_pid=np.full(n, os.getpid(), np.int64))
     return out
@@ -171,7 +163,7 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
     matrix (rows: ground truth, columns: prediction); a label that can't be read or doesn't match
     the image size turns the row into an error row (never a silently skipped image).
     """
-    from .sinks import encode_label_png, palette_png
+    from .sinks import MASKS_DIR, encode_label_png, palette_png
 
     n = len(batch["image_uri"])
     dt = label_dtype(num_classes)
@@ -190,12 +182,7 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
         from .metrics import confusion_matrix  # provided by the evaluation side (pipeline/metrics.py)
         label_uris = [batch["label_uri"][i] for i in range(n)]
         want = [i for i in range(n) if status[i] == "ok" and label_uris[i]]
-        label_bytes: dict[int, object] = {}
-        if want:
-            lfs, _ = get_fs(str(label_uris[want[0]]), label_storage_options)
-            paths = [lfs._strip_protocol(str(label_uris[i])) for i in want]
-            got = read_many(lfs, paths)
-            label_bytes = {i: got[p] for i, p in zip(want, paths)}
+        label_bytes = dict(zip(want, read_uris([str(label_uris[i]) for i in want], label_storage_options)))
     for i in range(n):
         mask_png[i] = b""
         class_pixels[i] = b""
@@ -220,7 +207,7 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
         mask_png[i] = encode_label_png(lab, num_classes)
         class_pixels[i] = np.bincount(lab.ravel(), minlength=num_classes).astype(np.int64).tobytes()
         if save_masks:
-            path = posixpath.join(out_root, "masks", f"{batch['image_id'][i]}.png")
+            path = posixpath.join(out_root, MASKS_DIR, f"{batch['image_id'][i]}.png")
             atomic_write_bytes(out_fs, path, palette_png(lab, num_classes))
     out.update(mask_png=mask_png, class_pixels=class_pixels, confusion=confusion, status=status,
                error=error, elapsed_ms=elapsed)

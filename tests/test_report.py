@@ -75,6 +75,9 @@ def test_pseudo_label_report(tmp_path):
     src = open_labelled_source("voc21", data_root=str(data / "voc2012-mini"))
     out = tmp_path / "run"
     _fake_run(out, src, 3, np.random.default_rng(1))
+    # what a commit killed between its write and its rename leaves behind: not a committed shard
+    shard = out / "predictions" / "shard-00000.parquet"
+    (shard.parent / ".tmp-0123456789ab-shard-00001.parquet").write_bytes(shard.read_bytes())
     write_report(str(out), src.class_names, num_samples=2)
     text = (out / "report.md").read_text()
     assert _figures(text, out) == ["figures/class_distribution.png", "figures/confidence.png",
