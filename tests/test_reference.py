@@ -322,3 +322,25 @@ def test_crops_and_layers_without_distractors_skip_the_cut(planted_files, monkey
     calls.clear()
     seg.encode_dense(plain_crop[None])
     assert calls == []                                    # no distractors anywhere: no cut at all
+
+
+@pytest.mark.parametrize("plan", ["explicit", "fused"])
+def test_a_crop_without_distractors_in_the_batch_changes_nothing(planted_files, plan, monkeypatch):
+    """In a block where only some crops have distractors, step (c) runs on those only and the others
+    take fused attention: each crop's features are the same as when it is encoded alone."""
+    from rfclip import refocus
+
+    sizes = []
+    original = refocus.redistribute_attention if plan == "explicit" else refocus.redistributed_attention_output
+    monkeypatch.setattr(refocus, original.__name__, lambda a, *r, **kw: sizes.append(a.shape[0]) or original(a, *r, **kw))
+    seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"],
+                           device="cpu", distraction_dims=PLANTED_DIMS, tau=0.07, plan=plan)
+    painted = crops(n=1)[0].float()
+    plain_img = torch.from_numpy(planted_image(224, 160, cells=())).permute(2, 0, 1).float() / 255
+    plain_crop = (plain_img - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    together = seg.encode_dense(torch.stack([plain_crop, painted, plain_crop]))
+    assert sizes and all(n == 1 for n in sizes)          # step (c) saw only the painted crop
+    alone = [seg.encode_dense(x[None])[0] for x in (plain_crop, painted)]
+    torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[2], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1], alone[1], atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ On GPUs only fused attention runs on ViT-B (``refocus.redistributed_attention_ou
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import kernels, refocus
 from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch, resolve_plan
@@ -80,17 +81,25 @@ class RFCLIP(DenseMethod):
             attn = vit.softmax_attention(q, k) if min_recv is not None else None
             recv = refocus.received_attention(attn) if min_recv is not None else None
             dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
-            # With host checks, one sync per block finds the crops that have distractors (B',) long.
-            crops = dis.any(dim=-1).nonzero().squeeze(-1) if s.distractor_attention and check else None
+            # With host checks, one sync per block finds the crops that have distractors, (B',) long.
+            active = dis.any(dim=-1)
+            crops = active.nonzero().squeeze(-1) if s.distractor_attention and check else None
             if s.distractor_attention and (crops is None or crops.numel() > 0):
                 receivers = self._receivers(kk, dis, crops)
-                if fused and attn is None:
-                    heads = redistributed(q, k, v, dis, receivers, s.lam)
-                    tokens = vit.finish_block(block, tokens, vit.project(block, heads))
+                if attn is None and crops is not None and crops.numel() < b:
+                    # Step (c) on the crops with distractors only, fused attention on the others. The
+                    # stable sort puts the crops with distractors first, in index order: it gives the
+                    # other crops without another sync.
+                    others = torch.sort(active.to(torch.uint8), descending=True, stable=True).indices[crops.numel():]
+                    qc, kc, vc, dc, rc = (t.index_select(0, crops) for t in (q, k, v, dis, receivers))
+                    qo, ko, vo = (t.index_select(0, others) for t in (q, k, v))
+                    refocused = self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed)
+                    heads = refocused.new_empty((b, *refocused.shape[1:]))
+                    heads.index_copy_(0, crops, refocused)
+                    heads.index_copy_(0, others, F.scaled_dot_product_attention(qo, ko, vo))
                 else:
-                    attn = vit.softmax_attention(q, k) if attn is None else attn
-                    attn = refocus.redistribute_attention(attn, dis, receivers, s.lam, inplace=True)
-                    tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
+                    heads = self._refocused_heads(q, k, v, attn, dis, receivers, fused, redistributed)
+                tokens = vit.finish_block(block, tokens, vit.project(block, heads))
             elif attn is not None:
                 tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
             else:
@@ -103,6 +112,16 @@ class RFCLIP(DenseMethod):
                 refocus.neighbour_mean_channels(patches, grid, dis_out, dims, skip_if_empty=False, inplace=True)
         out = kk.last_block(tokens)
         return DenseOutput(vit.head(out).reshape(b, grid[0], grid[1], -1))
+
+    def _refocused_heads(self, q: Tensor, k: Tensor, v: Tensor, attn: Tensor | None, dis: Tensor,
+                         receivers: Tensor, fused: bool, redistributed) -> Tensor:
+        """Step (c): ``A' v`` per head, ``(B, H, T, dh)``, with ``A`` the block's attention (``attn``
+        ``(B, H, T, T)`` if it was materialised), moved from ``dis`` to ``receivers`` (``(B, N)`` bool)."""
+        if fused and attn is None:
+            return redistributed(q, k, v, dis, receivers, self.settings.lam)
+        attn = self.vit.softmax_attention(q, k) if attn is None else attn
+        attn = refocus.redistribute_attention(attn, dis, receivers, self.settings.lam, inplace=True)
+        return torch.matmul(attn.to(v.dtype), v)
 
     def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None) -> Tensor:
         """Defocused tokens ``(B, N)`` bool. The cut runs on ``crops`` ``(B',)`` long only, the crops
