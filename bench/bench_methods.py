@@ -228,7 +228,7 @@ def main() -> None:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
     batches = {w: to_batch(planted_images(args.crops, 224, 224, any_seg.vit.patch, **WORKLOADS[w]), device, dtype)
                for w in workloads}
-    crops = batches[workloads[0]]                     # tables 3-5 use the first workload
+    crops = batches[workloads[0]]                     # tables 4 and 5 use the first workload
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {args.model} (random, planted distractors), {args.precision}, device {device} ({device_name}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")

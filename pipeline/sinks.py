@@ -96,13 +96,6 @@ def committed_shard_names(output_uri: str, storage_options: Optional[dict]) -> s
     return names
 
 
-def read_shard_metadata(output_uri: str, storage_options: Optional[dict], name: str) -> tuple[dict, Optional[dict]]:
-    """``(shard_meta, confusion or None)`` from a committed shard's Parquet footer."""
-    fs, root = get_fs(output_uri, storage_options)
-    with fs.open(posixpath.join(root, shard_path(name)), "rb") as f:
-        return parse_shard_metadata(pq.read_schema(f).metadata)
-
-
 def parse_shard_metadata(metadata: Optional[dict]) -> tuple[dict, Optional[dict]]:
     """``(shard_meta, confusion or None)`` from a shard's key-value metadata (a pyarrow schema's)."""
     meta = metadata or {}

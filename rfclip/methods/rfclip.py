@@ -82,8 +82,8 @@ class RFCLIP(DenseMethod):
             recv = refocus.received_attention(attn) if min_recv is not None else None
             dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
             # With host checks, one sync per block finds the crops that have distractors, (B',) long.
-            active = dis.any(dim=-1)
-            crops = active.nonzero().squeeze(-1) if s.distractor_attention and check else None
+            active = dis.any(dim=-1) if s.distractor_attention and check else None
+            crops = active.nonzero().squeeze(-1) if active is not None else None
             if s.distractor_attention and (crops is None or crops.numel() > 0):
                 receivers = self._receivers(kk, dis, crops)
                 if attn is None and crops is not None and crops.numel() < b:
