@@ -25,7 +25,7 @@ def distraction_scores(x: Tensor, dims: Tensor) -> Tensor:
     """
     # Reductions only (no shifted (B, N, D) copy): sum_k (f_k - min) = sum_k f_k - D * min.
     low = x.amin(dim=-1).float()
-    total = x.sum(dim=-1, dtype=torch.float32) - x.shape[-1] * low
+    total = torch.sub(x.sum(dim=-1, dtype=torch.float32), low, alpha=x.shape[-1])
     top = x.index_select(-1, dims).amax(dim=-1).float() - low
     return top / total.clamp_min(1e-8)
 
@@ -73,7 +73,8 @@ def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, bloc
             batched matmuls and no factorisation, which suits GPUs, where batched ``eigh`` and ``qr``
             of 196 x 196 matrices run one matrix at a time).
     Returns:
-        ``(B, N)`` float32; its sign is arbitrary.
+        ``(B, N)`` float32; its sign is arbitrary, and with ``"squaring"`` so is its (positive) scale:
+        the cut depends on the direction only.
     """
     if solver == "auto":
         solver = "eigh" if affinity.device.type == "cpu" else "squaring"
@@ -112,17 +113,23 @@ def _second_eigvec_subspace(m: Tensor, top: Tensor, iters: int, block: int) -> T
 
 def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int) -> Tensor:
     """Power iteration with ``S = (M + I)/2 - u u^T`` (spectrum in [0, 1], the top eigenvector ``u``
-    moved to 0), as ``S^(2^p)`` by ``p = ceil(log2(iters))`` squarings, each divided by its trace so
-    nothing underflows. Rounding that brings ``u`` back has eigenvalue ~eps and is squared away."""
+    moved to 0), as ``S^(2^p)`` by ``p = ceil(log2(iters))`` squarings. Rounding that brings ``u``
+    back has eigenvalue ~eps and is squared away.
+
+    The spectrum stays in [0, 1], so nothing overflows; the risk is underflow. ``trace(S^j)`` lies in
+    ``[lambda_max^j, N lambda_max^j]``, so after a division by it ``lambda_max >= 1/N``; dividing after
+    every second squaring keeps it above ``N^-4`` (``S`` itself starts with ``lambda_max >= ~1/2``).
+    Returns ``z`` up to a positive factor: the cut does not depend on it."""
     b, n, _ = m.shape
     u = F.normalize(top, dim=-1)
     s = torch.baddbmm(0.5 * m, u[:, :, None], u[:, None, :], alpha=-1)
     s.diagonal(dim1=1, dim2=2).add_(0.5)
-    for _ in range(max(1, math.ceil(math.log2(max(iters, 2))))):
+    squarings = max(1, math.ceil(math.log2(max(iters, 2))))
+    for i in range(squarings):
         s = s @ s
-        # trace(S^p) lies in [lambda_max^p, N lambda_max^p]: dividing by it keeps entries O(1).
-        s = s / s.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
-    return F.normalize((s @ _start_vector(n, m.device, m.dtype)).squeeze(-1), dim=-1)
+        if i % 2 == 1 and i < squarings - 1:
+            s.div_(s.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None])
+    return (s @ _start_vector(n, m.device, m.dtype)).squeeze(-1)
 
 
 _START_VECTORS: dict = {}
@@ -150,14 +157,16 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
     Returns:
         ``(B, N)`` bool.
     """
-    w = 0.5 * (affinity + affinity.transpose(1, 2))
-    y = fiedler_vector(w, solver=solver, iters=iters)
-    above = y > y.mean(dim=-1, keepdim=True)
-    flip = above.sum(-1, keepdim=True) * 2 > y.shape[-1]
-    above = torch.where(flip, y < y.mean(dim=-1, keepdim=True), above)
-    receivers = above & ~distractors
-    empty = ~receivers.any(dim=-1, keepdim=True)
-    return torch.where(empty, ~distractors, receivers)
+    # W + W^T, twice the symmetric part: the Fiedler vector's direction and the cut are the same for
+    # any positive multiple of W (D^-1/2 W D^-1/2 does not change), so the 1/2 is left out.
+    y = fiedler_vector(affinity + affinity.transpose(1, 2), solver=solver, iters=iters)
+    centred = y - y.mean(dim=-1, keepdim=True)
+    above = centred > 0
+    flip = above.sum(-1, keepdim=True) > y.shape[-1] // 2          # more than half above the mean
+    above = torch.where(flip, centred < 0, above)
+    others = ~distractors
+    receivers = above & others
+    return torch.where(receivers.any(dim=-1, keepdim=True), receivers, others)
 
 
 def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor, lam: float,
@@ -217,20 +226,21 @@ def redistributed_attention_output(q: Tensor, k: Tensor, v: Tensor, distractors:
         ``(B, H, T, dh)`` in ``v``'s dtype; the CLS row is plain attention.
     """
     b, h, t, dh = v.shape
-    dis = F.pad(distractors, (1, 0)).to(v.dtype)[:, None, :, None]       # (B, 1, T, 1); CLS is neither
-    dfc = F.pad(defocused, (1, 0)).to(v.dtype)[:, None, :, None]
-    indicators = F.pad(torch.cat([dis, dfc], dim=-1), (0, dh - 2)).expand(b, h, t, dh)
-    acc = torch.promote_types(v.dtype, torch.float32)                   # combine in >= float32
+    # (B, 1, T, dh): column 0 marks the distractors, column 1 the defocused tokens (CLS is neither), the
+    # rest is zero. Copied out over the heads, so no stride-0 value reaches the fused kernels: PyTorch's
+    # mem-efficient kernel misread broadcast keys and values in some shapes (pytorch/pytorch#191937).
+    marks = F.pad(torch.stack([distractors, defocused], dim=-1).to(v.dtype), (0, dh - 2, 1, 0))[:, None]
+    dis, dfc = marks[..., 0:1], marks[..., 1:2]                          # (B, 1, T, 1)
     out, on_dis_v, on_dfc_v, sums = (F.scaled_dot_product_attention(q, k, value) for value in
-                                     (v, v * dis, v * dfc, indicators))
-    sums = sums[..., :2].to(acc)
-    on_dis, on_dfc = sums[..., 0:1], sums[..., 1:2]                     # (B, H, T, 1) row sums
-    movable = on_dfc > 0
-    movable[:, :, 0] = False                                            # the CLS row is untouched
-    cut = lam * movable.to(acc)
-    gain = torch.where(movable, lam * on_dis / torch.where(movable, on_dfc, torch.ones_like(on_dfc)),
-                       torch.zeros_like(on_dfc))
-    out = out.to(acc).addcmul_(on_dis_v, cut, value=-1).addcmul_(on_dfc_v, gain)
+                                     (v, v * dis, v * dfc, marks.expand(b, h, t, dh).contiguous()))
+    acc = torch.promote_types(v.dtype, torch.float32)                   # combine in >= float32
+    out = out.to(acc)
+    sums = sums[:, :, 1:, :2].to(acc)                                   # patch rows only: the CLS row is untouched
+    on_dis, on_dfc = sums[..., 0:1], sums[..., 1:2]                     # (B, H, N, 1) row sums
+    movable = on_dfc > 0                                                # cut = lam, gain = lam * on_dis / on_dfc
+    gain = torch.where(movable, on_dis / on_dfc, 0.0)
+    rows = out[:, :, 1:]
+    rows.addcmul_(on_dis_v[:, :, 1:], movable.to(acc), value=-lam).addcmul_(on_dfc_v[:, :, 1:], gain, value=lam)
     return out.to(v.dtype)
 
 
@@ -266,14 +276,32 @@ def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims
     if skip_if_empty and not bool(mask.any()):
         return x
     sel = x.index_select(-1, dims)                                   # (B, N, K)
-    g = _grid(sel.float(), grid)
-    total = F.avg_pool2d(g, 3, 1, 1, count_include_pad=True) * 9.0
-    ones = torch.ones_like(g[:, :1])
-    count = F.avg_pool2d(ones, 3, 1, 1, count_include_pad=True) * 9.0 - 1.0
-    mean = (total - g) / count.clamp_min(1.0)
-    mean = torch.where(count > 0, mean, g)
+    g = _grid(sel.to(torch.promote_types(sel.dtype, torch.float32)), grid)
+    # The 3x3 box mean includes the centre: neighbours' mean = (9 * box - centre) / count.
+    box_weight, centre_weight = _neighbour_weights(grid, g.device, g.dtype)
+    mean = torch.addcmul(g * centre_weight, F.avg_pool2d(g, 3, 1, 1, count_include_pad=True), box_weight)
     new = torch.where(mask[:, :, None], _tokens(mean).to(x.dtype), sel)
     return x.index_copy_(-1, dims, new) if inplace else x.index_copy(-1, dims, new)
+
+
+_NEIGHBOUR_WEIGHTS: dict = {}
+
+
+def _neighbour_weights(grid: tuple[int, int], device, dtype) -> tuple[Tensor, Tensor]:
+    """``(9 / count, -1 / count)``, each ``(h, w)``, with ``count`` the number of existing
+    neighbours of each grid cell; a cell without neighbours (a 1x1 grid) gets ``(0, 1)`` and keeps its
+    value. Made once per grid, device and dtype, so a forward pass computes no counts."""
+    key = (tuple(grid), str(device), dtype)
+    if key not in _NEIGHBOUR_WEIGHTS:
+        h, w = grid
+        rows = torch.tensor([min(r + 1, h - 1) - max(r - 1, 0) + 1 for r in range(h)], dtype=torch.float64)
+        cols = torch.tensor([min(c + 1, w - 1) - max(c - 1, 0) + 1 for c in range(w)], dtype=torch.float64)
+        count = rows[:, None] * cols[None, :] - 1                     # (h, w) cells in the 3x3 box, minus the centre
+        has = count > 0
+        box = torch.where(has, 9.0 / count.clamp_min(1), 0.0)
+        centre = torch.where(has, -1.0 / count.clamp_min(1), 1.0)
+        _NEIGHBOUR_WEIGHTS[key] = (box.to(device, dtype), centre.to(device, dtype))
+    return _NEIGHBOUR_WEIGHTS[key]
 
 
 def release_mean_filter(x: Tensor, grid: tuple[int, int], mask: Tensor, keep: float = 0.6,

@@ -88,3 +88,23 @@ def test_cuda_graphed_segmentation_matches_eager(planted_files):
     b = segmenter(planted_files, "rfclip", "cuda", plan="fused", batch_size=4).segment_batch(imgs)
     for pa, pb in zip(a, b):
         assert (pa.labels == pb.labels).mean() > 0.999
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [197, 225, 257])
+def test_cuda_fused_step_c_matches_the_explicit_matrix(tokens, precision):
+    """Step (c) as fused attention passes on the GPU's kernels (fp32 takes the mem-efficient kernel) against
+    the explicit attention matrix in float64 on the CPU, at ViT-B/16 and ViT-L/14 token counts; 225 and
+    257 are 1 mod 32, where a mem-efficient kernel once misread broadcast values (pytorch/pytorch#191937)."""
+    from rfclip import refocus
+
+    g = torch.Generator().manual_seed(tokens)
+    b, h, dh, n = 3, 12, 64, tokens - 1
+    q, k, v = (torch.randn(b, h, tokens, dh, generator=g, dtype=torch.float64) for _ in range(3))
+    dis = torch.rand(b, n, generator=g) < 0.05
+    dfc = (torch.rand(b, n, generator=g) < 0.3) & ~dis
+    want = refocus.redistribute_attention((q @ k.transpose(-1, -2) / dh ** 0.5).softmax(-1), dis, dfc, 0.7) @ v
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    got = refocus.redistributed_attention_output(*(t.to("cuda", dtype) for t in (q, k, v)), dis.cuda(), dfc.cuda(), 0.7)
+    tol = 1e-3 if precision == "fp32" else 2e-2      # TF32 / bf16 inputs; plain attention is 0.3 away
+    torch.testing.assert_close(got.double().cpu(), want, atol=tol, rtol=tol)

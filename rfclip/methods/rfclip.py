@@ -82,21 +82,15 @@ class RFCLIP(DenseMethod):
             recv = refocus.received_attention(attn) if min_recv is not None else None
             dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
             # With host checks, one sync per block finds the crops that have distractors, (B',) long.
-            active = dis.any(dim=-1) if s.distractor_attention and check else None
-            crops = active.nonzero().squeeze(-1) if active is not None else None
+            crops = dis.any(dim=-1).nonzero().squeeze(-1) if s.distractor_attention and check else None
             if s.distractor_attention and (crops is None or crops.numel() > 0):
                 receivers = self._receivers(kk, dis, crops)
                 if attn is None and crops is not None and crops.numel() < b:
-                    # Step (c) on the crops with distractors only, fused attention on the others. The
-                    # stable sort puts the crops with distractors first, in index order: it gives the
-                    # other crops without another sync.
-                    others = torch.sort(active.to(torch.uint8), descending=True, stable=True).indices[crops.numel():]
+                    # Step (c) on the crops with distractors only, written over the block's fused
+                    # attention of all crops (fewer launches and copies than gathering the others).
                     qc, kc, vc, dc, rc = (t.index_select(0, crops) for t in (q, k, v, dis, receivers))
-                    qo, ko, vo = (t.index_select(0, others) for t in (q, k, v))
-                    refocused = self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed)
-                    heads = refocused.new_empty((b, *refocused.shape[1:]))
-                    heads.index_copy_(0, crops, refocused)
-                    heads.index_copy_(0, others, F.scaled_dot_product_attention(qo, ko, vo))
+                    heads = F.scaled_dot_product_attention(q, k, v)
+                    heads.index_copy_(0, crops, self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed))
                 else:
                     heads = self._refocused_heads(q, k, v, attn, dis, receivers, fused, redistributed)
                 tokens = vit.finish_block(block, tokens, vit.project(block, heads))
