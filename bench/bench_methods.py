@@ -20,7 +20,10 @@ Tables printed:
    power iteration by repeated squaring;
 4. peak memory of one dense forward per method (CUDA: max allocated; CPU: peak live tensor bytes
    from the torch profiler's allocation events);
-5. with ``--profile``, the torch profiler's op table of one dense forward of the named methods.
+5. host work: the aten ops that one dense forward dispatches per method and workload, and how many of
+   them launch work (not views, not no-ops): each costs host time, which on a GPU is the limit at small
+   batches; the counts are the same on every machine (Triton launches are not aten ops, not counted);
+6. with ``--profile``, the torch profiler's op table of one dense forward of the named methods.
 
 Timings are medians over ``--rounds`` rounds; in each round every method runs once, in turn, so
 slow drifts of a noisy machine hit all methods alike.
@@ -176,6 +179,30 @@ def peak_tensor_memory_cpu(fn) -> float:
     return peak / 2 ** 20
 
 
+def op_counts(fn) -> dict[str, int]:
+    """Aten ops that one call of ``fn`` dispatches (``ops``), and those that launch work
+    (``launching``: neither a view nor an op that hands back its own input, like a ``.to`` to the same
+    dtype). Counted with a ``TorchDispatchMode``, after a warm-up call (a CUDA graph replay counts
+    as the few ops it dispatches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"ops": 0, "launching": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            counts["ops"] += 1
+            if not func.is_view and not (args and out is args[0] and not func._schema.is_mutable):
+                counts["launching"] += 1
+            return out
+
+    with torch.inference_mode():
+        fn()
+        with Count():
+            fn()
+    return counts
+
+
 def profile_table(fn, device: torch.device, rows: int = 15) -> str:
     """torch.profiler's op table for one call of ``fn`` (after a warm-up call)."""
     from torch.profiler import ProfilerActivity, profile
@@ -207,6 +234,7 @@ def main() -> None:
                    help=f"comma-separated planted workloads for table 1 ({', '.join(WORKLOADS)}; see planted_images); "
                         "the others use the first")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-ops", action="store_true", help="skip table 5 (aten ops per forward)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
@@ -228,7 +256,7 @@ def main() -> None:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
     batches = {w: to_batch(planted_images(args.crops, 224, 224, any_seg.vit.patch, **WORKLOADS[w]), device, dtype)
                for w in workloads}
-    crops = batches[workloads[0]]                     # tables 4 and 5 use the first workload
+    crops = batches[workloads[0]]                     # tables 4 and 6 use the first workload
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {args.model} (random, planted distractors), {args.precision}, device {device} ({device_name}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -323,9 +351,19 @@ def main() -> None:
         for m in methods:
             print(f"| {m} | {mem[m]:.0f} |" if m in mem else f"| {m} | n/a (CUDA graph pool) |")
 
-    # 5. where the time goes
+    # 5. host work
+    if not args.skip_ops:
+        print(f"\n## 5. Host work: aten ops dispatched by one dense forward of {args.crops} crops, and how many "
+              f"launch work (not views or no-ops); per workload")
+        print("| method | " + " | ".join(f"{w}: ops | launching" for w in workloads) + " |")
+        print("|---|" + "---|---|" * len(workloads))
+        for m in ["encode_image", *methods]:
+            cells = [op_counts(runs[(w, m)]) for w in workloads]
+            print(f"| {m} | " + " | ".join(f"{c['ops']} | {c['launching']}" for c in cells) + " |")
+
+    # 6. where the time goes
     for m in filter(None, args.profile.split(",")):
-        print(f"\n## 5. Profile of one dense forward of {args.crops} crops: {m}")
+        print(f"\n## 6. Profile of one dense forward of {args.crops} crops: {m}")
         print(profile_table(lambda s=segs[m]: s.encode_dense(crops), device))
 
     if args.json:

@@ -39,3 +39,17 @@ def test_clustered_distractors_survive_smoothing(planted_rfclip):
     assert all(c > i for c, i in zip(plain, iso_plain))
     block_inputs = found[0::2]
     assert len(block_inputs) == 3 and all(c > 0 for c in block_inputs)   # steps (a)-(c) run in every block
+
+
+def test_op_counts_count_launches_not_views():
+    x = torch.ones(3, 4)
+    c = bench_methods.op_counts(lambda: (x.t(), x * 2, x.float(), x.clone().add_(1)))
+    assert c == {"ops": 5, "launching": 3}             # t, to (x.float() hands back x) | mul, clone, add_
+
+
+def test_rfclip_dispatches_more_host_work_than_clip(planted_rfclip):
+    x = bench_methods.to_batch(bench_methods.planted_images(2, 224, 224, 16, **bench_methods.WORKLOADS["clustered"]),
+                               "cpu", torch.float32)
+    ours = bench_methods.op_counts(lambda: planted_rfclip.encode_dense(x))
+    plain = bench_methods.op_counts(lambda: planted_rfclip.clip.visual(x))
+    assert plain["launching"] < ours["launching"] < ours["ops"]
