@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.comparison import build_comparison, comparison_markdown
 from pipeline.published import PUBLISHED, TABLE_ORDER, published
+from _direct_metrics import direct_scores
 from shared_data import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,18 +82,8 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
             src = open_labelled_source(b, data_root=str(root), limit=2)
             rows = pq.read_table(run / "predictions").to_pylist()
             assert sorted(r["image_uri"] for r in rows) == sorted(i for i, _ in src.pairs)
-            k = src.num_classes
-            tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
-            for r in rows:
-                pred = png_to_array(r["mask_png"])
-                gt = src.read_label(dict(src.pairs)[r["image_uri"]])
-                keep = gt != 255
-                for c in range(k):
-                    tp[c] += np.sum((pred[keep] == c) & (gt[keep] == c))
-                    fp[c] += np.sum((pred[keep] == c) & (gt[keep] != c))
-                    fn[c] += np.sum((pred[keep] != c) & (gt[keep] == c))
-            with np.errstate(invalid="ignore"):
-                direct = np.nanmean(tp / (tp + fp + fn)) * 100
+            maps = [(png_to_array(r["mask_png"]), src.read_label(dict(src.pairs)[r["image_uri"]])) for r in rows]
+            direct = direct_scores(maps, src.num_classes)[2]
             assert m["mIoU"] == pytest.approx(direct, rel=1e-9) and cell["mIoU"] == m["mIoU"]
             text = (run / "report.md").read_text()
             assert "figures/confusion.png" in text and (run / "figures/samples.png").is_file()

@@ -9,6 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 
+from _direct_metrics import direct_scores
 from pipeline.metrics import confusion_matrix, reduce_confusion, summarize
 from pipeline.sinks import commit_shard
 
@@ -27,23 +28,6 @@ def _random_maps(rng, n):
         pred = rng.integers(0, 5, size=(h, w))
         out.append((pred, gt))
     return out
-
-
-def _direct(maps):
-    """Per-class TP / FP / FN with boolean masks over all images, MMSegmentation-style means."""
-    tp = np.zeros(K); fp = np.zeros(K); fn = np.zeros(K)
-    for pred, gt in maps:
-        keep = gt != IGN
-        p, g = pred[keep], gt[keep]
-        for c in range(K):
-            tp[c] += np.sum((p == c) & (g == c))
-            fp[c] += np.sum((p == c) & (g != c))
-            fn[c] += np.sum((p != c) & (g == c))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (tp + fp + fn)
-        acc = tp / (tp + fn)
-    total = sum(int((gt != IGN).sum()) for _, gt in maps)
-    return iou * 100, acc * 100, np.nanmean(iou) * 100, np.nanmean(acc) * 100, tp.sum() / total * 100
 
 
 def _write_shards(output, maps, shard_size, order=None, names=None):
@@ -80,7 +64,7 @@ def test_reducer_equals_direct_numpy(tmp_path):
     out = str(tmp_path / "run")
     _write_shards(out, maps, shard_size=5)
     res = reduce_confusion(out, class_names=NAMES, extra={"benchmark": "synthetic", "method": "random"})
-    iou, acc, miou, macc, aacc = _direct(maps)
+    iou, acc, miou, macc, aacc = direct_scores(maps, K, IGN)
     assert res["images"] == 23 and res["benchmark"] == "synthetic"
     assert math.isclose(res["mIoU"], miou, rel_tol=1e-12)
     assert math.isclose(res["mAcc"], macc, rel_tol=1e-12)
@@ -114,7 +98,7 @@ def test_reducer_order_and_resume_invariant(tmp_path):
     _write_shards(c, maps, 4, order=[2, 3, 4])
     ra, rb, rc = (reduce_confusion(x, class_names=NAMES) for x in (a, b, c))
     assert ra == rb == rc and ra["images"] == 20
-    assert math.isclose(ra["mIoU"], _direct(maps)[2], rel_tol=1e-12)
+    assert math.isclose(ra["mIoU"], direct_scores(maps, K, IGN)[2], rel_tol=1e-12)
 
 
 def test_reducer_refuses_double_counting_and_empty(tmp_path):
