@@ -1,6 +1,7 @@
-"""Fixtures of the library tests: tiny random open_clip models saved to disk.
+"""Fixtures of the library tests: a tiny random open_clip model with planted distractors, saved to
+disk, and images painted with their pattern (the plain tiny model is ``tiny_model`` in conftest.py).
 
-Imported into test modules (``from _tiny import *``) so they stay apart from conftest.py.
+Imported into test modules (``from _tiny import ...``).
 """
 import numpy as np
 import pytest
@@ -8,12 +9,6 @@ import pytest
 from rfclip.testing import distractor_pattern, make_tiny_model_files, paint_pattern
 
 PLANTED_DIMS = list(range(8))
-
-
-@pytest.fixture(scope="session")
-def tiny_files(tmp_path_factory):
-    """``(config_json, weights)`` of a tiny random ViT (width 64, 2 layers, 4 heads)."""
-    return make_tiny_model_files(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

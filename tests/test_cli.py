@@ -6,18 +6,17 @@ import sys
 import numpy as np
 from PIL import Image
 
-from rfclip.testing import make_tiny_model_files
 from rfclip.visualize import decode_label_png
 
-from _tiny import planted_image, tiny_files  # noqa: F401
+from _tiny import planted_files, planted_image  # noqa: F401
 
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_segment_writes_label_pngs_and_overlays(tiny_files, tmp_path):
-    cfg, weights = tiny_files
+def test_segment_writes_label_pngs_and_overlays(tiny_model, tmp_path):
+    cfg, weights = tiny_model
     paths = []
     for i, shape in enumerate([(120, 200), (90, 60)]):
         p = tmp_path / f"img{i}.jpg"
@@ -36,8 +35,8 @@ def test_segment_writes_label_pngs_and_overlays(tiny_files, tmp_path):
             assert ov.size[1] >= shape[0] and ov.size[0] > shape[1]   # the legend widens the image
 
 
-def test_find_distraction_dims_recovers_planted_channels(tmp_path):
-    cfg, weights = make_tiny_model_files(tmp_path / "m", plant=True, seed=3, layers=4)
+def test_find_distraction_dims_recovers_planted_channels(planted_files, tmp_path):
+    cfg, weights = planted_files
     rng = np.random.default_rng(0)
     (tmp_path / "imgs").mkdir()
     for i, shape in enumerate([(200, 260), (224, 224), (150, 330), (300, 200)]):   # sizes differ, as real folders

@@ -10,7 +10,7 @@ import rfclip
 from rfclip.benchmarks import BENCHMARKS, method_settings
 from rfclip.segmenter import sliding_windows
 
-from _tiny import PLANTED_DIMS, planted_files, planted_image, tiny_files  # noqa: F401
+from _tiny import PLANTED_DIMS, planted_files, planted_image  # noqa: F401
 
 VOCAB = [["sky", "cloud"], ["road"], ["car", "vehicle"], ["tree"]]
 
@@ -60,8 +60,8 @@ def test_tiny_and_extreme_aspect_images(planted_files, shape):
         assert seg.predict(img).shape == shape
 
 
-def test_input_modes_and_exif_orientation(tiny_files):
-    seg = make_segmenter(tiny_files, "clip", short_side=224)
+def test_input_modes_and_exif_orientation(tiny_model):
+    seg = make_segmenter(tiny_model, "clip", short_side=224)
     rgb = planted_image(120, 200)
     gray = Image.fromarray(rgb[:, :, 0], mode="L")
     rgba = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), mode="RGBA")
@@ -105,16 +105,16 @@ def test_encode_dense_shape(segmenter):
         segmenter.encode_dense(torch.randn(1, 3, 100, 100))
 
 
-def test_synonyms_take_the_max_and_prob_thd_sets_background(tiny_files):
-    seg = make_segmenter(tiny_files, "clip", short_side=224)
+def test_synonyms_take_the_max_and_prob_thd_sets_background(tiny_model):
+    seg = make_segmenter(tiny_model, "clip", short_side=224)
     img = planted_image(128, 128)
     base = seg.segment_batch([img])[0]
-    strict = make_segmenter(tiny_files, "clip", short_side=224, prob_thd=0.99).segment_batch([img])[0]
+    strict = make_segmenter(tiny_model, "clip", short_side=224, prob_thd=0.99).segment_batch([img])[0]
     assert np.all(strict.labels[base.confidence < 0.99] == 0)
     np.testing.assert_array_equal(strict.confidence, base.confidence)
     # The class probability is the max over its names: split "sky, cloud" into two classes and the
     # merged class's probability equals the larger of the two.
-    split = rfclip.Segmenter(model=tiny_files[0], weights=tiny_files[1], method="clip", device="cpu", short_side=224,
+    split = rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="clip", device="cpu", short_side=224,
                              vocabulary=[["sky"], ["cloud"], ["road"], ["car", "vehicle"], ["tree"]])
     p_split = split.segment_batch([img])[0]
     merged_label = np.where(p_split.labels <= 1, 0, p_split.labels - 1)
@@ -122,8 +122,8 @@ def test_synonyms_take_the_max_and_prob_thd_sets_background(tiny_files):
     np.testing.assert_allclose(p_split.confidence, base.confidence, atol=1e-6)
 
 
-def test_settings_resolve_from_method_benchmark_and_user(tiny_files):
-    seg = rfclip.Segmenter(model=tiny_files[0], weights=tiny_files[1], method="sclip", benchmark="voc21",
+def test_settings_resolve_from_method_benchmark_and_user(tiny_model):
+    seg = rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="sclip", benchmark="voc21",
                            device="cpu", batch_size=3)
     assert seg.num_classes == 21 and seg.class_names[1] == "aeroplane"
     assert seg.settings.logit_scale == 65.0 and seg.settings.area_thd == 0.1 and seg.settings.batch_size == 3
@@ -131,11 +131,11 @@ def test_settings_resolve_from_method_benchmark_and_user(tiny_files):
     assert method_settings("rfclip", "voc21")["slide_crop"] == 0
     assert method_settings("rfclip-release", "cityscapes")["global_from_crop"] is True
     with pytest.raises(TypeError, match="unknown setting"):
-        make_segmenter(tiny_files, "clip", lamda=0.5)
+        make_segmenter(tiny_model, "clip", lamda=0.5)
     with pytest.raises(ValueError, match="unknown method"):
-        make_segmenter(tiny_files, "sam")
+        make_segmenter(tiny_model, "sam")
     with pytest.raises(ValueError, match="distraction dimensions are unknown"):
-        rfclip.Segmenter(model=tiny_files[0], weights=tiny_files[1], method="rfclip", vocabulary=VOCAB,
+        rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="rfclip", vocabulary=VOCAB,
                          device="cpu").predict(planted_image(64, 64))
     assert all(len(p.vocabulary) == p.num_classes for p in BENCHMARKS.values())
     assert [BENCHMARKS[b].num_classes for b in ("voc21", "voc20", "context60", "context59", "coco_object",
@@ -152,8 +152,8 @@ def test_vocabulary_parsing_and_files(tmp_path):
         rfclip.parse_vocabulary(" ; ")
 
 
-def test_text_embeddings_are_cached(tiny_files):
-    seg = make_segmenter(tiny_files, "clip")
+def test_text_embeddings_are_cached(tiny_model):
+    seg = make_segmenter(tiny_model, "clip")
     calls = []
     original = seg.clip.encode_text
     seg.clip.encode_text = lambda t: calls.append(len(t)) or original(t)
@@ -163,8 +163,8 @@ def test_text_embeddings_are_cached(tiny_files):
     assert calls == [80]                       # one new name, 80 templates
 
 
-def test_pamr_runs_and_keeps_shapes(tiny_files):
-    seg = make_segmenter(tiny_files, "clip", short_side=224, pamr=True)
+def test_pamr_runs_and_keeps_shapes(tiny_model):
+    seg = make_segmenter(tiny_model, "clip", short_side=224, pamr=True)
     assert seg.predict(planted_image(100, 150)).shape == (100, 150)
 
 

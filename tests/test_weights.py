@@ -12,8 +12,6 @@ import rfclip
 from rfclip.testing import random_model, save_checkpoint, save_torchscript_archive
 from rfclip.weights import WeightsError, WeightsUnavailableError, load_clip, resolve_weights
 
-from _tiny import tiny_files  # noqa: F401
-
 
 @pytest.fixture(scope="module")
 def vit_b16_files(tmp_path_factory):
@@ -38,8 +36,8 @@ def test_vit_b16_checkpoint_formats_load_exactly(vit_b16_files, fmt):
     assert resolved.sha256 == hashlib.sha256(files[fmt].read_bytes()).hexdigest()
 
 
-def test_torchscript_archive_like_openai_loads_with_quick_gelu(tiny_files, tmp_path):
-    cfg, weights = tiny_files
+def test_torchscript_archive_like_openai_loads_with_quick_gelu(tiny_model, tmp_path):
+    cfg, weights = tiny_model
     clip, _, arch, _ = load_clip(cfg, weights)
     archive = save_torchscript_archive(clip, tmp_path / "openai-like.pt")
     clip2, _, _, resolved = load_clip(cfg, str(archive))
@@ -48,8 +46,8 @@ def test_torchscript_archive_like_openai_loads_with_quick_gelu(tiny_files, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(clip.state_dict().values(), clip2.state_dict().values()))
 
 
-def test_sha256_is_verified(tiny_files):
-    cfg, weights = tiny_files
+def test_sha256_is_verified(tiny_model):
+    cfg, weights = tiny_model
     digest = hashlib.sha256(open(weights, "rb").read()).hexdigest()
     assert resolve_weights("rfclip-tiny", weights, digest).sha256 == digest
     with pytest.raises(WeightsError, match="sha256 mismatch"):
@@ -58,8 +56,8 @@ def test_sha256_is_verified(tiny_files):
         resolve_weights("rfclip-tiny", weights, "abc")
 
 
-def test_fsspec_url_is_streamed_once_into_the_cache(tiny_files, tmp_path, monkeypatch):
-    cfg, weights = tiny_files
+def test_fsspec_url_is_streamed_once_into_the_cache(tiny_model, tmp_path, monkeypatch):
+    cfg, weights = tiny_model
     monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path / "cache"))
     url = "memory://models/tiny.pt"
     with fsspec.open(url, "wb") as f, open(weights, "rb") as src:
@@ -86,8 +84,8 @@ def test_offline_tag_fails_fast_with_a_pointer_to_weights_path(tmp_path, monkeyp
         resolve_weights("ViT-B-16", "laion2b_s34b_b88k")
 
 
-def test_bad_weights_give_clear_errors(tiny_files, tmp_path):
-    cfg, _ = tiny_files
+def test_bad_weights_give_clear_errors(tiny_model, tmp_path):
+    cfg, _ = tiny_model
     with pytest.raises(FileNotFoundError):
         load_clip(cfg, str(tmp_path / "nope.pt"))
     with pytest.raises(WeightsError, match="nor an open_clip pretrained tag"):
@@ -100,8 +98,8 @@ def test_bad_weights_give_clear_errors(tiny_files, tmp_path):
         load_clip("ViT-Q-99", str(bad))
 
 
-def test_wrong_architecture_is_reported(vit_b16_files, tiny_files):
+def test_wrong_architecture_is_reported(vit_b16_files, tiny_model):
     _, files = vit_b16_files
-    cfg, _ = tiny_files
+    cfg, _ = tiny_model
     with pytest.raises(WeightsError, match="does not fit"):
         load_clip(cfg, str(files["pt"]))
