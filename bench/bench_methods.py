@@ -1,7 +1,7 @@
 """Side-by-side cost of every method, in one process, on the same inputs.
 
     python bench/bench_methods.py [--model ViT-B-16] [--crops 8] [--rounds 5] [--device cpu]
-                                  [--precision fp32] [--images 4] [--skip-memory] [--profile rfclip,clip]
+                                  [--precision fp32] [--images 4] [--skip-memory] [--skip-ops] [--profile rfclip,clip]
                                   [--workloads isolated,clustered]
 
 No pretrained weights exist here, so the model is random; distractors are planted in the
@@ -22,7 +22,8 @@ Tables printed:
    from the torch profiler's allocation events);
 5. host work: the aten ops that one dense forward dispatches per method and workload, and how many of
    them launch work (not views, not no-ops): each costs host time, which on a GPU is the limit at small
-   batches; the counts are the same on every machine (Triton launches are not aten ops, not counted);
+   batches; the counts do not depend on the machine's speed, only on the device type (CUDA's attention
+   dispatches other ops than the CPU's); Triton launches are not aten ops and are not counted;
 6. with ``--profile``, the torch profiler's op table of one dense forward of the named methods.
 
 Timings are medians over ``--rounds`` rounds; in each round every method runs once, in turn, so
@@ -181,18 +182,25 @@ def peak_tensor_memory_cpu(fn) -> float:
 
 def op_counts(fn) -> dict[str, int]:
     """Aten ops that one call of ``fn`` dispatches (``ops``), and those that launch work
-    (``launching``: neither a view nor an op that hands back its own input, like a ``.to`` to the same
-    dtype). Counted with a ``TorchDispatchMode``, after a warm-up call (a CUDA graph replay counts
-    as the few ops it dispatches)."""
+    (``launching``: in-place ops, and ops that return a tensor with storage of its own; not views, nor
+    ops that hand back an input's storage, like a ``.to`` to the same dtype or ``contiguous`` on a
+    contiguous tensor, nor ops that return no tensor). Counted with a ``TorchDispatchMode``, after a
+    warm-up call (a CUDA graph replay counts as the few ops it dispatches)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts = {"ops": 0, "launching": 0}
 
+    def storages(values) -> set:
+        return {v.untyped_storage().data_ptr() for v in values if isinstance(v, torch.Tensor) and v.numel()}
+
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
             counts["ops"] += 1
-            if not func.is_view and not (args and out is args[0] and not func._schema.is_mutable):
+            flat_in = torch.utils._pytree.tree_leaves((args, kwargs))
+            flat_out = torch.utils._pytree.tree_leaves(out)
+            if func._schema.is_mutable or storages(flat_out) - storages(flat_in):
                 counts["launching"] += 1
             return out
 
@@ -352,6 +360,7 @@ def main() -> None:
             print(f"| {m} | {mem[m]:.0f} |" if m in mem else f"| {m} | n/a (CUDA graph pool) |")
 
     # 5. host work
+    ops = {}
     if not args.skip_ops:
         print(f"\n## 5. Host work: aten ops dispatched by one dense forward of {args.crops} crops, and how many "
               f"launch work (not views or no-ops); per workload")
@@ -359,6 +368,7 @@ def main() -> None:
         print("|---|" + "---|---|" * len(workloads))
         for m in ["encode_image", *methods]:
             cells = [op_counts(runs[(w, m)]) for w in workloads]
+            ops.update({f"{w}/{m}": c for w, c in zip(workloads, cells)})
             print(f"| {m} | " + " | ".join(f"{c['ops']} | {c['launching']}" for c in cells) + " |")
 
     # 6. where the time goes
@@ -370,7 +380,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "precision": args.precision, "crops": args.crops,
                        "dense_seconds": {f"{w}/{m}": t for (w, m), t in dense.items()}, "e2e_images_per_s": e2e, "ncut_seconds": solver_t,
-                       "peak_mib": mem}, f, indent=1)
+                       "peak_mib": mem, "aten_ops": ops}, f, indent=1)
 
 
 if __name__ == "__main__":

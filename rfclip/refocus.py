@@ -120,7 +120,7 @@ def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int) -> Tensor:
     ``[lambda_max^j, N lambda_max^j]``, so after a division by it ``lambda_max >= 1/N``; dividing after
     every second squaring keeps it above ``N^-4`` (``S`` itself starts with ``lambda_max >= ~1/2``).
     Returns ``z`` up to a positive factor: the cut does not depend on it."""
-    b, n, _ = m.shape
+    n = m.shape[-1]
     u = F.normalize(top, dim=-1)
     s = torch.baddbmm(0.5 * m, u[:, :, None], u[:, None, :], alpha=-1)
     s.diagonal(dim1=1, dim2=2).add_(0.5)
@@ -227,8 +227,9 @@ def redistributed_attention_output(q: Tensor, k: Tensor, v: Tensor, distractors:
     """
     b, h, t, dh = v.shape
     # (B, 1, T, dh): column 0 marks the distractors, column 1 the defocused tokens (CLS is neither), the
-    # rest is zero. Copied out over the heads, so no stride-0 value reaches the fused kernels: PyTorch's
-    # mem-efficient kernel misread broadcast keys and values in some shapes (pytorch/pytorch#191937).
+    # rest is zero. Copied out over the heads (one write of v's size), so no stride-0 value reaches the
+    # fused kernels. A precaution: PyTorch's mem-efficient kernel misread broadcast keys and values in
+    # pytorch/pytorch#191937 (bf16, a mask, 1 mod 32 keys); this call has no mask.
     marks = F.pad(torch.stack([distractors, defocused], dim=-1).to(v.dtype), (0, dh - 2, 1, 0))[:, None]
     dis, dfc = marks[..., 0:1], marks[..., 1:2]                          # (B, 1, T, 1)
     out, on_dis_v, on_dfc_v, sums = (F.scaled_dot_product_attention(q, k, value) for value in
@@ -263,7 +264,8 @@ def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims
 
     The neighbourhood is 3x3 minus the centre on the patch grid; at the border only the neighbours
     that exist count. All means use the values before the update (simultaneous). Other channels and
-    tokens are untouched.
+    tokens are untouched, and so is a 1x1 grid (no neighbours). The means are taken in float32, or
+    in float64 for float64 input.
 
     Args:
         x: ``(B, N, D)`` patch tokens; grid: ``(h, w)`` with ``h * w == N``;
@@ -273,7 +275,7 @@ def neighbour_mean_channels(x: Tensor, grid: tuple[int, int], mask: Tensor, dims
     Returns:
         ``(B, N, D)``.
     """
-    if skip_if_empty and not bool(mask.any()):
+    if grid[0] * grid[1] == 1 or (skip_if_empty and not bool(mask.any())):
         return x
     sel = x.index_select(-1, dims)                                   # (B, N, K)
     g = _grid(sel.to(torch.promote_types(sel.dtype, torch.float32)), grid)
@@ -288,19 +290,16 @@ _NEIGHBOUR_WEIGHTS: dict = {}
 
 
 def _neighbour_weights(grid: tuple[int, int], device, dtype) -> tuple[Tensor, Tensor]:
-    """``(9 / count, -1 / count)``, each ``(h, w)``, with ``count`` the number of existing
-    neighbours of each grid cell; a cell without neighbours (a 1x1 grid) gets ``(0, 1)`` and keeps its
-    value. Made once per grid, device and dtype, so a forward pass computes no counts."""
+    """``(9 / count, -1 / count)``, each ``(h, w)``, with ``count`` the number of existing neighbours
+    of each grid cell (at least 1 on grids larger than 1x1). Made once per grid, device and dtype, so a
+    forward pass computes no counts."""
     key = (tuple(grid), str(device), dtype)
     if key not in _NEIGHBOUR_WEIGHTS:
         h, w = grid
         rows = torch.tensor([min(r + 1, h - 1) - max(r - 1, 0) + 1 for r in range(h)], dtype=torch.float64)
         cols = torch.tensor([min(c + 1, w - 1) - max(c - 1, 0) + 1 for c in range(w)], dtype=torch.float64)
         count = rows[:, None] * cols[None, :] - 1                     # (h, w) cells in the 3x3 box, minus the centre
-        has = count > 0
-        box = torch.where(has, 9.0 / count.clamp_min(1), 0.0)
-        centre = torch.where(has, -1.0 / count.clamp_min(1), 1.0)
-        _NEIGHBOUR_WEIGHTS[key] = (box.to(device, dtype), centre.to(device, dtype))
+        _NEIGHBOUR_WEIGHTS[key] = ((9.0 / count).to(device, dtype), (-1.0 / count).to(device, dtype))
     return _NEIGHBOUR_WEIGHTS[key]
 
 

@@ -45,6 +45,9 @@ def test_op_counts_count_launches_not_views():
     x = torch.ones(3, 4)
     c = bench_methods.op_counts(lambda: (x.t(), x * 2, x.float(), x.clone().add_(1)))
     assert c == {"ops": 5, "launching": 3}             # t, to (x.float() hands back x) | mul, clone, add_
+    assert bench_methods.op_counts(lambda: x.double()) == {"ops": 1, "launching": 1}           # a copy
+    assert bench_methods.op_counts(lambda: x.t().contiguous()) == {"ops": 2, "launching": 1}   # view, copy
+    assert bench_methods.op_counts(lambda: x.contiguous())["launching"] == 0                 # already is
 
 
 def test_rfclip_dispatches_more_host_work_than_clip(planted_rfclip):

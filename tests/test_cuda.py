@@ -93,9 +93,9 @@ def test_cuda_graphed_segmentation_matches_eager(planted_files):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [197, 225, 257])
 def test_cuda_fused_step_c_matches_the_explicit_matrix(tokens, precision):
-    """Step (c) as fused attention passes on the GPU's kernels (fp32 takes the mem-efficient kernel) against
-    the explicit attention matrix in float64 on the CPU, at ViT-B/16 and ViT-L/14 token counts; 225 and
-    257 are 1 mod 32, where a mem-efficient kernel once misread broadcast values (pytorch/pytorch#191937)."""
+    """Step (c) as fused attention passes on the GPU's kernels against the explicit attention matrix in
+    float64 on the CPU. 225 and 257 tokens are 1 mod 32, the case where PyTorch's mem-efficient kernel
+    misread broadcast keys and values in pytorch/pytorch#191937 (reported with bf16 and a mask)."""
     from rfclip import refocus
 
     g = torch.Generator().manual_seed(tokens)

@@ -202,6 +202,16 @@ def test_squaring_solver_finds_the_fiedler_vector_up_to_sign(iters):
     assert cos > 0.9999
 
 
+def test_squaring_solver_does_not_underflow_on_a_near_complete_graph():
+    """The worst case for the scale: every deflated eigenvalue about equal (1/2 before any division), so
+    without the trace divisions 2^14 powers would underflow to a zero vector."""
+    g = torch.Generator().manual_seed(8)
+    noise = torch.rand(196, 196, generator=g) * 1e-3
+    w = (1 + noise + noise.T)[None]
+    y = refocus.fiedler_vector(w, "squaring", iters=1 << 14)
+    assert torch.isfinite(y).all() and y.abs().max() > 0
+
+
 def test_unknown_solver_is_refused():
     w, _ = two_block_affinity()
     with pytest.raises(ValueError, match="unknown ncut solver"):

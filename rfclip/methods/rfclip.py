@@ -87,7 +87,8 @@ class RFCLIP(DenseMethod):
                 receivers = self._receivers(kk, dis, crops)
                 if attn is None and crops is not None and crops.numel() < b:
                     # Step (c) on the crops with distractors only, written over the block's fused
-                    # attention of all crops (fewer launches and copies than gathering the others).
+                    # attention of all crops. That attention is wasted on the crops with distractors,
+                    # but it takes fewer launches and copies than gathering the other crops first.
                     qc, kc, vc, dc, rc = (t.index_select(0, crops) for t in (q, k, v, dis, receivers))
                     heads = F.scaled_dot_product_attention(q, k, v)
                     heads.index_copy_(0, crops, self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed))
