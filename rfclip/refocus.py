@@ -122,7 +122,7 @@ def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int) -> Tensor:
     Returns ``z`` up to a positive factor: the cut does not depend on it."""
     n = m.shape[-1]
     u = F.normalize(top, dim=-1)
-    s = torch.baddbmm(0.5 * m, u[:, :, None], u[:, None, :], alpha=-1)
+    s = torch.baddbmm(m, u[:, :, None], u[:, None, :], beta=0.5, alpha=-1)
     s.diagonal(dim1=1, dim2=2).add_(0.5)
     squarings = max(1, math.ceil(math.log2(max(iters, 2))))
     for i in range(squarings):

@@ -7,6 +7,8 @@ matrix is materialised.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +17,11 @@ from .base import DenseMethod, DenseOutput
 Tensor = torch.Tensor
 
 
+@functools.lru_cache(maxsize=16)
 def neighbourhood_bias(grid: tuple[int, int], sigma: float, device, dtype=torch.float32) -> Tensor:
-    """NACLIP's Gaussian ``G`` over patch-grid distances: ``(T, T)``, peak 1, zero on CLS row/column."""
+    """NACLIP's Gaussian ``G`` over patch-grid distances: ``(T, T)``, peak 1, zero on CLS row/column.
+
+    Made once per grid, sigma, device and dtype (a forward pass only reads it)."""
     h, w = grid
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1).to(torch.float32)
