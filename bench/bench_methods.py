@@ -144,14 +144,19 @@ def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> tuple[list[int]
     ``plain``: step (a)'s mask on each block input of the unchanged model. ``rfclip``: the masks that
     ``seg`` (an ``rfclip`` segmenter) finds on its own path, steps (a) and (d) alternating (input of
     block 1, output of block 1, input of block 2, ...), recorded by wrapping
-    ``refocus.find_distractors`` for one forward."""
+    ``refocus.find_distractors`` for one forward. Where step (d)'s mask gives the next step (a) mask
+    (``RFCLIP.masks_ahead``), an output without distractors is not looked at again: its input count
+    is that same 0."""
     dims, tau, _ = distraction_setup(seg.method, x.device)
     plain, found = [], []
     real = refocus.find_distractors
+    ahead = seg.method.masks_ahead(x.device)
 
     def record(*a, **kw):
         mask = real(*a, **kw)
         found.append(int(mask.sum()))
+        if ahead and len(found) % 2 == 0 and found[-1] == 0:
+            found.append(0)                       # the next block's input: the same mask, not recomputed
         return mask
 
     with torch.inference_mode():
@@ -161,7 +166,7 @@ def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> tuple[list[int]
             tokens = seg.vit.plain_block(block, tokens)
         with mock.patch.object(refocus, "find_distractors", record):
             seg.method.encode(x)
-    return plain, found
+    return plain, found[:2 * len(plain)]
 
 
 def peak_tensor_memory_cpu(fn) -> float:

@@ -73,16 +73,21 @@ class RFCLIP(DenseMethod):
         redistributed = kernels.redistributed_attention_output if triton else refocus.redistributed_attention_output
         kk = KKAttention(vit, fused, need_affinity=s.distractor_attention and s.defocus_ncut and n >= 3,
                          triton=triton)
-        for block in vit.blocks[:-1]:
+        # With host checks and no received-attention condition, step (d)'s mask on a block's output also
+        # gives the next block's step (a): see _smooth_output. Then ``dis`` and ``crops`` arrive from there.
+        ahead = self.masks_ahead(x.device)
+        dis = crops = None
+        for i, block in enumerate(vit.blocks[:-1]):
             q, k, v = vit.qkv(block, tokens)
             kk.add(k)
             # The attention matrix is materialised for the received-attention condition (ViT-L/14), or
             # to move mass on the explicit plan; the fused plan moves it with four fused passes.
             attn = vit.softmax_attention(q, k) if min_recv is not None else None
             recv = refocus.received_attention(attn) if min_recv is not None else None
-            dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
-            # With host checks, one sync per block finds the crops that have distractors, (B',) long.
-            crops = dis.any(dim=-1).nonzero().squeeze(-1) if s.distractor_attention and check else None
+            if dis is None:
+                dis = refocus.find_distractors(tokens[:, 1:], dims, tau, recv, min_recv)
+                # With host checks, one sync finds the crops that have distractors, (B',) long.
+                crops = dis.any(dim=-1).nonzero().squeeze(-1) if s.distractor_attention and check else None
             if s.distractor_attention and (crops is None or crops.numel() > 0):
                 receivers = self._receivers(kk, dis, crops)
                 if attn is None and crops is not None and crops.numel() < b:
@@ -99,14 +104,42 @@ class RFCLIP(DenseMethod):
                 tokens = vit.finish_block(block, tokens, vit.attend(block, attn, v))
             else:
                 tokens = vit.plain_block(block, tokens, (q, k, v))
-            if s.embedding_redistribution:
-                # Into the block's fresh output, in place; no host check: on crops without distractors
-                # it writes back the same K channels, a few small kernels, cheaper than a sync on GPUs.
-                patches = tokens[:, 1:]
-                dis_out = refocus.find_distractors(patches, dims, tau, recv, min_recv)
-                refocus.neighbour_mean_channels(patches, grid, dis_out, dims, skip_if_empty=False, inplace=True)
+            dis, crops = self._smooth_output(tokens, grid, dims, tau, recv, min_recv, ahead and i < len(vit.blocks) - 2)
         out = kk.last_block(tokens)
         return DenseOutput(vit.head(out).reshape(b, grid[0], grid[1], -1))
+
+    def masks_ahead(self, device) -> bool:
+        """Whether step (d)'s mask on a block's output also gives the next block's step (a) mask (see
+        :meth:`_smooth_output`): with host checks, steps (a)-(d) on, and no received-attention condition."""
+        s = self.settings
+        _, check = plan_flags(s, device)
+        return (check and s.distractor_attention and s.embedding_redistribution
+                and distraction_setup(self, device)[2] is None)
+
+    def _smooth_output(self, tokens: Tensor, grid: tuple[int, int], dims: Tensor, tau: float,
+                       recv: Tensor | None, min_recv: float | None, ahead: bool) -> tuple:
+        """Step (d) on a block's output ``tokens`` ``(B, T, D)``, in place. Returns the next block's step (a)
+        mask ``(B, N)`` bool and its crops ``(B',)`` long when known here (``ahead``), else ``(None, None)``.
+
+        Without ``ahead`` it runs unchecked: on crops without distractors it writes back the same K
+        channels, a few small kernels, cheaper than a sync on GPUs. With ``ahead`` one sync finds the crops
+        that have distractors on the output. If none has, nothing is smoothed, and the mask is the next
+        block's step (a) mask as it is (the same function of the same tokens). Otherwise the smoothed
+        output's mask is taken again, and these crops stand for the next block's: its crops with
+        distractors are among them, and steps (b) and (c) leave a crop without distractors as it is. So the
+        next block needs no sync of its own."""
+        s = self.settings
+        if not s.embedding_redistribution:
+            return None, None
+        patches = tokens[:, 1:]
+        dis_out = refocus.find_distractors(patches, dims, tau, recv, min_recv)
+        crops = dis_out.any(dim=-1).nonzero().squeeze(-1) if ahead else None
+        if crops is not None and crops.numel() == 0:
+            return dis_out, crops
+        refocus.neighbour_mean_channels(patches, grid, dis_out, dims, skip_if_empty=False, inplace=True)
+        if crops is None:
+            return None, None
+        return refocus.find_distractors(patches, dims, tau), crops
 
     def _refocused_heads(self, q: Tensor, k: Tensor, v: Tensor, attn: Tensor | None, dis: Tensor,
                          receivers: Tensor, fused: bool, redistributed) -> Tensor:
