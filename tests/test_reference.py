@@ -344,3 +344,25 @@ def test_a_crop_without_distractors_in_the_batch_changes_nothing(planted_files, 
     torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(together[2], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(together[1], alone[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("plan", ["explicit", "fused"])
+def test_step_d_mask_serving_as_the_next_step_a_mask_changes_nothing(planted_files, plan, monkeypatch):
+    """With host checks, step (d)'s mask stands for the next block's step (a) (RFCLIP._smooth_output):
+    the features equal those of the path that recomputes step (a) and syncs in every block, also where
+    smoothing removed a crop's distractors (that crop then runs steps (b) and (c) for nothing)."""
+    from rfclip.methods.rfclip import RFCLIP
+
+    seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"],
+                           device="cpu", distraction_dims=PLANTED_DIMS, tau=0.07, plan=plan)
+    x = torch.stack(crops(n=3)).float()
+    assert seg.method.masks_ahead(x.device)
+    found = []
+    original = RFCLIP._smooth_output
+    monkeypatch.setattr(RFCLIP, "_smooth_output", lambda self, *a: found.append(original(self, *a)) or found[-1])
+    ahead = seg.encode_dense(x)
+    handed = [(int(mask.sum()), crops.numel()) for mask, crops in found if crops is not None]
+    assert any(n_crops and not n_dis for n_dis, n_crops in handed)   # crops handed on, their distractors gone
+    assert any(not n_crops for _, n_crops in handed)                  # an output without any: nothing smoothed
+    monkeypatch.setattr(RFCLIP, "masks_ahead", lambda self, device: False)
+    torch.testing.assert_close(seg.encode_dense(x), ahead, atol=1e-5, rtol=0)
