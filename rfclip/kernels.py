@@ -36,6 +36,11 @@ MAX_TOKENS = 1024
 _LOG2E = 1.4426950408889634
 
 
+class DoesNotFit(ValueError):
+    """The kernels cannot hold these crops: more than :data:`MAX_TOKENS` tokens, or tiles larger than
+    this GPU's shared memory. ``attention_kernels="auto"`` then runs PyTorch's kernels instead."""
+
+
 def available() -> bool:
     """Whether Triton can be imported."""
     return triton is not None
@@ -52,7 +57,7 @@ def _tiles(t: int, dh: int) -> tuple[int, int]:
         raise RuntimeError("attention_kernels='triton' needs the triton package (it comes with torch's "
                            "CUDA builds on Linux); use attention_kernels='torch'")
     if t > MAX_TOKENS:
-        raise ValueError(f"the Triton kernels hold whole attention rows and take at most {MAX_TOKENS} tokens, "
+        raise DoesNotFit(f"the Triton kernels hold whole attention rows and take at most {MAX_TOKENS} tokens, "
                          f"got {t} (smaller crops, or attention_kernels='torch')")
     return max(16, triton.next_power_of_2(t)), max(16, triton.next_power_of_2(dh))
 
@@ -123,8 +128,10 @@ def _redistributed_body(Q, K, V, DIS, DFC, O, T, H, scale, lam,
 class Launch:
     """One kernel launch: ``body[grid](*args, **constexprs, num_warps=..., num_stages=...)``.
 
-    Block sizes and warps were chosen by compiling for sm_90 without a GPU (``bench/kernel_resources.py``):
-    the largest row block that neither spills registers nor outgrows shared memory at T = 197, 257, 577.
+    Block sizes and warps: at T = 197 (ViT-B/16 at 224 px) the fastest of a sweep on an H100 in bf16 at
+    32 and 128 crops (README, Performance); at T = 257 and 577, chosen by compiling for sm_90 without a
+    GPU (``bench/kernel_resources.py``) as the largest row block that neither spills registers nor
+    outgrows shared memory.
     """
     body: Callable
     grid: tuple
@@ -144,7 +151,7 @@ def kk_head_mean_launch(k: Tensor, out: Tensor, scale: float) -> Launch:
     return Launch(_kk_head_mean_body, (triton.cdiv(t - 1, block_m), b),
                   (k, out, t, h, scale * _LOG2E, 1.0 / h, *k.stride(), *out.stride()),
                   dict(DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(k.dtype)),
-                  num_warps=8 if block_t >= 256 else 4,
+                  num_warps=4 if block_t <= 256 else 8,
                   # pipelining the head loop (prefetching the next head's keys) outgrows shared memory above 256
                   num_stages=None if block_t <= 256 else 1)
 
@@ -154,12 +161,12 @@ def redistributed_launch(q: Tensor, k: Tensor, v: Tensor, dis: Tensor, dfc: Tens
     """The launch of :func:`redistributed_attention_output`; ``dis``, ``dfc`` ``(B, N)`` uint8, ``out`` like ``v``."""
     b, h, t, dh = q.shape
     block_t, block_d = _tiles(t, dh)
-    block_m = 32 if block_t <= 512 else 16
+    block_m = 64 if block_t <= 256 else 32 if block_t <= 512 else 16
     return Launch(_redistributed_body, (triton.cdiv(t, block_m), b * h),
                   (q, k, v, dis, dfc, out, t, h, scale * _LOG2E, float(lam),
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dis.stride()),
                   dict(DH=dh, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, PRECISION=_precision(v.dtype)),
-                  num_warps=8 if block_t >= 256 else 4)
+                  num_warps=4 if block_t <= 256 else 8)
 
 
 def _run(launch: Launch, device: torch.device) -> None:
@@ -172,7 +179,7 @@ def _run(launch: Launch, device: torch.device) -> None:
     try:
         _jit(launch.body)[launch.grid](*launch.args, **launch.constexprs, **options)
     except OutOfResources as e:
-        raise RuntimeError(f"this GPU cannot hold the Triton kernel's tiles for {launch.constexprs['BLOCK_T']} "
+        raise DoesNotFit(f"this GPU cannot hold the Triton kernel's tiles for {launch.constexprs['BLOCK_T']} "
                            f"keys ({e}); use attention_kernels='torch', or smaller crops") from e
 
 

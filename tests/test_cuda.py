@@ -76,7 +76,7 @@ def test_cuda_triton_kernels_agree_with_torch(planted_files, plan, precision):
     """attention_kernels='triton' (compiled kernels, captured in graphs on the graphed plan) against torch."""
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(4))
     kw = dict(plan=plan, batch_size=4, precision=precision)
-    want = segmenter(planted_files, "rfclip", "cuda", **kw).encode_dense(x).float()
+    want = segmenter(planted_files, "rfclip", "cuda", attention_kernels="torch", **kw).encode_dense(x).float()
     got = segmenter(planted_files, "rfclip", "cuda", attention_kernels="triton", **kw).encode_dense(x).float()
     cos = (F.normalize(got, dim=-1) * F.normalize(want, dim=-1)).sum(-1)
     assert cos.min() > (0.9999 if precision == "fp32" else 0.999)
@@ -108,3 +108,17 @@ def test_cuda_fused_step_c_matches_the_explicit_matrix(tokens, precision):
     got = refocus.redistributed_attention_output(*(t.to("cuda", dtype) for t in (q, k, v)), dis.cuda(), dfc.cuda(), 0.7)
     tol = 1e-3 if precision == "fp32" else 2e-2      # TF32 / bf16 inputs; plain attention is 0.3 away
     torch.testing.assert_close(got.double().cpu(), want, atol=tol, rtol=tol)
+
+
+def test_cuda_default_runs_the_triton_kernels(planted_files, monkeypatch):
+    """attention_kernels='auto' (the default) runs rfclip.kernels on a CUDA device that holds them."""
+    from rfclip import kernels
+
+    if not kernels.available():
+        pytest.skip("triton is not installed")
+    launches = []
+    for name in ("accumulate_kk_head_mean", "redistributed_attention_output"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name, **kw: launches.append(_n) or _k(*a, **kw))
+    segmenter(planted_files, "rfclip", "cuda").segment_batch([planted_image()])     # planted: step (c) runs
+    assert {"accumulate_kk_head_mean", "redistributed_attention_output"} <= set(launches)

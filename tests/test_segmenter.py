@@ -179,6 +179,18 @@ def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files, precision):
     assert cos.mean() > 0.99           # stated tolerance for 16-bit image towers: mean cosine > 0.99
 
 
+def test_auto_plan_is_explicit_on_cpus_and_graphed_on_cuda_where_a_graph_can_hold_the_forward():
+    from rfclip.settings import make_settings, resolve_plan
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")        # resolving a plan touches no device
+    assert resolve_plan(make_settings("rfclip"), cpu) == "explicit"
+    assert resolve_plan(make_settings("rfclip"), cuda) == "graphed"
+    assert resolve_plan(make_settings("clip"), cuda) == "graphed"
+    assert resolve_plan(make_settings("rfclip", {"slide_crop": 0}), cuda) == "fused"        # whole images: shapes vary
+    assert resolve_plan(make_settings("rfclip", {"ncut_solver": "eigh"}), cuda) == "fused"  # cuSOLVER: not capturable
+    assert resolve_plan(make_settings("rfclip", {"plan": "fused"}), cuda) == "fused"
+
+
 def test_plans_and_kernels_that_cannot_run_are_refused_up_front(planted_files, monkeypatch):
     def build(**kw):
         return rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=VOCAB,

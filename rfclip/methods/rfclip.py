@@ -6,16 +6,18 @@ tokens; the block runs on; (d) the distractors' distraction channels smoothed on
 Last block (e): ``out_proj(A_bar v)`` with ``A_bar`` the mean over layers of each head's kk attention.
 Crops without distractors in a layer skip (b) and (c) (the cut runs only on the crops that need it).
 On GPUs only fused attention runs on ViT-B (``refocus.redistributed_attention_output`` and the
-``fused`` plan of :class:`KKAttention`, or one Triton kernel for each with ``attention_kernels="triton"``,
-``rfclip.kernels``); on CPUs explicit attention matrices are cheaper.
+``fused`` plan of :class:`KKAttention`, or one Triton kernel for each, ``rfclip.kernels``, which
+``attention_kernels="auto"`` picks on CUDA devices); on CPUs explicit attention matrices are cheaper.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .. import kernels, refocus
-from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch, resolve_plan
+from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch, resolve_attention_kernels, resolve_plan
 from .base import DenseMethod, DenseOutput
 from .kk_attention import KKAttention
 
@@ -64,12 +66,27 @@ class RFCLIP(DenseMethod):
     name = "rfclip"
 
     def encode(self, x: Tensor) -> DenseOutput:
+        triton = resolve_attention_kernels(self.settings, x.device) == "triton"
+        if not triton or self.settings.attention_kernels == "triton":
+            return self._encode(x, triton)
+        # "auto" chose the kernels: crop sizes whose tiles this GPU cannot hold run on PyTorch's, and say so.
+        torch_sizes = self.__dict__.setdefault("_torch_sizes", set())
+        size = tuple(x.shape[-2:])
+        if size not in torch_sizes:
+            try:
+                return self._encode(x, True)
+            except kernels.DoesNotFit as e:
+                warnings.warn(f"attention_kernels='auto': {e}. Crops of {size[0]}x{size[1]} run on PyTorch's "
+                              f"kernels from now on.", RuntimeWarning, stacklevel=2)
+                torch_sizes.add(size)
+        return self._encode(x, False)
+
+    def _encode(self, x: Tensor, triton: bool) -> DenseOutput:
         vit, s = self.vit, self.settings
         dims, tau, min_recv = distraction_setup(self, x.device)
         fused, check = plan_flags(s, x.device)
         tokens, grid = vit.embed(x)
         b, n = tokens.shape[0], tokens.shape[1] - 1
-        triton = s.attention_kernels == "triton"
         redistributed = kernels.redistributed_attention_output if triton else refocus.redistributed_attention_output
         kk = KKAttention(vit, fused, need_affinity=s.distractor_attention and s.defocus_ncut and n >= 3,
                          triton=triton)
