@@ -55,11 +55,12 @@ SOLVERS = ("eigh", "subspace", "squaring")
 
 def default_methods(device: torch.device) -> list[str]:
     """Every method, plus variants that the defaults (``ncut_solver="auto"``, ``plan="auto"``) do
-    not pick on this device: rfclip with the other cut solvers and plans, and clip graphed."""
+    not pick on this device: rfclip with the other cut solvers, plans and kernels, and clip eager
+    (``fused``; CUDA devices replay graphs by default)."""
     if device.type == "cpu":
         extra = ["rfclip+subspace", "rfclip+squaring", "rfclip+fused"]
     else:
-        extra = ["clip+graphed", "rfclip+graphed", "rfclip+triton", "rfclip+graphed+triton", "rfclip+explicit",
+        extra = ["clip+fused", "rfclip+fused", "rfclip+torch", "rfclip+fused+torch", "rfclip+explicit",
                  "rfclip+eigh", "rfclip+subspace"]
     return rfclip.available_methods() + extra
 
@@ -117,14 +118,14 @@ def build(model: str, checkpoint: str, method: str, device: str, precision: str,
           vocabulary=None) -> rfclip.Segmenter:
     """``method`` may name variants: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``,
     ``"rfclip+fused"`` with ``plan="fused"`` (likewise ``explicit``, ``graphed``), ``"rfclip+triton"``
-    with ``attention_kernels="triton"``; they combine (``"rfclip+graphed+triton"``)."""
+    with ``attention_kernels="triton"`` (likewise ``torch``); they combine (``"rfclip+graphed+torch"``)."""
     method, *variants = method.split("+")
     extra = {}
     for variant in variants:
         if variant in PLANS:
             extra["plan"] = variant
-        elif variant == "triton":
-            extra["attention_kernels"] = "triton"
+        elif variant in ("triton", "torch"):
+            extra["attention_kernels"] = variant
         else:
             extra["ncut_solver"] = variant
     return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=vocabulary or VOC_LIKE,
@@ -347,7 +348,7 @@ def main() -> None:
     mem = {}
     if not args.skip_memory:
         for m in methods:
-            if "graphed" in m.split("+"):
+            if segs[m].plan == "graphed":
                 continue                          # a graph's memory is its pool, set aside at capture
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
