@@ -42,8 +42,9 @@ class DoesNotFit(ValueError):
 
 
 def available() -> bool:
-    """Whether Triton can be imported."""
-    return triton is not None
+    """Whether Triton can be imported, in a version that runs these kernels (3.0 or later: ``tl.dot``'s
+    ``input_precision``)."""
+    return triton is not None and int(triton.__version__.split(".")[0]) >= 3
 
 
 def interpreted() -> bool:

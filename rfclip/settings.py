@@ -65,17 +65,18 @@ class Settings:
             work. Needs
             ``ncut_solver`` ``"squaring"`` or ``"auto"`` (cuSOLVER calls cannot be captured).
             ``"auto"``: ``"explicit"`` on CPUs (``"fused"`` with Triton kernels); on CUDA devices
-            ``"graphed"`` where crops have a fixed size (``slide_crop > 0``) and the cut solver can be
-            captured, else ``"fused"``. [decision] On an H100 in bf16 (Triton kernels), ``"graphed"`` was
+            ``"graphed"`` where crops have a fixed size (``0 < slide_crop <= short_side``) and the cut
+            solver can be captured, else ``"fused"``. [decision] On an H100 in bf16 (Triton kernels), ``"graphed"`` was
             1.4x and 2.5x faster than ``"fused"`` at 32 crops per batch (isolated and clustered
             workloads), 1.2x faster on the clustered workload at 128 crops, and 12% slower on the
             isolated one at 128 (README, Performance).
         attention_kernels: who runs RF-CLIP's per-block affinity and step (c) on the fused and graphed
             plans: ``"torch"`` (PyTorch ops and fused attention passes) or ``"triton"`` (one Triton kernel
             each, ``rfclip.kernels``; CUDA devices, crops of at most 1024 tokens). Same numbers (tested).
-            ``"auto"`` (default): ``"triton"`` on CUDA devices of compute capability 8.0 or more where
-            triton imports and the plan is not ``"explicit"``, else ``"torch"``; crops whose kernels the
-            GPU cannot hold run on ``"torch"``, with a warning. [decision] Measured on an H100 in bf16 at
+            ``"auto"`` (default): ``"triton"`` for fp16/bf16 models on NVIDIA CUDA devices of compute
+            capability 8.0 or more where triton 3+ imports and the plan is not ``"explicit"``, else
+            ``"torch"`` (in fp32 the kernels take exact products without tensor cores: for checking,
+            not speed); crops whose kernels the GPU cannot hold run on ``"torch"``, with a warning. [decision] Measured on an H100 in bf16 at
             128 crops, the kernels made RF-CLIP 1.35x faster on the graphed plan and 1.23x-1.34x on the
             fused plan (README, Performance).
     NACLIP: naclip_sigma, the Gaussian's sigma in patches.
@@ -147,7 +148,8 @@ def resolve_plan(settings: Settings, device) -> str:
     if plan == "auto":
         if kind == "cpu":
             return "fused" if triton else "explicit"
-        graphable = settings.slide_crop > 0 and settings.ncut_solver in ("auto", "squaring")
+        # Fixed crop shapes: sliding windows on images resized so that every window is full-size.
+        graphable = 0 < settings.slide_crop <= settings.short_side and settings.ncut_solver in ("auto", "squaring")
         return "graphed" if kind == "cuda" and graphable else "fused"
     if plan == "graphed" and kind != "cuda":
         raise ValueError(f"plan='graphed' replays CUDA graphs and needs a CUDA device, not {kind}")
@@ -156,8 +158,8 @@ def resolve_plan(settings: Settings, device) -> str:
 
 def resolve_attention_kernels(settings: Settings, device) -> str:
     """``"torch"`` or ``"triton"``: who runs RF-CLIP's affinity and step (c) on ``device`` (see
-    ``Settings.attention_kernels``; ``"auto"`` -> ``"triton"`` on CUDA devices of compute capability 8.0
-    or more where triton imports, on the fused and graphed plans)."""
+    ``Settings.attention_kernels``; ``"auto"`` -> ``"triton"`` for fp16/bf16 models on NVIDIA CUDA
+    devices of compute capability 8.0 or more where triton 3+ imports, on the fused and graphed plans)."""
     import torch
 
     from . import kernels
@@ -165,7 +167,8 @@ def resolve_attention_kernels(settings: Settings, device) -> str:
     if settings.attention_kernels != "auto":
         return settings.attention_kernels
     device = torch.device(device)
-    use = (device.type == "cuda" and settings.plan != "explicit" and kernels.available()
+    use = (device.type == "cuda" and torch.version.hip is None and settings.plan != "explicit"
+           and settings.precision in ("fp16", "bf16") and kernels.available()
            and torch.cuda.get_device_capability(device) >= (8, 0))
     return "triton" if use else "torch"
 

@@ -108,14 +108,21 @@ def test_kernels_compile_for_an_h100_and_fit(tmp_path):
 
 
 def test_auto_picks_the_kernels_on_cuda_devices_that_run_them(monkeypatch):
-    auto = make_settings("rfclip")
+    auto = make_settings("rfclip", {"precision": "bf16"})
     assert auto.attention_kernels == "auto"
     assert resolve_attention_kernels(auto, "cpu") == "torch"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
     assert resolve_attention_kernels(auto, "cuda") == "triton"
     assert resolve_attention_kernels(auto, "cuda:1") == "triton"
-    assert resolve_attention_kernels(make_settings("rfclip", {"plan": "explicit"}), "cuda") == "torch"
-    assert resolve_attention_kernels(make_settings("rfclip", {"attention_kernels": "torch"}), "cuda") == "torch"
+    assert resolve_attention_kernels(make_settings("rfclip", {"precision": "fp16"}), "cuda") == "triton"
+    assert resolve_attention_kernels(make_settings("rfclip"), "cuda") == "torch"        # fp32: for checking only
+    assert resolve_attention_kernels(make_settings("rfclip", {"plan": "explicit", "precision": "bf16"}), "cuda") == "torch"
+    assert resolve_attention_kernels(make_settings("rfclip", {"attention_kernels": "torch", "precision": "bf16"}),
+                                     "cuda") == "torch"
+    monkeypatch.setattr(torch.version, "hip", "6.2")                                      # ROCm reports "cuda" too
+    assert resolve_attention_kernels(auto, "cuda") == "torch"
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert resolve_attention_kernels(auto, "cuda") == "torch"
     assert resolve_attention_kernels(make_settings("rfclip", {"attention_kernels": "triton"}), "cuda") == "triton"
@@ -151,7 +158,25 @@ def test_auto_runs_pytorch_on_crops_the_kernels_cannot_hold_and_says_so(planted_
         assert launches == [37]                         # the refused first try, not retried
         auto.encode_dense(small)
     assert launches[1:] and set(launches[1:]) == {17}   # crops that fit keep the kernels
-    monkeypatch.setattr(kernels, "MAX_TOKENS", 1024)
     with pytest.raises(kernels.DoesNotFit, match="at most 20 tokens"):  # named "triton": an error, no fallback
-        monkeypatch.setattr(kernels, "MAX_TOKENS", 20)
         seg(attention_kernels="triton").encode_dense(large)
+
+
+def test_a_gpu_out_of_shared_memory_is_does_not_fit(monkeypatch):
+    """Triton's OutOfResources at launch (tiles larger than the GPU's shared memory) becomes DoesNotFit,
+    the error that attention_kernels='auto' answers by running PyTorch's kernels."""
+    def refuse(*args, **kwargs):
+        raise kernels.OutOfResources(240 * 1024, 99 * 1024, "shared memory")
+    monkeypatch.setattr(kernels, "_jit", lambda body: _Refusing(refuse))
+    _, k, _ = qkv(1, 2, 17, 16, torch.float32)
+    with pytest.raises(kernels.DoesNotFit, match="cannot hold the Triton kernel's tiles"):
+        kernels.accumulate_kk_head_mean(k, torch.zeros(1, 16, 16, device=DEVICE), 0.25)
+
+
+class _Refusing:
+    """Stands for a jitted kernel: ``kernel[grid](...)`` calls ``launch``."""
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __getitem__(self, grid):
+        return self.launch

@@ -187,6 +187,8 @@ def test_auto_plan_is_explicit_on_cpus_and_graphed_on_cuda_where_a_graph_can_hol
     assert resolve_plan(make_settings("rfclip"), cuda) == "graphed"
     assert resolve_plan(make_settings("clip"), cuda) == "graphed"
     assert resolve_plan(make_settings("rfclip", {"slide_crop": 0}), cuda) == "fused"        # whole images: shapes vary
+    assert resolve_plan(make_settings("rfclip", {"short_side": 0}), cuda) == "fused"        # images keep their size
+    assert resolve_plan(make_settings("rfclip", {"short_side": 200}), cuda) == "fused"      # windows cut short
     assert resolve_plan(make_settings("rfclip", {"ncut_solver": "eigh"}), cuda) == "fused"  # cuSOLVER: not capturable
     assert resolve_plan(make_settings("rfclip", {"plan": "fused"}), cuda) == "fused"
 
