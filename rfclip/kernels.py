@@ -181,7 +181,7 @@ def _run(launch: Launch, device: torch.device) -> None:
         _jit(launch.body)[launch.grid](*launch.args, **launch.constexprs, **options)
     except OutOfResources as e:
         raise DoesNotFit(f"this GPU cannot hold the Triton kernel's tiles for {launch.constexprs['BLOCK_T']} "
-                           f"keys ({e}); use attention_kernels='torch', or smaller crops") from e
+                         f"keys ({e}); use attention_kernels='torch', or smaller crops") from e
 
 
 @functools.lru_cache(maxsize=None)

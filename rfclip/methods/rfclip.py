@@ -7,7 +7,8 @@ Last block (e): ``out_proj(A_bar v)`` with ``A_bar`` the mean over layers of eac
 Crops without distractors in a layer skip (b) and (c) (the cut runs only on the crops that need it).
 On GPUs only fused attention runs on ViT-B (``refocus.redistributed_attention_output`` and the
 ``fused`` plan of :class:`KKAttention`, or one Triton kernel for each, ``rfclip.kernels``, which
-``attention_kernels="auto"`` picks on CUDA devices); on CPUs explicit attention matrices are cheaper.
+``attention_kernels="auto"`` picks for fp16/bf16 models on CUDA devices); on CPUs explicit attention
+matrices are cheaper.
 """
 from __future__ import annotations
 
