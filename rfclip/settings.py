@@ -62,23 +62,22 @@ class Settings:
             ``"graphed"``: ``"fused"`` without host checks (every crop goes through every step, which is
             the identity where there are no distractors), replayed as CUDA graphs, one per crop-batch
             shape (any method). It saves the host's launch time and syncs, and pays for the skipped
-            work. Needs
-            ``ncut_solver`` ``"squaring"`` or ``"auto"`` (cuSOLVER calls cannot be captured).
+            work. Needs ``ncut_solver`` ``"squaring"`` or ``"auto"`` (cuSOLVER calls cannot be captured).
             ``"auto"``: ``"explicit"`` on CPUs (``"fused"`` with Triton kernels); on CUDA devices
             ``"graphed"`` where crops have a fixed size (``0 < slide_crop <= short_side``) and the cut
-            solver can be captured, else ``"fused"``. [decision] On an H100 in bf16 (Triton kernels), ``"graphed"`` was
-            1.4x and 2.5x faster than ``"fused"`` at 32 crops per batch (isolated and clustered
-            workloads), 1.2x faster on the clustered workload at 128 crops, and 12% slower on the
-            isolated one at 128 (README, Performance).
+            solver can be captured, else ``"fused"``. [decision] On an H100 in bf16 (Triton kernels),
+            ``"graphed"`` was 1.4x and 2.5x faster than ``"fused"`` at 32 crops per batch (isolated and
+            clustered workloads), 1.2x faster on the clustered workload at 128 crops, and 12% slower on
+            the isolated one at 128 (README, Performance).
         attention_kernels: who runs RF-CLIP's per-block affinity and step (c) on the fused and graphed
             plans: ``"torch"`` (PyTorch ops and fused attention passes) or ``"triton"`` (one Triton kernel
             each, ``rfclip.kernels``; CUDA devices, crops of at most 1024 tokens). Same numbers (tested).
             ``"auto"`` (default): ``"triton"`` for fp16/bf16 models on NVIDIA CUDA devices of compute
             capability 8.0 or more where triton 3+ imports and the plan is not ``"explicit"``, else
             ``"torch"`` (in fp32 the kernels take exact products without tensor cores: for checking,
-            not speed); crops whose kernels the GPU cannot hold run on ``"torch"``, with a warning. [decision] Measured on an H100 in bf16 at
-            128 crops, the kernels made RF-CLIP 1.35x faster on the graphed plan and 1.23x-1.34x on the
-            fused plan (README, Performance).
+            not speed); crops whose kernels the GPU cannot hold run on ``"torch"``, with a warning.
+            [decision] Measured on an H100 in bf16 at 128 crops, the kernels made RF-CLIP 1.35x faster
+            on the graphed plan and 1.23x-1.34x on the fused plan (README, Performance).
     NACLIP: naclip_sigma, the Gaussian's sigma in patches.
     RF-CLIP release (§4):
         release_keep: weight of the unfiltered feature in ``F <- keep F + (1 - keep) F_den``.

@@ -117,7 +117,8 @@ def test_auto_picks_the_kernels_on_cuda_devices_that_run_them(monkeypatch):
     assert resolve_attention_kernels(auto, "cuda:1") == "triton"
     assert resolve_attention_kernels(make_settings("rfclip", {"precision": "fp16"}), "cuda") == "triton"
     assert resolve_attention_kernels(make_settings("rfclip"), "cuda") == "torch"        # fp32: for checking only
-    assert resolve_attention_kernels(make_settings("rfclip", {"plan": "explicit", "precision": "bf16"}), "cuda") == "torch"
+    explicit = make_settings("rfclip", {"plan": "explicit", "precision": "bf16"})
+    assert resolve_attention_kernels(explicit, "cuda") == "torch"
     assert resolve_attention_kernels(make_settings("rfclip", {"attention_kernels": "torch", "precision": "bf16"}),
                                      "cuda") == "torch"
     monkeypatch.setattr(torch.version, "hip", "6.2")                                      # ROCm reports "cuda" too
@@ -140,11 +141,13 @@ def test_auto_runs_pytorch_on_crops_the_kernels_cannot_hold_and_says_so(planted_
                         lambda settings, device: settings.attention_kernels.replace("auto", "triton"))
     launches = []
     accumulate = kernels.accumulate_kk_head_mean
-    monkeypatch.setattr(kernels, "accumulate_kk_head_mean", lambda k, *a: launches.append(k.shape[2]) or accumulate(k, *a))
+    monkeypatch.setattr(kernels, "accumulate_kk_head_mean",
+                        lambda k, *a: launches.append(k.shape[2]) or accumulate(k, *a))
 
     def seg(**kw):
-        return rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a", "b"],
-                                device=DEVICE, plan="fused", distraction_dims=PLANTED_DIMS, **kw)
+        return rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip",
+                                vocabulary=["a", "b"], device=DEVICE, plan="fused", distraction_dims=PLANTED_DIMS,
+                                **kw)
     auto, plain = seg(), seg(attention_kernels="torch")
     g = torch.Generator().manual_seed(0)
     small, large = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 96, 96, generator=g)   # 17, 37 tokens
