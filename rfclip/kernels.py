@@ -52,15 +52,22 @@ def interpreted() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
-def _tiles(t: int, dh: int) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_D)`` for ``t`` tokens of head size ``dh`` (powers of two, at least 16)."""
+def row_tile(t: int) -> int:
+    """``BLOCK_T``, the keys one program holds, for crops of ``t`` tokens: the power of two >= ``t`` (at
+    least 16). The kernels' launch shapes, and so whether a GPU can hold them, depend on ``t`` only
+    through it (and the head size, fixed per model). Raises :class:`DoesNotFit` over :data:`MAX_TOKENS`."""
     if triton is None:
         raise RuntimeError("attention_kernels='triton' needs the triton package (it comes with torch's "
                            "CUDA builds on Linux); use attention_kernels='torch'")
     if t > MAX_TOKENS:
         raise DoesNotFit(f"the Triton kernels hold whole attention rows and take at most {MAX_TOKENS} tokens, "
                          f"got {t} (smaller crops, or attention_kernels='torch')")
-    return max(16, triton.next_power_of_2(t)), max(16, triton.next_power_of_2(dh))
+    return max(16, triton.next_power_of_2(t))
+
+
+def _tiles(t: int, dh: int) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_D)`` for ``t`` tokens of head size ``dh`` (powers of two, at least 16)."""
+    return row_tile(t), max(16, triton.next_power_of_2(dh))
 
 
 # ---- kernel bodies (plain functions, made kernels on first use by _jit) ---------------------------

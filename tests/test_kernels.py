@@ -132,9 +132,9 @@ def test_auto_picks_the_kernels_on_cuda_devices_that_run_them(monkeypatch):
     assert resolve_attention_kernels(auto, "cuda") == "torch"
 
 
-def test_auto_runs_pytorch_on_crops_the_kernels_cannot_hold_and_says_so(planted_files, monkeypatch):
-    """"auto" as it is on a CUDA device: crops of too many tokens for the kernels (here a lowered limit)
-    run on PyTorch's kernels with one warning per crop size; crops that fit keep the kernels."""
+def _auto_and_plain(planted_files, monkeypatch):
+    """Segmenters with attention_kernels "auto" as it is on a CUDA device (here on the CPU, interpreted) and
+    "torch"; ``launches`` collects the token counts of the affinity kernel's launches."""
     from rfclip.methods import rfclip as rfclip_method
 
     monkeypatch.setattr(rfclip_method, "resolve_attention_kernels",
@@ -148,21 +148,64 @@ def test_auto_runs_pytorch_on_crops_the_kernels_cannot_hold_and_says_so(planted_
         return rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip",
                                 vocabulary=["a", "b"], device=DEVICE, plan="fused", distraction_dims=PLANTED_DIMS,
                                 **kw)
-    auto, plain = seg(), seg(attention_kernels="torch")
-    g = torch.Generator().manual_seed(0)
-    small, large = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 96, 96, generator=g)   # 17, 37 tokens
+    return seg, seg(), seg(attention_kernels="torch"), launches
+
+
+def crops(size, seed=0):
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_auto_runs_pytorch_on_crops_of_too_many_tokens_without_trying_and_says_so_once(planted_files, monkeypatch):
+    """Crops of more tokens than the kernels take (here a lowered limit) go to PyTorch's kernels without a
+    try, with one warning for every such size; crops that fit keep the kernels."""
+    seg, auto, plain, launches = _auto_and_plain(planted_files, monkeypatch)
+    small, large, larger = crops((64, 64)), crops((96, 96)), crops((112, 96))     # 17, 37 and 43 tokens
     monkeypatch.setattr(kernels, "MAX_TOKENS", 20)
-    with pytest.warns(RuntimeWarning, match="Crops of 96x96 run on PyTorch's kernels"):
+    with pytest.warns(RuntimeWarning, match="Crops of more than 20 tokens run on PyTorch's kernels"):
         got = auto.encode_dense(large)
     torch.testing.assert_close(got, plain.encode_dense(large))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                  # said once per crop size
+        warnings.simplefilter("error")                  # said once, for every size over the limit
         torch.testing.assert_close(auto.encode_dense(large), got)
-        assert launches == [37]                         # the refused first try, not retried
+        torch.testing.assert_close(auto.encode_dense(larger), plain.encode_dense(larger))
+        assert launches == []                           # checked before any launch
         auto.encode_dense(small)
-    assert launches[1:] and set(launches[1:]) == {17}   # crops that fit keep the kernels
+    assert launches and set(launches) == {17}           # crops that fit keep the kernels
+    assert list(auto.method.refused_tiles()) == [None]
     with pytest.raises(kernels.DoesNotFit, match="at most 20 tokens"):  # named "triton": an error, no fallback
         seg(attention_kernels="triton").encode_dense(large)
+
+
+def test_auto_runs_pytorch_on_tiles_the_gpu_cannot_hold_once_per_tile(planted_files, monkeypatch):
+    """Triton's OutOfResources for one tile size (64 keys here, as a GPU with little shared memory would
+    say): crops of that tile run on PyTorch's kernels after one refused try and one warning; other crop
+    sizes of the same tile are not tried again; smaller tiles keep the kernels."""
+    seg, auto, plain, launches = _auto_and_plain(planted_files, monkeypatch)
+    jit = kernels._jit
+
+    def refusing(body):
+        kernel = jit(body)
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, BLOCK_T, **kw):
+                    if BLOCK_T == 64:
+                        raise kernels.OutOfResources(240 * 1024, 99 * 1024, "shared memory")
+                    return kernel[grid](*args, BLOCK_T=BLOCK_T, **kw)
+                return launch
+        return Launcher()
+    monkeypatch.setattr(kernels, "_jit", refusing)
+    with pytest.warns(RuntimeWarning, match="tiles for 64 keys.*Crops of 33-64 tokens run on PyTorch's kernels"):
+        got = auto.encode_dense(crops((96, 96)))                                    # 37 tokens: a 64 tile
+    torch.testing.assert_close(got, plain.encode_dense(crops((96, 96))))
+    assert launches == [37]                             # the refused first try
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(auto.encode_dense(crops((112, 96))), plain.encode_dense(crops((112, 96))))
+        assert launches == [37]                         # 43 tokens, the same tile: not tried again
+        auto.encode_dense(crops((64, 64)))              # 17 tokens, a 32 tile
+    assert set(launches[1:]) == {17}
+    assert list(auto.method.refused_tiles()) == [64]
 
 
 def test_a_gpu_out_of_shared_memory_is_does_not_fit(monkeypatch):

@@ -70,17 +70,31 @@ class RFCLIP(DenseMethod):
         triton = resolve_attention_kernels(self.settings, x.device) == "triton"
         if not triton or self.settings.attention_kernels == "triton":
             return self._encode(x, triton)
-        # "auto" chose the kernels: crop sizes whose tiles this GPU cannot hold run on PyTorch's, and say so.
-        torch_sizes = self.__dict__.setdefault("_torch_sizes", set())
-        size = tuple(x.shape[-2:])
-        if size not in torch_sizes:
+        # "auto" chose the kernels: crops whose tiles this GPU cannot hold run on PyTorch's, and say so once
+        # per tile size (None: more tokens than any tile takes). At most a handful of keys: powers of two.
+        t = (x.shape[-2] // self.vit.patch) * (x.shape[-1] // self.vit.patch) + 1
+        refused = self.__dict__.setdefault("_refused_tiles", {})          # tile -> why
+        try:
+            tile, why = kernels.row_tile(t), None
+        except kernels.DoesNotFit as e:
+            tile, why = None, e
+        if why is None and tile not in refused:
             try:
                 return self._encode(x, True)
             except kernels.DoesNotFit as e:
-                warnings.warn(f"attention_kernels='auto': {e}. Crops of {size[0]}x{size[1]} run on PyTorch's "
-                              f"kernels from now on.", RuntimeWarning, stacklevel=2)
-                torch_sizes.add(size)
+                why = e
+        if tile not in refused:
+            refused[tile] = str(why)
+            which = (f"crops of more than {kernels.MAX_TOKENS} tokens" if tile is None
+                     else f"crops of {tile // 2 + 1 if tile > 16 else 1}-{tile} tokens")
+            warnings.warn(f"attention_kernels='auto': {why}. {which[0].upper() + which[1:]} run on PyTorch's "
+                          f"kernels from now on.", RuntimeWarning, stacklevel=2)
         return self._encode(x, False)
+
+    def refused_tiles(self) -> dict:
+        """``{tile: reason}`` for the kernel tiles that ``attention_kernels="auto"`` found this GPU cannot
+        hold (None: crops of more than ``kernels.MAX_TOKENS`` tokens); their crops ran on PyTorch's kernels."""
+        return dict(self.__dict__.get("_refused_tiles", {}))
 
     def _encode(self, x: Tensor, triton: bool) -> DenseOutput:
         vit, s = self.vit, self.settings
