@@ -9,7 +9,7 @@ batches are padded to the full batch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from .methods.base import DenseOutput
 
 Tensor = torch.Tensor
+
+
+class CaptureFailed(RuntimeError):
+    """CUDA could not capture the forward pass as a graph (it synchronised with the host, or called an
+    op that graphs do not allow)."""
 
 
 class GraphedEncoder:
@@ -27,25 +32,40 @@ class GraphedEncoder:
         batch_size: batches smaller than this are zero-padded to it, so one graph serves a crop size.
         max_graphs: graphs kept (one per input shape, each with its activations' memory);
             shapes beyond these run eagerly.
+        on_capture_failure: None: a failed capture raises :class:`CaptureFailed` (``plan="graphed"`` named).
+            Else it is called once with the error and returns the forward pass that runs every batch from
+            then on (``plan="auto"``: the fused plan, see ``rfclip.Segmenter``); the graphs are freed.
     """
 
-    def __init__(self, encode: Callable[[Tensor], DenseOutput], batch_size: int, max_graphs: int = 4):
+    def __init__(self, encode: Callable[[Tensor], DenseOutput], batch_size: int, max_graphs: int = 4,
+                 on_capture_failure: Optional[Callable[[CaptureFailed], Callable[[Tensor], DenseOutput]]] = None):
         self.encode, self.batch_size, self.max_graphs = encode, batch_size, max_graphs
+        self.on_capture_failure = on_capture_failure
+        self.eager: Optional[Callable[[Tensor], DenseOutput]] = None     # set after a failed capture
         self._graphs: dict = {}
         self._pool = None
 
     def __call__(self, x: Tensor) -> DenseOutput:
+        if self.eager is not None:
+            return self.eager(x)
         b = x.shape[0]
-        if b < self.batch_size:
-            x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.batch_size - b))
-        key = (tuple(x.shape), x.dtype, x.device)
+        padded = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.batch_size - b)) if b < self.batch_size else x
+        key = (tuple(padded.shape), padded.dtype, padded.device)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
-                return _first(self.encode(x), b)
-            entry = self._graphs[key] = self._capture(x)
+                return _first(self.encode(padded), b)
+            try:
+                entry = self._graphs[key] = self._capture(padded)
+            except CaptureFailed as e:
+                if self.on_capture_failure is None:
+                    raise
+                self.eager = self.on_capture_failure(e)
+                self._graphs.clear()
+                self._pool = None
+                return self.eager(x)
         graph, static_in, static_out = entry
-        static_in.copy_(x)
+        static_in.copy_(padded)
         graph.replay()
         return _first(static_out, b, copy=True)
 
@@ -65,8 +85,8 @@ class GraphedEncoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self.encode(static_in)
         except RuntimeError as e:
-            raise RuntimeError(f"capturing the forward pass as a CUDA graph failed ({e}); "
-                               f"run with plan='fused' to skip graphs") from e
+            raise CaptureFailed(f"capturing the forward pass as a CUDA graph failed ({e}); "
+                                f"run with plan='fused' to skip graphs") from e
         return graph, static_in, static_out
 
 

@@ -9,8 +9,9 @@ per image.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from .graphs import GraphedEncoder
 from .images import ImageLike, resize_short_side_tensor, to_rgb_array
 from .methods import build_method
 from .pamr import pamr
-from .settings import make_settings, resolve_plan
+from .settings import make_settings, resolve_attention_kernels, resolve_plan
 from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
@@ -105,10 +106,15 @@ class Segmenter:
         self.clip = clip
         self.vit = DenseViT(clip.visual)
         self.method = build_method(method, self.vit, self.settings, arch)
-        self.plan = resolve_plan(self.settings, self.device)
-        # The crops' forward pass: replayed from CUDA graphs on the graphed plan (see rfclip.graphs).
-        self._encode_crops = (GraphedEncoder(self.method.encode, self.settings.batch_size)
-                              if self.plan == "graphed" else self.method.encode)
+        self.plan = resolve_plan(self.settings, self.device)           # the plan running now (see execution())
+        self.fallbacks: list[str] = []
+        # The crops' forward pass: replayed from CUDA graphs on the graphed plan (see rfclip.graphs). If
+        # "auto" chose that plan and a capture fails, the fused plan takes over; a named "graphed" raises.
+        self._encode_crops = self.method.encode
+        if self.plan == "graphed":
+            fallback = self._stop_graphing if self.settings.plan == "auto" else None
+            self._encode_crops = GraphedEncoder(self.method.encode, self.settings.batch_size,
+                                                on_capture_failure=fallback)
         self.text_encoder = TextEncoder(clip, tokenizer, self.device,
                                         identity=f"{arch}|{resolved.sha256}|{resolved.quick_gelu}")
         self._mean = torch.tensor(MEAN, device=self.device).view(3, 1, 1)
@@ -141,6 +147,32 @@ class Segmenter:
             "benchmark": self.benchmark, "vocabulary": self.vocabulary, "settings": self.settings.to_dict(),
             "device": str(self.device),
         }
+
+    def execution(self) -> dict:
+        """How the forward passes run so far, JSON-able: ``device`` (and ``device_name`` on CUDA), ``plan`` and
+        ``attention_kernels`` as resolved (not ``"auto"``; kernels only for methods that use them), and
+        ``fallbacks``: what ``"auto"`` gave up on, and why (a failed graph capture, kernel tiles this GPU
+        cannot hold)."""
+        out = {"device": str(self.device), "plan": self.plan}
+        if self.device.type == "cuda":
+            out["device_name"] = torch.cuda.get_device_name(self.device)
+        if hasattr(self.method, "refused_tiles"):                      # methods with RF-CLIP's kernels
+            out["attention_kernels"] = resolve_attention_kernels(self.method.settings, self.device)
+        refused = getattr(self.method, "refused_tiles", dict)()
+        out["fallbacks"] = self.fallbacks + [
+            f"attention kernels: crops of {'more than the kernels take' if t is None else f'a {t}-key tile'} "
+            f"ran on PyTorch's kernels ({why})" for t, why in refused.items()]
+        return out
+
+    def _stop_graphing(self, error: Exception):
+        """``plan="auto"`` after a failed CUDA graph capture: warn, and run the fused plan (host checks, no
+        graphs) from now on. Returns its forward pass."""
+        warnings.warn(f"plan='auto': {error}. Running the 'fused' plan from now on.", RuntimeWarning, stacklevel=4)
+        self.fallbacks.append(f"graphed plan: {error}; ran the fused plan")
+        self.plan = "fused"
+        self.method.settings = replace(self.method.settings, plan="fused")
+        self._encode_crops = self.method.encode
+        return self.method.encode
 
     # ---- tensor core ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -70,6 +70,29 @@ def test_cuda_graph_replays_new_inputs_and_pads_short_batches(planted_files):
     assert len(seg._encode_crops._graphs) == 1
 
 
+def test_cuda_a_capture_that_fails_for_real_hands_over_to_the_fallback_and_the_gpu_goes_on():
+    """A forward pass that syncs (``.item()``) cannot be captured: CUDA refuses, GraphedEncoder raises
+    CaptureFailed, or with a fallback runs it from then on; the device still captures other graphs."""
+    from rfclip.graphs import CaptureFailed, GraphedEncoder
+    from rfclip.methods.base import DenseOutput
+
+    def syncing(x):
+        return DenseOutput(x * float(x.abs().max().item()))
+
+    def plain(x):
+        return DenseOutput(x * 2.0)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    with pytest.raises(CaptureFailed):
+        GraphedEncoder(syncing, batch_size=4)(x)
+    handed = []
+    graphed = GraphedEncoder(syncing, batch_size=4, on_capture_failure=lambda e: handed.append(e) or syncing)
+    torch.testing.assert_close(graphed(x).features, syncing(x).features)
+    assert len(handed) == 1 and graphed.eager is syncing and not graphed._graphs
+    good = GraphedEncoder(plain, batch_size=4)
+    torch.testing.assert_close(good(x).features, x * 2.0)
+    assert len(good._graphs) == 1
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("plan", ["fused", "graphed"])
 def test_cuda_triton_kernels_agree_with_torch(planted_files, plan, precision):

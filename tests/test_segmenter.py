@@ -211,3 +211,51 @@ def test_plans_and_kernels_that_cannot_run_are_refused_up_front(planted_files, m
     with pytest.raises(ValueError, match="attention_kernels='triton' needs a CUDA device"):
         build(attention_kernels="triton")
     assert build().plan == "explicit"
+
+
+def test_a_failed_graph_capture_under_auto_falls_back_to_the_fused_plan_and_says_so(planted_files, monkeypatch):
+    """plan="auto" chose "graphed" (as on a CUDA device; here the plan is forced and the capture refused):
+    one warning, the fused plan from then on, the same labels as a fused segmenter, and execution() says
+    what ran. A named "graphed" raises instead."""
+    import warnings
+
+    from rfclip import graphs, segmenter as segmenter_module
+
+    fused = make_segmenter(planted_files, "rfclip", batch_size=4, plan="fused")
+    captures = []
+
+    def refuse(self, x):
+        captures.append(tuple(x.shape))
+        raise graphs.CaptureFailed("capturing the forward pass as a CUDA graph failed (operation not permitted "
+                                   "when stream is capturing)")
+    monkeypatch.setattr(graphs.GraphedEncoder, "_capture", refuse)
+    monkeypatch.setattr(segmenter_module, "resolve_plan", lambda settings, device: "graphed")
+    auto = make_segmenter(planted_files, "rfclip", batch_size=4)
+    assert auto.plan == "graphed" and isinstance(auto._encode_crops, graphs.GraphedEncoder)
+    images = [planted_image(250, 330), planted_image(300, 200)]
+    with pytest.warns(RuntimeWarning, match="plan='auto': capturing .* failed .* Running the 'fused' plan"):
+        got = auto.predict_batch(images)
+    assert captures == [(4, 3, 224, 224)]
+    for a, b in zip(got, fused.predict_batch(images)):
+        np.testing.assert_array_equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = auto.predict_batch(images)                                    # no second capture, no warning
+    assert captures == [(4, 3, 224, 224)]
+    for a, b in zip(again, got):
+        np.testing.assert_array_equal(a, b)
+    run = auto.execution()
+    assert run["plan"] == "fused" and auto.method.settings.plan == "fused" and auto.settings.plan == "auto"
+    assert len(run["fallbacks"]) == 1 and run["fallbacks"][0].startswith("graphed plan: capturing")
+    assert run["attention_kernels"] == "torch" and run["device"] == "cpu"
+
+    named = make_segmenter(planted_files, "rfclip", batch_size=4, plan="graphed")
+    with pytest.raises(graphs.CaptureFailed, match="operation not permitted"):
+        named.predict(images[0])
+
+
+def test_execution_reports_the_resolved_plan_and_kernels(planted_files):
+    run = make_segmenter(planted_files, "rfclip").execution()
+    assert run == {"device": "cpu", "plan": "explicit", "attention_kernels": "torch", "fallbacks": []}
+    assert make_segmenter(planted_files, "clip").execution() == {"device": "cpu", "plan": "explicit",
+                                                                 "fallbacks": []}
