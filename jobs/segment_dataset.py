@@ -178,9 +178,22 @@ def _pinned_sha256(seg_config: dict) -> Optional[str]:
     return (seg_config.get("weights") or {}).get("sha256")
 
 
+# Settings that pick how the forward pass runs, not what it computes (the plans and kernels agree to float
+# rounding, tested): like the device, a resumed run may change them. What ran is recorded per shard.
+EXECUTION_SETTINGS = ("plan", "attention_kernels")
+
+
+def _without_execution(seg_config: dict) -> dict:
+    """``seg.config()`` without the device and the execution settings (see EXECUTION_SETTINGS)."""
+    out = {k: v for k, v in seg_config.items() if k != "device"}  # cpu vs cuda may differ on resume
+    if isinstance(out.get("settings"), dict):
+        out["settings"] = {k: v for k, v in out["settings"].items() if k not in EXECUTION_SETTINGS}
+    return out
+
+
 def _identity(cfg: JobConfig, inputs: sources.Inputs, seg_config: dict) -> dict:
     """The part of the configuration a resumed run must match."""
-    seg_cfg = {k: v for k, v in seg_config.items() if k != "device"}  # cpu vs cuda may differ on resume
+    seg_cfg = _without_execution(seg_config)
     return {
         "input": cfg.input if cfg.items is None else "<items>",
         "num_inputs": len(inputs.items),
@@ -275,7 +288,10 @@ def run(cfg: JobConfig) -> dict:
     previous = sinks.read_json(cfg.output, so, sinks.RUN_JSON)
     committed = sinks.committed_shard_names(cfg.output, so)
     if previous is not None:
-        diffs = sinks.config_differences(previous.get("config", {}), identity)
+        old = dict(previous.get("config", {}))
+        if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
+            old["segmenter"] = _without_execution(old["segmenter"])
+        diffs = sinks.config_differences(old, identity)
         if diffs:
             raise ConfigMismatch(
                 f"refusing to resume into {storage.scrub(cfg.output)!r}: the configuration differs from its run.json:\n  "
@@ -289,6 +305,7 @@ def run(cfg: JobConfig) -> dict:
         fs_out.rm(summary_path)  # a crashed resume must not leave an old "finished" summary behind
     run_doc = {"config": identity, "versions": versions(),
                "runtime": {"output": cfg.output, "storage_options": so, "batch_size": cfg.batch_size,
+                           "execution_settings": {k: probe["config"]["settings"][k] for k in EXECUTION_SETTINGS},
                            "workers": cfg.workers, "num_gpus_per_worker": cfg.num_gpus_per_worker,
                            "class_names": probe["class_names"],
                            "started_at": previous["runtime"]["started_at"] if previous else _now(),
@@ -304,6 +321,7 @@ def run(cfg: JobConfig) -> dict:
     log.info("%d shards already committed (%d images skipped), %d to do", len(shards) - len(pending), skipped, len(pending))
 
     counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0}
+    executions: set[str] = set()           # JSON of each distinct Segmenter.execution() the workers reported
     t_pipe = time.time()
     if pending:
         # Pending shards run in windows of about ``window_images`` images, one Ray Data execution
@@ -312,7 +330,7 @@ def run(cfg: JobConfig) -> dict:
         started_ray = _init_ray(cfg.ray_address)
         try:
             for window in shard_windows(pending, cfg.window_images):
-                _run_pipeline(cfg, window, inputs, probe, seg_kw, identity, counts,
+                _run_pipeline(cfg, window, inputs, probe, seg_kw, identity, counts, executions,
                               skipped + counts["ok"] + counts["error"], total_images)
         finally:
             if started_ray:
@@ -327,6 +345,7 @@ def run(cfg: JobConfig) -> dict:
         "duplicate_rows_dropped": counts["duplicates_dropped"],
         "duplicate_inputs_dropped": inputs.duplicates_dropped,
         "rows_decoded_in_model_process": counts["decoded_in_model_process"],
+        "execution": [json.loads(e) for e in sorted(executions)],
         "wall_time_s": round(wall, 3), "pipeline_time_s": round(time.time() - t_pipe, 3),
         "images_per_second": round(done / wall, 3) if wall > 0 else None,
         "finished_at": _now(),
@@ -355,8 +374,9 @@ def shard_windows(pending: list, window_images: int) -> list[list]:
 
 
 def _run_pipeline(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: dict, seg_kw: dict,
-                  identity: dict, counts: dict, done_before: int, total: int) -> None:
-    """One Ray Data execution over the shards in ``pending`` (Ray already initialised)."""
+                  identity: dict, counts: dict, executions: set, done_before: int, total: int) -> None:
+    """One Ray Data execution over the shards in ``pending`` (Ray already initialised). Adds to ``counts``,
+    and the distinct ``execution`` values of the workers' rows to ``executions``."""
     import ray
     import ray.data
     from tqdm import tqdm
@@ -398,6 +418,7 @@ def _run_pipeline(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: 
                                        ignore_index=lab.ignore_index if lab else 255))
     log.info("pipeline: %d images, %d model workers (%s GPU each, batch %d)", n, workers, gpw, cfg.batch_size)
 
+    config_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     by_index = {s.index: s for s in pending}
     buffers: dict[int, dict[int, dict]] = {}
     done_shards: set[int] = set()
@@ -421,7 +442,7 @@ def _run_pipeline(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: 
                 counts["decoded_in_model_process"] += 1
             shard = by_index[si]
             if len(buf) == len(shard.items):
-                _commit(cfg, shard, buffers.pop(si), identity, num_classes, counts)
+                _commit(cfg, shard, buffers.pop(si), config_sha256, num_classes, counts, executions)
                 done_shards.add(si)
                 in_window = counts["ok"] + counts["error"] - processed_at_start
                 log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
@@ -435,12 +456,14 @@ def _run_pipeline(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: 
         raise RuntimeError(f"pipeline produced no rows for shards {never[:10]}")
 
 
-def _commit(cfg: JobConfig, shard, rows_by_pos: dict, identity: dict, num_classes: int, counts: dict) -> None:
+def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_classes: int, counts: dict,
+            executions: set) -> None:
     rows = [rows_by_pos[p] for p in range(len(shard.items))]
     for p, r in enumerate(rows):  # the row must be the image the shard expects at that position
         if str(r["image_uri"]) != shard.items[p]["image_uri"]:
             raise RuntimeError(f"{shard.name}[{p}]: got {r['image_uri']!r}, expected {shard.items[p]['image_uri']!r}")
     out_rows = [_to_parquet_row(r) for r in rows]
+    executions.update(str(r["execution"]) for r in rows)
     ok = sum(r["status"] == "ok" for r in out_rows)
     confusion = None
     if cfg.labels is not None:
@@ -453,7 +476,9 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, identity: dict, num_classe
                      "matrix": m.tolist()}
     meta = {"name": shard.name, "index": shard.index, "digest": shard.digest, "num_rows": len(rows),
             "ok": ok, "error": len(rows) - ok,
-            "config_sha256": hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest(),
+            "config_sha256": config_sha256,
+            # how the model ran for these rows: plan, kernels, device, fallbacks (one entry per distinct state)
+            "execution": [json.loads(e) for e in sorted({str(r["execution"]) for r in rows})],
             "committed_at": _now()}
     sinks.commit_shard(cfg.output, cfg.storage_options, shard.name, out_rows, meta, confusion)
     counts["ok"] += ok

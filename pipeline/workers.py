@@ -16,6 +16,7 @@ so error rows (no pixels) and images of different sizes share one simple, fixed 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -94,8 +95,9 @@ class SegmentWorker:
 
     ``__call__`` takes a decoded batch and returns it without ``pixels``, plus ``labels`` (bytes of
     ``(height, width)`` :func:`label_dtype`), ``mean_confidence`` (float32, NaN on error rows) and
-    ``segment_ms`` (float32, the batch's model time shared equally by its ok images) and
-    ``model_pid`` (int64; compared with ``decode_pid`` to prove decoding ran elsewhere).
+    ``segment_ms`` (float32, the batch's model time shared equally by its ok images),
+    ``model_pid`` (int64; compared with ``decode_pid`` to prove decoding ran elsewhere) and ``execution``
+    (JSON of ``Segmenter.execution()`` after the batch: the plan and kernels that ran, and any fallbacks).
     """
 
     def __init__(self, segmenter_kwargs: dict):
@@ -148,8 +150,10 @@ class SegmentWorker:
                     continue
                 labels[i] = lab.astype(self.dtype).tobytes()
                 conf[i] = float(np.mean(pred.confidence, dtype=np.float64))
+        execution = np.empty(n, dtype=object)
+        execution[:] = [json.dumps(self.seg.execution(), sort_keys=True)] * n
         out.update(labels=labels, mean_confidence=conf, segment_ms=seg_ms, status=status, error=error,
-                   model_pid=np.full(n, os.getpid(), np.int64))
+                   model_pid=np.full(n, os.getpid(), np.int64), execution=execution)
         return out
 
 

@@ -7,7 +7,9 @@ import re
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 
+from pipeline import sinks
 from pipeline.metrics import load_shard_confusions
 import pytest
 from PIL import Image
@@ -107,6 +109,14 @@ def test_run_json_and_summary(first_run):
     assert run_doc["versions"]["ray"] and run_doc["versions"]["torch"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["ok"] == summary["ok"] and on_disk["images_per_second"] > 0
+    # What ran, as resolved on the worker (not "auto"): in summary.json and in every shard's metadata.
+    ran = [{"device": "cpu", "plan": "explicit", "attention_kernels": "torch", "fallbacks": []}]
+    assert on_disk["execution"] == summary["execution"] == ran
+    assert run_doc["runtime"]["execution_settings"] == {"plan": "auto", "attention_kernels": "auto"}
+    assert "plan" not in seg["settings"] and "attention_kernels" not in seg["settings"]
+    for shard in (out / "predictions").iterdir():
+        meta, _ = sinks.parse_shard_metadata(pq.read_schema(shard).metadata)
+        assert meta["execution"] == ran
     assert not list(out.rglob(".tmp-*"))
 
 
@@ -126,6 +136,27 @@ def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, ti
     smaller = pipeline_job_config(tiny_model, input=cfg.input, output=cfg.output, save_masks=True, shard_size=3)
     with pytest.raises(ConfigMismatch, match="shard_size: 4 -> 3"):
         run(smaller)
+
+
+def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run, tiny_model, tmp_path):
+    """plan and attention_kernels pick how the forward runs (the results agree to float rounding), like the
+    device: a resume may change them, also from a run.json written when they were part of the identity."""
+    from jobs.segment_dataset import ConfigMismatch, run
+
+    cfg, out, first = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    doc = json.loads((copy / "run.json").read_text())
+    doc["config"]["segmenter"]["settings"].update(plan="auto", attention_kernels="torch")   # an older run.json
+    (copy / "run.json").write_text(json.dumps(doc))
+    settings = {**cfg.settings, "plan": "fused", "attention_kernels": "torch"}
+    again = run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), save_masks=True,
+                                    settings=settings))
+    assert again["skipped"] == first["images_total"] and again["execution"] == []      # nothing ran this time
+    assert json.loads((copy / "run.json").read_text())["runtime"]["execution_settings"] == {
+        "plan": "fused", "attention_kernels": "torch"}
+    with pytest.raises(ConfigMismatch, match="lam: 0.7 -> 0.5"):                        # what it computes
+        run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), settings={**settings, "lam": 0.5}))
 
 
 def test_overwrite_starts_over(first_run, tiny_model, tmp_path):
