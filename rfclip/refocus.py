@@ -132,6 +132,8 @@ def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int) -> Tensor:
     return (s @ _start_vector(n, m.device, m.dtype)).squeeze(-1)
 
 
+# Unbounded on purpose, like _NEIGHBOUR_WEIGHTS: a CUDA graph replays reads of these tensors' memory, so
+# an entry must never be freed while a graph may use it. Entries are tiny (N floats; one per crop size).
 _START_VECTORS: dict = {}
 
 
