@@ -132,7 +132,6 @@ class LabelledSource:
     ignore_index: int
     transform: str = "identity"
     storage_options: dict = field(default_factory=dict)
-    dataset_root: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -264,7 +263,7 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
     ignore = IGNORE  # every benchmark decodes ignored pixels (incl. reduced zeros) to 255
     names = preset_class_names(preset)
     return LabelledSource(benchmark, [(full_uri(fs, i), full_uri(fs, l)) for i, l in pairs], names, ignore,
-                          layout.transform, so, full_uri(fs, ds))
+                          layout.transform, so)
 
 
 def preset_class_names(preset) -> list[str]:
@@ -301,4 +300,4 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(image_uris)} images have no label "
                                 f"<stem>.png in {labels}, e.g. {missing[:3]}")
-    return LabelledSource("custom", pairs, class_names, ignore_index, "identity", so, labels)
+    return LabelledSource("custom", pairs, class_names, ignore_index, "identity", so)
