@@ -121,15 +121,20 @@ class RFCLIP(DenseMethod):
                 # With host checks, one sync finds the crops that have distractors, (B',) long.
                 crops = dis.any(dim=-1).nonzero().squeeze(-1) if s.distractor_attention and check else None
             if s.distractor_attention and (crops is None or crops.numel() > 0):
-                receivers = self._receivers(kk, dis, crops)
-                if attn is None and crops is not None and crops.numel() < b:
+                some = crops is not None and crops.numel() < b       # only some crops have distractors
+                if some:                                             # the cut on those crops only
+                    dc = dis.index_select(0, crops)
+                    rc = self._receivers(kk, dc, crops)
+                if some and attn is None:
                     # Step (c) on the crops with distractors only, written over the block's fused
                     # attention of all crops. That attention is wasted on the crops with distractors,
                     # but it takes fewer launches and copies than gathering the other crops first.
-                    qc, kc, vc, dc, rc = (t.index_select(0, crops) for t in (q, k, v, dis, receivers))
+                    qc, kc, vc = (t.index_select(0, crops) for t in (q, k, v))
                     heads = F.scaled_dot_product_attention(q, k, v)
                     heads.index_copy_(0, crops, self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed))
                 else:
+                    # Crops without distractors: any receivers do (nothing moves); ~dis is the cheapest.
+                    receivers = (~dis).index_copy(0, crops, rc) if some else self._receivers(kk, dis, None)
                     heads = self._refocused_heads(q, k, v, attn, dis, receivers, fused, redistributed)
                 tokens = vit.finish_block(block, tokens, vit.project(block, heads))
             elif attn is not None:
@@ -184,13 +189,9 @@ class RFCLIP(DenseMethod):
         return torch.matmul(attn.to(v.dtype), v)
 
     def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None) -> Tensor:
-        """Defocused tokens ``(B, N)`` bool. The cut runs on ``crops`` ``(B',)`` long only, the crops
-        that have distractors; with None, on all (what it gives crops without distractors is unused)."""
+        """Defocused tokens ``(B', N)`` bool of the crops ``crops`` ``(B',)`` long (None: all), whose
+        distractors are ``dis`` ``(B', N)`` bool: the cut, or every non-distractor when it is off."""
         s = self.settings
-        receivers = ~dis
         if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
-            return receivers
-        if crops is None or crops.numel() == dis.shape[0]:
-            return refocus.defocused_tokens(kk.affinity(), dis, s.ncut_solver, s.ncut_iters)
-        cut = refocus.defocused_tokens(kk.affinity(crops), dis.index_select(0, crops), s.ncut_solver, s.ncut_iters)
-        return receivers.index_copy(0, crops, cut)
+            return ~dis
+        return refocus.defocused_tokens(kk.affinity(crops), dis, s.ncut_solver, s.ncut_iters)
