@@ -477,7 +477,8 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_cl
     meta = {"name": shard.name, "index": shard.index, "digest": shard.digest, "num_rows": len(rows),
             "ok": ok, "error": len(rows) - ok,
             "config_sha256": config_sha256,
-            # how the model ran for these rows: plan, kernels, device, fallbacks (one entry per distinct state)
+            # how the model ran for these rows: device, plan, kernels, and the fallbacks their worker had taken
+            # so far (one entry per distinct state)
             "execution": [json.loads(e) for e in sorted({str(r["execution"]) for r in rows})],
             "committed_at": _now()}
     sinks.commit_shard(cfg.output, cfg.storage_options, shard.name, out_rows, meta, confusion)

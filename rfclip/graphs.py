@@ -9,7 +9,7 @@ batches are padded to the full batch.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,12 @@ Tensor = torch.Tensor
 
 class CaptureFailed(RuntimeError):
     """CUDA could not capture the forward pass as a graph (it synchronised with the host, or called an
-    op that graphs do not allow)."""
+    op that graphs do not allow). ``reason`` is CUDA's or PyTorch's own message."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"capturing the forward pass as a CUDA graph failed ({reason}); run with plan='fused' "
+                         f"to skip graphs")
+        self.reason = reason
 
 
 class GraphedEncoder:
@@ -32,40 +37,29 @@ class GraphedEncoder:
         batch_size: batches smaller than this are zero-padded to it, so one graph serves a crop size.
         max_graphs: graphs kept (one per input shape, each with its activations' memory);
             shapes beyond these run eagerly.
-        on_capture_failure: None: a failed capture raises :class:`CaptureFailed` (``plan="graphed"`` named).
-            Else it is called once with the error and returns the forward pass that runs every batch from
-            then on (``plan="auto"``: the fused plan, see ``rfclip.Segmenter``); the graphs are freed.
+
+    A capture that CUDA refuses raises :class:`CaptureFailed` (``rfclip.Segmenter`` answers it under
+    ``plan="auto"`` by dropping this object and running the fused plan). Running out of memory while
+    capturing raises ``torch.OutOfMemoryError`` as it is.
     """
 
-    def __init__(self, encode: Callable[[Tensor], DenseOutput], batch_size: int, max_graphs: int = 4,
-                 on_capture_failure: Optional[Callable[[CaptureFailed], Callable[[Tensor], DenseOutput]]] = None):
+    def __init__(self, encode: Callable[[Tensor], DenseOutput], batch_size: int, max_graphs: int = 4):
         self.encode, self.batch_size, self.max_graphs = encode, batch_size, max_graphs
-        self.on_capture_failure = on_capture_failure
-        self.eager: Optional[Callable[[Tensor], DenseOutput]] = None     # set after a failed capture
         self._graphs: dict = {}
         self._pool = None
 
     def __call__(self, x: Tensor) -> DenseOutput:
-        if self.eager is not None:
-            return self.eager(x)
         b = x.shape[0]
-        padded = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.batch_size - b)) if b < self.batch_size else x
-        key = (tuple(padded.shape), padded.dtype, padded.device)
+        if b < self.batch_size:
+            x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.batch_size - b))
+        key = (tuple(x.shape), x.dtype, x.device)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
-                return _first(self.encode(padded), b)
-            try:
-                entry = self._graphs[key] = self._capture(padded)
-            except CaptureFailed as e:
-                if self.on_capture_failure is None:
-                    raise
-                self.eager = self.on_capture_failure(e)
-                self._graphs.clear()
-                self._pool = None
-                return self.eager(x)
+                return _first(self.encode(x), b)
+            entry = self._graphs[key] = self._capture(x)
         graph, static_in, static_out = entry
-        static_in.copy_(padded)
+        static_in.copy_(x)
         graph.replay()
         return _first(static_out, b, copy=True)
 
@@ -84,9 +78,10 @@ class GraphedEncoder:
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self.encode(static_in)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:
-            raise CaptureFailed(f"capturing the forward pass as a CUDA graph failed ({e}); "
-                                f"run with plan='fused' to skip graphs") from e
+            raise CaptureFailed(str(e)) from e
         return graph, static_in, static_out
 
 

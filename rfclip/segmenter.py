@@ -9,7 +9,6 @@ per image.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
@@ -19,14 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from .benchmarks import BENCHMARKS, method_settings
-from .graphs import GraphedEncoder
+from .graphs import CaptureFailed, GraphedEncoder
 from .images import ImageLike, resize_short_side_tensor, to_rgb_array
 from .methods import build_method
+from .methods.base import DenseOutput
 from .pamr import pamr
 from .settings import make_settings, resolve_attention_kernels, resolve_plan
 from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
+from .warn import warn
 from .weights import load_clip
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -108,13 +109,8 @@ class Segmenter:
         self.method = build_method(method, self.vit, self.settings, arch)
         self.plan = resolve_plan(self.settings, self.device)           # the plan running now (see execution())
         self.fallbacks: list[str] = []
-        # The crops' forward pass: replayed from CUDA graphs on the graphed plan (see rfclip.graphs). If
-        # "auto" chose that plan and a capture fails, the fused plan takes over; a named "graphed" raises.
-        self._encode_crops = self.method.encode
-        if self.plan == "graphed":
-            fallback = self._stop_graphing if self.settings.plan == "auto" else None
-            self._encode_crops = GraphedEncoder(self.method.encode, self.settings.batch_size,
-                                                on_capture_failure=fallback)
+        # The crops' forward pass is replayed from CUDA graphs on the graphed plan (see rfclip.graphs).
+        self._graphed = GraphedEncoder(self.method.encode, self.settings.batch_size) if self.plan == "graphed" else None
         self.text_encoder = TextEncoder(clip, tokenizer, self.device,
                                         identity=f"{arch}|{resolved.sha256}|{resolved.quick_gelu}")
         self._mean = torch.tensor(MEAN, device=self.device).view(3, 1, 1)
@@ -159,20 +155,29 @@ class Segmenter:
         if hasattr(self.method, "refused_tiles"):                      # methods with RF-CLIP's kernels
             out["attention_kernels"] = resolve_attention_kernels(self.method.settings, self.device)
         refused = getattr(self.method, "refused_tiles", dict)()
-        out["fallbacks"] = self.fallbacks + [
-            f"attention kernels: crops of {'more than the kernels take' if t is None else f'a {t}-key tile'} "
-            f"ran on PyTorch's kernels ({why})" for t, why in refused.items()]
+        out["fallbacks"] = sorted(self.fallbacks + [f"attention kernels: {why}; ran PyTorch's kernels"
+                                                    for why in refused.values()])
         return out
 
-    def _stop_graphing(self, error: Exception):
-        """``plan="auto"`` after a failed CUDA graph capture: warn, and run the fused plan (host checks, no
-        graphs) from now on. Returns its forward pass."""
-        warnings.warn(f"plan='auto': {error}. Running the 'fused' plan from now on.", RuntimeWarning, stacklevel=4)
-        self.fallbacks.append(f"graphed plan: {error}; ran the fused plan")
-        self.plan = "fused"
-        self.method.settings = replace(self.method.settings, plan="fused")
-        self._encode_crops = self.method.encode
-        return self.method.encode
+    def _encode_crops(self, x: torch.Tensor) -> DenseOutput:
+        """The method's forward pass on crops ``(B, 3, H, W)``, replayed from CUDA graphs on the graphed plan.
+        If ``plan="auto"`` chose that plan and CUDA refuses a capture, the fused plan (host checks, no
+        graphs) runs from then on, with one warning; a named ``"graphed"`` raises."""
+        if self._graphed is None:
+            return self.method.encode(x)
+        try:
+            return self._graphed(x)
+        except CaptureFailed as e:
+            if self.settings.plan != "auto":
+                raise
+            warn(f"plan='auto': capturing the forward pass as a CUDA graph failed ({e.reason}). Running the "
+                 f"'fused' plan from now on.")
+            self.fallbacks.append(f"graphed plan: CUDA graph capture failed ({e.reason}); ran the fused plan")
+            self.plan, self._graphed = "fused", None                  # the graphs and their memory pool go
+            self.method.settings = replace(self.method.settings, plan="fused")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self.method.encode(x)
 
     # ---- tensor core ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -68,7 +68,9 @@ class Settings:
             solver can be captured, else ``"fused"``. [decision] On an H100 in bf16 (Triton kernels),
             ``"graphed"`` was 1.4x and 2.5x faster than ``"fused"`` at 32 crops per batch (isolated and
             clustered workloads), 1.2x faster on the clustered workload at 128 crops, and 12% slower on
-            the isolated one at 128 (README, Performance).
+            the isolated one at 128 (README, Performance). If CUDA refuses to capture a graph, ``"auto"``
+            warns once and runs ``"fused"`` from then on (``Segmenter.execution()`` says so); a named
+            ``"graphed"`` raises ``rfclip.graphs.CaptureFailed``.
         attention_kernels: who runs RF-CLIP's per-block affinity and step (c) on the fused and graphed
             plans: ``"torch"`` (PyTorch ops and fused attention passes) or ``"triton"`` (one Triton kernel
             each, ``rfclip.kernels``; CUDA devices, crops of at most 1024 tokens). Same numbers (tested).

@@ -70,27 +70,35 @@ def test_cuda_graph_replays_new_inputs_and_pads_short_batches(planted_files):
     assert len(seg._encode_crops._graphs) == 1
 
 
-def test_cuda_a_capture_that_fails_for_real_hands_over_to_the_fallback_and_the_gpu_goes_on():
+def test_cuda_a_capture_that_fails_for_real_is_capture_failed_and_the_gpu_goes_on(planted_files, monkeypatch):
     """A forward pass that syncs (``.item()``) cannot be captured: CUDA refuses, GraphedEncoder raises
-    CaptureFailed, or with a fallback runs it from then on; the device still captures other graphs."""
+    CaptureFailed, and the device still runs and captures. Under plan="auto" the Segmenter runs the fused
+    plan from then on, and gives back the failed capture's memory."""
     from rfclip.graphs import CaptureFailed, GraphedEncoder
     from rfclip.methods.base import DenseOutput
 
     def syncing(x):
         return DenseOutput(x * float(x.abs().max().item()))
-
-    def plain(x):
-        return DenseOutput(x * 2.0)
     x = torch.randn(2, 3, 8, 8, device="cuda")
     with pytest.raises(CaptureFailed):
         GraphedEncoder(syncing, batch_size=4)(x)
-    handed = []
-    graphed = GraphedEncoder(syncing, batch_size=4, on_capture_failure=lambda e: handed.append(e) or syncing)
-    torch.testing.assert_close(graphed(x).features, syncing(x).features)
-    assert len(handed) == 1 and graphed.eager is syncing and not graphed._graphs
-    good = GraphedEncoder(plain, batch_size=4)
+    good = GraphedEncoder(lambda x: DenseOutput(x * 2.0), batch_size=4)
     torch.testing.assert_close(good(x).features, x * 2.0)
     assert len(good._graphs) == 1
+
+    seg = segmenter(planted_files, "rfclip", "cuda", batch_size=4)
+    assert seg.plan == "graphed"
+    method_encode = seg.method.encode
+    monkeypatch.setattr(seg.method, "encode", lambda x: DenseOutput(method_encode(x).features * float(x.max().item())))
+    seg._graphed.encode = seg.method.encode
+    crops = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match="Running the 'fused' plan"):
+        seg.encode_dense(crops)
+    torch.cuda.synchronize()
+    assert seg.plan == "fused" and seg._graphed is None and len(seg.execution()["fallbacks"]) == 1
+    reserved = torch.cuda.memory_reserved()
+    seg.encode_dense(crops)
+    assert torch.cuda.memory_reserved() <= reserved * 1.5 + 64 * 2 ** 20
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

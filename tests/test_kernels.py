@@ -161,8 +161,9 @@ def test_auto_runs_pytorch_on_crops_of_too_many_tokens_without_trying_and_says_s
     seg, auto, plain, launches = _auto_and_plain(planted_files, monkeypatch)
     small, large, larger = crops((64, 64)), crops((96, 96)), crops((112, 96))     # 17, 37 and 43 tokens
     monkeypatch.setattr(kernels, "MAX_TOKENS", 20)
-    with pytest.warns(RuntimeWarning, match="Crops of more than 20 tokens run on PyTorch's kernels"):
+    with pytest.warns(RuntimeWarning, match="Crops of more than 20 tokens do not fit .* run on PyTorch's kernels") as said:
         got = auto.encode_dense(large)
+    assert [w.filename for w in said] == [__file__]             # the caller's line, not rfclip's
     torch.testing.assert_close(got, plain.encode_dense(large))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                  # said once, for every size over the limit
@@ -172,6 +173,8 @@ def test_auto_runs_pytorch_on_crops_of_too_many_tokens_without_trying_and_says_s
         auto.encode_dense(small)
     assert launches and set(launches) == {17}           # crops that fit keep the kernels
     assert list(auto.method.refused_tiles()) == [None]
+    assert auto.execution()["fallbacks"] == ["attention kernels: crops of more than 20 tokens do not fit the Triton "
+                                             "kernels; ran PyTorch's kernels"]
     with pytest.raises(kernels.DoesNotFit, match="at most 20 tokens"):  # named "triton": an error, no fallback
         seg(attention_kernels="triton").encode_dense(large)
 
@@ -195,7 +198,7 @@ def test_auto_runs_pytorch_on_tiles_the_gpu_cannot_hold_once_per_tile(planted_fi
                 return launch
         return Launcher()
     monkeypatch.setattr(kernels, "_jit", refusing)
-    with pytest.warns(RuntimeWarning, match="tiles for 64 keys.*Crops of 33-64 tokens run on PyTorch's kernels"):
+    with pytest.warns(RuntimeWarning, match=r"tiles for 64 keys.*\(crops of 33-64 tokens\): they run on PyTorch's"):
         got = auto.encode_dense(crops((96, 96)))                                    # 37 tokens: a 64 tile
     torch.testing.assert_close(got, plain.encode_dense(crops((96, 96))))
     assert launches == [37]                             # the refused first try

@@ -217,7 +217,9 @@ def test_a_failed_graph_capture_under_auto_falls_back_to_the_fused_plan_and_says
     """plan="auto" chose "graphed" (as on a CUDA device; here the plan is forced and the capture refused):
     one warning, the fused plan from then on, the same labels as a fused segmenter, and execution() says
     what ran. A named "graphed" raises instead."""
+    import gc
     import warnings
+    import weakref
 
     from rfclip import graphs, segmenter as segmenter_module
 
@@ -226,16 +228,16 @@ def test_a_failed_graph_capture_under_auto_falls_back_to_the_fused_plan_and_says
 
     def refuse(self, x):
         captures.append(tuple(x.shape))
-        raise graphs.CaptureFailed("capturing the forward pass as a CUDA graph failed (operation not permitted "
-                                   "when stream is capturing)")
+        raise graphs.CaptureFailed("operation not permitted when stream is capturing")
     monkeypatch.setattr(graphs.GraphedEncoder, "_capture", refuse)
     monkeypatch.setattr(segmenter_module, "resolve_plan", lambda settings, device: "graphed")
     auto = make_segmenter(planted_files, "rfclip", batch_size=4)
-    assert auto.plan == "graphed" and isinstance(auto._encode_crops, graphs.GraphedEncoder)
+    assert auto.plan == "graphed" and isinstance(auto._graphed, graphs.GraphedEncoder)
     images = [planted_image(250, 330), planted_image(300, 200)]
-    with pytest.warns(RuntimeWarning, match="plan='auto': capturing .* failed .* Running the 'fused' plan"):
+    with pytest.warns(RuntimeWarning, match="plan='auto': capturing .* failed .* Running the 'fused' plan") as said:
         got = auto.predict_batch(images)
-    assert captures == [(4, 3, 224, 224)]
+    assert [w.filename for w in said] == [__file__]                           # the caller's line, not rfclip's
+    assert captures == [(4, 3, 224, 224)] and auto._graphed is None
     for a, b in zip(got, fused.predict_batch(images)):
         np.testing.assert_array_equal(a, b)
     with warnings.catch_warnings():
@@ -246,8 +248,16 @@ def test_a_failed_graph_capture_under_auto_falls_back_to_the_fused_plan_and_says
         np.testing.assert_array_equal(a, b)
     run = auto.execution()
     assert run["plan"] == "fused" and auto.method.settings.plan == "fused" and auto.settings.plan == "auto"
-    assert len(run["fallbacks"]) == 1 and run["fallbacks"][0].startswith("graphed plan: capturing")
+    assert run["fallbacks"] == ["graphed plan: CUDA graph capture failed (operation not permitted when stream "
+                                "is capturing); ran the fused plan"]
     assert run["attention_kernels"] == "torch" and run["device"] == "cpu"
+    ref = weakref.ref(auto)
+    gc.disable()                                     # no reference cycle keeps a dropped segmenter (and its GPU memory)
+    try:
+        del auto
+        assert ref() is None
+    finally:
+        gc.enable()
 
     named = make_segmenter(planted_files, "rfclip", batch_size=4, plan="graphed")
     with pytest.raises(graphs.CaptureFailed, match="operation not permitted"):

@@ -12,13 +12,12 @@ matrices are cheaper.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
 from .. import kernels, refocus
 from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch, resolve_attention_kernels, resolve_plan
+from ..warn import warn
 from .base import DenseMethod, DenseOutput
 from .kk_attention import KKAttention
 
@@ -73,27 +72,28 @@ class RFCLIP(DenseMethod):
         # "auto" chose the kernels: crops whose tiles this GPU cannot hold run on PyTorch's, and say so once
         # per tile size (None: more tokens than any tile takes). At most a handful of keys: powers of two.
         t = (x.shape[-2] // self.vit.patch) * (x.shape[-1] // self.vit.patch) + 1
-        refused = self.__dict__.setdefault("_refused_tiles", {})          # tile -> why
+        refused = self.__dict__.setdefault("_refused_tiles", {})          # tile -> what does not fit
         try:
-            tile, why = kernels.row_tile(t), None
+            tile, error = kernels.row_tile(t), None
         except kernels.DoesNotFit as e:
-            tile, why = None, e
-        if why is None and tile not in refused:
+            tile, error = None, e
+        if error is None and tile not in refused:
             try:
                 return self._encode(x, True)
             except kernels.DoesNotFit as e:
-                why = e
+                error = e
         if tile not in refused:
-            refused[tile] = str(why)
-            which = (f"crops of more than {kernels.MAX_TOKENS} tokens" if tile is None
-                     else f"crops of {tile // 2 + 1 if tile > 16 else 1}-{tile} tokens")
-            warnings.warn(f"attention_kernels='auto': {why}. {which[0].upper() + which[1:]} run on PyTorch's "
-                          f"kernels from now on.", RuntimeWarning, stacklevel=2)
+            refused[tile] = (f"crops of more than {kernels.MAX_TOKENS} tokens do not fit the Triton kernels"
+                             if tile is None else f"this GPU cannot hold the Triton kernels' tiles for {tile} keys "
+                             f"(crops of {tile // 2 + 1 if tile > 16 else 1}-{tile} tokens)")
+            warn(f"attention_kernels='auto': {error}. {refused[tile][0].upper() + refused[tile][1:]}: they run "
+                 f"on PyTorch's kernels from now on.")
         return self._encode(x, False)
 
     def refused_tiles(self) -> dict:
-        """``{tile: reason}`` for the kernel tiles that ``attention_kernels="auto"`` found this GPU cannot
-        hold (None: crops of more than ``kernels.MAX_TOKENS`` tokens); their crops ran on PyTorch's kernels."""
+        """``{tile: what does not fit}`` for the kernel tiles that ``attention_kernels="auto"`` found this GPU
+        cannot hold (None: crops of more than ``kernels.MAX_TOKENS`` tokens); their crops ran on PyTorch's
+        kernels. The texts depend on the tile only."""
         return dict(self.__dict__.get("_refused_tiles", {}))
 
     def _encode(self, x: Tensor, triton: bool) -> DenseOutput:
