@@ -80,8 +80,8 @@ class GraphedEncoder:
                 static_out = self.encode(static_in)
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as e:
-            raise CaptureFailed(str(e)) from e
+        except RuntimeError as e:      # CUDA's messages run on over lines of advice: the first line says it
+            raise CaptureFailed((str(e).strip().splitlines() or [type(e).__name__])[0]) from e
         return graph, static_in, static_out
 
 
