@@ -463,7 +463,8 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_cl
         if str(r["image_uri"]) != shard.items[p]["image_uri"]:
             raise RuntimeError(f"{shard.name}[{p}]: got {r['image_uri']!r}, expected {shard.items[p]['image_uri']!r}")
     out_rows = [_to_parquet_row(r) for r in rows]
-    executions.update(str(r["execution"]) for r in rows)
+    ran = sorted({str(r["execution"]) for r in rows})
+    executions.update(ran)
     ok = sum(r["status"] == "ok" for r in out_rows)
     confusion = None
     if cfg.labels is not None:
@@ -479,7 +480,7 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_cl
             "config_sha256": config_sha256,
             # how the model ran for these rows: device, plan, kernels, and the fallbacks their worker had taken
             # so far (one entry per distinct state)
-            "execution": [json.loads(e) for e in sorted({str(r["execution"]) for r in rows})],
+            "execution": [json.loads(e) for e in ran],
             "committed_at": _now()}
     sinks.commit_shard(cfg.output, cfg.storage_options, shard.name, out_rows, meta, confusion)
     counts["ok"] += ok
