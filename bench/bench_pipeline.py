@@ -4,7 +4,7 @@
 
 Without --model a tiny random model is used (the only weights available offline). The loop does what
 the job does per image (read, decode, resize in the driver, ``segment_batch`` with original sizes,
-PNG-encode the label map) in one process; the job runs ``jobs/segment_dataset.run`` with an
+PNG-encode the label map) in one process; the job runs ``pipeline.job.run`` with an
 in-process Ray. Prints both rates and their ratio (target >= 0.9 on one machine).
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import rfclip
-    from jobs.segment_dataset import JobConfig, run, segmenter_kwargs
+    from pipeline.job import run
+    from pipeline.job_config import JobConfig, segmenter_kwargs
     from pipeline.decode import decode_image
     from pipeline.sinks import encode_label_png
 

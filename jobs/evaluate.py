@@ -3,7 +3,7 @@
     python jobs/evaluate.py --data-root data/ --benchmarks voc21,ade20k --methods rfclip,clearclip \
         --model ViT-B-16 --weights openai --output out/eval [--limit N]
 
-Each pair is one run of ``jobs/segment_dataset.py``'s in-process ``run(JobConfig)`` fed with the
+Each pair is one in-process run of the segmentation job (``pipeline.job.run(JobConfig)``) fed with the
 benchmark's (image, label) pairs (``pipeline.datasets``) and the method's published settings for
 that benchmark (``benchmark=`` preset), written to ``OUT/<benchmark>/<method>/`` with its own
 metrics.json / metrics.md / report.md; a re-run resumes each pair. Then ``OUT/comparison.md`` and
@@ -13,7 +13,6 @@ shown as failed (error in the JSON) and the exit status is 1.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import posixpath
@@ -32,6 +31,8 @@ from rfclip.cli_args import parse_setting  # noqa: E402
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
 from pipeline.datasets import open_labelled_source  # noqa: E402
 from pipeline.evaluation import finish_evaluation  # noqa: E402
+from pipeline.job import run  # noqa: E402
+from pipeline.job_config import JobConfig, labelled_job_inputs  # noqa: E402
 from pipeline.published import TABLE_ORDER  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -70,16 +71,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
     """Run one benchmark x method into OUT/benchmark/method; return its metrics.json content."""
-    sd = importlib.import_module("jobs.segment_dataset")
     out = posixpath.join(args.output.rstrip("/"), benchmark, method)
     src = open_labelled_source(benchmark, data_root=args.data_root, storage_options=so, limit=args.limit)
-    items, labels = sd.labelled_job_inputs(src)
-    cfg = sd.JobConfig(output=out, storage_options=so or None, benchmark=benchmark, method=method,
-                       model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
-                       precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
-                       batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,
-                       overwrite=args.overwrite, items=items, labels=labels)
-    summary = sd.run(cfg)
+    items, labels = labelled_job_inputs(src)
+    cfg = JobConfig(output=out, storage_options=so or None, benchmark=benchmark, method=method,
+                    model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
+                    precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
+                    batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,
+                    overwrite=args.overwrite, items=items, labels=labels)
+    summary = run(cfg)
     extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit,
              "failed_images": summary["error"]}
     return finish_evaluation(out, src, so, extra=extra)

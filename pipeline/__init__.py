@@ -2,6 +2,9 @@
 
 Modules, one idea each:
 
+- ``job``: the driver, ``run(JobConfig) -> summary``: inputs, probe, resume, Ray Data windows, commits;
+- ``job_config``: the job's options (``JobConfig``, ``LabelSpec``) and the Segmenter they ask for;
+- ``run_record``: run.json and the resume rule (what a re-run must match);
 - ``storage``: fsspec filesystems with long-job retry defaults, atomic writes, credential redaction;
 - ``sources``: listing folders / prefixes / manifests, image ids, deterministic shards;
 - ``decode``:  robust image decoding (bad files become reasons, not crashes);

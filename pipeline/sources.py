@@ -112,6 +112,11 @@ def _resolve(fs, base: str, entry: str) -> str:
     return full_uri(fs, posixpath.normpath(posixpath.join(base, entry)))
 
 
+def inputs_from_items(items: list[dict]) -> Inputs:
+    """:class:`Inputs` from given ``[{"image_uri", "label_uri"}]`` items (no root): sorted, duplicates dropped."""
+    return _dedupe_sorted(items, None, "items")
+
+
 def _dedupe_sorted(items: list[dict], root: Optional[str], kind: str) -> Inputs:
     by_uri: dict[str, dict] = {}
     for it in items:

@@ -206,7 +206,7 @@ TINY_SETTINGS = {"short_side": 64, "slide_crop": 0, "distraction_dims": [3, 7]}
 
 def pipeline_job_config(tiny_model, **kw):
     """A ``JobConfig`` for the tiny model (rfclip method, 3 classes, short side 64, no progress bars)."""
-    from jobs.segment_dataset import JobConfig
+    from pipeline.job_config import JobConfig
 
     model, weights = tiny_model
     base = dict(vocabulary="sky, cloud; road; car", model=model, weights=weights, method="rfclip",

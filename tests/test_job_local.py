@@ -31,7 +31,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, tiny_model, corpus, tmp_path_factory):
-    from jobs.segment_dataset import run
+    from pipeline.job import run
 
     root, _ = corpus
     out = tmp_path_factory.mktemp("out") / "run"
@@ -85,7 +85,7 @@ def test_masks_decode_to_image_size_and_class_pixels_add_up(first_run):
 def test_mask_matches_an_in_process_segmenter(first_run, tiny_model):
     """The pipeline's label map equals Segmenter.segment_batch on the same decoded, resized image."""
     import rfclip
-    from jobs.segment_dataset import segmenter_kwargs
+    from pipeline.job_config import segmenter_kwargs
     from pipeline.decode import decode_image
 
     cfg, out, _ = first_run
@@ -121,7 +121,8 @@ def test_run_json_and_summary(first_run):
 
 
 def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, tiny_model):
-    from jobs.segment_dataset import ConfigMismatch, run
+    from pipeline.job import run
+    from pipeline.run_record import ConfigMismatch
 
     cfg, out, first = first_run
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "predictions").iterdir()}
@@ -141,7 +142,8 @@ def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, ti
 def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run, tiny_model, tmp_path):
     """plan and attention_kernels pick how the forward runs (the results agree to float rounding), like the
     device: a resume may change them, also from a run.json written when they were part of the identity."""
-    from jobs.segment_dataset import ConfigMismatch, run
+    from pipeline.job import run
+    from pipeline.run_record import ConfigMismatch
 
     cfg, out, first = first_run
     copy = tmp_path / "copy"
@@ -160,7 +162,7 @@ def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run,
 
 
 def test_overwrite_starts_over(first_run, tiny_model, tmp_path):
-    from jobs.segment_dataset import run
+    from pipeline.job import run
 
     cfg, out, first = first_run
     copy = tmp_path / "copy"
@@ -174,8 +176,8 @@ def test_overwrite_starts_over(first_run, tiny_model, tmp_path):
 
 def test_labelled_inputs_store_a_confusion_matrix_per_shard(ray_local, tiny_model, tmp_path):
     """The evaluation hook: items with label_uri + LabelSpec -> each shard carries its K x K matrix."""
-    from jobs.segment_dataset import LabelSpec, run
-    from pipeline import sinks
+    from pipeline.job import run
+    from pipeline.job_config import LabelSpec
 
     imgs = write_images(tmp_path / "img", 5, seed=7)
     items = []

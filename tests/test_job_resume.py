@@ -104,7 +104,7 @@ def _segment_worker_pids() -> list[int]:
 
 def test_killed_model_actor_every_image_exactly_once(tiny_model, tmp_path):
     import ray
-    from jobs.segment_dataset import run
+    from pipeline.job import run
 
     tmp = start_local_ray({"RFCLIP_TEST_WORKER_DELAY_S": "1.0"})
     try:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_s3_to_s3_rows_masks_statuses_and_no_secret_leaks(seaweedfs_s3, ray_local, tiny_model, tmp_path, caplog, capfd):
-    from jobs.segment_dataset import run
+    from pipeline.job import run
 
     local = tmp_path / "corpus"
     write_images(local / "good", 5, seed=11)

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_shard_windows_group_whole_shards():
-    from jobs.segment_dataset import shard_windows
+    from pipeline.job import shard_windows
 
     class S:
         def __init__(self, n):
@@ -22,7 +22,7 @@ def test_shard_windows_group_whole_shards():
 
 
 def test_job_in_windows_writes_every_image_once(ray_local, tiny_model, tmp_path):
-    from jobs.segment_dataset import run
+    from pipeline.job import run
 
     write_images(tmp_path / "imgs", 7, seed=5)
     out = tmp_path / "out"

@@ -1,0 +1,282 @@
+"""The segmentation job's driver: ``run(JobConfig) -> summary dict``.
+
+1. Resolve the inputs and check the output is writable (before any model or cluster work).
+2. Probe the Segmenter once on CPU (``job_config.probe_segmenter``): a bad model, weights file or
+   setting fails here.
+3. Resume or start (``run_record.start_or_resume``): run.json, and the shards left to do.
+4. Run the pending shards through Ray Data in windows: read + decode (CPU tasks), segment (an actor
+   pool of ``pipeline.workers.SegmentWorker``), encode (CPU tasks). The driver buffers each shard's rows
+   and commits the shard, whole, once all of them arrived (``sinks.commit_shard``).
+5. Write summary.json.
+
+``jobs/segment_dataset.py`` is the CLI over this; ``jobs/evaluate.py`` calls :func:`run` in-process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import run_record, sinks, sources, storage
+from .job_config import JobConfig, probe_segmenter, segmenter_kwargs
+
+log = logging.getLogger("segment_dataset")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cfg: JobConfig) -> dict:
+    """Run the job end to end; returns the summary dict (also written as summary.json)."""
+    t_start = time.time()
+    storage.register_secrets(cfg.storage_options)
+    if cfg.labels is not None:
+        storage.register_secrets(cfg.labels.storage_options)
+
+    inputs = _resolve_inputs(cfg)
+    storage.check_writable(cfg.output, cfg.storage_options)
+    shards = sources.make_shards(inputs.items, cfg.shard_size)
+    log.info("%d images in %d shards of up to %d", len(inputs.items), len(shards), cfg.shard_size)
+
+    seg_kw = segmenter_kwargs(cfg)
+    probe = probe_segmenter(seg_kw)
+    if cfg.labels is not None and cfg.labels.num_classes != probe["num_classes"]:
+        raise ValueError(f"labels have {cfg.labels.num_classes} classes but the vocabulary has {probe['num_classes']}")
+    sha = (probe["config"].get("weights") or {}).get("sha256")
+    if sha and not seg_kw.get("weights_sha256"):
+        seg_kw["weights_sha256"] = sha  # every worker must load exactly the weights recorded in run.json
+    identity = run_record.identity(cfg, inputs, probe["config"])
+
+    pending = run_record.start_or_resume(cfg, shards, identity, probe)
+    skipped = sum(len(s.items) for s in shards) - sum(len(s.items) for s in pending)
+    log.info("%d shards already committed (%d images skipped), %d to do", len(shards) - len(pending), skipped, len(pending))
+
+    counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0}
+    executions: set[str] = set()           # JSON of each distinct Segmenter.execution() the workers reported
+    t_pipe = time.time()
+    if pending:
+        # Pending shards run in windows of about ``window_images`` images, one Ray Data execution
+        # each, so the driver and the object store hold one window's rows, not the whole corpus.
+        config_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        total_images = skipped + sum(len(s.items) for s in pending)
+        started_ray = _init_ray(cfg.ray_address)
+        try:
+            for window in shard_windows(pending, cfg.window_images):
+                _run_window(cfg, window, inputs, probe, seg_kw, config_sha256, counts, executions,
+                            skipped + counts["ok"] + counts["error"], total_images)
+        finally:
+            if started_ray:
+                import ray
+                ray.shutdown()
+    wall = time.time() - t_start
+    done = counts["ok"] + counts["error"]
+    summary = {
+        "images_total": len(inputs.items), "ok": counts["ok"], "error": counts["error"], "skipped": skipped,
+        "shards_total": len(shards), "shards_committed_this_run": len(pending),
+        "shards_skipped": len(shards) - len(pending),
+        "duplicate_rows_dropped": counts["duplicates_dropped"],
+        "duplicate_inputs_dropped": inputs.duplicates_dropped,
+        "rows_decoded_in_model_process": counts["decoded_in_model_process"],
+        "execution": [json.loads(e) for e in sorted(executions)],
+        "wall_time_s": round(wall, 3), "pipeline_time_s": round(time.time() - t_pipe, 3),
+        "images_per_second": round(done / wall, 3) if wall > 0 else None,
+        "finished_at": run_record.now(),
+    }
+    sinks.write_json(cfg.output, cfg.storage_options, sinks.SUMMARY_JSON, summary)
+    log.info("done: %s", json.dumps(summary))
+    return summary
+
+
+def _resolve_inputs(cfg: JobConfig) -> sources.Inputs:
+    """The sorted, de-duplicated inputs: ``cfg.items`` (evaluation) or the listing of ``cfg.input``."""
+    if cfg.items is not None:
+        inputs = sources.inputs_from_items([{"image_uri": it["image_uri"], "label_uri": it.get("label_uri")}
+                                            for it in cfg.items])
+        if not inputs.items:
+            raise ValueError("no input items given")
+        return inputs
+    if not cfg.input:
+        raise ValueError("--input is required")
+    return sources.resolve_inputs(cfg.input, cfg.storage_options)
+
+
+def shard_windows(pending: list, window_images: int) -> list[list]:
+    """Consecutive groups of shards with about ``window_images`` images each (at least one shard)."""
+    windows, current, size = [], [], 0
+    for shard in pending:
+        if current and size + len(shard.items) > window_images:
+            windows.append(current)
+            current, size = [], 0
+        current.append(shard)
+        size += len(shard.items)
+    if current:
+        windows.append(current)
+    return windows
+
+
+def _init_ray(address: Optional[str]) -> bool:
+    """Connect to ``address`` / ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start an in-process
+    local Ray. Returns True if this call started Ray (so the job shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        # address="local": never attach to some other cluster found in /tmp/ray by accident.
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    return True
+
+
+def _default_workers(cfg: JobConfig) -> tuple[int, float]:
+    """``(model actors, GPUs per actor)``: by default one actor per GPU, else one CPU actor."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    gpw = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker is not None else (1.0 if gpus > 0 else 0.0)
+    if cfg.workers is not None:
+        return int(cfg.workers), gpw
+    return (max(1, int(gpus // gpw)) if gpw > 0 else 1), gpw
+
+
+def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, workers: int, gpw: float):
+    """The Ray Data chain over ``rows``: decode (CPU tasks) -> segment (actor pool) -> encode (CPU tasks)."""
+    import ray.data
+
+    from .workers import SegmentWorker, decode_stage, encode_stage
+
+    blocks = max(1, min(20000, math.ceil(len(rows) / cfg.decode_batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    # The decode tasks reserve heap memory for one worst-case image (RGB + float resize buffers).
+    # That also keeps Ray Data from fusing decoding into the model actor (it fuses task->actor
+    # maps whose remote args are equal): decoding must stay in CPU tasks so the model never waits
+    # on it. summary["rows_decoded_in_model_process"] checks that it did.
+    ds = ds.map_batches(decode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
+                        memory=int(cfg.max_pixels) * 3 * 6,
+                        fn_kwargs=dict(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels,
+                                       short_side=probe["short_side"], max_long_side=probe["max_long_side"]))
+    ds = ds.map_batches(SegmentWorker, batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_gpus=gpw, num_cpus=cfg.cpus_per_worker,
+                        fn_constructor_kwargs={"segmenter_kwargs": seg_kw})
+    lab = cfg.labels
+    return ds.map_batches(encode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
+                          fn_kwargs=dict(num_classes=probe["num_classes"], output_uri=cfg.output,
+                                         storage_options=cfg.storage_options, save_masks=cfg.save_masks,
+                                         decode_label=lab.decode_label if lab else None,
+                                         label_storage_options=(lab.storage_options if lab and lab.storage_options
+                                                                is not None else cfg.storage_options),
+                                         ignore_index=lab.ignore_index if lab else 255))
+
+
+def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: dict, seg_kw: dict,
+                config_sha256: str, counts: dict, executions: set, done_before: int, total: int) -> None:
+    """One Ray Data execution over the shards in ``pending`` (Ray already initialised).
+
+    Commits each shard as soon as all its rows arrived. Adds to ``counts``, and the distinct
+    ``execution`` values of the workers' rows to ``executions``.
+    """
+    import ray.data
+    from tqdm import tqdm
+
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    workers, gpw = _default_workers(cfg)
+    rows = [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
+             "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos}
+            for s in pending for pos, it in enumerate(s.items)]
+    ds = _build_dataset(cfg, rows, probe, seg_kw, workers, gpw)
+    log.info("pipeline: %d images, %d model workers (%s GPU each, batch %d)", len(rows), workers, gpw, cfg.batch_size)
+
+    by_index = {s.index: s for s in pending}
+    buffers: dict[int, dict[int, dict]] = {}
+    done_shards: set[int] = set()
+    bar = tqdm(total=total, initial=done_before, unit="img", desc="segmented", disable=not cfg.progress,
+               mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
+    t0 = time.time()
+    processed_at_start = counts["ok"] + counts["error"]
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        keys = list(batch)
+        for j in range(len(batch["image_uri"])):
+            r = {k: batch[k][j] for k in keys}
+            si, pos = int(r["shard"]), int(r["pos"])
+            buf = buffers.setdefault(si, {})
+            if si in done_shards or pos in buf:
+                counts["duplicates_dropped"] += 1
+                log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
+                continue
+            buf[pos] = r
+            bar.update(1)
+            if int(r["decode_pid"]) == int(r["model_pid"]):
+                counts["decoded_in_model_process"] += 1
+            shard = by_index[si]
+            if len(buf) == len(shard.items):
+                _commit(cfg, shard, buffers.pop(si), config_sha256, probe["num_classes"], counts, executions)
+                done_shards.add(si)
+                in_window = counts["ok"] + counts["error"] - processed_at_start
+                log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
+                         total, in_window / max(time.time() - t0, 1e-9))
+    bar.close()
+    if buffers:
+        missing = {by_index[si].name: len(by_index[si].items) - len(b) for si, b in buffers.items()}
+        raise RuntimeError(f"pipeline ended with incomplete shards (missing rows): {missing}")
+    never = [s.name for s in pending if s.index not in done_shards]
+    if never:
+        raise RuntimeError(f"pipeline produced no rows for shards {never[:10]}")
+
+
+def _to_parquet_row(r: dict) -> dict:
+    """A row of ``sinks.PREDICTION_SCHEMA`` from one row of the encode stage (numpy scalars and bytes)."""
+    ok = r["status"] == "ok"
+    cp = r["class_pixels"]
+    return {
+        "image_uri": str(r["image_uri"]),
+        "image_id": str(r["image_id"]),
+        "width": int(r["width"]) if int(r["width"]) > 0 else None,
+        "height": int(r["height"]) if int(r["height"]) > 0 else None,
+        "status": "ok" if ok else "error",
+        "error": None if ok else str(r["error"]),
+        "mask_png": bytes(r["mask_png"]) if ok else None,
+        "class_pixels": np.frombuffer(bytes(cp), np.int64).tolist() if ok else None,
+        "mean_confidence": float(r["mean_confidence"]) if ok else None,
+        "elapsed_ms": float(r["elapsed_ms"]),
+    }
+
+
+def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_classes: int, counts: dict,
+            executions: set) -> None:
+    """Write one shard whole (its rows in input order, its metadata, and its confusion matrix when labelled)."""
+    rows = [rows_by_pos[p] for p in range(len(shard.items))]
+    for p, r in enumerate(rows):  # the row must be the image the shard expects at that position
+        if str(r["image_uri"]) != shard.items[p]["image_uri"]:
+            raise RuntimeError(f"{shard.name}[{p}]: got {r['image_uri']!r}, expected {shard.items[p]['image_uri']!r}")
+    out_rows = [_to_parquet_row(r) for r in rows]
+    ran = sorted({str(r["execution"]) for r in rows})
+    executions.update(ran)
+    ok = sum(r["status"] == "ok" for r in out_rows)
+    confusion = None
+    if cfg.labels is not None:
+        m = np.zeros((num_classes, num_classes), np.int64)
+        for r in rows:
+            if r["status"] == "ok" and len(r["confusion"]):
+                m += np.frombuffer(bytes(r["confusion"]), np.int64).reshape(num_classes, num_classes)
+        confusion = {"num_classes": num_classes, "ignore_index": cfg.labels.ignore_index,
+                     "images": int(sum(1 for r in rows if r["status"] == "ok" and len(r["confusion"]))),
+                     "matrix": m.tolist()}
+    meta = {"name": shard.name, "index": shard.index, "digest": shard.digest, "num_rows": len(rows),
+            "ok": ok, "error": len(rows) - ok,
+            "config_sha256": config_sha256,
+            # how the model ran for these rows: device, plan, kernels, and the fallbacks their worker had taken
+            # so far (one entry per distinct state)
+            "execution": [json.loads(e) for e in ran],
+            "committed_at": run_record.now()}
+    sinks.commit_shard(cfg.output, cfg.storage_options, shard.name, out_rows, meta, confusion)
+    counts["ok"] += ok
+    counts["error"] += len(rows) - ok

@@ -1,0 +1,106 @@
+"""run.json and the resume rule: a re-run into the same output finishes the job, or is refused.
+
+run.json holds the run's ``config`` (its identity: what a resumed run must match), the package
+``versions``, and ``runtime`` details that may change between runs (workers, batch size, the device,
+how the forward pass runs). :func:`start_or_resume` checks an output folder against a new identity,
+writes run.json, and says which shards are left to do.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from importlib import metadata
+
+from . import sinks, sources, storage
+
+VERSION_PACKAGES = ("rfclip", "torch", "open_clip_torch", "ray", "pyarrow", "pillow", "numpy", "fsspec", "s3fs")
+
+# Settings that pick how the forward pass runs, not what it computes (the plans and kernels agree to float
+# rounding, tested): like the device, a resumed run may change them. What ran is recorded per shard.
+EXECUTION_SETTINGS = ("plan", "attention_kernels")
+
+
+class ConfigMismatch(RuntimeError):
+    """A resumed run whose configuration differs from the one in run.json."""
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    """Installed versions of the packages that decide the outputs."""
+    out = {"python": platform.python_version()}
+    for p in VERSION_PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def without_execution(seg_config: dict) -> dict:
+    """``seg.config()`` without the device and the execution settings (see EXECUTION_SETTINGS)."""
+    out = {k: v for k, v in seg_config.items() if k != "device"}  # cpu vs cuda may differ on resume
+    if isinstance(out.get("settings"), dict):
+        out["settings"] = {k: v for k, v in out["settings"].items() if k not in EXECUTION_SETTINGS}
+    return out
+
+
+def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
+    """The part of a :class:`~pipeline.job_config.JobConfig` run that a resumed run must match."""
+    return {
+        "input": cfg.input if cfg.items is None else "<items>",
+        "num_inputs": len(inputs.items),
+        "inputs_sha256": sources.items_digest(inputs.items),
+        "shard_size": cfg.shard_size,
+        "max_pixels": cfg.max_pixels,
+        "save_masks": cfg.save_masks,
+        "labels": cfg.labels.identity if cfg.labels else None,
+        "segmenter": without_execution(seg_config),
+    }
+
+
+def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
+    """Check ``cfg.output`` against ``ident``, write run.json, and return the shards still to commit.
+
+    ``--overwrite`` clears the job's outputs first. Raises :class:`ConfigMismatch` when run.json's
+    identity differs (the differing keys listed), when committed shards exist without a run.json, or
+    when committed shards are not among ``shards``. A finished run's summary.json is removed, so a
+    crash from here on never leaves an old "finished" summary behind.
+    """
+    so = cfg.storage_options
+    if cfg.overwrite:
+        sinks.clear_outputs(cfg.output, so)
+    previous = sinks.read_json(cfg.output, so, sinks.RUN_JSON)
+    committed = sinks.committed_shard_names(cfg.output, so)
+    if previous is not None:
+        old = dict(previous.get("config", {}))
+        if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
+            old["segmenter"] = without_execution(old["segmenter"])
+        diffs = sinks.config_differences(old, ident)
+        if diffs:
+            raise ConfigMismatch(
+                f"refusing to resume into {storage.scrub(cfg.output)!r}: the configuration differs from its run.json:\n  "
+                + "\n  ".join(diffs) + "\nuse --overwrite to start over, or write to another --output")
+    elif committed:
+        raise ConfigMismatch(f"{storage.scrub(cfg.output)!r} holds {len(committed)} committed shards but no run.json; "
+                             "use --overwrite to start over")
+    stray = committed - {s.name for s in shards}
+    if stray:
+        raise ConfigMismatch(f"output holds shards that this input does not produce: {sorted(stray)[:5]}")
+
+    fs_out, root = storage.get_fs(cfg.output, so)
+    summary_path = root.rstrip("/") + "/" + sinks.SUMMARY_JSON
+    if fs_out.exists(summary_path):
+        fs_out.rm(summary_path)
+    run_doc = {"config": ident, "versions": versions(),
+               "runtime": {"output": cfg.output, "storage_options": so, "batch_size": cfg.batch_size,
+                           "execution_settings": {k: probe["config"]["settings"][k] for k in EXECUTION_SETTINGS},
+                           "workers": cfg.workers, "num_gpus_per_worker": cfg.num_gpus_per_worker,
+                           "class_names": probe["class_names"],
+                           "started_at": previous["runtime"]["started_at"] if previous else now(),
+                           "resumed_at": now() if previous else None}}
+    sinks.write_json(cfg.output, so, sinks.RUN_JSON, run_doc)
+    return [s for s in shards if s.name not in committed]
