@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .settings import SETTING_NAMES
+from .settings import SETTING_NAMES, coerce_setting
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_method: str = "rfclip") -> None:
@@ -21,9 +21,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_method: str = "
 
 
 def parse_setting(text: str) -> tuple[str, object]:
-    """``"lam=0.6"`` -> ``("lam", 0.6)``: the value is JSON when it parses, else the raw string.
+    """``"lam=0.6"`` -> ``("lam", 0.6)``: the value is JSON when it parses, else the raw string, then
+    checked against the setting's type (``rfclip.settings.coerce_setting``: ``pamr=off`` is False).
 
-    Usable as an argparse ``type=``; an unknown name or a missing ``=`` is an argparse error.
+    Usable as an argparse ``type=``; an unknown name, a missing ``=`` or a value of the wrong type is
+    an argparse error.
     """
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--setting expects NAME=VALUE, got {text!r}")
@@ -32,9 +34,13 @@ def parse_setting(text: str) -> tuple[str, object]:
     if name not in SETTING_NAMES:
         raise argparse.ArgumentTypeError(f"unknown setting {name!r}; settings are: {', '.join(SETTING_NAMES)}")
     try:
-        return name, json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
-        return name, raw
+        value = raw
+    try:
+        return name, coerce_setting(name, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_settings(pairs: list[tuple[str, object]], precision: str | None = None) -> dict:

@@ -106,6 +106,9 @@ class Segmenter:
         clip.visual.to(self.dtype)
         self.clip = clip
         self.vit = DenseViT(clip.visual)
+        side = self.settings.global_input_size
+        if side is not None and side % self.vit.patch:
+            raise ValueError(f"global_input_size must be a multiple of the patch size {self.vit.patch}, got {side}")
         self.method = build_method(method, self.vit, self.settings, arch)
         self.plan = resolve_plan(self.settings, self.device)           # the plan running now (see execution())
         self.fallbacks: list[str] = []

@@ -5,8 +5,9 @@ A ``Segmenter`` resolves its settings as: the method's defaults, then the benchm
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional
+from typing import Optional, get_origin, get_type_hints
 
 # Distraction dimensions (0-indexed residual-stream channels), METHODS.md §3a.
 DISTRACTION_DIMS = {
@@ -129,6 +130,13 @@ class Settings:
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
+# Each setting's type: ``(base, optional)`` with base bool, int, float, str or tuple (of ints).
+_TYPES = {name: get_origin(base) or base
+          for name, t in get_type_hints(Settings).items()
+          for base in [t.__args__[0] if type(None) in getattr(t, "__args__", ()) else t]}
+_OPTIONAL = {name for name, t in get_type_hints(Settings).items()
+             if type(None) in getattr(t, "__args__", ())}
+_TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 NCUT_SOLVERS = ("auto", "eigh", "subspace", "squaring")
 PLANS = ("auto", "explicit", "fused", "graphed")
 ATTENTION_KERNELS = ("auto", "torch", "triton")
@@ -185,8 +193,57 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 
 
+def coerce_setting(name: str, value):
+    """``value`` as the type of setting ``name``, or a ``ValueError`` that says what was expected.
+
+    Accepts what a command line gives as well as Python values: ``"off"``/``"false"``/``"no"``/``"0"``
+    (any case) for False and their opposites for True, ``"none"``/``"null"`` for an optional setting's
+    None, ``"4,162,189"`` or a list for ``distraction_dims``. Never guesses: ``2.5`` is not an int,
+    ``"no"`` is not True, and an int is not a bool.
+    """
+    if name not in _TYPES:
+        raise ValueError(f"unknown setting {name!r}; settings are {', '.join(SETTING_NAMES)}")
+    kind, optional = _TYPES[name], name in _OPTIONAL
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            tuple: "a non-empty list of channel indices such as [4,162,189]"}[kind]
+    bad = ValueError(f"setting {name} must be {want}{' or none' if optional else ''}; got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise bad
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise bad
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    # distraction_dims: a list/tuple of ints, or "4,162,189".
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        except ValueError:
+            raise bad from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise bad
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+        raise bad
+    return tuple(value)
+
+
 def make_settings(method: str, *layers: dict) -> Settings:
-    """The method's defaults, updated by each dict in ``layers`` in order; unknown names are an error."""
+    """The method's defaults, updated by each dict in ``layers`` in order; every value is checked
+    against its setting's type and range (``coerce_setting``); unknown names are an error."""
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHOD_DEFAULTS)}")
     merged: dict = dict(METHOD_DEFAULTS[method])
@@ -194,9 +251,7 @@ def make_settings(method: str, *layers: dict) -> Settings:
         unknown = set(layer) - set(SETTING_NAMES)
         if unknown:
             raise TypeError(f"unknown setting(s) {sorted(unknown)}; settings are {list(SETTING_NAMES)}")
-        merged.update(layer)
-    if merged.get("distraction_dims") is not None:
-        merged["distraction_dims"] = tuple(int(d) for d in merged["distraction_dims"])
+        merged.update({name: coerce_setting(name, value) for name, value in layer.items()})
     s = replace(Settings(), **merged)
     _validate(s)
     return s
@@ -226,3 +281,19 @@ def _validate(s: Settings) -> None:
         raise ValueError("batch_size must be >= 1")
     if s.short_side < 0 or s.max_long_side < 1:
         raise ValueError("short_side must be >= 0 and max_long_side >= 1")
+    ranges = {   # name: (low, high, what); None is open
+        "logit_scale": (0.0, None, "> 0"), "naclip_sigma": (0.0, None, "> 0"),
+        "prob_thd": (0.0, 1.0, "in [0, 1]"), "area_thd": (0.0, 1.0, "in [0, 1]"),
+        "release_keep": (0.0, 1.0, "in [0, 1]"), "release_sim_threshold": (-1.0, 1.0, "in [-1, 1]"),
+        "h_threshold": (0.0, 1.0, "in [0, 1]"), "global_semantics_weight": (0.0, 1.0, "in [0, 1]"),
+        "mean_vector_weight": (0.0, 1.0, "in [0, 1]"), "tau": (0.0, None, ">= 0"),
+        "min_received_attention": (0.0, 1.0, "in [0, 1]"), "ncut_iters": (1, None, ">= 1"),
+        "global_input_size": (1, None, ">= 1"),
+    }
+    for name, (low, high, what) in ranges.items():
+        v = getattr(s, name)
+        if v is None:
+            continue
+        strict = what.startswith(">") and not what.startswith(">=")
+        if (v <= low if strict else v < low) or (high is not None and v > high):
+            raise ValueError(f"setting {name} must be {what}, got {v}")

@@ -1,4 +1,5 @@
 """Every method end to end on a tiny random model: shapes, determinism, label range, odd inputs."""
+import argparse
 import io
 
 import numpy as np
@@ -134,13 +135,41 @@ def test_settings_resolve_from_method_benchmark_and_user(tiny_model):
         make_segmenter(tiny_model, "clip", lamda=0.5)
     with pytest.raises(ValueError, match="unknown method"):
         make_segmenter(tiny_model, "sam")
-    with pytest.raises(ValueError, match="distraction dimensions are unknown"):
-        rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="rfclip", vocabulary=VOCAB,
-                         device="cpu").predict(planted_image(64, 64))
+    for method in ("rfclip", "rfclip-release"):         # refused at construction, not at the first image
+        with pytest.raises(ValueError, match="distraction dimensions are unknown"):
+            rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method=method, vocabulary=VOCAB,
+                             device="cpu")
     assert all(len(p.vocabulary) == p.num_classes for p in BENCHMARKS.values())
     assert [BENCHMARKS[b].num_classes for b in ("voc21", "voc20", "context60", "context59", "coco_object",
                                                 "coco_stuff164k", "cityscapes", "ade20k")] == \
         [21, 20, 60, 59, 81, 171, 19, 150]
+
+
+def test_settings_are_checked_against_their_types_and_ranges(tiny_model):
+    from rfclip.cli_args import parse_setting
+    from rfclip.settings import make_settings
+
+    # Command-line spellings become the setting's type; "off" is not a truthy string.
+    assert parse_setting("pamr=off") == ("pamr", False) and parse_setting("pamr=False") == ("pamr", False)
+    assert parse_setting("defocus_ncut=no") == ("defocus_ncut", False) and parse_setting("pamr=true") == ("pamr", True)
+    assert parse_setting("tau=None") == ("tau", None) and parse_setting("tau=null") == ("tau", None)
+    assert parse_setting("distraction_dims=0,1,2") == ("distraction_dims", (0, 1, 2))
+    assert parse_setting("distraction_dims=[4, 162]") == ("distraction_dims", (4, 162))
+    assert parse_setting("batch_size=8") == ("batch_size", 8) and parse_setting("lam=1") == ("lam", 1.0)
+    for bad in ["pamr=maybe", "batch_size=2.5", "distraction_dims=[]", "short_side=big", "lam=NaN"]:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse_setting(bad)
+    # The Python API checks the same way, and the ranges that would give NaN or nonsense.
+    assert make_settings("clip", {"pamr": "off"}).pamr is False
+    for kw, msg in [({"pamr": "no way"}, "true or false"), ({"batch_size": 2.5}, "integer"),
+                    ({"batch_size": True}, "integer"), ({"short_side": "336"}, "integer"),
+                    ({"distraction_dims": []}, "non-empty"), ({"naclip_sigma": 0}, "> 0"),
+                    ({"prob_thd": 2}, r"\[0, 1\]"), ({"tau": -1}, ">= 0"), ({"release_keep": 5}, r"\[0, 1\]"),
+                    ({"mean_vector_weight": 2}, r"\[0, 1\]"), ({"ncut_iters": 0}, ">= 1")]:
+        with pytest.raises(ValueError, match=msg):
+            make_settings("rfclip", kw)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        make_segmenter(tiny_model, "rfclip-release", distraction_dims=[0, 1], global_input_size=20)
 
 
 def test_vocabulary_parsing_and_files(tmp_path):

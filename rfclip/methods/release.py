@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import refocus
 from .base import DenseMethod, DenseOutput
 from .kk_attention import KKAttention
-from .rfclip import distraction_setup, plan_flags
+from .rfclip import check_distraction_settings, distraction_setup, plan_flags
 
 Tensor = torch.Tensor
 
@@ -47,6 +47,7 @@ class RFCLIPRelease(DenseMethod):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_distraction_settings(self)
         self._clusters: Optional[tuple[Tensor, Tensor]] = None   # (text it was computed for, ids)
 
     def encode(self, x: Tensor) -> DenseOutput:

@@ -54,6 +54,12 @@ def _distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor,
     return torch.tensor(list(dims), dtype=torch.long, device=device), tau, min_recv
 
 
+def check_distraction_settings(method: DenseMethod) -> None:
+    """Raise now, at construction, if ``method``'s distraction dimensions are unknown or out of range,
+    rather than at the first forward pass."""
+    _distraction_setup(method.settings, method.arch, method.vit.width, "cpu")
+
+
 def plan_flags(settings, device: torch.device) -> tuple[bool, bool]:
     """``(fused, host_checks)`` for the plan: fused attention (``fused``, ``graphed``), and skipping
     steps by looking at masks on the host (all but ``graphed``, which must never synchronise; its
@@ -64,6 +70,10 @@ def plan_flags(settings, device: torch.device) -> tuple[bool, bool]:
 
 class RFCLIP(DenseMethod):
     name = "rfclip"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_distraction_settings(self)
 
     def encode(self, x: Tensor) -> DenseOutput:
         triton = resolve_attention_kernels(self.settings, x.device) == "triton"
