@@ -79,10 +79,9 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
                     precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
                     batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,
                     overwrite=args.overwrite, items=items, labels=labels)
-    summary = run(cfg)
-    extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit,
-             "failed_images": summary["error"]}
-    return finish_evaluation(out, src, so, extra=extra)
+    run(cfg)
+    extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit}
+    return finish_evaluation(out, src, so, extra=extra)      # its images_failed counts every committed shard
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -108,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for b, cell in row["cells"].items():
             cell["error"] = errors.get((b, row["method"]))
             r = results.get((b, row["method"]))
-            cell["failed_images"] = None if r is None else r.get("failed_images")
+            cell["failed_images"] = None if r is None else r.get("images_failed")
     table.update(limit=args.limit, model=args.model, weights=args.weights, settings=args.settings)
     fs, root = fsspec.core.url_to_fs(args.output.rstrip("/"), **so)
     fs.makedirs(root, exist_ok=True)

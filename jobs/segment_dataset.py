@@ -195,8 +195,12 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     print(json.dumps(summary, indent=2))
     if src is not None:
-        print(f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f} over "
-              f"{result['images']} images -> {storage.scrub(cfg.output)}/metrics.md, report.md")
+        pct = {k: "n/a" if result[k] is None else f"{result[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc")}
+        print(f"mIoU {pct['mIoU']}  mAcc {pct['mAcc']}  aAcc {pct['aAcc']} over {result['images']} images "
+              f"-> {storage.scrub(cfg.output)}/metrics.md, report.md")
+        if result["images_failed"]:
+            print(f"warning: {result['images_failed']} images could not be segmented and are not scored; "
+                  f"metrics.md lists examples", file=sys.stderr)
     else:
         print(f"report: {result['report']}")
     return 0

@@ -47,8 +47,10 @@ def run(cfg: JobConfig) -> dict:
 
     seg_kw = segmenter_kwargs(cfg)
     probe = probe_segmenter(seg_kw)
-    if cfg.labels is not None and cfg.labels.num_classes != probe["num_classes"]:
-        raise ValueError(f"labels have {cfg.labels.num_classes} classes but the vocabulary has {probe['num_classes']}")
+    if cfg.labels is not None:
+        if cfg.labels.num_classes != probe["num_classes"]:
+            raise ValueError(f"labels have {cfg.labels.num_classes} classes but the vocabulary has {probe['num_classes']}")
+        check_first_label(cfg.labels, inputs.items)
     sha = (probe["config"].get("weights") or {}).get("sha256")
     if sha and not seg_kw.get("weights_sha256"):
         seg_kw["weights_sha256"] = sha  # every worker must load exactly the weights recorded in run.json
@@ -92,6 +94,38 @@ def run(cfg: JobConfig) -> dict:
     sinks.write_json(cfg.output, cfg.storage_options, sinks.SUMMARY_JSON, summary)
     log.info("done: %s", json.dumps(summary))
     return summary
+
+
+class LabelError(ValueError):
+    """A ground-truth label that can't be scored: an evaluation stops rather than score fewer images."""
+
+
+def check_first_label(labels, items: list[dict]) -> None:
+    """Read and decode the first item's label in the driver and check its values, before any model
+    work: a whole split decoded with the wrong ``--ignore-index`` fails in seconds, not after the run.
+
+    Raises :class:`LabelError` for a label that can't be read or decoded, or that has values outside
+    ``[0, K)`` other than the ignore index.
+    """
+    from .storage import read_uris
+
+    first = next((it for it in items if it.get("label_uri")), None)
+    if first is None:
+        return
+    uri = str(first["label_uri"])
+    data = read_uris([uri], labels.storage_options)[0]
+    try:
+        if isinstance(data, BaseException):
+            raise data
+        gt = np.asarray(labels.decode_label(data))
+    except Exception as exc:  # noqa: BLE001 - said with the file's name
+        raise LabelError(f"label {storage.scrub(uri)} can't be scored ({type(exc).__name__}): {exc}") from exc
+    k, ignore = labels.num_classes, labels.ignore_index
+    bad = np.unique(gt[(gt != ignore) & ((gt < 0) | (gt >= k))])
+    if bad.size:
+        raise LabelError(f"label {storage.scrub(uri)} has values {bad[:10].tolist()} outside the {k} classes "
+                         f"(0..{k - 1}) and not the ignore index {ignore}; if they mark unlabelled pixels, pass "
+                         f"--ignore-index VALUE")
 
 
 def _resolve_inputs(cfg: JobConfig) -> sources.Inputs:
@@ -257,6 +291,13 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_cl
     for p, r in enumerate(rows):  # the row must be the image the shard expects at that position
         if str(r["image_uri"]) != shard.items[p]["image_uri"]:
             raise RuntimeError(f"{shard.name}[{p}]: got {r['image_uri']!r}, expected {shard.items[p]['image_uri']!r}")
+    if cfg.labels is not None:
+        for r in rows:
+            if r["status"] != "ok" and str(r["error"]).startswith("label failed"):
+                raise LabelError(
+                    f"{storage.scrub(str(r['image_uri']))}: {r['error']}. An evaluation stops here rather than "
+                    f"leave the image out of the metrics: fix the label (or --ignore-index) and run again; "
+                    f"shards committed so far are kept, this one is not")
     out_rows = [_to_parquet_row(r) for r in rows]
     ran = sorted({str(r["execution"]) for r in rows})
     executions.update(ran)

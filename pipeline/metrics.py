@@ -89,9 +89,14 @@ def _fmt(x: Optional[float]) -> str:
 
 def metrics_markdown(result: dict, title: str = "Evaluation") -> str:
     """metrics.md: the summary line and a per-class table (IoU / Acc in percent, – = absent)."""
+    failed = result.get("images_failed") or 0
     lines = [f"# {title}", "",
              f"{result['images']} images, {result['num_classes']} classes, "
-             f"{result['pixels']} evaluated pixels.", "",
+             f"{result['pixels']} evaluated pixels.", ""]
+    if failed:
+        lines += [f"**{failed} images could not be segmented and are not scored** (their rows in predictions/ "
+                  f"say why), e.g.:", ""] + [f"- {e}" for e in result.get("failed_examples", [])] + [""]
+    lines += [
              "| aAcc | mIoU | mAcc |", "|---|---|---|",
              f"| {_fmt(result['aAcc'])} | {_fmt(result['mIoU'])} | {_fmt(result['mAcc'])} |", "",
              "| class | IoU | Acc |", "|---|---|---|"]
@@ -103,8 +108,10 @@ def metrics_markdown(result: dict, title: str = "Evaluation") -> str:
 
 def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = None) -> dict:
     """Sum of every committed shard's matrix: ``{"confusion": (K, K) int64, "images": int,
-    "ignore_index": int, "shards": int}``. Raises on no shards, a shard without a matrix,
-    differing sizes / ignore indices, or an image counted in two shards."""
+    "images_failed": int, "failed_examples": [str], "ignore_index": int, "shards": int}``
+    (``images_failed``: rows that could not be segmented, hence not scored; up to 5 of their
+    ``uri: reason``). Raises on no shards, a shard without a matrix, differing sizes / ignore
+    indices, or an image counted in two shards."""
     from .sinks import committed_shard_names, parse_shard_metadata, shard_path
     from .storage import get_fs
 
@@ -113,10 +120,10 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
     if not names:
         raise ValueError(f"no committed shards under {output_uri!r}")
     fs, root = get_fs(output_uri, so)
-    total, images, ignore, seen = None, 0, None, set()
+    total, images, ignore, seen, failed = None, 0, None, set(), []
     for name in names:
         with fs.open(posixpath.join(root, shard_path(name)), "rb") as f:      # one read: rows and footer
-            t = pq.read_table(f, columns=["image_uri", "status"])
+            t = pq.read_table(f, columns=["image_uri", "status", "error"])
         _, conf = parse_shard_metadata(t.schema.metadata)
         if conf is None:
             raise ValueError(f"shard {name} has no confusion matrix (a run without labels?)")
@@ -131,9 +138,12 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
         if dup:
             raise ValueError(f"{len(dup)} images counted in two shards, e.g. {sorted(dup)[:3]}")
         seen.update(ok)
+        failed += [f"{u}: {e}" for u, st, e in zip(t.column("image_uri").to_pylist(), t.column("status").to_pylist(),
+                                                  t.column("error").to_pylist()) if st != "ok"]
         total = m if total is None else total + m
         images += int(conf["images"])
-    return {"confusion": total, "images": images, "ignore_index": ignore, "shards": len(names)}
+    return {"confusion": total, "images": images, "images_failed": len(failed), "failed_examples": failed[:5],
+            "ignore_index": ignore, "shards": len(names)}
 
 
 def _class_names_from_run(output_uri: str, so: dict) -> Optional[list]:
@@ -157,7 +167,8 @@ def reduce_confusion(output_uri: str, storage_options: Optional[dict] = None,
     if names is None or len(names) != cm.shape[0]:
         raise ValueError(f"need {cm.shape[0]} class names, got {None if names is None else len(names)}")
     result = summarize(cm, names, total["images"])
-    result["ignore_index"] = total["ignore_index"]
+    result.update(ignore_index=total["ignore_index"], images_failed=total["images_failed"],
+                  failed_examples=total["failed_examples"])
     if extra:
         clash = set(extra) & set(result)
         if clash:

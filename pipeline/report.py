@@ -106,11 +106,13 @@ def iou_bar_chart(result: dict) -> bytes:
     cls = sorted((c for c in result["classes"] if c["iou"] is not None), key=lambda c: c["iou"])
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.2 * len(cls) + 1)))
     ax.barh([c["name"] for c in cls], [c["iou"] for c in cls], color="#4477aa")
-    ax.axvline(result["mIoU"], color="#cc3311", ls="--", label=f"mIoU {result['mIoU']:.1f}")
+    if result["mIoU"] is not None:          # null when no pixel was scored (every label pixel ignored)
+        ax.axvline(result["mIoU"], color="#cc3311", ls="--", label=f"mIoU {result['mIoU']:.1f}")
     ax.set_xlabel("IoU (%)")
     ax.set_xlim(0, 100)
     ax.tick_params(axis="y", labelsize=7 if len(cls) > 40 else 9)
-    ax.legend(loc="lower right")
+    if result["mIoU"] is not None:
+        ax.legend(loc="lower right")
     ax.set_title(f"Per-class IoU ({result['images']} images)")
     return _fig_bytes(fig)
 

@@ -77,7 +77,7 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
         for b, cell in row["cells"].items():
             run = out / b / row["method"]
             m = json.loads((run / "metrics.json").read_text())
-            assert cell["images"] == m["images"] == 2 and m["failed_images"] == 0
+            assert cell["images"] == m["images"] == 2 and m["images_failed"] == 0 and cell["failed_images"] == 0
             assert len(m["classes"]) == {"voc20": 20, "ade20k": 150}[b]
             src = open_labelled_source(b, data_root=str(root), limit=2)
             rows = pq.read_table(run / "predictions").to_pylist()

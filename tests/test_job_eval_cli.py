@@ -96,3 +96,76 @@ def test_job_with_unreachable_default_weights_fails_fast(tmp_path, monkeypatch, 
     rc = main(["--input", str(src), "--output", str(tmp_path / "out"), "--vocabulary", "sky; road", "--no-progress"])
     assert rc == 2
     assert "weights=PATH" in capsys.readouterr().err
+
+
+def _labelled_folder(tmp_path, n=4, shape=(40, 60)):
+    images, labels = tmp_path / "img", tmp_path / "lab"
+    images.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((*shape, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(rng.integers(0, 12, shape).astype(np.uint8)).save(labels / f"{i}.png")  # 11 = void
+    return images, labels
+
+
+def test_labels_outside_the_classes_fail_before_the_run(ray_local, tiny_model, tmp_path, capsys):
+    """CamVid's void value 11 without --ignore-index 11: the first label is checked in the driver."""
+    from jobs.segment_dataset import main
+
+    images, labels = _labelled_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    rc = main(["--input", str(images), "--labels", str(labels), "--vocabulary", CAMVID, "--output", str(out)]
+              + model_flags(tiny_model))
+    err = capsys.readouterr().err
+    assert rc == 2 and "can't be scored" in err and "[11] are outside [0, 11)" in err and "--ignore-index" in err
+    assert not (out / "predictions").exists() or not list((out / "predictions").iterdir())
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_bad_label_mid_run_stops_it_and_failed_images_are_counted_across_reruns(ray_local, tiny_model, tmp_path,
+                                                                                  capsys):
+    from jobs.segment_dataset import main
+
+    images, labels = _labelled_folder(tmp_path)
+    (images / "1.png").write_bytes(b"not an image")                       # an image error: a row, the run goes on
+    good = (labels / "3.png").read_bytes()
+    Image.fromarray(np.full((40, 60), 99, np.uint8)).save(labels / "3.png")   # a label error: the run stops
+    out = tmp_path / "out"
+    argv = (["--input", str(images), "--labels", str(labels), "--ignore-index", "11", "--vocabulary", CAMVID,
+             "--output", str(out), "--shard-size", "1"] + model_flags(tiny_model))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "3.png" in err and "[99]" in err and "stops" in err
+    assert not (out / "metrics.json").exists() and not (out / "summary.json").exists()
+    committed = {r["image_uri"].rsplit("/", 1)[-1] for r in read_predictions(str(out)).to_pylist()} \
+        if (out / "predictions").exists() and list((out / "predictions").glob("*.parquet")) else set()
+    assert "3.png" not in committed
+
+    (labels / "3.png").write_bytes(good)                                 # fixed: the re-run finishes the job
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["images_failed"] == 1
+    assert "1.png" in metrics["failed_examples"][0] and "1.png" in (out / "metrics.md").read_text()
+    assert "1 images could not be segmented" in captured.err
+    rows = read_predictions(str(out)).to_pylist()
+    assert sorted(r["image_uri"].rsplit("/", 1)[-1] for r in rows) == ["0.png", "1.png", "2.png", "3.png"]
+
+    assert main(argv) == 0                                               # nothing left to do: same figures
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["images_failed"] == 1 and again["mIoU"] == metrics["mIoU"]
+
+
+def test_first_label_check_covers_decoders_that_do_not_check_themselves(tmp_path):
+    from pipeline.job import LabelError, check_first_label
+    from pipeline.job_config import LabelSpec
+
+    (tmp_path / "l.png").write_bytes(b"x")
+    items = [{"image_uri": "a.png", "label_uri": None}, {"image_uri": "b.png", "label_uri": str(tmp_path / "l.png")}]
+    spec = LabelSpec(decode_label=lambda data: np.array([[0, 2, 255, 7]]), num_classes=3)
+    with pytest.raises(LabelError, match=r"values \[7\] outside the 3 classes"):
+        check_first_label(spec, items)
+    check_first_label(LabelSpec(decode_label=lambda data: np.array([[0, 2, 255]]), num_classes=3), items)
+    with pytest.raises(LabelError, match="can't be scored"):
+        check_first_label(spec, [{"image_uri": "a.png", "label_uri": str(tmp_path / "missing.png")}])

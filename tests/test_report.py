@@ -99,3 +99,15 @@ def test_palette_and_colorize():
 def test_report_needs_predictions(tmp_path):
     with pytest.raises(FileNotFoundError, match="predictions"):
         write_report(str(tmp_path), ["a", "b"])
+
+
+def test_iou_chart_and_metrics_md_when_no_pixel_was_scored():
+    """Every label pixel ignored: mIoU is null, and the report still draws (no format of None)."""
+    from pipeline.metrics import metrics_markdown, summarize
+    from pipeline.report import iou_bar_chart
+
+    result = summarize(np.zeros((3, 3), np.int64), ["a", "b", "c"], images=2)
+    assert result["mIoU"] is None and result["aAcc"] is None
+    with Image.open(io.BytesIO(iou_bar_chart(result))) as im:
+        assert im.size[0] > 0
+    assert "| – | – | – |" in metrics_markdown(result)
