@@ -291,7 +291,9 @@ class Segmenter:
         if s.area_thd is not None:
             counts = torch.bincount(labels.flatten(), minlength=self.num_classes)
             fg = counts[1:].sum()
-            drop = (counts <= s.area_thd * fg) & (counts > 0)
+            # Every class at or below the threshold goes, zero-area ones included (as SCLIP), so a
+            # dropped class's pixels can't move to a runner-up that won no pixel of its own.
+            drop = counts <= s.area_thd * fg
             drop[0] = False
             if bool(drop.any()):
                 cls[drop] = 0.0

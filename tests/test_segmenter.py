@@ -172,6 +172,25 @@ def test_settings_are_checked_against_their_types_and_ranges(tiny_model):
         make_segmenter(tiny_model, "rfclip-release", distraction_dims=[0, 1], global_input_size=20)
 
 
+def test_sclip_area_rule_drops_small_and_zero_area_classes(tiny_model):
+    """VOC21's rule (METHODS.md §2, SCLIP): classes 1.. with area <= area_thd of the foreground get
+    probability 0, zero-area ones too, so their pixels fall to what survives (here the background)."""
+    seg = rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="sclip",
+                           vocabulary=["background", "small", "runner-up", "big"], device="cpu", area_thd=0.1)
+    logits = torch.zeros(4, 10, 10)
+    logits[0, :, :] = 1.0
+    logits[3, :, 5:] = 2.0                  # "big" wins 50 pixels
+    logits[1, 0, :3] = 3.0                  # "small" wins 3 pixels: 3 <= 0.1 * 53
+    logits[2, 0, :3] = 2.5                  # "runner-up" is second there but wins no pixel anywhere
+    image = torch.zeros(3, 10, 10, dtype=torch.uint8)
+    labels = seg._labels(logits, (10, 10), image).labels
+    assert (labels[0, :3] == 0).all() and (labels[:, 5:] == 3).all()
+    assert int((labels == 2).sum()) == 0 and int((labels == 1).sum()) == 0
+    seg_off = rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="sclip",
+                               vocabulary=["background", "small", "runner-up", "big"], device="cpu")
+    assert (seg_off._labels(logits, (10, 10), image).labels[0, :3] == 1).all()    # area_thd None: kept
+
+
 def test_vocabulary_parsing_and_files(tmp_path):
     assert rfclip.parse_vocabulary("sky, cloud; road ;car") == [["sky", "cloud"], ["road"], ["car"]]
     f = tmp_path / "cls.txt"
