@@ -24,10 +24,10 @@ import os
 import socket
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import fsspec
 import open_clip
@@ -113,6 +113,13 @@ def _is_url(spec: str) -> bool:
     return len(scheme) > 1 and scheme != "file"
 
 
+def _local_path(spec: str) -> str:
+    """``file:///x/y.pt`` -> ``/x/y.pt`` and ``~/y.pt`` -> ``/home/me/y.pt``; anything else as given."""
+    if urlparse(spec).scheme == "file":
+        return unquote(urlparse(spec).path)
+    return os.path.expanduser(spec)
+
+
 def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -186,7 +193,15 @@ def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Option
                 dst.write(block)
         os.replace(tmp, target)
     except FileNotFoundError as e:
+        # fsspec's HTTP filesystem says "not found" for a host it can't reach, too.
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https") and parsed.hostname and not _host_reachable(
+                parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)):
+            raise WeightsUnavailableError(f"can't reach {parsed.hostname} for weights URL {url} (offline?); "
+                                          f"pass weights=PATH with a local copy") from e
         raise WeightsError(f"weights URL {url} does not exist") from e
+    except OSError as e:
+        raise WeightsError(f"can't read weights URL {url}: {type(e).__name__}: {e}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -200,12 +215,15 @@ def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = No
         weights_sha256 = weights_sha256.strip().lower()
         if len(weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in weights_sha256):
             raise ValueError(f"weights_sha256 must be 64 hex digits, got {weights_sha256!r}")
+    local = _local_path(weights)
     if _is_url(weights):
         kind, path = "url", _fetch_url(weights, weights_sha256, storage_options)
-    elif os.path.exists(weights) or weights.endswith(LOCAL_SUFFIXES) or os.sep in weights:
-        if not os.path.isfile(weights):
+    elif os.path.exists(local) or local.endswith(LOCAL_SUFFIXES) or os.sep in local or local != weights:
+        if os.path.isdir(local):
+            raise WeightsError(f"weights {weights} is a directory; pass the checkpoint file inside it")
+        if not os.path.isfile(local):
             raise FileNotFoundError(f"weights file {weights} does not exist")
-        kind, path = "file", weights
+        kind, path = "file", local
     else:
         kind, path = "tag", _resolve_tag(model, weights, cache_dir)
     digest = file_sha256(path)
@@ -223,11 +241,23 @@ def _is_torchscript(path: str) -> bool:
         return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
 
 
+def _torch_load_reason(exc: Exception) -> str:
+    """The cause in torch.load's error, without its advice to unpickle with weights_only=False."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return line.split(". ", 1)[0].rstrip(".")
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file, without unpickling arbitrary objects (module docstring)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        sd = load_file(path, device="cpu")
+        try:
+            sd = load_file(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends, said with the file's name
+            raise WeightsError(f"{path} is not a readable .safetensors file: {type(e).__name__}: {e}") from e
     elif _is_torchscript(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, the files are not
@@ -237,7 +267,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise WeightsError(f"{path} is not a readable state dict (weights_only=True): {e}") from e
+            raise WeightsError(f"{path} is not a readable checkpoint: {_torch_load_reason(e)}. rfclip reads "
+                               f"tensors only (torch.load with weights_only=True) and never unpickles code; "
+                               f"re-save the state dict (or use .safetensors)") from e
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
@@ -254,13 +286,16 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
     """Build the open_clip model and load verified weights into it.
 
     Returns ``(clip_model, tokenizer, arch_name, ResolvedWeights)``; the model is float32, on the
-    CPU, in eval mode.
+    CPU, in eval mode. ``ResolvedWeights.quick_gelu`` is the activation the model was built with
+    (``quick_gelu`` when given, else the one inferred from the weights).
     """
     from open_clip.factory import resize_pos_embed
 
     arch = register_model(model)
     resolved = resolve_weights(arch, weights, weights_sha256, storage_options, cache_dir)
-    use_quick_gelu = resolved.quick_gelu if quick_gelu is None else quick_gelu
+    if quick_gelu is not None:
+        resolved = replace(resolved, quick_gelu=bool(quick_gelu))    # what config() and the text cache key see
+    use_quick_gelu = resolved.quick_gelu
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" here; we load them next

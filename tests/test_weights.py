@@ -92,10 +92,47 @@ def test_bad_weights_give_clear_errors(tiny_model, tmp_path):
         load_clip(cfg, "no-such-tag")
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(os.urandom(1000))
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(WeightsError, match="weights_only=True") as e:
         load_clip(cfg, str(bad))
+    assert "will likely succeed" not in str(e.value)       # torch's advice to unpickle code is not passed on
+    bad_st = tmp_path / "garbage.safetensors"
+    bad_st.write_bytes(os.urandom(1000))
+    with pytest.raises(WeightsError, match="not a readable .safetensors"):
+        load_clip(cfg, str(bad_st))
+    with pytest.raises(WeightsError, match="is a directory"):
+        load_clip(cfg, str(tmp_path))
     with pytest.raises(ValueError, match="unknown open_clip architecture"):
         load_clip("ViT-Q-99", str(bad))
+
+
+def test_file_urls_and_home_paths_are_local_files(tiny_model, tmp_path, monkeypatch):
+    cfg, weights = tiny_model
+    digest = resolve_weights(cfg, weights).sha256
+    url = "file://" + str(os.path.abspath(weights))
+    resolved = resolve_weights(cfg, url)
+    assert resolved.kind == "file" and resolved.sha256 == digest and resolved.spec == url
+    monkeypatch.setenv("HOME", os.path.dirname(os.path.abspath(weights)))
+    resolved = resolve_weights(cfg, "~/" + os.path.basename(weights))
+    assert resolved.kind == "file" and resolved.sha256 == digest
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_weights(cfg, "file://" + str(tmp_path / "missing.pt"))
+
+
+def test_unreachable_weights_host_is_not_reported_as_a_missing_file(tiny_model):
+    cfg, _ = tiny_model
+    with pytest.raises(WeightsError, match="can't reach 127.0.0.1"):        # nothing listens on port 9
+        resolve_weights(cfg, "http://127.0.0.1:9/ViT-B-16.pt")
+
+
+def test_quick_gelu_override_is_what_config_and_the_text_cache_see(tiny_model):
+    cfg, weights = tiny_model
+    kw = dict(model=cfg, weights=weights, method="clip", vocabulary=["sky", "road"], device="cpu")
+    detected, forced = rfclip.Segmenter(**kw), rfclip.Segmenter(**kw, quick_gelu=True)
+    assert detected.config()["weights"]["quick_gelu"] is False and forced.config()["weights"]["quick_gelu"] is True
+    assert isinstance(forced.clip.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert not torch.allclose(detected.text, forced.text)      # not served from the other activation's cache
+    again = rfclip.Segmenter(**kw, quick_gelu=True)
+    torch.testing.assert_close(again.text, forced.text)
 
 
 def test_wrong_architecture_is_reported(vit_b16_files, tiny_model):
