@@ -5,7 +5,7 @@ line separated by ", ". On the command line, ";" separates classes and ", " sepa
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 import fsspec
 
@@ -34,18 +34,32 @@ def load_vocabulary(path: str, storage_options: dict | None = None) -> list[list
 def normalize_vocabulary(vocabulary: VocabularyLike) -> list[list[str]]:
     """Accept a ``;``-string, a list of names, or a list of synonym lists; return synonym lists.
 
-    Raises ``ValueError`` on an empty vocabulary or an empty class. A name may appear in several
-    classes (the COCO-Object file lists "bed" both as a thing and among the background words); each
-    occurrence is its own query.
+    Raises ``ValueError`` on an empty vocabulary or an empty class, on two classes with the same
+    first name (a label's name would be ambiguous; the second could never win a pixel when their
+    synonyms are the same too), and ``TypeError`` on a set or a mapping, whose order is not the label
+    order the user means. A name may appear in several classes among their synonyms (the COCO-Object
+    file lists "bed" both as a thing and among the background words); each occurrence is its own query.
     """
     if isinstance(vocabulary, str):
         return parse_vocabulary(vocabulary)
+    if isinstance(vocabulary, (set, frozenset, Mapping)):
+        raise TypeError(f"a vocabulary is a list of classes in label order, not a {type(vocabulary).__name__} "
+                        f"(a set's order changes between runs; a dict's synonyms are ambiguous): pass "
+                        f"[\"sky\", [\"car\", \"vehicle\"], ...]")
     out: list[list[str]] = []
+    first_seen: dict[str, int] = {}
     for i, entry in enumerate(vocabulary):
+        if isinstance(entry, (set, frozenset, Mapping)):
+            raise TypeError(f"vocabulary class {i} is a {type(entry).__name__}; give its names as a list "
+                            f"(the first is the class's name)")
         names = [entry] if isinstance(entry, str) else list(entry)
         names = [str(n).strip() for n in names if str(n).strip()]
         if not names:
             raise ValueError(f"vocabulary class {i} has no name")
+        if names[0] in first_seen:
+            raise ValueError(f"vocabulary classes {first_seen[names[0]]} and {i} are both named {names[0]!r}; "
+                             f"give each class its own name (merge them as synonyms of one class instead)")
+        first_seen[names[0]] = i
         out.append(names)
     if not out:
         raise ValueError("the vocabulary is empty: give at least one class")

@@ -198,6 +198,14 @@ def test_vocabulary_parsing_and_files(tmp_path):
     assert rfclip.load_vocabulary(str(f)) == [["sky", "cloud"], ["road"], ["car"]]
     with pytest.raises(ValueError, match="empty"):
         rfclip.parse_vocabulary(" ; ")
+    from rfclip.vocabulary import normalize_vocabulary
+    with pytest.raises(TypeError, match="not a set"):
+        normalize_vocabulary({"sky", "road"})                  # its order changes with the hash seed
+    with pytest.raises(TypeError, match="not a dict"):
+        normalize_vocabulary({"sky": ["cloud"], "road": []})
+    with pytest.raises(ValueError, match="classes 0 and 2 are both named 'sky'"):
+        rfclip.parse_vocabulary("sky; road; sky, cloud")
+    assert normalize_vocabulary(["bed", ["other", "bed"]]) == [["bed"], ["other", "bed"]]   # COCO-Object style
 
 
 def test_text_embeddings_are_cached(tiny_model):
