@@ -23,21 +23,19 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     """Convert a PIL image or an array to an upright ``(H, W, 3) uint8`` RGB array.
 
     PIL inputs: EXIF orientation is applied; palette, grayscale, CMYK, LA/RGBA (alpha dropped) and
-    16/32-bit integer modes (``I;16``, ``I``: scaled by their actual maximum range) are converted.
-    Arrays: ``(H, W)`` gray, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8 is taken as is,
-    other integer types are scaled from their dtype range, floats are taken as values in [0, 1].
+    16/32-bit integer modes (``I;16``, ``I``) are converted.
+    Arrays: ``(H, W)`` gray, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8 is taken as is.
+
+    Integers wider than uint8 (arrays of any integer dtype, ``I;16`` and ``I`` images) are read at the
+    smallest bit depth of 8 or more bits that holds their maximum, so 0-255 values in an int64 array
+    stay as they are and a 12-bit image (max <= 4095) is scaled by 4095, not 65535; negative values are
+    an error. Floats (arrays, ``F`` images) must lie in [0, 1]: 0-255 floats are an error, not a guess.
     """
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)
         mode = image.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            arr = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-            arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            return np.repeat(arr[:, :, None], 3, axis=2)
-        if mode == "F":
-            arr = np.clip(np.asarray(image, dtype=np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            return np.repeat(arr[:, :, None], 3, axis=2)
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            return _array_to_rgb(np.asarray(image))
         if mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
@@ -56,9 +54,17 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         out = arr
     elif np.issubdtype(arr.dtype, np.integer):
-        top = float(np.iinfo(arr.dtype).max)
-        out = np.clip(arr.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0:
+            raise ValueError(f"image array of {arr.dtype} has negative values (min {low}); pass uint8 RGB "
+                             f"or non-negative integers")
+        top = float(2 ** max(8, high.bit_length()) - 1)     # 255 for 0-255 values, 4095 for 12-bit ...
+        out = (arr / top * 255.0 + 0.5).astype(np.uint8) if top > 255 else arr.astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.floating):
+        low, high = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if np.isnan(arr).any() or low < -1e-3 or high > 1.0 + 1e-3:
+            raise ValueError(f"a float image must hold values in [0, 1], got [{low:g}, {high:g}]"
+                             f"{' (divide 0-255 values by 255, or pass uint8)' if high > 1 else ''}")
         out = np.clip(arr.astype(np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif arr.dtype == np.bool_:
         out = arr.astype(np.uint8) * 255

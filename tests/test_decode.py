@@ -78,3 +78,22 @@ def test_webp_bmp_tiff_decode():
     for fmt in ("WEBP", "BMP", "TIFF"):
         out = decode_image(_enc(Image.fromarray(arr), fmt, **({"lossless": True} if fmt == "WEBP" else {})))
         np.testing.assert_array_equal(out, arr)
+
+
+def test_array_dtypes_are_read_at_the_bit_depth_their_values_need():
+    from rfclip.images import to_rgb_array
+
+    rgb = _rgb()
+    for dtype in (np.int32, np.int64, np.uint16, np.int16):          # 0-255 values in a wide dtype: as they are
+        np.testing.assert_array_equal(to_rgb_array(rgb.astype(dtype)), rgb)
+    twelve = (rgb[..., 0].astype(np.uint16) * 16)                     # 12-bit data, max <= 4095
+    out = to_rgb_array(Image.fromarray(twelve))
+    assert Image.fromarray(twelve).mode == "I;16" and out.max() > 200    # not near-black (scaled by 4095)
+    np.testing.assert_allclose(out[..., 0], twelve / 4095 * 255, atol=1)
+    full16 = rgb[..., 0].astype(np.uint16) * 257
+    np.testing.assert_array_equal(to_rgb_array(full16)[..., 0], rgb[..., 0])
+    np.testing.assert_array_equal(to_rgb_array(rgb / 255.0), rgb)
+    with pytest.raises(ValueError, match="divide 0-255 values by 255"):
+        to_rgb_array(rgb.astype(np.float32))                           # 0-255 floats: not guessed
+    with pytest.raises(ValueError, match="negative"):
+        to_rgb_array(rgb.astype(np.int16) - 10)
