@@ -23,7 +23,7 @@ from PIL import Image
 from .images import IMAGE_SUFFIXES, to_rgb_array
 from .segmenter import MEAN, STD
 from .vit import DenseViT
-from .weights import load_clip
+from .weights import WeightsError, load_clip
 
 
 def list_images(uri: str, storage_options: dict | None = None, limit: int | None = None) -> list[str]:
@@ -34,7 +34,7 @@ def list_images(uri: str, storage_options: dict | None = None, limit: int | None
     else:
         paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
-        raise SystemExit(f"no images under {uri}")
+        raise FileNotFoundError(f"no images under {uri}")
     paths = paths[:limit] if limit else paths
     return [fs.unstrip_protocol(p) if "://" in uri else p for p in paths]
 
@@ -77,38 +77,62 @@ def peak_dimensions(weights: torch.Tensor, top: int = 16, z_threshold: float = 8
     return [{"dim": int(d), "weight": float(w[d]), "z": float(z[d]), "peak": bool(z[d] > z_threshold)} for d in order]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    """CLI; exit status 0 with peaks found, 1 when none clears the threshold, 2 on bad input."""
     p = argparse.ArgumentParser(prog="python -m rfclip.find_distraction_dims", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--weights-sha256", default=None)
     p.add_argument("--images", required=True, help="folder, prefix or fsspec URI of images")
     p.add_argument("--storage-options", default=None, help="JSON fsspec options for --images")
-    p.add_argument("--limit", type=int, default=200, help="images to use (default 200)")
-    p.add_argument("--top", type=int, default=16, help="dimensions to list (default 16)")
+    p.add_argument("--limit", type=_positive_int, default=200, help="images to use (default 200)")
+    p.add_argument("--top", type=_positive_int, default=16, help="dimensions to list (default 16)")
     p.add_argument("--z-threshold", type=float, default=8.0, help="robust z-score that makes a peak")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
-
-    opts = json.loads(args.storage_options) if args.storage_options else None
-    clip, _, arch, _ = load_clip(args.model, args.weights, args.weights_sha256)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vit = DenseViT(clip.visual.to(device))
-    images = []
-    for uri in list_images(args.images, opts, args.limit):
-        with fsspec.open(uri, "rb", **(opts or {})) as f, Image.open(f) as im:
-            images.append(to_rgb_array(im))
+    try:
+        opts = json.loads(args.storage_options) if args.storage_options else None
+        clip, _, arch, _ = load_clip(args.model, args.weights, args.weights_sha256)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here")
+        vit = DenseViT(clip.visual.to(device))
+        images = []
+        for uri in list_images(args.images, opts, args.limit):
+            try:
+                with fsspec.open(uri, "rb", **(opts or {})) as f, Image.open(f) as im:
+                    images.append(to_rgb_array(im))
+            except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for broken files
+                print(f"{uri}: skipped, cannot read image: {exc}", file=sys.stderr)
+        if not images:
+            raise ValueError(f"no readable images under {args.images}")
+    except (FileNotFoundError, ValueError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     rows = peak_dimensions(mean_embedding_weights(vit, images), args.top, args.z_threshold)
     peaks = sorted(r["dim"] for r in rows if r["peak"])
     result = {"model": arch, "images": len(images), "distraction_dims": peaks, "top": rows}
+    if not peaks:
+        best = max(r["z"] for r in rows)
+        print(f"no dimension peaks above robust z {args.z_threshold:g} (the highest is {best:.1f}); this model may "
+              f"have no distraction dimensions, or try a lower --z-threshold or more images", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
-        return 0
+        return 0 if peaks else 1
     print(f"{arch}: mean sum-normalised embedding weight over {len(images)} images")
     print(f"{'dim':>6} {'weight':>10} {'robust z':>9}  peak")
     for r in rows:
         print(f"{r['dim']:>6} {r['weight']:>10.6f} {r['z']:>9.1f}  {'*' if r['peak'] else ''}")
+    if not peaks:
+        return 1
     print(f"distraction_dims = {peaks}")
     print(f"use: --setting distraction_dims='{json.dumps(peaks)}'  (or Segmenter(..., distraction_dims={peaks}))")
     return 0

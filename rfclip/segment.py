@@ -4,11 +4,15 @@
         [--method M] [--overlay]
 
 Writes ``DIR/<stem>.png``, a palette PNG whose pixel values are class indices, and with ``--overlay``
-``DIR/<stem>_overlay.png``, the image with coloured classes and a legend.
+``DIR/<stem>_overlay.png``, the image with coloured classes and a legend. Images from several folders
+keep their folders under ``DIR`` (relative to the folder all of them share), and two images of one
+folder with the same stem (``a.jpg``, ``a.png``) keep their suffix (``a.jpg.png``), so no output
+overwrites another.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +27,21 @@ from .weights import WeightsError
 from .vocabulary import load_vocabulary, parse_vocabulary
 
 
+def output_names(paths: list[str]) -> list[str]:
+    """A distinct output name (without ``.png``) for each distinct input path; see the module docstring."""
+    absolute = [os.path.abspath(p) for p in paths]
+    parents = {os.path.dirname(a) for a in absolute}
+    common = os.path.commonpath(sorted(parents)) if parents else ""
+    names = []
+    for a in absolute:
+        folder = os.path.relpath(os.path.dirname(a), common)
+        stem = Path(a).stem
+        clash = any(os.path.dirname(b) == os.path.dirname(a) and Path(b).stem == stem and b != a for b in absolute)
+        name = Path(a).name if clash else stem
+        names.append(name if folder == "." else os.path.join(folder, name))
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rfclip.segment", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files")
@@ -35,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(p)
     args = p.parse_args(argv)
 
-    vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary
-                  else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
     try:
+        vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary
+                      else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
         seg = Segmenter(model=args.model, weights=args.weights, method=args.method, vocabulary=vocabulary,
                         device=args.device, weights_sha256=args.weights_sha256, benchmark=args.benchmark,
                         **parse_settings(args.setting, args.precision))
@@ -47,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path in args.images:
+    for path, name in zip(args.images, output_names(args.images)):
         t0 = time.perf_counter()
         try:
             with Image.open(path) as im:
@@ -57,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         labels = seg.predict(rgb)
-        stem = Path(path).stem
-        (out / f"{stem}.png").write_bytes(label_png(labels, seg.num_classes))
+        target = out / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(label_png(labels, seg.num_classes))
         if args.overlay:
-            overlay(rgb, labels, seg.class_names).save(out / f"{stem}_overlay.png")
+            overlay(rgb, labels, seg.class_names).save(out / f"{name}_overlay.png")
         print(f"{path}: {labels.shape[1]}x{labels.shape[0]}, {len(set(labels.flatten().tolist()))} classes, "
-              f"{(time.perf_counter() - t0) * 1000:.0f} ms -> {out / (stem + '.png')}")
+              f"{(time.perf_counter() - t0) * 1000:.0f} ms -> {target}")
     return 1 if failed else 0
 
 

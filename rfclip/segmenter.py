@@ -98,6 +98,9 @@ class Segmenter:
                 raise ValueError("give a vocabulary (or a benchmark whose classes to use)")
             vocabulary = BENCHMARKS[benchmark].vocabulary
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch "
+                             f"{torch.__version__}); leave device unset or pass 'cpu'")
         self.dtype = DTYPES[self.settings.precision]
         clip, tokenizer, arch, resolved = load_clip(model, weights, weights_sha256, storage_options,
                                                      quick_gelu=quick_gelu)
@@ -189,6 +192,10 @@ class Segmenter:
 
         After ``ln_post`` and ``proj``, before L2 normalisation; in the model's precision.
         """
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+            shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+            raise ValueError(f"encode_dense takes a non-empty (B, 3, H, W) tensor, got {shape}"
+                             f"{'; add a batch dimension: x[None]' if getattr(x, 'ndim', 0) == 3 else ''}")
         return self._encode_crops(x.to(self.device, self.dtype)).features
 
     def _normalise(self, image: torch.Tensor) -> torch.Tensor:

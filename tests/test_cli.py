@@ -63,3 +63,59 @@ def test_offline_default_weights_fail_fast_with_a_message(tmp_path):
                        env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "weights=PATH" in r.stderr and "Traceback" not in r.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_segment_keeps_outputs_of_same_stem_images_apart(tiny_model, tmp_path):
+    from rfclip.segment import main
+
+    cfg, weights = tiny_model
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    paths = [tmp_path / "in" / "a.jpg", tmp_path / "in" / "a.png", tmp_path / "in" / "sub" / "a.png"]
+    for i, p in enumerate(paths):
+        Image.fromarray(planted_image(40 + 10 * i, 50, seed=i)).save(p)
+    out = tmp_path / "out"
+    assert main([*map(str, paths), "--vocabulary", "sky; road", "--model", cfg, "--weights", weights,
+                 "--out", str(out), "--method", "clip"]) == 0
+    for p, name in zip(paths, ["a.jpg.png", "a.png.png", "sub/a.png"]):
+        with Image.open(p) as im, Image.open(out / name) as mask:
+            assert mask.size == im.size                         # each output is its own image's
+
+
+def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
+    import pytest
+    import torch
+
+    from rfclip import find_distraction_dims, segment
+
+    cfg, weights = tiny_model
+    img = tmp_path / "a.png"
+    Image.fromarray(planted_image(40, 50)).save(img)
+    common = [str(img), "--model", cfg, "--weights", weights, "--out", str(tmp_path / "o"), "--method", "clip"]
+    cases = [(["--vocabulary-file", str(tmp_path / "missing.txt")], "missing.txt"),
+             (["--vocabulary", " ; "], "vocabulary is empty")]
+    if not torch.cuda.is_available():
+        cases.append((["--vocabulary", "sky", "--device", "cuda"], "CUDA is not available"))
+    for extra, message in cases:
+        assert segment.main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err, err
+    with pytest.raises(SystemExit) as e:                       # a setting of the wrong type: a usage error
+        segment.main(common + ["--vocabulary", "sky", "--setting", "pamr=maybe"])
+    assert e.value.code == 2 and "pamr must be true or false" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        find_distraction_dims.main(["--model", cfg, "--weights", weights, "--images", str(tmp_path), "--limit", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_find_distraction_dims_without_peaks_says_so_and_recommends_nothing(planted_files, tmp_path, capsys):
+    from rfclip.find_distraction_dims import main
+
+    cfg, weights = planted_files
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(planted_image(64, 64)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
+    rc = main(["--model", cfg, "--weights", weights, "--images", str(tmp_path / "imgs"), "--z-threshold", "1e9"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "no dimension peaks above robust z 1e+09" in captured.err
+    assert "broken.png: skipped" in captured.err
+    assert "distraction_dims=" not in captured.out                   # no '[]' to paste

@@ -104,6 +104,10 @@ def test_encode_dense_shape(segmenter):
     assert feats.shape == (2, 14, 10, 32)
     with pytest.raises(ValueError, match="multiple of the patch"):
         segmenter.encode_dense(torch.randn(1, 3, 100, 100))
+    with pytest.raises(ValueError, match=r"add a batch dimension: x\[None\]"):
+        segmenter.encode_dense(torch.randn(3, 224, 160))
+    with pytest.raises(ValueError, match="non-empty"):
+        segmenter.encode_dense(torch.randn(0, 3, 224, 160))
 
 
 def test_synonyms_take_the_max_and_prob_thd_sets_background(tiny_model):
