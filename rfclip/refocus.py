@@ -150,7 +150,8 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
     """Defocused target tokens ``T_def`` from the normalised cut (§3b).
 
     Symmetrises ``affinity``, takes the Fiedler vector, keeps ``y_i > mean(y)``; the sign is chosen so
-    that this set is the smaller side (at most half of the patches). Distractors are removed; if
+    that this set is the smaller side (at most half of the patches), and on an even split the side
+    holding the first patch (independent of the solver's sign). Distractors are removed; if
     nothing is left, all non-distractor patches receive.
 
     Args:
@@ -163,9 +164,13 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
     # any positive multiple of W (D^-1/2 W D^-1/2 does not change), so the 1/2 is left out.
     y = fiedler_vector(affinity + affinity.transpose(1, 2), solver=solver, iters=iters)
     centred = y - y.mean(dim=-1, keepdim=True)
-    above = centred > 0
-    flip = above.sum(-1, keepdim=True) > y.shape[-1] // 2          # more than half above the mean
-    above = torch.where(flip, centred < 0, above)
+    above, below = centred > 0, centred < 0
+    n_above, n_below = above.sum(-1, keepdim=True), below.sum(-1, keepdim=True)
+    # [decision] On an even split the sign of y (arbitrary, solver-dependent) would pick the side; the
+    # side holding the first patch is kept instead, so every solver that finds the same split cuts the
+    # same way. (A rule on y's values fails here: even splits are the symmetric ones, equal to rounding.)
+    flip = (n_above > y.shape[-1] // 2) | ((n_above == n_below) & ~above[:, :1])   # more than half above the mean
+    above = torch.where(flip, below, above)
     others = ~distractors
     receivers = above & others
     return torch.where(receivers.any(dim=-1, keepdim=True), receivers, others)

@@ -55,6 +55,9 @@ class Settings:
             iteration as repeated squaring, few large matmuls: the fast one on GPUs); ``ncut_iters`` their
             steps. [decision] ``"auto"`` (default) is ``"eigh"`` on CPU and ``"squaring"`` on GPUs, where
             batched ``eigh`` of 196 x 196 matrices runs one matrix at a time (80 ms for 32 on an H100).
+            ``"squaring"`` takes ``ceil(log2(ncut_iters))`` squarings: at 30 (5), on smooth grid graphs,
+            its defocused set differed from ``eigh``'s by 2.1 of 196 patches on average; 256 (8)
+            matched exactly (README, Performance).
         plan: how the forward pass runs; results agree to float rounding (tested), only cost differs.
             ``"explicit"``: RF-CLIP keeps explicit attention matrices; fastest on CPUs.
             ``"fused"``: RF-CLIP runs fused attention passes and keeps no ``(T, T)`` matrices; on GPUs

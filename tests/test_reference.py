@@ -110,7 +110,7 @@ def reference_rfclip(visual, img, heads, dims, tau, lam):
             vals, vecs = torch.linalg.eigh(lap)
             y = vecs[:, 1] / deg.sqrt()
             above = [i for i in range(n) if y[i] > y.mean()]
-            if 2 * len(above) > n:
+            if 2 * len(above) > n or (2 * len(above) == n and 0 not in above):   # tie: the side of patch 0
                 above = [i for i in range(n) if y[i] < y.mean()]
             dfc = [i for i in above if i not in dis] or [i for i in range(n) if i not in dis]
             for a in attn:
@@ -304,6 +304,50 @@ def test_iterative_solvers_agree_with_eigh_on_structured_graphs():
     exact = refocus.defocused_tokens(w, dis, "eigh")
     for solver in ("subspace", "squaring"):
         assert torch.equal(exact, refocus.defocused_tokens(w, dis, solver, iters=30)), solver
+
+
+def _smooth_grid_graphs(count=60, side=14, seed=1):
+    """Kk-attention-like affinities on a side x side patch grid: softmax of position + noise features,
+    so nearby patches attend to each other (a smooth image). Gaps (1+l3)/(1+l2) of 0.83-0.95."""
+    g = torch.Generator().manual_seed(seed)
+    n = side * side
+    ys, xs = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+    pos = torch.stack([ys.flatten() * 1.3, xs.flatten()], -1)
+    out = []
+    for t in range(count):
+        feat = torch.cat([pos / (2 + t % 5), 0.3 * torch.randn(n, 32, generator=g)], -1)
+        out.append((feat @ feat.T / 4).softmax(-1))
+    return torch.stack(out)
+
+
+def test_squaring_cut_converges_to_eigh_on_smooth_graphs():
+    """The default 30 iterations (5 squarings) leave small disagreements on smooth graphs (measured:
+    30 of 60 graphs differ, by 2.1 of 196 tokens per graph on average and 10 at most); 256 iterations
+    (8 squarings) match eigh exactly here. README, Performance, says so."""
+    from rfclip import refocus
+
+    w = _smooth_grid_graphs()
+    dis = torch.zeros(len(w), w.shape[1], dtype=torch.bool)
+    dis[:, :3] = True
+    exact = refocus.defocused_tokens(w, dis, "eigh")
+    assert torch.equal(refocus.defocused_tokens(w, dis, "squaring", iters=256), exact)
+    differing = (refocus.defocused_tokens(w, dis, "squaring", iters=30) ^ exact).sum(-1).float()
+    assert 0 < differing.mean() <= 0.015 * w.shape[1] and differing.max() <= 0.06 * w.shape[1]
+
+
+def test_the_cut_does_not_depend_on_the_sign_of_the_fiedler_vector(monkeypatch):
+    """Solvers return the vector with an arbitrary sign; even splits (98/98 here, which 6 of these
+    graphs have) once let that sign pick the side, and solvers then disagreed on all 193 tokens."""
+    from rfclip import refocus
+
+    w = _smooth_grid_graphs()
+    dis = torch.zeros(len(w), w.shape[1], dtype=torch.bool)
+    dis[:, :3] = True
+    y = refocus.fiedler_vector(w + w.transpose(1, 2), "eigh")
+    assert ((y > y.mean(-1, keepdim=True)).sum(-1) == w.shape[1] // 2).sum() >= 3     # even splits present
+    plain = refocus.defocused_tokens(w, dis, "eigh")
+    monkeypatch.setattr(refocus, "fiedler_vector", lambda *a, **k: -3.0 * y)
+    assert torch.equal(refocus.defocused_tokens(w, dis, "eigh"), plain)
 
 
 def test_crops_and_layers_without_distractors_skip_the_cut(planted_files, monkeypatch):
