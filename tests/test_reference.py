@@ -410,3 +410,42 @@ def test_step_d_mask_serving_as_the_next_step_a_mask_changes_nothing(planted_fil
     assert any(not n_crops for _, n_crops in handed)                  # an output without any: nothing smoothed
     monkeypatch.setattr(RFCLIP, "masks_ahead", lambda self, device: False)
     torch.testing.assert_close(seg.encode_dense(x), ahead, atol=1e-5, rtol=0)
+
+
+def test_release_text_extras_match_a_loop_reference(planted_files):
+    """METHODS.md §4's CASS extras, one crop, one cluster at a time: the cluster member with the highest
+    global similarity moves toward the raw mean of its top-2 patch features, renormalised; then the
+    logits blend with the global similarity."""
+    from rfclip.methods.release import query_clusters
+
+    seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip-release",
+                           vocabulary=["a"], device="cpu", distraction_dims=PLANTED_DIMS,
+                           mean_vector_weight=0.3, global_semantics_weight=0.25, h_threshold=0.1)
+    g = torch.Generator().manual_seed(5)
+    e = seg.vit.visual.output_dim
+    text = torch.randn(5, e, generator=g)
+    text[1] = text[0] + 0.05 * torch.randn(e, generator=g)            # queries 0 and 1: one cluster
+    text = F.normalize(text, dim=-1)
+    ids = query_clusters(text, 0.1).tolist()
+    assert ids[0] == ids[1] and len(set(ids)) == 4
+    feats = F.normalize(torch.randn(2, 3, 4, e, generator=g), dim=-1)
+    glob = F.normalize(torch.randn(2, e, generator=g), dim=-1)
+    got = seg.method.crop_logits(feats, text, glob)
+
+    w_mv, w_gs = 0.3, 0.25
+    for b in range(2):
+        flat = feats[b].reshape(12, e)
+        gsim = [float(glob[b] @ text[q]) for q in range(5)]
+        for members in ([0, 1], [2], [3], [4]):
+            best = max(members, key=lambda q: gsim[q])
+            for q in members:
+                if q == best:
+                    cos = [float(flat[i] @ text[q]) for i in range(12)]
+                    top2 = sorted(range(12), key=lambda i: -cos[i])[:2]
+                    target = (flat[top2[0]] + flat[top2[1]]) / 2
+                    moved = F.normalize((1 - w_mv) * text[q] + w_mv * target, dim=0)
+                    patch = [float(flat[i] @ moved) for i in range(12)]
+                else:
+                    patch = [float(flat[i] @ text[q]) for i in range(12)]
+                want = torch.tensor([(1 - w_gs) * v + w_gs * gsim[q] for v in patch]).reshape(3, 4)
+                torch.testing.assert_close(got[b, q], want, rtol=0, atol=1e-5)

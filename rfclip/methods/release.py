@@ -102,7 +102,7 @@ class RFCLIPRelease(DenseMethod):
             top2 = logits.reshape(b, q, h * w).topk(min(2, h * w), dim=-1).indices      # (B, Q, 2)
             picked_feats = torch.gather(flat[:, None].expand(b, q, h * w, flat.shape[-1]), 2,
                                         top2[..., None].expand(*top2.shape, flat.shape[-1]))
-            target = F.normalize(picked_feats.mean(dim=2), dim=-1)                          # (B, Q, E)
+            target = picked_feats.mean(dim=2)       # (B, Q, E): the raw mean of two unit features (§4)
             moved = F.normalize((1 - s.mean_vector_weight) * text.float()[None]
                                 + s.mean_vector_weight * target, dim=-1)
             adjusted = torch.einsum("bne,bqe->bqn", flat, moved).reshape(b, q, h, w)
