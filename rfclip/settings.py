@@ -50,7 +50,8 @@ class Settings:
             reuses the attention received in the same block (before redistribution) for this condition.
         lam: fraction of distractor attention moved to defocused tokens.
         distractor_attention, defocus_ncut, embedding_redistribution: switches for §3c, §3b, §3d.
-            With ``defocus_ncut`` off, every non-distractor patch receives.
+            With ``defocus_ncut`` off, every non-distractor patch receives. [decision] So it does in a
+            crop of fewer than 3 patches, where a bipartition has nothing to choose between.
         ncut_solver: ``"eigh"`` (exact), ``"subspace"`` (block power iteration) or ``"squaring"`` (power
             iteration as repeated squaring, few large matmuls: the fast one on GPUs); ``ncut_iters`` their
             steps. [decision] ``"auto"`` (default) is ``"eigh"`` on CPU and ``"squaring"`` on GPUs, where
@@ -89,7 +90,10 @@ class Settings:
         release_keep: weight of the unfiltered feature in ``F <- keep F + (1 - keep) F_den``.
         release_sim_threshold: similarities below this are zeroed in feature enhancing.
         global_semantics_weight, mean_vector_weight, h_threshold: the CASS text-side extras (0 disables
-            the first two).
+            the first two). [decision] Without a benchmark preset, ``rfclip-release`` takes 0.25 / 0.03
+            / 0.1, the values most of §4's presets share; no benchmark on real weights chose them.
+            [decision] The whole image's CLS embedding (``global_from_crop`` off) comes from the
+            method's own forward pass (filtered blocks), as the released code computes it.
         global_from_crop: take the global (CLS) similarity from each crop instead of the whole image.
         global_input_size: side of the square the whole image is resized to for its CLS embedding;
             None runs the whole image at its working size (padded to the patch), as the released code.
