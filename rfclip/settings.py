@@ -91,7 +91,8 @@ class Settings:
         release_sim_threshold: similarities below this are zeroed in feature enhancing.
         global_semantics_weight, mean_vector_weight, h_threshold: the CASS text-side extras (0 disables
             the first two). [decision] Without a benchmark preset, ``rfclip-release`` takes 0.25 / 0.03
-            / 0.1, the values most of §4's presets share; no benchmark on real weights chose them.
+            / 0.1: the most frequent values among §4's eight presets (0.03 ties with 0.02 and 0.04);
+            no benchmark on real weights chose them.
             [decision] The whole image's CLS embedding (``global_from_crop`` off) comes from the
             method's own forward pass (filtered blocks), as the released code computes it.
         global_from_crop: take the global (CLS) similarity from each crop instead of the whole image.
