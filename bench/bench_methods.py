@@ -118,7 +118,8 @@ def build(model: str, checkpoint: str, method: str, device: str, precision: str,
           vocabulary=None) -> rfclip.Segmenter:
     """``method`` may name variants: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``,
     ``"rfclip+fused"`` with ``plan="fused"`` (likewise ``explicit``, ``graphed``), ``"rfclip+triton"``
-    with ``attention_kernels="triton"`` (likewise ``torch``); they combine (``"rfclip+graphed+torch"``)."""
+    with ``attention_kernels="triton"`` (likewise ``torch``), ``"rfclip+iters256"`` with ``ncut_iters=256``;
+    they combine (``"rfclip+graphed+torch"``)."""
     method, *variants = method.split("+")
     extra = {}
     for variant in variants:
@@ -126,6 +127,8 @@ def build(model: str, checkpoint: str, method: str, device: str, precision: str,
             extra["plan"] = variant
         elif variant in ("triton", "torch"):
             extra["attention_kernels"] = variant
+        elif variant.startswith("iters") and variant[5:].isdigit():
+            extra["ncut_iters"] = int(variant[5:])
         else:
             extra["ncut_solver"] = variant
     return rfclip.Segmenter(model=model, weights=checkpoint, method=method, vocabulary=vocabulary or VOC_LIKE,

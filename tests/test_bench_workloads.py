@@ -56,3 +56,8 @@ def test_rfclip_dispatches_more_host_work_than_clip(planted_rfclip):
     ours = bench_methods.op_counts(lambda: planted_rfclip.encode_dense(x))
     plain = bench_methods.op_counts(lambda: planted_rfclip.clip.visual(x))
     assert plain["launching"] < ours["launching"] < ours["ops"]
+
+
+def test_variant_names_set_the_settings_they_name(tiny_model):
+    seg = bench_methods.build(tiny_model[0], tiny_model[1], "clip+fused+iters256", "cpu", "fp32")
+    assert seg.settings.plan == "fused" and seg.settings.ncut_iters == 256 and seg.method_name == "clip"
