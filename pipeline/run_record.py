@@ -51,7 +51,7 @@ def without_execution(seg_config: dict) -> dict:
 def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
     """The part of a :class:`~pipeline.job_config.JobConfig` run that a resumed run must match."""
     return {
-        "input": cfg.input if cfg.items is None else "<items>",
+        "input": cfg.input or cfg.input_root or "<items>",   # with the items' root, it decides their image ids
         "num_inputs": len(inputs.items),
         "inputs_sha256": sources.items_digest(inputs.items),
         "shard_size": cfg.shard_size,

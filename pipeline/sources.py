@@ -112,9 +112,12 @@ def _resolve(fs, base: str, entry: str) -> str:
     return full_uri(fs, posixpath.normpath(posixpath.join(base, entry)))
 
 
-def inputs_from_items(items: list[dict]) -> Inputs:
-    """:class:`Inputs` from given ``[{"image_uri", "label_uri"}]`` items (no root): sorted, duplicates dropped."""
-    return _dedupe_sorted(items, None, "items")
+def inputs_from_items(items: list[dict], root: Optional[str] = None) -> Inputs:
+    """:class:`Inputs` from given ``[{"image_uri", "label_uri"}]`` items: sorted, duplicates dropped.
+
+    ``root``: the folder they were listed from (image ids are relative to it); None hashes whole URIs.
+    """
+    return _dedupe_sorted(items, root, "items")
 
 
 def _dedupe_sorted(items: list[dict], root: Optional[str], kind: str) -> Inputs:

@@ -79,3 +79,13 @@ def test_image_id_is_stable_safe_and_relative_to_root():
     assert a.startswith("img_1-") and "/" not in a and " " not in a
     assert sources.image_id("/data/x/img 1.png", "/data") != a           # extension is part of the identity
     assert sources.image_id("/data/y/img 1.jpg", "/data") != a
+
+
+def test_given_items_keep_the_root_of_their_listing(pipeline_images):
+    """--labels / --limit / --data-root pass items: their ids are relative to the folder they came from."""
+    listed = sources.resolve_inputs(str(pipeline_images))
+    some = sources.inputs_from_items(listed.items[:3], listed.root)
+    assert some.root == listed.root
+    ids = [sources.image_id(it["image_uri"], some.root) for it in some.items]
+    assert ids == [sources.image_id(it["image_uri"], listed.root) for it in listed.items[:3]]
+    assert sources.inputs_from_items(listed.items[:3]).root is None      # no root: whole URIs hashed
