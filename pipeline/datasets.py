@@ -40,7 +40,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from .storage import full_uri, get_fs
+from .storage import canonical_path, full_uri, get_fs
 
 IGNORE = 255
 
@@ -205,7 +205,7 @@ def open_labelled_source(
 
 def _fs_and_path(uri: str, so: dict):
     fs, path = get_fs(uri, so)
-    return fs, path.rstrip("/")
+    return fs, canonical_path(fs, path)
 
 
 def _list_files(fs, directory: str, suffix: str) -> list[str]:

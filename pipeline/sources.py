@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
-from .storage import full_uri, get_fs
+from .storage import canonical_path, full_uri, get_fs
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,13 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
     Raises ``FileNotFoundError`` for a missing input and ``ValueError`` for an empty one.
     """
     fs, path = get_fs(uri, storage_options)
+    path = canonical_path(fs, path)
     if not fs.exists(path):
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
         files = fs.find(path)
         items = [{"image_uri": full_uri(fs, f), "label_uri": None} for f in files if is_image_path(f)]
-        root, kind = full_uri(fs, path.rstrip("/")), "folder"
+        root, kind = full_uri(fs, path), "folder"
         if not items:
             raise ValueError(f"input {uri!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)}; "
                              f"{len(files)} other files found)")

@@ -5,6 +5,7 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -137,6 +138,33 @@ def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, ti
     smaller = pipeline_job_config(tiny_model, input=cfg.input, output=cfg.output, save_masks=True, shard_size=3)
     with pytest.raises(ConfigMismatch, match="shard_size: 4 -> 3"):
         run(smaller)
+
+
+def test_rerun_with_the_input_spelled_another_way_resumes(first_run, tiny_model, tmp_path, monkeypatch):
+    """run.json records the resolved input, so ./in/, in, file:///abs/in resume; so does an older run.json
+    that holds --input as typed. One from before ids were relative to the input root for items is refused."""
+    from pipeline.job import run
+    from pipeline.run_record import ConfigMismatch
+
+    cfg, out, first = first_run
+    root = Path(cfg.input)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    monkeypatch.chdir(root.parent)
+    for spelling in (f"./{root.name}/", root.name, f"file://{root}", f"{root}/"):
+        again = run(pipeline_job_config(tiny_model, input=spelling, output=str(copy), save_masks=True))
+        assert again["skipped"] == first["images_total"] and again["ok"] == 0, spelling
+        assert json.loads((copy / "run.json").read_text())["config"]["input"] == str(root)
+    for recorded, ok in ((root.name, True), ("<items>", False)):
+        doc = json.loads((copy / "run.json").read_text())
+        doc["config"]["input"] = recorded                                  # as an older run.json has it
+        (copy / "run.json").write_text(json.dumps(doc))
+        resumed = pipeline_job_config(tiny_model, input=str(root), output=str(copy), save_masks=True)
+        if ok:
+            assert run(resumed)["skipped"] == first["images_total"]
+        else:
+            with pytest.raises(ConfigMismatch, match=r"(?s)input: \"<items>\".*their ids differ"):
+                run(resumed)
 
 
 def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run, tiny_model, tmp_path):
