@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
-from .storage import canonical_path, full_uri, get_fs
+from .storage import canonical_path, full_uri, get_fs, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
 
     Manifests: ``.parquet`` (column ``image_uri``, or ``uri``/``path``/``image``; an optional
     ``label_uri`` column is carried along) or a text file with one URI per line (blank lines and
-    ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder.
+    ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder, and
+    every entry is spelled one way (``file:///x/a.jpg`` and ``/x/./a.jpg`` are ``/x/a.jpg``), so a file
+    listed twice is processed once.
     Raises ``FileNotFoundError`` for a missing input and ``ValueError`` for an empty one.
     """
     fs, path = get_fs(uri, storage_options)
@@ -73,14 +75,27 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
     elif is_image_path(path):
         items, root, kind = [{"image_uri": full_uri(fs, path), "label_uri": None}], None, "file"
     else:
-        items, root, kind = _read_manifest(fs, path), None, "manifest"
+        items, root, kind = _read_manifest(fs, path, storage_options), None, "manifest"
         if not items:
             raise ValueError(f"manifest {uri!r} lists no image URIs")
     return _dedupe_sorted(items, root, kind)
 
 
-def _read_manifest(fs, path: str) -> list[dict]:
+def _read_manifest(fs, path: str, storage_options: Optional[dict]) -> list[dict]:
     base = posixpath.dirname(path)
+    filesystems: dict = {}                     # by protocol: each entry is spelled as its filesystem does
+
+    def canonical(entry: str) -> str:
+        if "://" not in entry and not entry.startswith("/"):
+            return full_uri(fs, canonical_path(fs, posixpath.normpath(posixpath.join(base, entry))))
+        proto = protocol_of(entry)
+        if proto not in filesystems:
+            try:
+                filesystems[proto] = get_fs(entry, storage_options)[0]
+            except (ImportError, ValueError) as exc:
+                raise ValueError(f"manifest {path!r}: can't open {entry!r}: {exc}") from exc
+        return full_uri(filesystems[proto], canonical_path(filesystems[proto], entry))
+
     data = fs.cat_file(path)
     if path.lower().endswith((".parquet", ".pq")):
         table = pq.read_table(io.BytesIO(data))
@@ -102,15 +117,9 @@ def _read_manifest(fs, path: str) -> list[dict]:
     for u, lab in zip(uris, labels):
         if u is None or not str(u).strip():
             continue
-        out.append({"image_uri": _resolve(fs, base, str(u).strip()),
-                    "label_uri": _resolve(fs, base, str(lab).strip()) if lab else None})
+        out.append({"image_uri": canonical(str(u).strip()),
+                    "label_uri": canonical(str(lab).strip()) if lab else None})
     return out
-
-
-def _resolve(fs, base: str, entry: str) -> str:
-    if "://" in entry or entry.startswith("/"):
-        return entry
-    return full_uri(fs, posixpath.normpath(posixpath.join(base, entry)))
 
 
 def inputs_from_items(items: list[dict], root: Optional[str] = None) -> Inputs:

@@ -40,6 +40,22 @@ def test_parquet_manifest_carries_label_uris(tmp_path):
     assert [it["label_uri"] for it in inp.items] == [None, "s3://b/y/2.png"]
 
 
+def test_manifest_entries_naming_one_file_are_one_input(pipeline_images, tmp_path):
+    img = sorted(pipeline_images.rglob("*.jpg"))[0]
+    rel = img.relative_to(tmp_path)
+    spellings = [str(img), f"file://{img}", f"{img.parent}/./{img.name}", f"{img.parent}//{img.name}",
+                 f"{img.parent}/../{img.parent.name}/{img.name}", str(rel), f"./{rel}"]
+    man = tmp_path / "list.txt"
+    man.write_text("\n".join(spellings) + "\n")
+    inp = sources.resolve_inputs(str(man))
+    assert [it["image_uri"] for it in inp.items] == [str(img)] and inp.duplicates_dropped == len(spellings) - 1
+    t = pa.table({"image_uri": ["s3a://b/x/1.jpg", "s3://b/x/1.jpg", "s3://b/x/1.jpg/"],
+                  "label_uri": ["s3a://b/y/1.png", None, None]})
+    pq.write_table(t, tmp_path / "m.parquet")
+    inp = sources.resolve_inputs(str(tmp_path / "m.parquet"))
+    assert inp.items == [{"image_uri": "s3://b/x/1.jpg", "label_uri": "s3://b/y/1.png"}]   # the first kept
+
+
 def test_parquet_manifest_without_uri_column_is_an_error(tmp_path):
     pq.write_table(pa.table({"foo": ["a.jpg"]}), tmp_path / "m.parquet")
     with pytest.raises(ValueError, match="image_uri"):
