@@ -21,9 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python jobs/segment_dataset.py` from a checkout (no install)
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline import sinks, sources, storage  # noqa: E402
+from pipeline import sinks, storage  # noqa: E402
 from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
-from pipeline.job import run  # noqa: E402
+from pipeline.job import list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
 from rfclip.cli_args import parse_setting  # noqa: E402
@@ -158,16 +158,14 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         vocab, extra = job_vocabulary(cfg)
         if vocab is None:
             vocab = rfclip.benchmarks.BENCHMARKS[extra["benchmark"]].vocabulary
-        listed = sources.resolve_inputs(cfg.input, so)
+        listed = list_input(cfg)
         src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in listed.items],
                                    class_names=[c[0] for c in vocab], ignore_index=args.ignore_index,
                                    storage_options=so, limit=args.limit)
         root = listed.root
     else:
         if args.limit is not None:
-            if not cfg.input:
-                raise ValueError("--input is required")
-            listed = sources.resolve_inputs(cfg.input, so)
+            listed = list_input(cfg)
             cfg.items, cfg.input_root = listed.items[:args.limit], listed.root
         return None
     cfg.items, cfg.labels = labelled_job_inputs(src)

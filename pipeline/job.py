@@ -136,9 +136,14 @@ def _resolve_inputs(cfg: JobConfig) -> sources.Inputs:
         if not inputs.items:
             raise ValueError("no input items given")
         return inputs
+    return list_input(cfg)
+
+
+def list_input(cfg: JobConfig) -> sources.Inputs:
+    """The images of ``cfg.input``; an output inside the input folder is not listed (see ``resolve_inputs``)."""
     if not cfg.input:
         raise ValueError("--input is required")
-    return sources.resolve_inputs(cfg.input, cfg.storage_options)
+    return sources.resolve_inputs(cfg.input, cfg.storage_options, exclude=cfg.output)
 
 
 def shard_windows(pending: list, window_images: int) -> list[list]:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
-from .storage import canonical_path, full_uri, get_fs, protocol_of
+from .storage import canonical_path, canonical_uri, full_uri, get_fs, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def is_image_path(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
+def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Optional[str] = None) -> Inputs:
     """List the images behind ``uri``: a folder/prefix (recursive), a manifest, or one image.
 
     Manifests: ``.parquet`` (column ``image_uri``, or ``uri``/``path``/``image``; an optional
@@ -59,6 +59,8 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
     ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder, and
     every entry is spelled one way (``file:///x/a.jpg`` and ``/x/./a.jpg`` are ``/x/a.jpg``), so a file
     listed twice is processed once.
+    ``exclude``: the job's output. When it lies inside a listed folder, the files under it are left out
+    (the job's own masks and figures are not inputs of its next run); when it is that folder, ``ValueError``.
     Raises ``FileNotFoundError`` for a missing input and ``ValueError`` for an empty one.
     """
     fs, path = get_fs(uri, storage_options)
@@ -67,6 +69,9 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
         files = fs.find(path)
+        inner = _inner_output(fs, path, exclude, storage_options)
+        if inner is not None:
+            files = [f for f in files if not f.startswith(inner + "/")]
         items = [{"image_uri": full_uri(fs, f), "label_uri": None} for f in files if is_image_path(f)]
         root, kind = full_uri(fs, path), "folder"
         if not items:
@@ -79,6 +84,23 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
         if not items:
             raise ValueError(f"manifest {uri!r} lists no image URIs")
     return _dedupe_sorted(items, root, kind)
+
+
+def _inner_output(fs, folder: str, output: Optional[str], storage_options: Optional[dict]) -> Optional[str]:
+    """The path on ``fs`` of ``output`` when it lies inside the input ``folder``, else None.
+
+    Raises ``ValueError`` when ``output`` is ``folder`` itself.
+    """
+    if output is None:
+        return None
+    out, root = canonical_uri(output, storage_options), full_uri(fs, folder)
+    if out == root:
+        raise ValueError(f"the output {output!r} is the input folder; write to another folder (a sub-folder of "
+                         f"the input is fine: its files are not listed as inputs)")
+    if not out.startswith(root.rstrip("/") + "/"):
+        return None
+    log.info("the output %s lies inside the input folder: the files under it are not listed as inputs", out)
+    return canonical_path(fs, out)
 
 
 def _read_manifest(fs, path: str, storage_options: Optional[dict]) -> list[dict]:

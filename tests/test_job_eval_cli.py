@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import pipeline_cli_args, read_predictions
+from pipeline.sinks import clear_outputs
 from pipeline.sources import image_id, resolve_inputs
 from shared_data import shared_data_dir
 
@@ -40,6 +41,8 @@ def test_benchmark_from_data_root_writes_metrics_and_report(ray_local, tiny_mode
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     # image ids are relative to the data root, so they survive a move of the corpus and --limit
     assert [r["image_id"] for r in rows] == [image_id(r["image_uri"], str(data / "voc2012-mini")) for r in rows]
+    clear_outputs(str(out), None)                         # --overwrite removes all an evaluation wrote
+    assert not list(out.iterdir())
 
 
 def test_custom_labels_camvid_with_ignore_index(ray_local, tiny_model, tmp_path):
@@ -90,6 +93,8 @@ def test_pseudo_labels_with_limit_write_a_report(ray_local, tiny_model, tmp_path
     assert [r["image_id"] for r in rows] == [image_id(it["image_uri"], plain.root) for it in plain.items[:2]]
     report = (out / "report.md").read_text()
     assert "confidence" in report.lower() and (out / "figures").is_dir()
+    clear_outputs(str(out), None)                         # --overwrite removes all a pseudo-labelling run wrote
+    assert not list(out.iterdir())
     assert main(["--data-root", "x", "--output", str(tmp_path / "bad"), "--vocabulary", "a"]
                 + model_flags(tiny_model)) == 2              # --data-root without --benchmark: clear error
 

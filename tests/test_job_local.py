@@ -238,6 +238,24 @@ def test_labelled_inputs_store_a_confusion_matrix_per_shard(ray_local, tiny_mode
     assert total.sum() == sum((r["height"] - 2) * r["width"] for r in t.to_pylist())
 
 
+def test_an_output_inside_the_input_folder_is_not_an_input(ray_local, tiny_model, tmp_path, capsys):
+    """--input data --output data/out: the job's masks and figures are not inputs, so a re-run resumes."""
+    from jobs.segment_dataset import main
+
+    data = tmp_path / "data"
+    write_images(data, 3, seed=11)
+    out = data / "out"
+    args = ["--input", str(data), "--output", str(out), "--save-masks"] + pipeline_cli_args(tiny_model)
+    assert main(args) == 0
+    assert len(list((out / "masks").iterdir())) == 3 and list((out / "figures").iterdir())
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["skipped"] == 3
+    assert len(read_predictions(str(out))) == 3
+    capsys.readouterr()
+    assert main(["--input", str(data), "--output", f"{data}/"] + pipeline_cli_args(tiny_model)) == 2
+    assert "is the input folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "unwritable"])
 def test_fail_fast_with_a_clear_message(case, tiny_model, tmp_path, capsys):
     import os

@@ -62,6 +62,21 @@ def test_parquet_manifest_without_uri_column_is_an_error(tmp_path):
         sources.resolve_inputs(str(tmp_path / "m.parquet"))
 
 
+def test_an_output_inside_the_input_folder_is_not_listed(pipeline_images):
+    out = pipeline_images / "out"
+    for rel in ("masks/img001-0123456789.png", "figures/samples.png", "mine/x.jpg"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"x")
+    (pipeline_images / "out2").mkdir()
+    (pipeline_images / "out2" / "x.png").write_bytes(b"x")           # a sibling with the same prefix is listed
+    for spelling in (str(out), f"{out}/", f"file://{out}"):
+        uris = [it["image_uri"] for it in sources.resolve_inputs(str(pipeline_images), exclude=spelling).items]
+        assert len(uris) == 11 and not any("/out/" in u for u in uris)
+    assert len(sources.resolve_inputs(str(pipeline_images), exclude="/elsewhere/out").items) == 14
+    with pytest.raises(ValueError, match="is the input folder"):
+        sources.resolve_inputs(str(pipeline_images), exclude=f"{pipeline_images}/")
+
+
 def test_missing_and_empty_inputs_fail_with_clear_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sources.resolve_inputs(str(tmp_path / "nope"))
