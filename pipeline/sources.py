@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
-from .storage import canonical_path, canonical_uri, full_uri, get_fs, protocol_of
+from .storage import canonical_path, canonical_uri, full_uri, get_fs, is_local, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder, and
     every entry is spelled one way (``file:///x/a.jpg`` and ``/x/./a.jpg`` are ``/x/a.jpg``), so a file
     listed twice is processed once.
+    On a local disk, symlinked folders are followed (see :func:`_find_files`).
     ``exclude``: the job's output. When it lies inside a listed folder, the files under it are left out
     (the job's own masks and figures are not inputs of its next run); when it is that folder, ``ValueError``.
     Raises ``FileNotFoundError`` for a missing input and ``ValueError`` for an empty one.
@@ -68,7 +70,7 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     if not fs.exists(path):
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
-        files = fs.find(path)
+        files = _find_files(fs, path)
         inner = _inner_output(fs, path, exclude, storage_options)
         if inner is not None:
             files = [f for f in files if not f.startswith(inner + "/")]
@@ -84,6 +86,36 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
         if not items:
             raise ValueError(f"manifest {uri!r} lists no image URIs")
     return _dedupe_sorted(items, root, kind)
+
+
+def _find_files(fs, folder: str) -> list[str]:
+    """Every file below ``folder``. On a local disk symlinked folders are followed, each real folder once:
+    a link to a folder inside ``folder`` or to one already listed (a cycle, a second link) is not followed,
+    and a warning names it; so does a folder that can't be read."""
+    if not is_local(fs):
+        return fs.find(folder)
+    real_root = os.path.realpath(folder)
+    seen = {real_root}
+    files = []
+
+    def unreadable(exc: OSError) -> None:
+        log.warning("can't list %s, its files are left out: %s", exc.filename, exc.strerror or exc)
+
+    for parent, folders, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        followed = []
+        for name in sorted(folders):
+            sub = os.path.join(parent, name)
+            real = os.path.realpath(sub)
+            if os.path.islink(sub) and (real in seen or real.startswith(real_root + os.sep)):
+                log.warning("symlinked folder %s -> %s not followed: %s", sub, real,
+                            "it is inside the input folder" if real.startswith(real_root + os.sep)
+                            else "that folder is listed already (a cycle, or a second link to it)")
+                continue
+            seen.add(real)
+            followed.append(name)
+        folders[:] = followed
+        files += [fs._strip_protocol(os.path.join(parent, n)) for n in names]
+    return files
 
 
 def _inner_output(fs, folder: str, output: Optional[str], storage_options: Optional[dict]) -> Optional[str]:

@@ -77,6 +77,25 @@ def test_an_output_inside_the_input_folder_is_not_listed(pipeline_images):
         sources.resolve_inputs(str(pipeline_images), exclude=f"{pipeline_images}/")
 
 
+def test_symlinked_folders_are_followed_once(pipeline_images, tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_bytes(b"x")
+    (elsewhere / "loop").symlink_to(elsewhere)                       # a cycle
+    (elsewhere / "back").symlink_to(pipeline_images)                 # back into the input folder
+    (pipeline_images / "again").symlink_to(elsewhere)
+    (pipeline_images / "linked").symlink_to(elsewhere)               # a second link to the same folder
+    (pipeline_images / "self").symlink_to(pipeline_images / "a")     # a folder listed anyway
+    (pipeline_images / "file.png").symlink_to(elsewhere / "x.png")   # a symlinked file is an image like any
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        uris = [it["image_uri"] for it in sources.resolve_inputs(str(pipeline_images)).items]
+    assert len(uris) == 12
+    assert f"{pipeline_images}/again/x.png" in uris and f"{pipeline_images}/file.png" in uris
+    warned = caplog.text
+    for name in ("linked", "again/loop", "again/back", "self"):
+        assert f"{pipeline_images}/{name} ->" in warned, name
+
+
 def test_missing_and_empty_inputs_fail_with_clear_messages(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sources.resolve_inputs(str(tmp_path / "nope"))
