@@ -5,7 +5,8 @@ Layout under ``--output``::
     run.json                         configuration (first run; a resume must match it)
     predictions/shard-XXXXX.parquet  one row per input image (:data:`PREDICTION_SCHEMA`)
     masks/<image_id>.png             only with --save-masks (palette PNG)
-    summary.json                     written last
+    summary.json                     written once every shard is committed
+    report.md, figures/, metrics*    written after summary.json (pipeline.evaluation)
 
 A shard file is the commit: it appears whole (temp name + rename, or one object PUT) or not at
 all. With labelled inputs, the shard's ``K x K`` int64 confusion matrix travels in the same file's
