@@ -70,8 +70,8 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     if not fs.exists(path):
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
-        files = _find_files(fs, path)
         inner = _inner_output(fs, path, exclude, storage_options)
+        files = _find_files(fs, path)
         if inner is not None:
             files = [f for f in files if not f.startswith(inner + "/")]
         items = [{"image_uri": full_uri(fs, f), "label_uri": None} for f in files if is_image_path(f)]
