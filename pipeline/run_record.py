@@ -51,11 +51,13 @@ def without_execution(seg_config: dict) -> dict:
 def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
     """The part of a :class:`~pipeline.job_config.JobConfig` run that a resumed run must match.
 
-    ``input`` is the resolved input (:func:`~pipeline.storage.canonical_uri`: any spelling of the same
-    folder resumes), else the items' root: with it, it decides the image ids.
+    ``input`` names the root image ids are relative to (the input folder or the data root), else the
+    manifest or image file; resolved (:func:`~pipeline.storage.canonical_uri`), so any spelling of the same
+    input resumes. Given items without a root (a manifest cut by --limit) record ``"<items>"``.
     """
+    recorded = storage.canonical_uri(cfg.input, cfg.storage_options) if cfg.items is None else "<items>"
     return {
-        "input": storage.canonical_uri(cfg.input, cfg.storage_options) if cfg.input else (inputs.root or "<items>"),
+        "input": inputs.root or recorded,
         "num_inputs": len(inputs.items),
         "inputs_sha256": sources.items_digest(inputs.items),
         "shard_size": cfg.shard_size,

@@ -167,6 +167,25 @@ def test_rerun_with_the_input_spelled_another_way_resumes(first_run, tiny_model,
                 run(resumed)
 
 
+def test_run_json_input_decides_the_image_ids(tmp_path, monkeypatch):
+    """run.json's input is the root of the image ids (or the manifest, or "<items>" for rootless items), so
+    two runs with the same identity give an image the same id."""
+    from pipeline import sources
+    from pipeline.job_config import JobConfig
+    from pipeline.run_record import identity
+
+    items = [{"image_uri": str(tmp_path / "in" / "a.jpg"), "label_uri": None}]
+    monkeypatch.chdir(tmp_path)
+    folder = sources.Inputs(items, str(tmp_path / "in"), "folder")
+    assert identity(JobConfig(output="o", input="./in/"), folder, {})["input"] == str(tmp_path / "in")
+    limited = sources.inputs_from_items(items, str(tmp_path / "in"))        # --limit over the same folder
+    assert identity(JobConfig(output="o", input="in", items=items), limited, {})["input"] == str(tmp_path / "in")
+    rootless = sources.inputs_from_items(items)                             # a manifest cut by --limit
+    assert identity(JobConfig(output="o", input="in", items=items), rootless, {})["input"] == "<items>"
+    manifest = sources.Inputs(items, None, "manifest")
+    assert identity(JobConfig(output="o", input="./list.txt"), manifest, {})["input"] == str(tmp_path / "list.txt")
+
+
 def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run, tiny_model, tmp_path):
     """plan and attention_kernels pick how the forward runs (the results agree to float rounding), like the
     device: a resume may change them, also from a run.json written when they were part of the identity."""
