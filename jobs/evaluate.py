@@ -78,7 +78,7 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
                     model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
                     precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
                     batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,
-                    overwrite=args.overwrite, items=items, labels=labels)
+                    overwrite=args.overwrite, items=items, input_root=src.root, labels=labels)
     run(cfg)
     extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit}
     return finish_evaluation(out, src, so, extra=extra)      # its images_failed counts every committed shard

@@ -21,9 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python jobs/segment_dataset.py` from a checkout (no install)
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline import sinks, sources, storage  # noqa: E402
+from pipeline import sinks, storage  # noqa: E402
 from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
-from pipeline.job import run  # noqa: E402
+from pipeline.job import list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
 from rfclip.cli_args import parse_setting  # noqa: E402
@@ -135,6 +135,8 @@ def setup_logging() -> None:
 def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
     """Resolve ``--data-root`` / ``--labels`` / ``--limit`` into ``cfg.items`` (and ``cfg.labels``).
 
+    ``cfg.input_root`` is set to the folder the items come from (the data root, or the ``--input`` folder;
+    None for a manifest), so image ids are the same as a plain ``--input`` run's, with or without ``--limit``.
     Returns the ``pipeline.datasets.LabelledSource`` for an evaluation, else None.
     """
     from pipeline.datasets import open_labelled_source
@@ -148,6 +150,7 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         if cfg.input:
             raise ValueError("give --input or --data-root, not both")
         src = open_labelled_source(cfg.benchmark, data_root=args.data_root, storage_options=so, limit=args.limit)
+        root = src.root
     elif args.labels:
         if not cfg.input:
             raise ValueError("--labels needs --input (the images to pair with the labels)")
@@ -155,16 +158,18 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         vocab, extra = job_vocabulary(cfg)
         if vocab is None:
             vocab = rfclip.benchmarks.BENCHMARKS[extra["benchmark"]].vocabulary
-        image_uris = [it["image_uri"] for it in sources.resolve_inputs(cfg.input, so).items]
-        src = open_labelled_source(labels=args.labels, image_uris=image_uris, class_names=[c[0] for c in vocab],
-                                   ignore_index=args.ignore_index, storage_options=so, limit=args.limit)
+        listed = list_input(cfg)
+        src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in listed.items],
+                                   class_names=[c[0] for c in vocab], ignore_index=args.ignore_index,
+                                   storage_options=so, limit=args.limit)
+        root = listed.root
     else:
         if args.limit is not None:
-            if not cfg.input:
-                raise ValueError("--input is required")
-            cfg.items = sources.resolve_inputs(cfg.input, so).items[:args.limit]
+            listed = list_input(cfg)
+            cfg.items, cfg.input_root = listed.items[:args.limit], listed.root
         return None
     cfg.items, cfg.labels = labelled_job_inputs(src)
+    cfg.input_root = root
     return src
 
 

@@ -15,6 +15,7 @@ Public API (used by ``jobs/segment_dataset.py`` and ``jobs/evaluate.py``)::
     ) -> LabelledSource
 
     src.pairs            # list[(image_uri, label_uri)], every image with its label
+    src.root             # the data root (a benchmark's image ids are relative to it); None for custom
     src.image_ids        # list[str], the image stems, same order
     src.class_names      # list[str], label-index order
     src.num_classes      # K
@@ -39,7 +40,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from .storage import full_uri, get_fs
+from .storage import canonical_path, full_uri, get_fs
 
 IGNORE = 255
 
@@ -132,6 +133,7 @@ class LabelledSource:
     ignore_index: int
     transform: str = "identity"
     storage_options: dict = field(default_factory=dict)
+    root: Optional[str] = None             # the data root; custom labels: None (the images' listing has it)
 
     @property
     def num_classes(self) -> int:
@@ -203,7 +205,7 @@ def open_labelled_source(
 
 def _fs_and_path(uri: str, so: dict):
     fs, path = get_fs(uri, so)
-    return fs, path.rstrip("/")
+    return fs, canonical_path(fs, path)
 
 
 def _list_files(fs, directory: str, suffix: str) -> list[str]:
@@ -263,7 +265,7 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
     ignore = IGNORE  # every benchmark decodes ignored pixels (incl. reduced zeros) to 255
     names = preset_class_names(preset)
     return LabelledSource(benchmark, [(full_uri(fs, i), full_uri(fs, l)) for i, l in pairs], names, ignore,
-                          layout.transform, so)
+                          layout.transform, so, root=full_uri(fs, root))
 
 
 def preset_class_names(preset) -> list[str]:

@@ -132,13 +132,18 @@ def _resolve_inputs(cfg: JobConfig) -> sources.Inputs:
     """The sorted, de-duplicated inputs: ``cfg.items`` (evaluation) or the listing of ``cfg.input``."""
     if cfg.items is not None:
         inputs = sources.inputs_from_items([{"image_uri": it["image_uri"], "label_uri": it.get("label_uri")}
-                                            for it in cfg.items])
+                                            for it in cfg.items], cfg.input_root)
         if not inputs.items:
             raise ValueError("no input items given")
         return inputs
+    return list_input(cfg)
+
+
+def list_input(cfg: JobConfig) -> sources.Inputs:
+    """The images of ``cfg.input``; an output inside the input folder is not listed (see ``resolve_inputs``)."""
     if not cfg.input:
         raise ValueError("--input is required")
-    return sources.resolve_inputs(cfg.input, cfg.storage_options)
+    return sources.resolve_inputs(cfg.input, cfg.storage_options, exclude=cfg.output)
 
 
 def shard_windows(pending: list, window_images: int) -> list[list]:

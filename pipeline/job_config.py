@@ -59,8 +59,10 @@ class JobConfig:
     window_images: int = 100_000
     ray_address: Optional[str] = None
     progress: bool = True
-    # Evaluation hook: pre-resolved inputs (instead of ``input``) and their ground truth.
+    # Evaluation hook: pre-resolved inputs (instead of ``input``), the folder they were listed from
+    # (``--input`` or the data root: image ids are relative to it) and their ground truth.
     items: Optional[list] = None
+    input_root: Optional[str] = None
     labels: Optional[LabelSpec] = None
 
 

@@ -49,9 +49,15 @@ def without_execution(seg_config: dict) -> dict:
 
 
 def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
-    """The part of a :class:`~pipeline.job_config.JobConfig` run that a resumed run must match."""
+    """The part of a :class:`~pipeline.job_config.JobConfig` run that a resumed run must match.
+
+    ``input`` names the root image ids are relative to (the input folder or the data root), else the
+    manifest or image file; resolved (:func:`~pipeline.storage.canonical_uri`), so any spelling of the same
+    input resumes. Given items without a root (a manifest cut by --limit) record ``"<items>"``.
+    """
+    recorded = storage.canonical_uri(cfg.input, cfg.storage_options) if cfg.items is None else "<items>"
     return {
-        "input": cfg.input if cfg.items is None else "<items>",
+        "input": inputs.root or recorded,
         "num_inputs": len(inputs.items),
         "inputs_sha256": sources.items_digest(inputs.items),
         "shard_size": cfg.shard_size,
@@ -79,11 +85,17 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
         old = dict(previous.get("config", {}))
         if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
             old["segmenter"] = without_execution(old["segmenter"])
+        old_input = old.get("input")
+        if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
+            old["input"] = storage.canonical_uri(old_input, so)
         diffs = sinks.config_differences(old, ident)
         if diffs:
+            note = ("\nthis run.json is older than image ids relative to the input root for --labels, --limit "
+                    "and --data-root runs (it records the input as \"<items>\"): their ids differ now"
+                    if old_input == "<items>" != ident["input"] else "")
             raise ConfigMismatch(
                 f"refusing to resume into {storage.scrub(cfg.output)!r}: the configuration differs from its run.json:\n  "
-                + "\n  ".join(diffs) + "\nuse --overwrite to start over, or write to another --output")
+                + "\n  ".join(diffs) + note + "\nuse --overwrite to start over, or write to another --output")
     elif committed:
         raise ConfigMismatch(f"{storage.scrub(cfg.output)!r} holds {len(committed)} committed shards but no run.json; "
                              "use --overwrite to start over")

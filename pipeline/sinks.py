@@ -5,7 +5,8 @@ Layout under ``--output``::
     run.json                         configuration (first run; a resume must match it)
     predictions/shard-XXXXX.parquet  one row per input image (:data:`PREDICTION_SCHEMA`)
     masks/<image_id>.png             only with --save-masks (palette PNG)
-    summary.json                     written last
+    summary.json                     written once every shard is committed
+    report.md, figures/, metrics*    written after summary.json (pipeline.evaluation)
 
 A shard file is the commit: it appears whole (temp name + rename, or one object PUT) or not at
 all. With labelled inputs, the shard's ``K x K`` int64 confusion matrix travels in the same file's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,12 +24,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rfclip.visualize import decode_label_png, label_png  # noqa: F401  (decode re-exported)
 
-from .storage import atomic_write_bytes, get_fs, redact
+from .storage import atomic_write_bytes, get_fs, is_local, redact
 
 PREDICTIONS_DIR = "predictions"
 MASKS_DIR = "masks"
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
+
+# Everything the job writes under --output (what --overwrite removes; any other file stays): these files,
+# plus the files of these folders whose names match (pipeline.report writes figures/, pipeline.metrics the
+# metrics files), plus the temp files of interrupted atomic writes (storage.atomic_write_bytes).
+JOB_FILES = (RUN_JSON, SUMMARY_JSON, "report.md", "metrics.json", "metrics.md", "metrics/confusion.npy")
+JOB_FOLDERS = {PREDICTIONS_DIR: r"shard-\d{5}\.parquet", MASKS_DIR: r".+-[0-9a-f]{10}\.png",
+               "figures": r"(iou|confusion|samples|class_distribution|confidence)\.png"}
+_TEMP_PREFIX = re.compile(r"\.tmp-[0-9a-f]{12}-")
 META_SHARD = b"rfclip.shard"
 META_CONFUSION = b"rfclip.confusion"
 
@@ -133,14 +143,29 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def written_by_job(rel_path: str) -> bool:
+    """True if ``rel_path`` (relative to the output) is a file the job writes: see :data:`JOB_FILES`."""
+    folder, name = posixpath.split(rel_path)
+    temp = _TEMP_PREFIX.match(name)
+    name = name[temp.end():] if temp else name
+    if folder in JOB_FOLDERS:
+        return re.fullmatch(JOB_FOLDERS[folder], name) is not None
+    return posixpath.join(folder, name) in JOB_FILES
+
+
 def clear_outputs(output_uri: str, storage_options: Optional[dict]) -> None:
-    """--overwrite: remove this job's outputs (run.json, summary.json, predictions/, masks/) only."""
+    """--overwrite: remove every file the job writes (:func:`written_by_job`), and no other file.
+
+    Folders left empty are removed too (local disks; object stores have no folders).
+    """
     fs, root = get_fs(output_uri, storage_options)
-    for name in (SUMMARY_JSON, RUN_JSON):
-        p = posixpath.join(root, name)
-        if fs.exists(p):
-            fs.rm(p)
-    for d in (PREDICTIONS_DIR, MASKS_DIR):
-        p = posixpath.join(root, d)
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return
+    ours = [p for p in fs.find(root, maxdepth=2) if written_by_job(p[len(root):].lstrip("/"))]
+    if ours:
+        fs.rm(ours)
+    for folder in (*JOB_FOLDERS, "metrics"):
+        p = posixpath.join(root, folder)
+        if is_local(fs) and fs.isdir(p) and not fs.ls(p):
+            fs.rmdir(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
-from .storage import full_uri, get_fs
+from .storage import canonical_path, canonical_uri, full_uri, get_fs, is_local, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +52,104 @@ def is_image_path(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def resolve_inputs(uri: str, storage_options: Optional[dict] = None) -> Inputs:
+def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Optional[str] = None) -> Inputs:
     """List the images behind ``uri``: a folder/prefix (recursive), a manifest, or one image.
 
     Manifests: ``.parquet`` (column ``image_uri``, or ``uri``/``path``/``image``; an optional
     ``label_uri`` column is carried along) or a text file with one URI per line (blank lines and
-    ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder.
+    ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder, and
+    every entry is spelled one way (``file:///x/a.jpg`` and ``/x/./a.jpg`` are ``/x/a.jpg``), so a file
+    listed twice is processed once.
+    On a local disk, symlinked folders are followed (see :func:`_find_files`).
+    ``exclude``: the job's output. When it lies inside a listed folder, the files under it are left out
+    (the job's own masks and figures are not inputs of its next run); when it is that folder, ``ValueError``.
     Raises ``FileNotFoundError`` for a missing input and ``ValueError`` for an empty one.
     """
     fs, path = get_fs(uri, storage_options)
+    path = canonical_path(fs, path)
     if not fs.exists(path):
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
-        files = fs.find(path)
+        inner = _inner_output(fs, path, exclude, storage_options)
+        files = _find_files(fs, path)
+        if inner is not None:
+            files = [f for f in files if not f.startswith(inner + "/")]
         items = [{"image_uri": full_uri(fs, f), "label_uri": None} for f in files if is_image_path(f)]
-        root, kind = full_uri(fs, path.rstrip("/")), "folder"
+        root, kind = full_uri(fs, path), "folder"
         if not items:
             raise ValueError(f"input {uri!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)}; "
                              f"{len(files)} other files found)")
     elif is_image_path(path):
         items, root, kind = [{"image_uri": full_uri(fs, path), "label_uri": None}], None, "file"
     else:
-        items, root, kind = _read_manifest(fs, path), None, "manifest"
+        items, root, kind = _read_manifest(fs, path, storage_options), None, "manifest"
         if not items:
             raise ValueError(f"manifest {uri!r} lists no image URIs")
     return _dedupe_sorted(items, root, kind)
 
 
-def _read_manifest(fs, path: str) -> list[dict]:
+def _find_files(fs, folder: str) -> list[str]:
+    """Every file below ``folder``. On a local disk symlinked folders are followed, each real folder once:
+    a link to a folder inside ``folder`` or to one already listed (a cycle, a second link) is not followed,
+    and a warning names it; so does a folder that can't be read."""
+    if not is_local(fs):
+        return fs.find(folder)
+    real_root = os.path.realpath(folder)
+    seen = {real_root}
+    files = []
+
+    def unreadable(exc: OSError) -> None:
+        log.warning("can't list %s, its files are left out: %s", exc.filename, exc.strerror or exc)
+
+    for parent, folders, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        followed = []
+        for name in sorted(folders):
+            sub = os.path.join(parent, name)
+            real = os.path.realpath(sub)
+            if os.path.islink(sub) and (real in seen or real.startswith(real_root + os.sep)):
+                log.warning("symlinked folder %s -> %s not followed: %s", sub, real,
+                            "it is inside the input folder" if real.startswith(real_root + os.sep)
+                            else "that folder is listed already (a cycle, or a second link to it)")
+                continue
+            seen.add(real)
+            followed.append(name)
+        folders[:] = followed
+        files += [fs._strip_protocol(os.path.join(parent, n)) for n in names]
+    return files
+
+
+def _inner_output(fs, folder: str, output: Optional[str], storage_options: Optional[dict]) -> Optional[str]:
+    """The path on ``fs`` of ``output`` when it lies inside the input ``folder``, else None.
+
+    Raises ``ValueError`` when ``output`` is ``folder`` itself.
+    """
+    if output is None:
+        return None
+    out, root = canonical_uri(output, storage_options), full_uri(fs, folder)
+    if out == root:
+        raise ValueError(f"the output {output!r} is the input folder; write to another folder (a sub-folder of "
+                         f"the input is fine: its files are not listed as inputs)")
+    if not out.startswith(root.rstrip("/") + "/"):
+        return None
+    log.info("the output %s lies inside the input folder: the files under it are not listed as inputs", out)
+    return canonical_path(fs, out)
+
+
+def _read_manifest(fs, path: str, storage_options: Optional[dict]) -> list[dict]:
     base = posixpath.dirname(path)
+    filesystems: dict = {}                     # by protocol: each entry is spelled as its filesystem does
+
+    def canonical(entry: str) -> str:
+        if "://" not in entry and not entry.startswith("/"):
+            return full_uri(fs, canonical_path(fs, posixpath.normpath(posixpath.join(base, entry))))
+        proto = protocol_of(entry)
+        if proto not in filesystems:
+            try:
+                filesystems[proto] = get_fs(entry, storage_options)[0]
+            except (ImportError, ValueError) as exc:
+                raise ValueError(f"manifest {path!r}: can't open {entry!r}: {exc}") from exc
+        return full_uri(filesystems[proto], canonical_path(filesystems[proto], entry))
+
     data = fs.cat_file(path)
     if path.lower().endswith((".parquet", ".pq")):
         table = pq.read_table(io.BytesIO(data))
@@ -101,20 +171,17 @@ def _read_manifest(fs, path: str) -> list[dict]:
     for u, lab in zip(uris, labels):
         if u is None or not str(u).strip():
             continue
-        out.append({"image_uri": _resolve(fs, base, str(u).strip()),
-                    "label_uri": _resolve(fs, base, str(lab).strip()) if lab else None})
+        out.append({"image_uri": canonical(str(u).strip()),
+                    "label_uri": canonical(str(lab).strip()) if lab else None})
     return out
 
 
-def _resolve(fs, base: str, entry: str) -> str:
-    if "://" in entry or entry.startswith("/"):
-        return entry
-    return full_uri(fs, posixpath.normpath(posixpath.join(base, entry)))
+def inputs_from_items(items: list[dict], root: Optional[str] = None) -> Inputs:
+    """:class:`Inputs` from given ``[{"image_uri", "label_uri"}]`` items: sorted, duplicates dropped.
 
-
-def inputs_from_items(items: list[dict]) -> Inputs:
-    """:class:`Inputs` from given ``[{"image_uri", "label_uri"}]`` items (no root): sorted, duplicates dropped."""
-    return _dedupe_sorted(items, None, "items")
+    ``root``: the folder they were listed from (image ids are relative to it); None hashes whole URIs.
+    """
+    return _dedupe_sorted(items, root, "items")
 
 
 def _dedupe_sorted(items: list[dict], root: Optional[str], kind: str) -> Inputs:

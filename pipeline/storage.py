@@ -64,12 +64,31 @@ def get_fs(uri: str, storage_options: Optional[dict] = None) -> tuple[fsspec.Abs
     return url_to_fs(uri, **with_retry_defaults(uri, storage_options))
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local filesystem."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A URI for ``path`` on ``fs`` that :func:`get_fs` resolves back (protocol kept, local stays a path)."""
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if proto in ("file", "local"):
-        return path
-    return fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def canonical_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` on ``fs`` spelled one way: no protocol, no trailing "/"; a local path absolute, with
+    ``.``, ``..`` and ``//`` resolved (symlinks are not)."""
+    path = fs._strip_protocol(path)
+    if is_local(fs):
+        path = posixpath.normpath(path)
+    return path.rstrip("/") or "/"
+
+
+def canonical_uri(uri: str, storage_options: Optional[dict] = None) -> str:
+    """The one spelling of ``uri`` the job records and compares: ``./in/``, ``in`` and ``file:///abs/in``
+    are all ``/abs/in``; ``s3a://b/k/`` is ``s3://b/k``."""
+    fs, path = get_fs(uri, storage_options)
+    return full_uri(fs, canonical_path(fs, path))
 
 
 def is_transient(exc: BaseException) -> bool:

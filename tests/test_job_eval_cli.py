@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import pipeline_cli_args, read_predictions
+from pipeline.sinks import clear_outputs
+from pipeline.sources import image_id, resolve_inputs
 from shared_data import shared_data_dir
 
 pytestmark = pytest.mark.slow
@@ -37,6 +39,10 @@ def test_benchmark_from_data_root_writes_metrics_and_report(ray_local, tiny_mode
     assert "mIoU" in capsys.readouterr().out
     rows = read_predictions(str(out)).to_pylist()
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    # image ids are relative to the data root, so they survive a move of the corpus and --limit
+    assert [r["image_id"] for r in rows] == [image_id(r["image_uri"], str(data / "voc2012-mini")) for r in rows]
+    clear_outputs(str(out), None)                         # --overwrite removes all an evaluation wrote
+    assert not list(out.iterdir())
 
 
 def test_custom_labels_camvid_with_ignore_index(ray_local, tiny_model, tmp_path):
@@ -65,6 +71,9 @@ def test_custom_labels_camvid_with_ignore_index(ray_local, tiny_model, tmp_path)
         correct += int((pred[keep] == gt[keep]).sum())
         total += int(keep.sum())
     assert metrics["aAcc"] == pytest.approx(100.0 * correct / total, abs=1e-6)
+    plain = resolve_inputs(str(images))                   # the ids a plain --input run over the folder gives
+    want = {it["image_uri"]: image_id(it["image_uri"], plain.root) for it in plain.items}
+    assert {r["image_uri"]: r["image_id"] for r in read_predictions(str(out)).to_pylist()} == want
 
 
 def test_pseudo_labels_with_limit_write_a_report(ray_local, tiny_model, tmp_path):
@@ -78,9 +87,14 @@ def test_pseudo_labels_with_limit_write_a_report(ray_local, tiny_model, tmp_path
     rc = main(["--input", str(src), "--limit", "2", "--vocabulary", "sky; road", "--output", str(out)]
               + model_flags(tiny_model))
     assert rc == 0
-    assert len(read_predictions(str(out))) == 2
+    rows = read_predictions(str(out)).to_pylist()
+    assert len(rows) == 2
+    plain = resolve_inputs(str(src))                      # --limit keeps the ids of a plain --input run
+    assert [r["image_id"] for r in rows] == [image_id(it["image_uri"], plain.root) for it in plain.items[:2]]
     report = (out / "report.md").read_text()
     assert "confidence" in report.lower() and (out / "figures").is_dir()
+    clear_outputs(str(out), None)                         # --overwrite removes all a pseudo-labelling run wrote
+    assert not list(out.iterdir())
     assert main(["--data-root", "x", "--output", str(tmp_path / "bad"), "--vocabulary", "a"]
                 + model_flags(tiny_model)) == 2              # --data-root without --benchmark: clear error
 

@@ -5,6 +5,7 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -139,6 +140,52 @@ def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, ti
         run(smaller)
 
 
+def test_rerun_with_the_input_spelled_another_way_resumes(first_run, tiny_model, tmp_path, monkeypatch):
+    """run.json records the resolved input, so ./in/, in, file:///abs/in resume; so does an older run.json
+    that holds --input as typed. One from before ids were relative to the input root for items is refused."""
+    from pipeline.job import run
+    from pipeline.run_record import ConfigMismatch
+
+    cfg, out, first = first_run
+    root = Path(cfg.input)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    monkeypatch.chdir(root.parent)
+    for spelling in (f"./{root.name}/", root.name, f"file://{root}", f"{root}/"):
+        again = run(pipeline_job_config(tiny_model, input=spelling, output=str(copy), save_masks=True))
+        assert again["skipped"] == first["images_total"] and again["ok"] == 0, spelling
+        assert json.loads((copy / "run.json").read_text())["config"]["input"] == str(root)
+    for recorded, ok in ((root.name, True), ("<items>", False)):
+        doc = json.loads((copy / "run.json").read_text())
+        doc["config"]["input"] = recorded                                  # as an older run.json has it
+        (copy / "run.json").write_text(json.dumps(doc))
+        resumed = pipeline_job_config(tiny_model, input=str(root), output=str(copy), save_masks=True)
+        if ok:
+            assert run(resumed)["skipped"] == first["images_total"]
+        else:
+            with pytest.raises(ConfigMismatch, match=r"(?s)input: \"<items>\".*their ids differ"):
+                run(resumed)
+
+
+def test_run_json_input_decides_the_image_ids(tmp_path, monkeypatch):
+    """run.json's input is the root of the image ids (or the manifest, or "<items>" for rootless items), so
+    two runs with the same identity give an image the same id."""
+    from pipeline import sources
+    from pipeline.job_config import JobConfig
+    from pipeline.run_record import identity
+
+    items = [{"image_uri": str(tmp_path / "in" / "a.jpg"), "label_uri": None}]
+    monkeypatch.chdir(tmp_path)
+    folder = sources.Inputs(items, str(tmp_path / "in"), "folder")
+    assert identity(JobConfig(output="o", input="./in/"), folder, {})["input"] == str(tmp_path / "in")
+    limited = sources.inputs_from_items(items, str(tmp_path / "in"))        # --limit over the same folder
+    assert identity(JobConfig(output="o", input="in", items=items), limited, {})["input"] == str(tmp_path / "in")
+    rootless = sources.inputs_from_items(items)                             # a manifest cut by --limit
+    assert identity(JobConfig(output="o", input="in", items=items), rootless, {})["input"] == "<items>"
+    manifest = sources.Inputs(items, None, "manifest")
+    assert identity(JobConfig(output="o", input="./list.txt"), manifest, {})["input"] == str(tmp_path / "list.txt")
+
+
 def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run, tiny_model, tmp_path):
     """plan and attention_kernels pick how the forward runs (the results agree to float rounding), like the
     device: a resume may change them, also from a run.json written when they were part of the identity."""
@@ -208,6 +255,24 @@ def test_labelled_inputs_store_a_confusion_matrix_per_shard(ray_local, tiny_mode
         want += np.bincount(3 * gt[keep] + pred[keep], minlength=9).reshape(3, 3)
     np.testing.assert_array_equal(total, want)
     assert total.sum() == sum((r["height"] - 2) * r["width"] for r in t.to_pylist())
+
+
+def test_an_output_inside_the_input_folder_is_not_an_input(ray_local, tiny_model, tmp_path, capsys):
+    """--input data --output data/out: the job's masks and figures are not inputs, so a re-run resumes."""
+    from jobs.segment_dataset import main
+
+    data = tmp_path / "data"
+    write_images(data, 3, seed=11)
+    out = data / "out"
+    args = ["--input", str(data), "--output", str(out), "--save-masks"] + pipeline_cli_args(tiny_model)
+    assert main(args) == 0
+    assert len(list((out / "masks").iterdir())) == 3 and list((out / "figures").iterdir())
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["skipped"] == 3
+    assert len(read_predictions(str(out))) == 3
+    capsys.readouterr()
+    assert main(["--input", str(data), "--output", f"{data}/"] + pipeline_cli_args(tiny_model)) == 2
+    assert "is the input folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unwritable"])

@@ -96,6 +96,25 @@ def test_retry_call_retries_transient_errors_only():
     assert len(calls) == 1
 
 
+def test_clear_outputs_removes_what_the_job_wrote_and_nothing_else(tmp_path):
+    """--overwrite: the job's files (also report, figures, metrics, temp files) go; a user's files stay."""
+    ours = ["run.json", "summary.json", "report.md", "metrics.json", "metrics.md", "metrics/confusion.npy",
+            "predictions/shard-00000.parquet", "predictions/.tmp-0123456789ab-shard-00001.parquet",
+            "masks/img_1-0123456789.png", "figures/iou.png", "figures/confusion.png", "figures/samples.png",
+            "figures/class_distribution.png", "figures/confidence.png", ".tmp-0123456789ab-run.json"]
+    theirs = ["notes.md", "masks/mine.png", "masks/sub/x-0123456789.png", "figures/logo.png", "predictions/README",
+              "metrics/extra.csv", "images/a-0123456789.png", "config.json"]
+    out, only_ours = tmp_path / "out", tmp_path / "only_ours"
+    for root, rels in ((out, ours + theirs), (only_ours, ours)):
+        for rel in rels:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(b"x")
+        sinks.clear_outputs(str(root), None)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(theirs)
+    assert list(only_ours.iterdir()) == []                       # the job's folders, left empty, are gone too
+    sinks.clear_outputs(str(tmp_path / "missing"), None)         # nothing to clear
+
+
 def test_unwritable_output_fails_fast(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -40,10 +40,60 @@ def test_parquet_manifest_carries_label_uris(tmp_path):
     assert [it["label_uri"] for it in inp.items] == [None, "s3://b/y/2.png"]
 
 
+def test_manifest_entries_naming_one_file_are_one_input(pipeline_images, tmp_path):
+    img = sorted(pipeline_images.rglob("*.jpg"))[0]
+    rel = img.relative_to(tmp_path)
+    spellings = [str(img), f"file://{img}", f"{img.parent}/./{img.name}", f"{img.parent}//{img.name}",
+                 f"{img.parent}/../{img.parent.name}/{img.name}", str(rel), f"./{rel}"]
+    man = tmp_path / "list.txt"
+    man.write_text("\n".join(spellings) + "\n")
+    inp = sources.resolve_inputs(str(man))
+    assert [it["image_uri"] for it in inp.items] == [str(img)] and inp.duplicates_dropped == len(spellings) - 1
+    t = pa.table({"image_uri": ["s3a://b/x/1.jpg", "s3://b/x/1.jpg", "s3://b/x/1.jpg/"],
+                  "label_uri": ["s3a://b/y/1.png", None, None]})
+    pq.write_table(t, tmp_path / "m.parquet")
+    inp = sources.resolve_inputs(str(tmp_path / "m.parquet"))
+    assert inp.items == [{"image_uri": "s3://b/x/1.jpg", "label_uri": "s3://b/y/1.png"}]   # the first kept
+
+
 def test_parquet_manifest_without_uri_column_is_an_error(tmp_path):
     pq.write_table(pa.table({"foo": ["a.jpg"]}), tmp_path / "m.parquet")
     with pytest.raises(ValueError, match="image_uri"):
         sources.resolve_inputs(str(tmp_path / "m.parquet"))
+
+
+def test_an_output_inside_the_input_folder_is_not_listed(pipeline_images):
+    out = pipeline_images / "out"
+    for rel in ("masks/img001-0123456789.png", "figures/samples.png", "mine/x.jpg"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"x")
+    (pipeline_images / "out2").mkdir()
+    (pipeline_images / "out2" / "x.png").write_bytes(b"x")           # a sibling with the same prefix is listed
+    for spelling in (str(out), f"{out}/", f"file://{out}"):
+        uris = [it["image_uri"] for it in sources.resolve_inputs(str(pipeline_images), exclude=spelling).items]
+        assert len(uris) == 11 and not any("/out/" in u for u in uris)
+    assert len(sources.resolve_inputs(str(pipeline_images), exclude="/elsewhere/out").items) == 14
+    with pytest.raises(ValueError, match="is the input folder"):
+        sources.resolve_inputs(str(pipeline_images), exclude=f"{pipeline_images}/")
+
+
+def test_symlinked_folders_are_followed_once(pipeline_images, tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_bytes(b"x")
+    (elsewhere / "loop").symlink_to(elsewhere)                       # a cycle
+    (elsewhere / "back").symlink_to(pipeline_images)                 # back into the input folder
+    (pipeline_images / "again").symlink_to(elsewhere)
+    (pipeline_images / "linked").symlink_to(elsewhere)               # a second link to the same folder
+    (pipeline_images / "self").symlink_to(pipeline_images / "a")     # a folder listed anyway
+    (pipeline_images / "file.png").symlink_to(elsewhere / "x.png")   # a symlinked file is an image like any
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        uris = [it["image_uri"] for it in sources.resolve_inputs(str(pipeline_images)).items]
+    assert len(uris) == 12
+    assert f"{pipeline_images}/again/x.png" in uris and f"{pipeline_images}/file.png" in uris
+    warned = caplog.text
+    for name in ("linked", "again/loop", "again/back", "self"):
+        assert f"{pipeline_images}/{name} ->" in warned, name
 
 
 def test_missing_and_empty_inputs_fail_with_clear_messages(tmp_path):
@@ -79,3 +129,13 @@ def test_image_id_is_stable_safe_and_relative_to_root():
     assert a.startswith("img_1-") and "/" not in a and " " not in a
     assert sources.image_id("/data/x/img 1.png", "/data") != a           # extension is part of the identity
     assert sources.image_id("/data/y/img 1.jpg", "/data") != a
+
+
+def test_given_items_keep_the_root_of_their_listing(pipeline_images):
+    """--labels / --limit / --data-root pass items: their ids are relative to the folder they came from."""
+    listed = sources.resolve_inputs(str(pipeline_images))
+    some = sources.inputs_from_items(listed.items[:3], listed.root)
+    assert some.root == listed.root
+    ids = [sources.image_id(it["image_uri"], some.root) for it in some.items]
+    assert ids == [sources.image_id(it["image_uri"], listed.root) for it in listed.items[:3]]
+    assert sources.inputs_from_items(listed.items[:3]).root is None      # no root: whole URIs hashed
