@@ -6,8 +6,12 @@ A ``Segmenter`` resolves its settings as: the method's defaults, then the benchm
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, get_origin, get_type_hints
+
+import numpy as np
 
 # Distraction dimensions (0-indexed residual-stream channels), METHODS.md §3a.
 DISTRACTION_DIMS = {
@@ -206,8 +210,9 @@ def coerce_setting(name: str, value):
 
     Accepts what a command line gives as well as Python values: ``"off"``/``"false"``/``"no"``/``"0"``
     (any case) for False and their opposites for True, ``"none"``/``"null"`` for an optional setting's
-    None, ``"4,162,189"`` or a list for ``distraction_dims``. Never guesses: ``2.5`` is not an int,
-    ``"no"`` is not True, and an int is not a bool.
+    None, ``"4,162,189"``, one index or a list for ``distraction_dims``; NumPy scalars and arrays as
+    their Python values. Never guesses: ``2.5`` is not an int, ``"no"`` is not True, and an int is not
+    a bool.
     """
     if name not in _TYPES:
         raise ValueError(f"unknown setting {name!r}; settings are {', '.join(SETTING_NAMES)}")
@@ -218,35 +223,44 @@ def coerce_setting(name: str, value):
             tuple: "a non-empty list of channel indices such as [4,162,189]"}[kind]
     bad = ValueError(f"setting {name} must be {want}{' or none' if optional else ''}; got {value!r}")
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        text = str(value).strip().lower() if isinstance(value, (str, numbers.Integral)) else None
         if text in _TRUE or text in _FALSE:
             return text in _TRUE
         raise bad
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if not _is_number(value) or not math.isfinite(value) or value != int(value):
             raise bad
         return int(value)
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_number(value) or not math.isfinite(value):
             raise bad
         return float(value)
     if kind is str:
         if not isinstance(value, str):
             raise bad
         return value
-    # distraction_dims: a list/tuple of ints, or "4,162,189".
+    # distraction_dims: a list, tuple or array of channel indices, one index, or "4,162,189".
     if isinstance(value, str):
         try:
-            value = [int(v) for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            value = [int(v) for v in re.split(r"[,\s]+", value.strip("[] ")) if v]
         except ValueError:
             raise bad from None
+    elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        value = [value]
+    elif isinstance(value, (np.ndarray, range)):
+        value = list(value.tolist() if isinstance(value, np.ndarray) and value.ndim == 1 else value)
     if not isinstance(value, (list, tuple)) or not value:
         raise bad
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 0 for v in value):
         raise bad
-    return tuple(value)
+    return tuple(int(v) for v in value)
+
+
+def _is_number(value) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def make_settings(method: str, *layers: dict) -> Settings:
@@ -293,7 +307,7 @@ def _validate(s: Settings) -> None:
         "logit_scale": (0.0, None, "> 0"), "naclip_sigma": (0.0, None, "> 0"),
         "prob_thd": (0.0, 1.0, "in [0, 1]"), "area_thd": (0.0, 1.0, "in [0, 1]"),
         "release_keep": (0.0, 1.0, "in [0, 1]"), "release_sim_threshold": (-1.0, 1.0, "in [-1, 1]"),
-        "h_threshold": (0.0, 1.0, "in [0, 1]"), "global_semantics_weight": (0.0, 1.0, "in [0, 1]"),
+        "h_threshold": (0.0, 2.0, "in [0, 2]"), "global_semantics_weight": (0.0, 1.0, "in [0, 1]"),
         "mean_vector_weight": (0.0, 1.0, "in [0, 1]"), "tau": (0.0, None, ">= 0"),
         "min_received_attention": (0.0, 1.0, "in [0, 1]"), "ncut_iters": (1, None, ">= 1"),
         "global_input_size": (1, None, ">= 1"),

@@ -160,11 +160,18 @@ def test_settings_are_checked_against_their_types_and_ranges(tiny_model):
     assert parse_setting("distraction_dims=0,1,2") == ("distraction_dims", (0, 1, 2))
     assert parse_setting("distraction_dims=[4, 162]") == ("distraction_dims", (4, 162))
     assert parse_setting("batch_size=8") == ("batch_size", 8) and parse_setting("lam=1") == ("lam", 1.0)
-    for bad in ["pamr=maybe", "batch_size=2.5", "distraction_dims=[]", "short_side=big", "lam=NaN"]:
+    for bad in ["pamr=maybe", "batch_size=2.5", "distraction_dims=[]", "short_side=big", "lam=NaN",
+                "short_side=Infinity", "short_side=1e400"]:
         with pytest.raises(argparse.ArgumentTypeError, match="must be"):
             parse_setting(bad)
     # The Python API checks the same way, and the ranges that would give NaN or nonsense.
     assert make_settings("clip", {"pamr": "off"}).pamr is False
+    numpy = make_settings("rfclip", {"short_side": np.int64(448), "lam": np.float32(0.5), "pamr": np.bool_(True),
+                                     "distraction_dims": np.array([4, 162]), "h_threshold": 1.5})
+    assert (numpy.short_side, numpy.lam, numpy.pamr, numpy.distraction_dims) == (448, 0.5, True, (4, 162))
+    assert type(numpy.short_side) is int and type(numpy.pamr) is bool
+    assert make_settings("rfclip", {"distraction_dims": 4}).distraction_dims == (4,)
+    assert make_settings("rfclip", {"distraction_dims": range(3)}).distraction_dims == (0, 1, 2)
     for kw, msg in [({"pamr": "no way"}, "true or false"), ({"batch_size": 2.5}, "integer"),
                     ({"batch_size": True}, "integer"), ({"short_side": "336"}, "integer"),
                     ({"distraction_dims": []}, "non-empty"), ({"naclip_sigma": 0}, "> 0"),
