@@ -4,10 +4,9 @@
         [--method M] [--overlay]
 
 Writes ``DIR/<stem>.png``, a palette PNG whose pixel values are class indices, and with ``--overlay``
-``DIR/<stem>_overlay.png``, the image with coloured classes and a legend. Images from several folders
-keep their folders under ``DIR`` (relative to the folder all of them share), and two images of one
-folder with the same stem (``a.jpg``, ``a.png``) keep their suffix (``a.jpg.png``), so no output
-overwrites another.
+``DIR/<stem>_overlay.png``, the image with coloured classes and a legend. No output overwrites
+another: images whose stems clash keep their suffix (``a.jpg.png``, ``a.png.png``), then their folder
+(``x/a.jpg.png``); see :func:`output_names`.
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image
@@ -27,19 +27,41 @@ from .weights import WeightsError
 from .vocabulary import load_vocabulary, parse_vocabulary
 
 
-def output_names(paths: list[str]) -> list[str]:
-    """A distinct output name (without ``.png``) for each distinct input path; see the module docstring."""
+def output_names(paths: list[str], overlay: bool = False) -> list[str]:
+    """Output names (without ``.png``) for ``paths``, distinct for distinct files.
+
+    A file's name is its stem where no other input shares it; else its file name (``a.jpg``); else its
+    path from the folder the clashing inputs share (``x/a.jpg``); and where a name still clashes, with
+    its outputs (and ``<name>_overlay`` with ``overlay``), a ``-2``, ``-3`` ... suffix.
+    """
     absolute = [os.path.abspath(p) for p in paths]
-    parents = {os.path.dirname(a) for a in absolute}
-    common = os.path.commonpath(sorted(parents)) if parents else ""
-    names = []
-    for a in absolute:
-        folder = os.path.relpath(os.path.dirname(a), common)
-        stem = Path(a).stem
-        clash = any(os.path.dirname(b) == os.path.dirname(a) and Path(b).stem == stem and b != a for b in absolute)
-        name = Path(a).name if clash else stem
-        names.append(name if folder == "." else os.path.join(folder, name))
-    return names
+    distinct = list(dict.fromkeys(absolute))
+    names = {a: Path(a).stem for a in distinct}
+
+    def relative(a: str, members: list[str]) -> str:
+        try:
+            common = os.path.commonpath([os.path.dirname(m) for m in members])
+        except ValueError:                            # different drives: nothing shared
+            return a
+        return os.path.relpath(a, common).replace(os.sep, "/")
+
+    for rename in (lambda a, members: Path(a).name, relative):
+        groups: dict[str, list[str]] = defaultdict(list)
+        for a in distinct:
+            groups[names[a]].append(a)
+        for members in groups.values():
+            if len(members) > 1:
+                for a in members:
+                    names[a] = rename(a, members)
+    taken: set[str] = set()
+    for a in distinct:
+        base, k, name = names[a], 1, names[a]
+        while name in taken or (overlay and f"{name}_overlay" in taken):
+            k += 1
+            name = f"{base}-{k}"
+        taken.update([name, f"{name}_overlay"] if overlay else [name])
+        names[a] = name
+    return [names[a] for a in absolute]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path, name in zip(args.images, output_names(args.images)):
+    for path, name in zip(args.images, output_names(args.images, args.overlay)):
         t0 = time.perf_counter()
         try:
             with Image.open(path) as im:

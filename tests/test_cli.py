@@ -76,9 +76,20 @@ def test_segment_keeps_outputs_of_same_stem_images_apart(tiny_model, tmp_path):
     out = tmp_path / "out"
     assert main([*map(str, paths), "--vocabulary", "sky; road", "--model", cfg, "--weights", weights,
                  "--out", str(out), "--method", "clip"]) == 0
-    for p, name in zip(paths, ["a.jpg.png", "a.png.png", "sub/a.png"]):
+    for p, name in zip(paths, ["a.jpg.png", "a.png.png", "sub/a.png.png"]):
         with Image.open(p) as im, Image.open(out / name) as mask:
             assert mask.size == im.size                         # each output is its own image's
+
+
+def test_output_names_are_stems_unless_they_clash():
+    from rfclip.segment import output_names
+
+    assert output_names(["/p/x/street.jpg", "/p/y/park.jpg"]) == ["street", "park"]       # flat, as before
+    assert output_names(["/d/a.jpg", "/d/a.png", "/d/a.jpg.png"]) == ["a.jpg", "a.png", "a.jpg.png"]
+    assert output_names(["/p/x/a.jpg", "/p/y/a.jpg", "/p/x/a.jpg"]) == ["x/a.jpg", "y/a.jpg", "x/a.jpg"]
+    assert output_names(["/d/a.jpg", "/d/a_overlay.jpg"], overlay=True) == ["a", "a_overlay-2"]
+    many = [f"/d/{i % 7}/img{i}.jpg" for i in range(5000)]
+    assert len(set(output_names(many))) == 5000
 
 
 def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
