@@ -22,19 +22,25 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """Convert a PIL image or an array to an upright ``(H, W, 3) uint8`` RGB array.
 
-    PIL inputs: EXIF orientation is applied; palette, grayscale, CMYK, LA/RGBA (alpha dropped) and
-    16/32-bit integer modes (``I;16``, ``I``) are converted.
-    Arrays: ``(H, W)`` gray, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8 is taken as is.
-
-    Integers wider than uint8 (arrays of any integer dtype, ``I;16`` and ``I`` images) are read at the
-    smallest bit depth of 8 or more bits that holds their maximum, so 0-255 values in an int64 array
-    stay as they are and a 12-bit image (max <= 4095) is scaled by 4095, not 65535; negative values are
-    an error. Floats (arrays, ``F`` images) must lie in [0, 1]: 0-255 floats are an error, not a guess.
+    PIL inputs: EXIF orientation is applied; palette, grayscale, CMYK, LA/RGBA (alpha dropped) are
+    converted; 16-bit ``I;16`` images are scaled from 0-65535; 32-bit ``I`` images are taken as 8-bit
+    values where they fit (max <= 255), else scaled from 0-65535, clipped; ``F`` images must lie in [0, 1].
+    Arrays: ``(H, W)`` gray, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` (alpha dropped first):
+    uint8 is taken as is, uint16 is scaled from 0-65535 (12-bit data in a uint16 container comes out
+    dark: scale it to 16 bits first), other integer types must hold 0-255 (8-bit values in a wide
+    type, taken as is), floats must lie in [0, 1], bools are black and white. Nothing is guessed from
+    an image's content, so two frames of one camera get the same scale.
     """
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)
         mode = image.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        if mode.startswith("I;16"):
+            return _array_to_rgb(np.asarray(image).astype(np.uint16))
+        if mode == "I":
+            arr = np.asarray(image)
+            scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
+            return _array_to_rgb(np.clip(arr * scale + (0.5 if scale != 1.0 else 0), 0, 255).astype(np.uint8))
+        if mode == "F":
             return _array_to_rgb(np.asarray(image))
         if mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
@@ -51,18 +57,23 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4; got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"image array is empty: shape {arr.shape}")
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
     if arr.dtype == np.uint8:
         out = arr
+    elif arr.dtype == np.uint16:
+        out = (arr / 65535.0 * 255.0 + 0.5).astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.integer):
         low, high = int(arr.min()), int(arr.max())
-        if low < 0:
-            raise ValueError(f"image array of {arr.dtype} has negative values (min {low}); pass uint8 RGB "
-                             f"or non-negative integers")
-        top = float(2 ** max(8, high.bit_length()) - 1)     # 255 for 0-255 values, 4095 for 12-bit ...
-        out = (arr / top * 255.0 + 0.5).astype(np.uint8) if top > 255 else arr.astype(np.uint8)
+        if low < 0 or high > 255:
+            raise ValueError(f"an image array of {arr.dtype} must hold 8-bit values 0-255, got {low}..{high}; "
+                             f"pass uint16 for 16-bit data (scaled from 0-65535) or uint8")
+        out = arr.astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.floating):
-        low, high = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if np.isnan(arr).any() or low < -1e-3 or high > 1.0 + 1e-3:
+        if np.isnan(arr).any():
+            raise ValueError("a float image holds NaN values")
+        low, high = float(arr.min()), float(arr.max())
+        if low < -1e-3 or high > 1.0 + 1e-3:
             raise ValueError(f"a float image must hold values in [0, 1], got [{low:g}, {high:g}]"
                              f"{' (divide 0-255 values by 255, or pass uint8)' if high > 1 else ''}")
         out = np.clip(arr.astype(np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -72,8 +83,6 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
         raise TypeError(f"unsupported image dtype {arr.dtype}")
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)
-    elif out.shape[2] == 4:
-        out = out[:, :, :3]
     return np.ascontiguousarray(out)
 
 

@@ -80,20 +80,28 @@ def test_webp_bmp_tiff_decode():
         np.testing.assert_array_equal(out, arr)
 
 
-def test_array_dtypes_are_read_at_the_bit_depth_their_values_need():
+def test_array_dtypes_have_fixed_scales_not_guessed_from_content():
     from rfclip.images import to_rgb_array
 
     rgb = _rgb()
-    for dtype in (np.int32, np.int64, np.uint16, np.int16):          # 0-255 values in a wide dtype: as they are
+    for dtype in (np.int32, np.int64, np.int16):                     # 0-255 values in a wide type: as they are
         np.testing.assert_array_equal(to_rgb_array(rgb.astype(dtype)), rgb)
-    twelve = (rgb[..., 0].astype(np.uint16) * 16)                     # 12-bit data, max <= 4095
-    out = to_rgb_array(Image.fromarray(twelve))
-    assert Image.fromarray(twelve).mode == "I;16" and out.max() > 200    # not near-black (scaled by 4095)
-    np.testing.assert_allclose(out[..., 0], twelve / 4095 * 255, atol=1)
-    full16 = rgb[..., 0].astype(np.uint16) * 257
-    np.testing.assert_array_equal(to_rgb_array(full16)[..., 0], rgb[..., 0])
+    full16 = rgb.astype(np.uint16) * 257                              # uint16: 0-65535, whatever the content
+    np.testing.assert_array_equal(to_rgb_array(full16), rgb)
+    np.testing.assert_array_equal(to_rgb_array(Image.fromarray(full16[..., 0])), np.repeat(rgb[..., :1], 3, 2))
+    dark = to_rgb_array(rgb.astype(np.uint16))                        # 8-bit values in uint16: dark, not stretched
+    assert dark.max() <= 1
+    rgba16 = np.dstack([full16, np.full(rgb.shape[:2], 65535, np.uint16)])
+    np.testing.assert_array_equal(to_rgb_array(rgba16), rgb)          # alpha dropped first
     np.testing.assert_array_equal(to_rgb_array(rgb / 255.0), rgb)
     with pytest.raises(ValueError, match="divide 0-255 values by 255"):
         to_rgb_array(rgb.astype(np.float32))                           # 0-255 floats: not guessed
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="NaN"):
+        to_rgb_array(np.where(rgb > 250, np.nan, rgb / 255.0))
+    with pytest.raises(ValueError, match="8-bit values 0-255, got -10"):
         to_rgb_array(rgb.astype(np.int16) - 10)
+    with pytest.raises(ValueError, match="pass uint16"):
+        to_rgb_array(rgb.astype(np.int32) * 16)
+    i32 = Image.fromarray(rgb[..., 0].astype(np.int32) * 257)            # PIL "I": beyond 255, from 0-65535
+    assert i32.mode == "I"
+    np.testing.assert_array_equal(to_rgb_array(i32)[..., 0], rgb[..., 0])
