@@ -120,6 +120,13 @@ def _local_path(spec: str) -> str:
     return os.path.expanduser(spec)
 
 
+def _is_tag(model: str, spec: str) -> bool:
+    """True if ``spec`` is an open_clip pretrained tag of ``model``."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    return bool(get_pretrained_cfg(model, spec))
+
+
 def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -218,7 +225,8 @@ def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = No
     local = _local_path(weights)
     if _is_url(weights):
         kind, path = "url", _fetch_url(weights, weights_sha256, storage_options)
-    elif os.path.exists(local) or local.endswith(LOCAL_SUFFIXES) or os.sep in local or local != weights:
+    elif (os.path.isfile(local) or local.endswith(LOCAL_SUFFIXES) or os.sep in local or local != weights
+          or (os.path.exists(local) and not _is_tag(model, weights))):   # a folder ./openai is not the tag
         if os.path.isdir(local):
             raise WeightsError(f"weights {weights} is a directory; pass the checkpoint file inside it")
         if not os.path.isfile(local):
@@ -293,9 +301,14 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
 
     arch = register_model(model)
     resolved = resolve_weights(arch, weights, weights_sha256, storage_options, cache_dir)
-    if quick_gelu is not None:
-        resolved = replace(resolved, quick_gelu=bool(quick_gelu))    # what config() and the text cache key see
-    use_quick_gelu = resolved.quick_gelu
+    # The activation the model is built with is what config() and the text cache key record. An
+    # architecture whose config says QuickGELU (``*-quickgelu``) has it whatever force_quick_gelu says.
+    built_in = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+    if built_in and quick_gelu is False:
+        raise ValueError(f"{arch} is built with QuickGELU; quick_gelu=False can't turn it off (use the "
+                         f"architecture without -quickgelu)")
+    use_quick_gelu = built_in or (resolved.quick_gelu if quick_gelu is None else bool(quick_gelu))
+    resolved = replace(resolved, quick_gelu=use_quick_gelu)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" here; we load them next

@@ -82,6 +82,10 @@ def test_offline_tag_fails_fast_with_a_pointer_to_weights_path(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE"):
         resolve_weights("ViT-B-16", "laion2b_s34b_b88k")
+    (tmp_path / "openai").mkdir()                       # a folder named like the tag does not hide it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsUnavailableError, match="weights=PATH"):
+        resolve_weights("ViT-B-16", "openai")
 
 
 def test_bad_weights_give_clear_errors(tiny_model, tmp_path):
@@ -133,6 +137,19 @@ def test_quick_gelu_override_is_what_config_and_the_text_cache_see(tiny_model):
     assert not torch.allclose(detected.text, forced.text)      # not served from the other activation's cache
     again = rfclip.Segmenter(**kw, quick_gelu=True)
     torch.testing.assert_close(again.text, forced.text)
+
+
+def test_an_architecture_built_with_quick_gelu_records_it(tiny_model, tmp_path):
+    import json
+
+    cfg, weights = tiny_model
+    qcfg = tmp_path / "tiny-built-quickgelu.json"
+    qcfg.write_text(json.dumps({**json.loads(open(cfg).read()), "quick_gelu": True}))
+    clip, _, _, resolved = load_clip(str(qcfg), weights)
+    assert resolved.quick_gelu is True
+    assert isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    with pytest.raises(ValueError, match="can't turn it off"):
+        load_clip(str(qcfg), weights, quick_gelu=False)
 
 
 def test_wrong_architecture_is_reported(vit_b16_files, tiny_model):
