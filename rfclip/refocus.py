@@ -150,8 +150,8 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
     """Defocused target tokens ``T_def`` from the normalised cut (§3b).
 
     Symmetrises ``affinity``, takes the Fiedler vector, keeps ``y_i > mean(y)``; the sign is chosen so
-    that this set is the smaller side (at most half of the patches), and on an even split the side
-    holding the first patch (independent of the solver's sign). Distractors are removed; if
+    that this set is the smaller side (at most half of the patches), and where neither side is larger,
+    the side of the first patch off the mean (so the cut never depends on the solver's sign). Distractors are removed; if
     nothing is left, all non-distractor patches receive.
 
     Args:
@@ -164,12 +164,15 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
     # any positive multiple of W (D^-1/2 W D^-1/2 does not change), so the 1/2 is left out.
     y = fiedler_vector(affinity + affinity.transpose(1, 2), solver=solver, iters=iters)
     centred = y - y.mean(dim=-1, keepdim=True)
-    above, below = centred > 0, centred < 0
-    n_above, n_below = above.sum(-1, keepdim=True), below.sum(-1, keepdim=True)
-    # [decision] On an even split the sign of y (arbitrary, solver-dependent) would pick the side; the
-    # side holding the first patch is kept instead, so every solver that finds the same split cuts the
-    # same way. (A rule on y's values fails here: even splits are the symmetric ones, equal to rounding.)
-    flip = (n_above > y.shape[-1] // 2) | ((n_above == n_below) & ~above[:, :1])   # more than half above the mean
+    # [decision] The solver's sign of y is arbitrary, and the spec's rule picks the side by it whenever
+    # neither side holds more than half (an even split, or patches at the mean). So the sign is fixed
+    # first: the first patch clearly off the mean counts as above. Patches within 1e-4 of the largest
+    # deviation from the mean are on neither side (at the mean up to rounding: solvers differ there).
+    tol = 1e-4 * centred.abs().amax(dim=-1, keepdim=True)
+    first = (centred.abs() > tol).to(torch.uint8).argmax(dim=-1, keepdim=True)
+    centred = centred * torch.gather(centred, -1, first).sign()
+    above, below = centred > tol, centred < -tol
+    flip = above.sum(-1, keepdim=True) > y.shape[-1] // 2            # more than half above the mean
     above = torch.where(flip, below, above)
     others = ~distractors
     receivers = above & others
