@@ -50,7 +50,7 @@ def run(cfg: JobConfig) -> dict:
     if cfg.labels is not None:
         if cfg.labels.num_classes != probe["num_classes"]:
             raise ValueError(f"labels have {cfg.labels.num_classes} classes but the vocabulary has {probe['num_classes']}")
-        check_first_label(cfg.labels, inputs.items)
+        check_first_label(cfg.labels, inputs.items, cfg.storage_options)
     sha = (probe["config"].get("weights") or {}).get("sha256")
     if sha and not seg_kw.get("weights_sha256"):
         seg_kw["weights_sha256"] = sha  # every worker must load exactly the weights recorded in run.json
@@ -100,12 +100,12 @@ class LabelError(ValueError):
     """A ground-truth label that can't be scored: an evaluation stops rather than score fewer images."""
 
 
-def check_first_label(labels, items: list[dict]) -> None:
+def check_first_label(labels, items: list[dict], storage_options: Optional[dict] = None) -> None:
     """Read and decode the first item's label in the driver and check its values, before any model
     work: a whole split decoded with the wrong ``--ignore-index`` fails in seconds, not after the run.
 
     Raises :class:`LabelError` for a label that can't be read or decoded, or that has values outside
-    ``[0, K)`` other than the ignore index.
+    ``[0, K)`` other than the ignore index. ``storage_options``: the job's, used when ``labels`` has none.
     """
     from .storage import read_uris
 
@@ -113,7 +113,8 @@ def check_first_label(labels, items: list[dict]) -> None:
     if first is None:
         return
     uri = str(first["label_uri"])
-    data = read_uris([uri], labels.storage_options)[0]
+    so = labels.storage_options if labels.storage_options is not None else storage_options   # as the workers
+    data = read_uris([uri], so)[0]
     try:
         if isinstance(data, BaseException):
             raise data
@@ -246,11 +247,11 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
         for j in range(len(batch["image_uri"])):
             r = {k: batch[k][j] for k in keys}
             si, pos = int(r["shard"]), int(r["pos"])
-            buf = buffers.setdefault(si, {})
-            if si in done_shards or pos in buf:
+            if si in done_shards or pos in buffers.get(si, {}):
                 counts["duplicates_dropped"] += 1
                 log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
                 continue
+            buf = buffers.setdefault(si, {})
             buf[pos] = r
             bar.update(1)
             if int(r["decode_pid"]) == int(r["model_pid"]):

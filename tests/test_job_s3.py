@@ -64,3 +64,27 @@ def test_s3_missing_prefix_fails_fast(seaweedfs_s3, tiny_model, capsys):
                "--storage-options", json.dumps(seaweedfs_s3.storage_options)] + pipeline_cli_args(tiny_model))
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err and seaweedfs_s3.secret not in err
+
+
+def test_s3_evaluation_with_labels_on_s3(seaweedfs_s3, ray_local, tiny_model, tmp_path, capsys):
+    """Images and labels on S3: the driver's first-label check reads with the job's storage options."""
+    from jobs.segment_dataset import main
+
+    from conftest import pipeline_cli_args
+    fs, bucket = seaweedfs_s3.fs(), seaweedfs_s3.bucket
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        for kind, arr in (("img", (rng.random((30, 40, 3)) * 255).astype(np.uint8)),
+                          ("lab", rng.integers(0, 4, (30, 40)).astype(np.uint8))):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            fs.pipe(f"{bucket}/eval/{kind}/{i}.png", buf.getvalue())
+    args = pipeline_cli_args(tiny_model)
+    i = args.index("--vocabulary")
+    args[i + 1] = "sky; road; car"
+    out = f"s3://{bucket}/eval-out"
+    rc = main(["--input", f"s3://{bucket}/eval/img", "--labels", f"s3://{bucket}/eval/lab", "--ignore-index", "3",
+               "--output", out, "--storage-options", json.dumps(seaweedfs_s3.storage_options)] + args)
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads(fs.cat_file(f"{bucket}/eval-out/metrics.json"))
+    assert metrics["images"] == 2 and metrics["images_failed"] == 0

@@ -31,3 +31,31 @@ def test_job_in_windows_writes_every_image_once(ray_local, tiny_model, tmp_path)
     assert summary["ok"] == 7 and summary["shards_total"] == 4
     uris = read_predictions(str(out)).column("image_uri").to_pylist()
     assert len(uris) == len(set(uris)) == 7
+
+
+def test_a_duplicate_row_of_a_committed_shard_is_dropped_not_fatal(monkeypatch):
+    """An actor restart can deliver a row again after its shard was committed: it is counted and dropped."""
+    import numpy as np
+
+    from pipeline import job, sources
+    from pipeline.job_config import JobConfig
+
+    items = [{"image_uri": f"/x/{i}.png", "label_uri": None} for i in range(2)]
+    shards = sources.make_shards(items, 2)
+
+    def row(pos):
+        return {"image_uri": np.array([items[pos]["image_uri"]]), "shard": np.array([0]), "pos": np.array([pos]),
+                "decode_pid": np.array([1]), "model_pid": np.array([2])}
+
+    class Rows:
+        def iter_batches(self, **kw):
+            yield from (row(0), row(1), row(1))            # row 1 again, after shard-00000 is committed
+
+    committed = []
+    monkeypatch.setattr(job, "_build_dataset", lambda *a, **k: Rows())
+    monkeypatch.setattr(job, "_default_workers", lambda cfg: (1, 0.0))
+    monkeypatch.setattr(job, "_commit", lambda cfg, shard, rows, *a: committed.append((shard.name, sorted(rows))))
+    counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0}
+    job._run_window(JobConfig(output="/unused", progress=False), shards, sources.Inputs(items, None, "x"),
+                    {"num_classes": 2}, {}, "sha", counts, set(), 0, 2)
+    assert committed == [("shard-00000", [0, 1])] and counts["duplicates_dropped"] == 1
