@@ -301,9 +301,11 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_cl
         for r in rows:
             if r["status"] != "ok" and str(r["error"]).startswith("label failed"):
                 raise LabelError(
-                    f"{storage.scrub(str(r['image_uri']))}: {r['error']}. An evaluation stops here rather than "
-                    f"leave the image out of the metrics: fix the label (or --ignore-index) and run again; "
-                    f"shards committed so far are kept, this one is not")
+                    f"label {storage.scrub(str(r.get('label_uri')))} of {storage.scrub(str(r['image_uri']))}: "
+                    f"{r['error']}. An evaluation stops here rather than leave the image out of the metrics. "
+                    f"Fix the label file and run the same command again (the shards committed so far are "
+                    f"kept, this one is not); a different --ignore-index needs --overwrite once shards are "
+                    f"committed")
     out_rows = [_to_parquet_row(r) for r in rows]
     ran = sorted({str(r["execution"]) for r in rows})
     executions.update(ran)

@@ -8,10 +8,13 @@ writes run.json, and says which shards are left to do.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import platform
 from importlib import metadata
 
 from . import sinks, sources, storage
+
+log = logging.getLogger(__name__)
 
 VERSION_PACKAGES = ("rfclip", "torch", "open_clip_torch", "ray", "pyarrow", "pillow", "numpy", "fsspec", "s3fs")
 
@@ -72,7 +75,7 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
     """Check ``cfg.output`` against ``ident``, write run.json, and return the shards still to commit.
 
     ``--overwrite`` clears the job's outputs first. Raises :class:`ConfigMismatch` when run.json's
-    identity differs (the differing keys listed), when committed shards exist without a run.json, or
+    identity differs (the differing keys listed) and shards were committed under it, when committed shards exist without a run.json, or
     when committed shards are not among ``shards``. A finished run's summary.json is removed, so a
     crash from here on never leaves an old "finished" summary behind.
     """
@@ -89,6 +92,9 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
         if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
             old["input"] = storage.canonical_uri(old_input, so)
         diffs = sinks.config_differences(old, ident)
+        if diffs and not committed:     # nothing was done under the old configuration: nothing to protect
+            log.info("run.json of a run that committed no shard is replaced (%s)", "; ".join(diffs))
+            diffs = []
         if diffs:
             note = ("\nthis run.json is older than image ids relative to the input root for --labels, --limit "
                     "and --data-root runs (it records the input as \"<items>\"): their ids differ now"

@@ -183,3 +183,21 @@ def test_first_label_check_covers_decoders_that_do_not_check_themselves(tmp_path
     check_first_label(LabelSpec(decode_label=lambda data: np.array([[0, 2, 255]]), num_classes=3), items)
     with pytest.raises(LabelError, match="can't be scored"):
         check_first_label(spec, [{"image_uri": "a.png", "label_uri": str(tmp_path / "missing.png")}])
+
+
+def test_a_run_stopped_before_any_commit_may_rerun_with_another_ignore_index(ray_local, tiny_model, tmp_path,
+                                                                               capsys):
+    """The first label has no void pixels, a later one has: the run stops before its only shard commits,
+    and the same command with --ignore-index 11 is not refused (nothing was done under the old config)."""
+    from jobs.segment_dataset import main
+
+    images, labels = _labelled_folder(tmp_path, n=2)
+    Image.fromarray(np.random.default_rng(1).integers(0, 11, (40, 60)).astype(np.uint8)).save(labels / "0.png")
+    out = tmp_path / "out"
+    argv = (["--input", str(images), "--labels", str(labels), "--vocabulary", CAMVID, "--output", str(out)]
+            + model_flags(tiny_model))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"label {labels / '1.png'}" in err and "--ignore-index needs --overwrite once shards" in err
+    assert main(argv + ["--ignore-index", "11"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["images"] == 2
