@@ -81,7 +81,11 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
                     overwrite=args.overwrite, items=items, input_root=src.root, labels=labels)
     run(cfg)
     extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit}
-    return finish_evaluation(out, src, so, extra=extra)      # its images_failed counts every committed shard
+    result = finish_evaluation(out, src, so, extra=extra)    # its images_failed counts every committed shard
+    if result["images_failed"]:
+        log.warning("%s x %s: %d images could not be segmented and are not scored (see %s/metrics.md)",
+                    benchmark, method, result["images_failed"], out)
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

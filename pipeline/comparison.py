@@ -59,7 +59,8 @@ def _cell(c: dict) -> str:
         n = f" n={c['images']}" + ("" if c["images"] == c["val_images"] else f"/{c['val_images']}")
     else:
         n = f" n={c['images']}"
-    return meas + pub + n
+    failed = c.get("failed_images") or 0
+    return meas + pub + n + (f" ({failed} failed)" if failed else "")
 
 
 def comparison_markdown(table: dict, title: str = "mIoU comparison") -> str:

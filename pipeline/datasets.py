@@ -265,7 +265,7 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
     ignore = IGNORE  # every benchmark decodes ignored pixels (incl. reduced zeros) to 255
     names = preset_class_names(preset)
     return LabelledSource(benchmark, [(full_uri(fs, i), full_uri(fs, l)) for i, l in pairs], names, ignore,
-                          layout.transform, so, root=full_uri(fs, root))
+                          layout.transform, so, root=full_uri(fs, ds.rstrip("/")))   # ids: either --data-root spelling
 
 
 def preset_class_names(preset) -> list[str]:

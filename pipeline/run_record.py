@@ -56,9 +56,9 @@ def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
 
     ``input`` names the root image ids are relative to (the input folder or the data root), else the
     manifest or image file; resolved (:func:`~pipeline.storage.canonical_uri`), so any spelling of the same
-    input resumes. Given items without a root (a manifest cut by --limit) record ``"<items>"``.
+    input resumes. Items given without any input (the Python API) record ``"<items>"``.
     """
-    recorded = storage.canonical_uri(cfg.input, cfg.storage_options) if cfg.items is None else "<items>"
+    recorded = storage.canonical_uri(cfg.input, cfg.storage_options) if cfg.input else "<items>"
     return {
         "input": inputs.root or recorded,
         "num_inputs": len(inputs.items),

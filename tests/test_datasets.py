@@ -70,6 +70,13 @@ def test_standard_data_root_layout_and_limit(tmp_path):
         open_labelled_source("context60", data_root=str(root))
 
 
+def test_image_ids_do_not_depend_on_how_the_data_root_is_spelled(tmp_path):
+    root = _standard_layout(tmp_path, shared_data_dir())
+    a = open_labelled_source("voc21", data_root=str(root), limit=3)
+    b = open_labelled_source("voc21", data_root=str(root / "VOCdevkit" / "VOC2012"), limit=3)
+    assert a.root == b.root == str(root / "VOCdevkit" / "VOC2012") and a.pairs == b.pairs
+
+
 def test_ade20k_reduce_zero_label_known_pixels():
     data = shared_data_dir()
     src = open_labelled_source("ade20k", data_root=str(data / "ade20k-mini"))

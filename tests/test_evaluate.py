@@ -42,6 +42,8 @@ def test_comparison_table_layout():
     assert lines[0] == "| method | VOC21 | ADE | avg |"
     assert lines[1] == "| rfclip | **10.0** (64.8) n=5/1449 | **20.0** (20.4) n=2000 | **15.0** (42.6) |"
     assert lines[2].startswith("| clearclip | **30.0** (51.8) n=5/1449 | – (16.7) |")
+    rf["cells"]["voc21"]["failed_images"] = 2                # an evaluation with unreadable images says so
+    assert "n=5/1449 (2 failed)" in comparison_markdown(t)
     pamr = build_comparison(results, ["voc21"], ["rfclip"], pamr=True)
     assert pamr["rows"][0]["cells"]["voc21"]["published"] == 67.2
 

@@ -168,8 +168,8 @@ def test_rerun_with_the_input_spelled_another_way_resumes(first_run, tiny_model,
 
 
 def test_run_json_input_decides_the_image_ids(tmp_path, monkeypatch):
-    """run.json's input is the root of the image ids (or the manifest, or "<items>" for rootless items), so
-    two runs with the same identity give an image the same id."""
+    """run.json's input is the root of the image ids (or the manifest, or "<items>" for items given without
+    an input), so two runs with the same identity give an image the same id."""
     from pipeline import sources
     from pipeline.job_config import JobConfig
     from pipeline.run_record import identity
@@ -181,7 +181,9 @@ def test_run_json_input_decides_the_image_ids(tmp_path, monkeypatch):
     limited = sources.inputs_from_items(items, str(tmp_path / "in"))        # --limit over the same folder
     assert identity(JobConfig(output="o", input="in", items=items), limited, {})["input"] == str(tmp_path / "in")
     rootless = sources.inputs_from_items(items)                             # a manifest cut by --limit
-    assert identity(JobConfig(output="o", input="in", items=items), rootless, {})["input"] == "<items>"
+    assert identity(JobConfig(output="o", input="list.txt", items=items), rootless, {})["input"] == \
+        str(tmp_path / "list.txt")                                          # whole URIs hashed, as without it
+    assert identity(JobConfig(output="o", items=items), rootless, {})["input"] == "<items>"   # API items
     manifest = sources.Inputs(items, None, "manifest")
     assert identity(JobConfig(output="o", input="./list.txt"), manifest, {})["input"] == str(tmp_path / "list.txt")
 
