@@ -90,8 +90,9 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
 
 def _find_files(fs, folder: str) -> list[str]:
     """Every file below ``folder``. On a local disk symlinked folders are followed, each real folder once:
-    a link to a folder inside ``folder`` or to one already listed (a cycle, a second link) is not followed,
-    and a warning names it; so does a folder that can't be read."""
+    a link to a folder inside ``folder``, to ``folder`` or one holding it, or to a folder already listed
+    (a cycle, a second link, a real folder reached by a link before) is not followed, and a warning
+    names it; so does a folder that can't be read."""
     if not is_local(fs):
         return fs.find(folder)
     real_root = os.path.realpath(folder)
@@ -106,10 +107,13 @@ def _find_files(fs, folder: str) -> list[str]:
         for name in sorted(folders):
             sub = os.path.join(parent, name)
             real = os.path.realpath(sub)
-            if os.path.islink(sub) and (real in seen or real.startswith(real_root + os.sep)):
-                log.warning("symlinked folder %s -> %s not followed: %s", sub, real,
-                            "it is inside the input folder" if real.startswith(real_root + os.sep)
-                            else "that folder is listed already (a cycle, or a second link to it)")
+            link = os.path.islink(sub)
+            why = ("it is the input folder or holds it" if real == real_root or real_root.startswith(real + os.sep)
+                   else "it is inside the input folder" if link and real.startswith(real_root + os.sep)
+                   else "that folder is listed already (a cycle, or a second link to it)" if real in seen
+                   else None)
+            if why:
+                log.warning("folder %s -> %s not followed: %s", sub, real, why)
                 continue
             seen.add(real)
             followed.append(name)

@@ -87,12 +87,17 @@ def test_symlinked_folders_are_followed_once(pipeline_images, tmp_path, caplog):
     (pipeline_images / "linked").symlink_to(elsewhere)               # a second link to the same folder
     (pipeline_images / "self").symlink_to(pipeline_images / "a")     # a folder listed anyway
     (pipeline_images / "file.png").symlink_to(elsewhere / "x.png")   # a symlinked file is an image like any
+    (elsewhere / "sub").mkdir()
+    (elsewhere / "sub" / "s.png").write_bytes(b"s")
+    (pipeline_images / "sub-again").symlink_to(elsewhere / "sub")     # a real folder also reached via "again"
+    (pipeline_images / "up").symlink_to(tmp_path)                    # an ancestor: would list the input twice
     with caplog.at_level("WARNING", logger="pipeline.sources"):
         uris = [it["image_uri"] for it in sources.resolve_inputs(str(pipeline_images)).items]
-    assert len(uris) == 12
+    assert len(uris) == 13 and len({u.rsplit("/", 1)[1] for u in uris if u.endswith("s.png")}) == 1
     assert f"{pipeline_images}/again/x.png" in uris and f"{pipeline_images}/file.png" in uris
+    assert not any("/up/" in u for u in uris)
     warned = caplog.text
-    for name in ("linked", "again/loop", "again/back", "self"):
+    for name in ("linked", "again/loop", "again/back", "self", "up"):
         assert f"{pipeline_images}/{name} ->" in warned, name
 
 
