@@ -71,9 +71,13 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
         inner = _inner_output(fs, path, exclude, storage_options)
-        files = _find_files(fs, path)
-        if inner is not None:
-            files = [f for f in files if not f.startswith(inner + "/")]
+        if is_local(fs):          # the output's folder is pruned by its real path, however it is reached
+            out = canonical_uri(exclude, storage_options) if exclude else None
+            files = _find_files(fs, path, skip=out if out and "://" not in out else None)
+        else:
+            files = fs.find(path)
+            if inner is not None:
+                files = [f for f in files if not f.startswith(inner + "/")]
         items = [{"image_uri": full_uri(fs, f), "label_uri": None} for f in files if is_image_path(f)]
         root, kind = full_uri(fs, path), "folder"
         if not items:
@@ -88,14 +92,16 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     return _dedupe_sorted(items, root, kind)
 
 
-def _find_files(fs, folder: str) -> list[str]:
+def _find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
     """Every file below ``folder``. On a local disk symlinked folders are followed, each real folder once:
     a link to a folder inside ``folder``, to ``folder`` or one holding it, or to a folder already listed
     (a cycle, a second link, a real folder reached by a link before) is not followed, and a warning
-    names it; so does a folder that can't be read."""
+    names it; so does a folder that can't be read. The folder whose real path is ``skip``'s (the job's
+    output) is left out."""
     if not is_local(fs):
         return fs.find(folder)
     real_root = os.path.realpath(folder)
+    real_skip = os.path.realpath(skip) if skip else None
     seen = {real_root}
     files = []
 
@@ -112,6 +118,9 @@ def _find_files(fs, folder: str) -> list[str]:
                    else "it is inside the input folder" if link and real.startswith(real_root + os.sep)
                    else "that folder is listed already (a cycle, or a second link to it)" if real in seen
                    else None)
+            if real == real_skip:
+                log.info("%s is the output: its files are not listed as inputs", sub)
+                continue
             if why:
                 log.warning("folder %s -> %s not followed: %s", sub, real, why)
                 continue
@@ -130,7 +139,7 @@ def _inner_output(fs, folder: str, output: Optional[str], storage_options: Optio
     if output is None:
         return None
     out, root = canonical_uri(output, storage_options), full_uri(fs, folder)
-    if out == root:
+    if out == root or (is_local(fs) and "://" not in out and os.path.realpath(out) == os.path.realpath(root)):
         raise ValueError(f"the output {output!r} is the input folder; write to another folder (a sub-folder of "
                          f"the input is fine: its files are not listed as inputs)")
     if not out.startswith(root.rstrip("/") + "/"):

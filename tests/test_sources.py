@@ -77,6 +77,24 @@ def test_an_output_inside_the_input_folder_is_not_listed(pipeline_images):
         sources.resolve_inputs(str(pipeline_images), exclude=f"{pipeline_images}/")
 
 
+def test_an_output_reached_through_a_symlink_is_not_listed(pipeline_images, tmp_path):
+    alias = tmp_path / "alias"
+    alias.symlink_to(pipeline_images)
+    (pipeline_images / "out" / "masks").mkdir(parents=True)
+    (pipeline_images / "out" / "masks" / "m-0123456789.png").write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "out").mkdir(parents=True)
+    (elsewhere / "out" / "fig.png").write_bytes(b"x")
+    (pipeline_images / "linked").symlink_to(elsewhere)               # the output under a followed link
+    for input_, output in ((pipeline_images, alias / "out"), (alias, pipeline_images / "out")):
+        uris = [it["image_uri"] for it in sources.resolve_inputs(str(input_), exclude=str(output)).items]
+        assert not any(u.endswith("m-0123456789.png") for u in uris) and any(u.endswith("fig.png") for u in uris)
+    uris = [it["image_uri"] for it in sources.resolve_inputs(str(pipeline_images), exclude=str(elsewhere / "out")).items]
+    assert not any(u.endswith("fig.png") for u in uris)
+    with pytest.raises(ValueError, match="is the input folder"):
+        sources.resolve_inputs(str(pipeline_images), exclude=str(alias))
+
+
 def test_symlinked_folders_are_followed_once(pipeline_images, tmp_path, caplog):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
