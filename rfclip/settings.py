@@ -142,13 +142,22 @@ class Settings:
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
-# Each setting's type: ``(base, optional)`` with base bool, int, float, str or tuple (of ints).
+# Each setting's base type (bool, int, float, str or tuple of ints); _OPTIONAL: those that may be None.
 _TYPES = {name: get_origin(base) or base
           for name, t in get_type_hints(Settings).items()
           for base in [t.__args__[0] if type(None) in getattr(t, "__args__", ()) else t]}
 _OPTIONAL = {name for name, t in get_type_hints(Settings).items()
              if type(None) in getattr(t, "__args__", ())}
 _TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+# Numeric settings' ranges: name -> (lowest, highest or None, lowest itself excluded).
+_RANGES = {
+    "logit_scale": (0, None, True), "naclip_sigma": (0, None, True), "lam": (0, 1, False),
+    "batch_size": (1, None, False), "short_side": (0, None, False), "max_long_side": (1, None, False),
+    "prob_thd": (0, 1, False), "area_thd": (0, 1, False), "release_keep": (0, 1, False),
+    "release_sim_threshold": (-1, 1, False), "h_threshold": (0, 2, False), "global_semantics_weight": (0, 1, False),
+    "mean_vector_weight": (0, 1, False), "tau": (0, None, False), "min_received_attention": (0, 1, False),
+    "ncut_iters": (1, None, False), "global_input_size": (1, None, False),
+}
 NCUT_SOLVERS = ("auto", "eigh", "subspace", "squaring")
 PLANS = ("auto", "explicit", "fused", "graphed")
 ATTENTION_KERNELS = ("auto", "torch", "triton")
@@ -285,8 +294,6 @@ def _validate(s: Settings) -> None:
     if s.slide_crop < 0 or (s.slide_crop > 0 and not 0 < s.slide_stride <= s.slide_crop):
         raise ValueError("slide_crop must be >= 0, and 0 < slide_stride <= slide_crop when sliding "
                          "(a larger stride would leave pixels no window covers)")
-    if not 0.0 <= s.lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {s.lam}")
     if s.ncut_solver not in NCUT_SOLVERS:
         raise ValueError(f"ncut_solver must be one of {', '.join(NCUT_SOLVERS)}; got {s.ncut_solver!r}")
     if s.plan not in PLANS:
@@ -299,23 +306,10 @@ def _validate(s: Settings) -> None:
     if s.plan == "graphed" and s.ncut_solver not in ("auto", "squaring"):
         raise ValueError(f"plan='graphed' needs ncut_solver 'squaring' or 'auto': {s.ncut_solver!r} calls "
                          f"cuSOLVER, which CUDA graphs cannot capture")
-    if s.batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if s.short_side < 0 or s.max_long_side < 1:
-        raise ValueError("short_side must be >= 0 and max_long_side >= 1")
-    ranges = {   # name: (low, high, what); None is open
-        "logit_scale": (0.0, None, "> 0"), "naclip_sigma": (0.0, None, "> 0"),
-        "prob_thd": (0.0, 1.0, "in [0, 1]"), "area_thd": (0.0, 1.0, "in [0, 1]"),
-        "release_keep": (0.0, 1.0, "in [0, 1]"), "release_sim_threshold": (-1.0, 1.0, "in [-1, 1]"),
-        "h_threshold": (0.0, 2.0, "in [0, 2]"), "global_semantics_weight": (0.0, 1.0, "in [0, 1]"),
-        "mean_vector_weight": (0.0, 1.0, "in [0, 1]"), "tau": (0.0, None, ">= 0"),
-        "min_received_attention": (0.0, 1.0, "in [0, 1]"), "ncut_iters": (1, None, ">= 1"),
-        "global_input_size": (1, None, ">= 1"),
-    }
-    for name, (low, high, what) in ranges.items():
+    for name, (low, high, low_excluded) in _RANGES.items():
         v = getattr(s, name)
         if v is None:
             continue
-        strict = what.startswith(">") and not what.startswith(">=")
-        if (v <= low if strict else v < low) or (high is not None and v > high):
+        if v < low or (low_excluded and v == low) or (high is not None and v > high):
+            what = (f"in [{low}, {high}]" if high is not None else f"{'>' if low_excluded else '>='} {low}")
             raise ValueError(f"setting {name} must be {what}, got {v}")
