@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import IMAGE_SUFFIXES, to_rgb_array
-from .segmenter import MEAN, STD
+from .segmenter import MEAN, STD, pick_device
 from .vit import DenseViT
 from .weights import WeightsError, load_clip
 
@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = json.loads(args.storage_options) if args.storage_options else None
         clip, _, arch, _ = load_clip(args.model, args.weights, args.weights_sha256)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here")
-        vit = DenseViT(clip.visual.to(device))
+        vit = DenseViT(clip.visual.to(pick_device(args.device)))
         images = []
         for uri in list_images(args.images, opts, args.limit):
             try:

@@ -69,6 +69,16 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
     return out
 
 
+def pick_device(device: Optional[str] = None) -> torch.device:
+    """``device`` as a ``torch.device``; None picks CUDA when available. A CUDA device where CUDA is not
+    available is an error now, not at the first tensor."""
+    picked = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch "
+                         f"{torch.__version__}); leave device unset or pass 'cpu'")
+    return picked
+
+
 class Segmenter:
     """Open-vocabulary semantic segmentation with a frozen open_clip ViT.
 
@@ -97,10 +107,7 @@ class Segmenter:
             if benchmark is None:
                 raise ValueError("give a vocabulary (or a benchmark whose classes to use)")
             vocabulary = BENCHMARKS[benchmark].vocabulary
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch "
-                             f"{torch.__version__}); leave device unset or pass 'cpu'")
+        self.device = pick_device(device)
         self.dtype = DTYPES[self.settings.precision]
         clip, tokenizer, arch, resolved = load_clip(model, weights, weights_sha256, storage_options,
                                                      quick_gelu=quick_gelu)
