@@ -50,7 +50,7 @@ def run(cfg: JobConfig) -> dict:
     if cfg.labels is not None:
         if cfg.labels.num_classes != probe["num_classes"]:
             raise ValueError(f"labels have {cfg.labels.num_classes} classes but the vocabulary has {probe['num_classes']}")
-        check_first_label(cfg.labels, inputs.items, cfg.storage_options)
+        check_first_label(cfg.labels, inputs.items, _label_storage_options(cfg))
     sha = (probe["config"].get("weights") or {}).get("sha256")
     if sha and not seg_kw.get("weights_sha256"):
         seg_kw["weights_sha256"] = sha  # every worker must load exactly the weights recorded in run.json
@@ -105,7 +105,7 @@ def check_first_label(labels, items: list[dict], storage_options: Optional[dict]
     work: a whole split decoded with the wrong ``--ignore-index`` fails in seconds, not after the run.
 
     Raises :class:`LabelError` for a label that can't be read or decoded, or that has values outside
-    ``[0, K)`` other than the ignore index. ``storage_options``: the job's, used when ``labels`` has none.
+    ``[0, K)`` other than the ignore index. ``storage_options``: fsspec options to read labels with.
     """
     from .storage import read_uris
 
@@ -113,8 +113,7 @@ def check_first_label(labels, items: list[dict], storage_options: Optional[dict]
     if first is None:
         return
     uri = str(first["label_uri"])
-    so = labels.storage_options if labels.storage_options is not None else storage_options   # as the workers
-    data = read_uris([uri], so)[0]
+    data = read_uris([uri], storage_options)[0]
     try:
         if isinstance(data, BaseException):
             raise data
@@ -127,6 +126,13 @@ def check_first_label(labels, items: list[dict], storage_options: Optional[dict]
         raise LabelError(f"label {storage.scrub(uri)} has values {bad[:10].tolist()} outside the {k} classes "
                          f"(0..{k - 1}) and not the ignore index {ignore}; if they mark unlabelled pixels, pass "
                          f"--ignore-index VALUE")
+
+
+def _label_storage_options(cfg: JobConfig) -> Optional[dict]:
+    """fsspec options for the labels: their own, else the job's."""
+    if cfg.labels is not None and cfg.labels.storage_options is not None:
+        return cfg.labels.storage_options
+    return cfg.storage_options
 
 
 def _resolve_inputs(cfg: JobConfig) -> sources.Inputs:
@@ -212,8 +218,7 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
                           fn_kwargs=dict(num_classes=probe["num_classes"], output_uri=cfg.output,
                                          storage_options=cfg.storage_options, save_masks=cfg.save_masks,
                                          decode_label=lab.decode_label if lab else None,
-                                         label_storage_options=(lab.storage_options if lab and lab.storage_options
-                                                                is not None else cfg.storage_options),
+                                         label_storage_options=_label_storage_options(cfg),
                                          ignore_index=lab.ignore_index if lab else 255))
 
 
