@@ -40,6 +40,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from .sources import find_files
 from .storage import canonical_path, full_uri, get_fs
 
 IGNORE = 255
@@ -209,8 +210,9 @@ def _fs_and_path(uri: str, so: dict):
 
 
 def _list_files(fs, directory: str, suffix: str) -> list[str]:
-    """All files below ``directory`` (recursive) whose name ends with ``suffix``, sorted."""
-    return sorted(p for p in fs.find(directory) if p.endswith(suffix))
+    """All files below ``directory`` (recursive) whose name ends with ``suffix``, sorted. On a local disk
+    symlinked folders inside it are followed, as for the job's ``--input`` (:func:`sources.find_files`)."""
+    return sorted(p for p in find_files(fs, directory) if p.endswith(suffix))
 
 
 def _find_dataset_dir(fs, root: str, layout: Layout, benchmark: str) -> str:

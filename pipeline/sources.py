@@ -60,7 +60,7 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder, and
     every entry is spelled one way (``file:///x/a.jpg`` and ``/x/./a.jpg`` are ``/x/a.jpg``), so a file
     listed twice is processed once.
-    On a local disk, symlinked folders are followed (see :func:`_find_files`).
+    On a local disk, symlinked folders are followed (see :func:`find_files`).
     ``exclude``: the job's output. When it lies inside a listed folder, the files under it are left out
     (the job's own masks and figures are not inputs of its next run); when it is that folder, ``ValueError``.
     Raises ``FileNotFoundError`` for a missing input and ``ValueError`` for an empty one.
@@ -73,7 +73,7 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
         inner = _inner_output(fs, path, exclude, storage_options)
         if is_local(fs):          # the output's folder is pruned by its real path, however it is reached
             out = canonical_uri(exclude, storage_options) if exclude else None
-            files = _find_files(fs, path, skip=out if out and "://" not in out else None)
+            files = find_files(fs, path, skip=out if out and "://" not in out else None)
         else:
             files = fs.find(path)
             if inner is not None:
@@ -92,7 +92,7 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     return _dedupe_sorted(items, root, kind)
 
 
-def _find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
+def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
     """Every file below ``folder``. On a local disk symlinked folders are followed, each real folder once:
     a link to a folder inside ``folder``, to ``folder`` or one holding it, or to a folder already listed
     (a cycle, a second link, a real folder reached by a link before) is not followed, and a warning

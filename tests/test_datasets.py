@@ -205,3 +205,21 @@ def test_label_transforms_unit():
                                   [1, 80, 0, 0, 255])
     with pytest.raises(ValueError):
         coco_object_from_stuff(np.array([171]))
+
+
+def test_nested_symlinked_folders_are_listed(tmp_path):
+    """Image and label folders linked inside a benchmark's folders are listed, as the job's --input lists them."""
+    data = shared_data_dir()
+    ade = tmp_path / "ADEChallengeData2016"
+    for sub in ("images", "annotations"):
+        (ade / sub).mkdir(parents=True)
+        os.symlink(data / "ade20k-mini" / sub / "validation", ade / sub / "validation")
+    assert len(open_labelled_source("ade20k", data_root=str(tmp_path)).pairs) == 6
+    # one level deeper: the split's folder is real, the files sit in a linked folder inside it
+    nested = tmp_path / "nested" / "ADEChallengeData2016"
+    for sub in ("images", "annotations"):
+        (nested / sub / "validation").mkdir(parents=True)
+        os.symlink(data / "ade20k-mini" / sub / "validation", nested / sub / "validation" / "part1")
+    src = open_labelled_source("ade20k", data_root=str(tmp_path / "nested"))
+    assert len(src.pairs) == 6
+    assert all("/validation/part1/" in i and "/validation/part1/" in l for i, l in src.pairs)
