@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
@@ -127,12 +128,25 @@ def _is_tag(model: str, spec: str) -> bool:
     return bool(get_pretrained_cfg(model, spec))
 
 
-def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+def _unreachable(host: str, scheme: str = "https", port: Optional[int] = None, use_proxy: bool = True,
+                 timeout: float = 3.0) -> Optional[str]:
+    """Why ``scheme://host:port`` can't be reached, or None if a TCP connection opens. With ``use_proxy``,
+    through the proxy that ``$HTTPS_PROXY`` / ``$HTTP_PROXY`` (``$NO_PROXY`` aside) gives for it, since
+    the download goes through that proxy too and the host itself may be reachable only from there."""
+    port = port or (443 if scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(scheme) if use_proxy else None
+    if proxy and urllib.request.proxy_bypass(host):
+        proxy = None
+    target, via = (host, port), ""
+    if proxy:
+        p = urlparse(proxy if "://" in proxy else "http://" + proxy)
+        target = (p.hostname or "", p.port or (443 if p.scheme == "https" else 80))
+        via = f" through the proxy {target[0]}:{target[1]}"
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        with socket.create_connection(target, timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host} is unreachable{via}: {e.strerror or e}"
 
 
 def _offline_message(model: str, tag: str, reason: str) -> str:
@@ -158,8 +172,9 @@ def _resolve_tag(model: str, tag: str, cache_dir: Optional[str]) -> str:
     host = hub_host if cfg.get("hf_hub") else urlparse(url).hostname
     if os.environ.get("HF_HUB_OFFLINE") == "1" and cfg.get("hf_hub"):
         raise WeightsUnavailableError(_offline_message(model, tag, "HF_HUB_OFFLINE=1"))
-    if not host or not _host_reachable(host):
-        raise WeightsUnavailableError(_offline_message(model, tag, f"{host} is unreachable"))
+    why = _unreachable(host) if host else "the tag has no download address"
+    if why:
+        raise WeightsUnavailableError(_offline_message(model, tag, why))
     try:
         return download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - re-raised with the actionable message
@@ -202,10 +217,13 @@ def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Option
     except FileNotFoundError as e:
         # fsspec's HTTP filesystem says "not found" for a host it can't reach, too.
         parsed = urlparse(url)
-        if parsed.scheme in ("http", "https") and parsed.hostname and not _host_reachable(
-                parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)):
-            raise WeightsUnavailableError(f"can't reach {parsed.hostname} for weights URL {url} (offline?); "
-                                          f"pass weights=PATH with a local copy") from e
+        # fsspec's HTTP client goes through $HTTPS_PROXY only when asked to (client_kwargs trust_env).
+        trust_env = bool(((storage_options or {}).get("client_kwargs") or {}).get("trust_env"))
+        why = (_unreachable(parsed.hostname, parsed.scheme, parsed.port, use_proxy=trust_env)
+               if parsed.scheme in ("http", "https") and parsed.hostname else None)
+        if why:
+            raise WeightsUnavailableError(f"can't fetch weights URL {url} ({why}; offline?); pass weights=PATH "
+                                          f"with a local copy") from e
         raise WeightsError(f"weights URL {url} does not exist") from e
     except OSError as e:
         raise WeightsError(f"can't read weights URL {url}: {type(e).__name__}: {e}") from e

@@ -124,7 +124,7 @@ def test_file_urls_and_home_paths_are_local_files(tiny_model, tmp_path, monkeypa
 
 def test_unreachable_weights_host_is_not_reported_as_a_missing_file(tiny_model):
     cfg, _ = tiny_model
-    with pytest.raises(WeightsError, match="can't reach 127.0.0.1"):        # nothing listens on port 9
+    with pytest.raises(WeightsError, match="can't fetch weights URL .*127.0.0.1 is unreachable"):        # nothing listens on port 9
         resolve_weights(cfg, "http://127.0.0.1:9/ViT-B-16.pt")
 
 
@@ -157,3 +157,70 @@ def test_wrong_architecture_is_reported(vit_b16_files, tiny_model):
     cfg, _ = tiny_model
     with pytest.raises(WeightsError, match="does not fit"):
         load_clip(cfg, str(files["pt"]))
+
+
+@pytest.fixture
+def fake_proxy(monkeypatch):
+    """An HTTP proxy on loopback that answers every request 502 and records the request lines;
+    ``$HTTPS_PROXY`` and ``$HTTP_PROXY`` point at it, and no host is exempt."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    seen: list[str] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                seen.append(conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace"))
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    yield seen
+    srv.close()
+
+
+def test_behind_a_proxy_the_tag_download_is_tried_through_it(fake_proxy, tmp_path, monkeypatch):
+    """The offline check connects to the proxy, not to the hub (which a proxied network may not route to
+    directly); the download then goes through the proxy, and its answer is what the error reports."""
+    from rfclip.weights import _resolve_tag
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(WeightsUnavailableError, match="download failed.*502"):
+        _resolve_tag("ViT-B-16", "openai", str(tmp_path / "cache"))
+    assert any(line.startswith("CONNECT huggingface.co:443") for line in fake_proxy), fake_proxy
+
+
+def test_reachability_names_the_proxy_and_honours_no_proxy(fake_proxy, monkeypatch):
+    from rfclip.weights import _unreachable
+
+    assert _unreachable("nowhere.invalid") is None                    # the proxy answers for it
+    monkeypatch.setenv("NO_PROXY", "nowhere.invalid")
+    assert "nowhere.invalid is unreachable" in _unreachable("nowhere.invalid")      # direct: no such host
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")            # nothing listens on port 9
+    assert _unreachable("huggingface.co").startswith("huggingface.co is unreachable through the proxy 127.0.0.1:9")
+
+
+def test_weights_url_through_a_proxy_when_fsspec_is_told_to_use_it(fake_proxy, tmp_path, monkeypatch):
+    """fsspec's HTTP client uses the proxy only with ``client_kwargs={"trust_env": True}``: then the proxy's
+    answer is reported, not an unreachable host; without it the host is checked directly."""
+    from rfclip.weights import _fetch_url
+
+    monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WeightsError) as proxied:
+        _fetch_url("http://nowhere.invalid/w.pt", None, {"client_kwargs": {"trust_env": True}})
+    assert "unreachable" not in str(proxied.value) and fake_proxy
+    with pytest.raises(WeightsUnavailableError, match="nowhere.invalid is unreachable"):
+        _fetch_url("http://nowhere.invalid/w.pt", None, None)
