@@ -188,6 +188,10 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
     gpw = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker is not None else (1.0 if gpus > 0 else 0.0)
+    if gpus == 0 and cfg.num_gpus_per_worker is None and (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        # The defaults count the GPUs up now; an autoscaler starts GPU nodes only for actors that ask.
+        log.warning("the cluster has no GPU now, so the model runs on CPU; on an autoscaling cluster pass "
+                    "--num-gpus-per-worker 1 --workers N to ask for N GPU nodes")
     if cfg.workers is not None:
         return int(cfg.workers), gpw
     return (max(1, int(gpus // gpw)) if gpw > 0 else 1), gpw
@@ -247,28 +251,35 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
                mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
     t0 = time.time()
     processed_at_start = counts["ok"] + counts["error"]
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        keys = list(batch)
-        for j in range(len(batch["image_uri"])):
-            r = {k: batch[k][j] for k in keys}
-            si, pos = int(r["shard"]), int(r["pos"])
-            if si in done_shards or pos in buffers.get(si, {}):
-                counts["duplicates_dropped"] += 1
-                log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
-                continue
-            buf = buffers.setdefault(si, {})
-            buf[pos] = r
-            bar.update(1)
-            if int(r["decode_pid"]) == int(r["model_pid"]):
-                counts["decoded_in_model_process"] += 1
-            shard = by_index[si]
-            if len(buf) == len(shard.items):
-                _commit(cfg, shard, buffers.pop(si), config_sha256, probe["num_classes"], counts, executions)
-                done_shards.add(si)
-                in_window = counts["ok"] + counts["error"] - processed_at_start
-                log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
-                         total, in_window / max(time.time() - t0, 1e-9))
-    bar.close()
+    # The generator is closed here, while Ray is up. An exception (Ctrl-C) would otherwise keep it alive in
+    # the traceback until after ray.shutdown(), and its cleanup (executor shutdown, stats update) would
+    # then run against no Ray, which may start a new local one and hang the driver.
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+    try:
+        for batch in batches:
+            keys = list(batch)
+            for j in range(len(batch["image_uri"])):
+                r = {k: batch[k][j] for k in keys}
+                si, pos = int(r["shard"]), int(r["pos"])
+                if si in done_shards or pos in buffers.get(si, {}):
+                    counts["duplicates_dropped"] += 1
+                    log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
+                    continue
+                buf = buffers.setdefault(si, {})
+                buf[pos] = r
+                bar.update(1)
+                if int(r["decode_pid"]) == int(r["model_pid"]):
+                    counts["decoded_in_model_process"] += 1
+                shard = by_index[si]
+                if len(buf) == len(shard.items):
+                    _commit(cfg, shard, buffers.pop(si), config_sha256, probe["num_classes"], counts, executions)
+                    done_shards.add(si)
+                    in_window = counts["ok"] + counts["error"] - processed_at_start
+                    log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
+                             total, in_window / max(time.time() - t0, 1e-9))
+    finally:
+        batches.close()
+        bar.close()
     if buffers:
         missing = {by_index[si].name: len(by_index[si].items) - len(b) for si, b in buffers.items()}
         raise RuntimeError(f"pipeline ended with incomplete shards (missing rows): {missing}")

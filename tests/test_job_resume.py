@@ -135,3 +135,76 @@ def test_killed_model_actor_every_image_exactly_once(tiny_model, tmp_path):
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ctrl_c_stops_the_driver_promptly_and_a_rerun_finishes(tiny_model, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the driver and its local Ray) mid-run: the driver
+    exits within a minute with status 130 and says how to resume; nothing half-written is left, and
+    the same command run again finishes every image exactly once."""
+    inputs = tmp_path / "in"
+    write_images(inputs, N_IMAGES, seed=7)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO_ROOT / "jobs" / "segment_dataset.py"), "--input", str(inputs), "--output", str(out),
+           "--shard-size", str(SHARD)] + pipeline_cli_args(tiny_model)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RFCLIP_TEST_WORKER_DELAY_S"] = "1.0"
+    log = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(_committed(out)) < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the driver still runs a minute after Ctrl-C:\n" + (tmp_path / "first.log").read_text()[-3000:])
+    finally:
+        kill_group(proc)
+        log.close()
+    text = (tmp_path / "first.log").read_text()
+    assert rc == 130, text[-3000:]
+    assert "run the same command again" in text
+    assert len(_committed(out)) < N_IMAGES // SHARD, "Ctrl-C must land mid-run"
+    assert not list(out.rglob(".tmp-*"))
+
+    env.pop("RFCLIP_TEST_WORKER_DELAY_S")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _check_exactly_once(out, inputs)
+
+
+def test_an_interrupted_run_ends_ray_data_iteration_before_ray_shuts_down(tiny_model, tmp_path, monkeypatch):
+    """An exception in the driver's loop ends Ray Data's iteration (its executor shutdown and stats update)
+    while Ray is still up, and Ray is down after: cleanup that ran after ray.shutdown() could make a Ray
+    call auto-start a new local Ray and hang the driver."""
+    import gc
+
+    import ray
+    from ray.data.iterator import DataIterator
+
+    from pipeline import job
+
+    ended_with_ray_up = []
+    end = DataIterator._on_iteration_end
+
+    def spy(self, executor):
+        ended_with_ray_up.append(ray.is_initialized())
+        return end(self, executor)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DataIterator, "_on_iteration_end", spy)
+    monkeypatch.setattr(job, "_commit", interrupt)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    inputs = tmp_path / "in"
+    write_images(inputs, 4, seed=8)
+    cfg = pipeline_job_config(tiny_model, input=str(inputs), output=str(tmp_path / "out"), shard_size=2)
+    assert not ray.is_initialized()
+    with pytest.raises(KeyboardInterrupt):
+        job.run(cfg)
+    gc.collect()
+    assert ended_with_ray_up == [True]
+    assert not ray.is_initialized()

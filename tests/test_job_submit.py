@@ -83,3 +83,23 @@ def test_ray_job_submit_runs_to_completion(ray_head, tiny_model, tmp_path):
     assert summary["ok"] == 6 and summary["shards_total"] == 2
     t = read_predictions(str(out))
     assert t.num_rows == 6 and len(set(t.column("image_uri").to_pylist())) == 6
+
+
+@pytest.mark.parametrize("gpus, address, gpw, want", [
+    (0, "ray://head:10001", None, (1, 0.0, True)),      # a cluster with its GPU nodes down: CPU, and a warning
+    (0, None, None, (1, 0.0, False)),                   # a laptop: CPU, nothing to say
+    (0, "ray://head:10001", 1.0, (3, 1.0, False)),      # asked for GPU actors: the autoscaler's business
+    (4, "ray://head:10001", None, (4, 1.0, False)),     # one actor per GPU
+])
+def test_default_workers_and_the_cpu_warning_on_a_cluster(gpus, address, gpw, want, tiny_model, monkeypatch, caplog):
+    import ray
+
+    from conftest import pipeline_job_config
+    from pipeline.job import _default_workers
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)} if gpus else {"CPU": 8.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = pipeline_job_config(tiny_model, input="x", output="y", ray_address=address, num_gpus_per_worker=gpw,
+                              workers=3 if gpw else None)
+    assert _default_workers(cfg) == want[:2]
+    assert ("--num-gpus-per-worker 1 --workers N" in caplog.text) == want[2]
