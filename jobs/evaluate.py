@@ -17,7 +17,6 @@ import json
 import logging
 import posixpath
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +26,8 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
 
 import fsspec  # noqa: E402
 
+from jobs.segment_dataset import setup_logging, storage_options_arg  # noqa: E402
+from pipeline import storage  # noqa: E402
 from rfclip.cli_args import parse_setting  # noqa: E402
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
 from pipeline.datasets import open_labelled_source  # noqa: E402
@@ -51,10 +52,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None)
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE", type=parse_setting,
                    help="extra Segmenter setting for every pair (JSON value), e.g. pamr=true; repeatable")
-    p.add_argument("--storage-options", default=None, help="JSON fsspec options for --data-root/--output")
+    p.add_argument("--storage-options", default=None,
+                   help="fsspec options for --data-root/--output as JSON or @file.json (default: "
+                        "$RFCLIP_STORAGE_OPTIONS, else the standard credential chain)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=None, help="default 1 where GPUs exist, else 0")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--overwrite", action="store_true", help="redo every pair from scratch")
     args = p.parse_args(argv)
@@ -77,7 +81,8 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
     cfg = JobConfig(output=out, storage_options=so or None, benchmark=benchmark, method=method,
                     model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
                     precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
-                    batch_size=args.batch_size, workers=args.workers, ray_address=args.ray_address,
+                    batch_size=args.batch_size, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
+                    ray_address=args.ray_address,
                     overwrite=args.overwrite, items=items, input_root=src.root, labels=labels)
     run(cfg)
     extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit}
@@ -89,11 +94,16 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()                                       # secrets scrubbed, as in the segmentation job
     args = parse_args(argv)
     import rfclip.benchmarks as rb
 
-    so = json.loads(args.storage_options) if args.storage_options else {}
+    try:
+        so = storage_options_arg(args.storage_options) or {}
+    except (OSError, ValueError) as exc:
+        print(f"error: --storage-options: {exc}", file=sys.stderr)
+        return 2
+    storage.register_secrets(so)
     results, errors = {}, {}
     for b in args.benchmarks:
         for m in args.methods:
@@ -101,9 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 results[(b, m)] = evaluate_pair(args, b, m, so)
             except Exception as exc:  # noqa: BLE001 - one failed pair must not lose the others
-                log.error("%s x %s failed: %s", b, m, exc)
-                errors[(b, m)] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
+                log.error("%s x %s failed: %s", b, m, exc, exc_info=True)
+                errors[(b, m)] = storage.scrub(f"{type(exc).__name__}: {exc}")
     val_images = {b: rb.BENCHMARKS[b].val_images for b in args.benchmarks}
     table = build_comparison(results, args.benchmarks, args.methods, val_images,
                              pamr=bool(args.settings.get("pamr", False)))

@@ -256,10 +256,13 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
 
 
 class ScrubFilter(logging.Filter):
-    """A logging filter that scrubs registered secrets from every record's message."""
+    """A logging filter that scrubs registered secrets from every record's message and traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API name
         if _KNOWN_SECRETS:
             record.msg = scrub(record.getMessage())
             record.args = ()
+            if record.exc_info:
+                record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+                record.exc_info = None
         return True

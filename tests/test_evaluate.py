@@ -91,3 +91,35 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
             assert "figures/confusion.png" in text and (run / "figures/samples.png").is_file()
     md = (out / "comparison.md").read_text()
     assert re.search(r"\| clip \| \*\*[0-9.]+\*\* \(49\.1\) n=2/1449 \| \*\*[0-9.]+\*\* \(3\.2\) n=2/2000 \|", md)
+
+
+@pytest.mark.parametrize("how", ["@file", "env"])
+def test_evaluate_storage_options_from_a_file_or_the_environment_and_secrets_scrubbed(how, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """--storage-options @file and $RFCLIP_STORAGE_OPTIONS work as in the segmentation job, and a secret
+    from them that turns up in a failed pair's error is scrubbed from the log and comparison.md/json."""
+    from jobs.evaluate import main
+
+    secret = "s3cr3t-value-42"
+    opts = tmp_path / "so.json"
+    opts.write_text(json.dumps({"secret": secret}))
+    args = ["--data-root", f"memory://{secret}/nothing-here", "--benchmarks", "voc20", "--methods", "clip",
+            "--output", str(tmp_path / "eval")]
+    if how == "@file":
+        args += ["--storage-options", f"@{opts}"]
+    else:
+        monkeypatch.setenv("RFCLIP_STORAGE_OPTIONS", f"@{opts}")
+    assert main(args) == 1                                               # the pair fails: no such data
+    err = capsys.readouterr().err
+    assert "voc20 x clip failed: voc20: no prepared dataset" in err and "Traceback" in err and secret not in err
+    md = (tmp_path / "eval" / "comparison.md").read_text()
+    assert "voc20 x clip: FileNotFoundError" in md and "***" in md and secret not in md
+    assert secret not in (tmp_path / "eval" / "comparison.json").read_text()
+
+
+def test_evaluate_refuses_unreadable_storage_options(tmp_path, capsys):
+    from jobs.evaluate import main
+
+    rc = main(["--data-root", "x", "--benchmarks", "voc20", "--methods", "clip", "--output", str(tmp_path),
+               "--storage-options", "{not json"])
+    assert rc == 2 and "error: --storage-options" in capsys.readouterr().err
