@@ -38,8 +38,10 @@ SETTING_FLAGS = {  # explicit CLI flags for the common settings -> Segmenter key
 
 # ----------------------------------------------------------------------------------------- CLI
 
-def _storage_options_arg(text: Optional[str]) -> Optional[dict]:
-    """JSON, or ``@path`` to a JSON file (keeps secrets off the command line and out of job listings)."""
+def storage_options_arg(text: Optional[str]) -> Optional[dict]:
+    """``--storage-options``: JSON, or ``@path`` to a JSON file (keeps secrets off the command line and
+    out of job listings); without it, ``$RFCLIP_STORAGE_OPTIONS`` (either form); else None."""
+    text = text or os.environ.get("RFCLIP_STORAGE_OPTIONS")
     if not text:
         return None
     if text.startswith("@"):
@@ -66,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation (optional): labelled data -> metrics.json, metrics.md, report.md")
     e.add_argument("--data-root", help="with --benchmark: the MMSegmentation-style data/ folder (local or fsspec)")
     e.add_argument("--labels", help="folder of label PNGs named by the images' stems (class index = vocabulary order)")
-    e.add_argument("--ignore-index", type=int, default=255, help="label value ignored with --labels (default 255)")
+    e.add_argument("--labels-from-manifest", action="store_true",
+                   help="score against the label_uri column of a Parquet --input manifest (label PNGs, class "
+                        "index = vocabulary order)")
+    e.add_argument("--ignore-index", type=int, default=255,
+                   help="label value ignored with --labels or --labels-from-manifest")
     e.add_argument("--limit", type=int, help="use only the first N images (sorted / split-file order)")
     v = p.add_argument_group("vocabulary (exactly one)")
     v.add_argument("--vocabulary", help='"sky, cloud; road; car": ";" between classes, ", " between synonyms')
@@ -104,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     if args.pamr is not None:
         settings["pamr"] = args.pamr
     return JobConfig(
-        input=args.input, output=args.output, storage_options=_storage_options_arg(args.storage_options or os.environ.get("RFCLIP_STORAGE_OPTIONS")),
+        input=args.input, output=args.output, storage_options=storage_options_arg(args.storage_options),
         vocabulary=args.vocabulary, vocabulary_file=args.vocabulary_file, benchmark=args.benchmark,
         method=args.method, model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
         precision=args.precision, settings=settings, shard_size=args.shard_size, max_pixels=args.max_pixels,
@@ -144,6 +150,8 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     so = cfg.storage_options
+    if args.data_root and (args.labels or args.labels_from_manifest):
+        raise ValueError("--data-root reads the benchmark's own labels: drop --labels / --labels-from-manifest")
     if args.data_root:
         if not cfg.benchmark:
             raise ValueError("--data-root needs --benchmark NAME (the layout and classes to read)")
@@ -151,16 +159,16 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
             raise ValueError("give --input or --data-root, not both")
         src = open_labelled_source(cfg.benchmark, data_root=args.data_root, storage_options=so, limit=args.limit)
         root = src.root
+    elif args.labels and args.labels_from_manifest:
+        raise ValueError("give --labels or --labels-from-manifest, not both")
+    elif args.labels_from_manifest:
+        src, root = _manifest_labels(cfg, args), None
     elif args.labels:
         if not cfg.input:
             raise ValueError("--labels needs --input (the images to pair with the labels)")
-        import rfclip
-        vocab, extra = job_vocabulary(cfg)
-        if vocab is None:
-            vocab = rfclip.benchmarks.BENCHMARKS[extra["benchmark"]].vocabulary
         listed = list_input(cfg)
         src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in listed.items],
-                                   class_names=[c[0] for c in vocab], ignore_index=args.ignore_index,
+                                   class_names=_class_names(cfg), ignore_index=args.ignore_index,
                                    storage_options=so, limit=args.limit)
         root = listed.root
     else:
@@ -171,6 +179,34 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
     cfg.items, cfg.labels = labelled_job_inputs(src)
     cfg.input_root = root
     return src
+
+
+def _class_names(cfg: JobConfig) -> list[str]:
+    """Each class's first name, in label order, from the job's vocabulary option."""
+    import rfclip
+
+    vocab, extra = job_vocabulary(cfg)
+    if vocab is None:
+        vocab = rfclip.benchmarks.BENCHMARKS[extra["benchmark"]].vocabulary
+    return [c[0] for c in vocab]
+
+
+def _manifest_labels(cfg: JobConfig, args: argparse.Namespace):
+    """The ``LabelledSource`` of a Parquet manifest's (image_uri, label_uri) rows (``--labels-from-manifest``)."""
+    from pipeline.datasets import LabelledSource
+
+    if not cfg.input:
+        raise ValueError("--labels-from-manifest needs --input MANIFEST.parquet with a label_uri column")
+    listed = list_input(cfg)
+    if listed.kind != "manifest":
+        raise ValueError(f"--labels-from-manifest needs a Parquet manifest as --input, not a {listed.kind}")
+    unlabelled = [it["image_uri"] for it in listed.items if not it.get("label_uri")]
+    if unlabelled:
+        raise FileNotFoundError(f"{len(unlabelled)} of {len(listed.items)} manifest entries have no label_uri, "
+                                f"e.g. {[storage.scrub(u) for u in unlabelled[:3]]}")
+    pairs = [(it["image_uri"], it["label_uri"]) for it in listed.items][:args.limit]
+    return LabelledSource("manifest", pairs, _class_names(cfg), args.ignore_index, "identity",
+                          cfg.storage_options or {})
 
 
 def finish(cfg: JobConfig, src) -> dict:
@@ -187,7 +223,7 @@ def finish(cfg: JobConfig, src) -> dict:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """CLI entry point; returns the process exit status (2 for a clear user-facing error)."""
+    """CLI entry point; returns the process exit status (2 for a clear user-facing error, 130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
@@ -198,6 +234,10 @@ def main(argv: Optional[list] = None) -> int:
     except (FileNotFoundError, ValueError, PermissionError, ConfigMismatch, WeightsError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the shards committed so far are kept; run the same command again to finish the "
+              "rest", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     if src is not None:
         pct = {k: "n/a" if result[k] is None else f"{result[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc")}

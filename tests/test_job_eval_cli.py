@@ -201,3 +201,62 @@ def test_a_run_stopped_before_any_commit_may_rerun_with_another_ignore_index(ray
     assert f"label {labels / '1.png'}" in err and "--ignore-index needs --overwrite once shards" in err
     assert main(argv + ["--ignore-index", "11"]) == 0
     assert json.loads((out / "metrics.json").read_text())["images"] == 2
+
+
+def _camvid_manifest(tmp_path, n=3, drop_label_of=None):
+    """A Parquet manifest of CamVid images and labels whose names do not match (so only the manifest pairs
+    them), with relative entries: ``(manifest, {image_uri: label file})``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = shared_data_dir() / "camvid-val"
+    (tmp_path / "img").mkdir()
+    (tmp_path / "gt").mkdir()
+    rows, truth = [], {}
+    for i, p in enumerate(sorted((data / "val").iterdir())[:n]):
+        shutil.copy(p, tmp_path / "img" / p.name)
+        shutil.copy(data / "valannot" / p.name, tmp_path / "gt" / f"label-{i}.png")
+        rows.append({"image_uri": f"img/{p.name}", "label_uri": None if i == drop_label_of else f"gt/label-{i}.png"})
+        truth[str(tmp_path / "img" / p.name)] = tmp_path / "gt" / f"label-{i}.png"
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest, truth
+
+
+def test_labels_from_a_parquet_manifest(ray_local, tiny_model, tmp_path):
+    from jobs.segment_dataset import main
+
+    manifest, truth = _camvid_manifest(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["--input", str(manifest), "--labels-from-manifest", "--ignore-index", "11", "--vocabulary", CAMVID,
+               "--output", str(out)] + model_flags(tiny_model))
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["images_failed"] == 0
+    correct = total = 0
+    for row in read_predictions(str(out)).to_pylist():
+        with Image.open(__import__("io").BytesIO(row["mask_png"])) as m:
+            pred = np.asarray(m).astype(np.int64)
+        gt = np.asarray(Image.open(truth[row["image_uri"]])).astype(np.int64)
+        keep = gt != 11
+        correct += int((pred[keep] == gt[keep]).sum())
+        total += int(keep.sum())
+    assert metrics["aAcc"] == pytest.approx(100.0 * correct / total, abs=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder", "needs a Parquet manifest as --input, not a folder"),
+    ("unlabelled", "1 of 3 manifest entries have no label_uri"),
+    ("both", "give --labels or --labels-from-manifest, not both"),
+])
+def test_labels_from_manifest_refuses_what_it_cannot_score(case, message, tiny_model, tmp_path, capsys):
+    from jobs.segment_dataset import main
+
+    manifest, _ = _camvid_manifest(tmp_path, drop_label_of=1 if case == "unlabelled" else None)
+    args = ["--input", str(tmp_path / "img" if case == "folder" else manifest), "--labels-from-manifest",
+            "--vocabulary", CAMVID, "--output", str(tmp_path / "out")] + model_flags(tiny_model)
+    if case == "both":
+        args += ["--labels", str(tmp_path / "gt")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "run.json").exists()
