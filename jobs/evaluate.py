@@ -26,7 +26,6 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
 
 import fsspec  # noqa: E402
 
-from jobs.segment_dataset import setup_logging, storage_options_arg  # noqa: E402
 from pipeline import storage  # noqa: E402
 from rfclip.cli_args import parse_setting  # noqa: E402
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
@@ -94,12 +93,12 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    setup_logging()                                       # secrets scrubbed, as in the segmentation job
+    storage.setup_logging()                               # secrets scrubbed, as in the segmentation job
     args = parse_args(argv)
     import rfclip.benchmarks as rb
 
     try:
-        so = storage_options_arg(args.storage_options) or {}
+        so = storage.storage_options_arg(args.storage_options) or {}
     except (OSError, ValueError) as exc:
         print(f"error: --storage-options: {exc}", file=sys.stderr)
         return 2

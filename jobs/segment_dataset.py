@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -37,20 +36,6 @@ SETTING_FLAGS = {  # explicit CLI flags for the common settings -> Segmenter key
 
 
 # ----------------------------------------------------------------------------------------- CLI
-
-def storage_options_arg(text: Optional[str]) -> Optional[dict]:
-    """``--storage-options``: JSON, or ``@path`` to a JSON file (keeps secrets off the command line and
-    out of job listings); without it, ``$RFCLIP_STORAGE_OPTIONS`` (either form); else None."""
-    text = text or os.environ.get("RFCLIP_STORAGE_OPTIONS")
-    if not text:
-        return None
-    if text.startswith("@"):
-        text = Path(text[1:]).read_text()
-    so = json.loads(text)
-    if not isinstance(so, dict):
-        raise ValueError("--storage-options must be a JSON object")
-    return so
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -110,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     if args.pamr is not None:
         settings["pamr"] = args.pamr
     return JobConfig(
-        input=args.input, output=args.output, storage_options=storage_options_arg(args.storage_options),
+        input=args.input, output=args.output, storage_options=storage.storage_options_arg(args.storage_options),
         vocabulary=args.vocabulary, vocabulary_file=args.vocabulary_file, benchmark=args.benchmark,
         method=args.method, model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
         precision=args.precision, settings=settings, shard_size=args.shard_size, max_pixels=args.max_pixels,
@@ -119,23 +104,6 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         batch_size=args.batch_size, decode_batch_size=args.decode_batch_size, window_images=args.window_images,
         ray_address=args.ray_address,
         progress=not args.no_progress)
-
-
-_LOG_HANDLER: Optional[logging.Handler] = None
-
-
-def setup_logging() -> None:
-    """INFO logs to the current stderr, secrets scrubbed. Idempotent: a repeated call (jobs/evaluate.py,
-    tests) replaces the handler instead of stacking one bound to an old stream."""
-    global _LOG_HANDLER
-    root = logging.getLogger()
-    if _LOG_HANDLER is not None:
-        root.removeHandler(_LOG_HANDLER)
-    _LOG_HANDLER = logging.StreamHandler(sys.stderr)
-    _LOG_HANDLER.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    _LOG_HANDLER.addFilter(storage.ScrubFilter())
-    root.addHandler(_LOG_HANDLER)
-    root.setLevel(logging.INFO)
 
 
 def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
@@ -200,11 +168,15 @@ def _manifest_labels(cfg: JobConfig, args: argparse.Namespace):
     listed = list_input(cfg)
     if listed.kind != "manifest":
         raise ValueError(f"--labels-from-manifest needs a Parquet manifest as --input, not a {listed.kind}")
-    unlabelled = [it["image_uri"] for it in listed.items if not it.get("label_uri")]
+    items = listed.items[:args.limit]
+    if not any(it.get("label_uri") for it in listed.items):
+        raise ValueError("--labels-from-manifest: the manifest has no label_uri values (it needs a Parquet "
+                         "label_uri column)")
+    unlabelled = [it["image_uri"] for it in items if not it.get("label_uri")]
     if unlabelled:
-        raise FileNotFoundError(f"{len(unlabelled)} of {len(listed.items)} manifest entries have no label_uri, "
+        raise FileNotFoundError(f"{len(unlabelled)} of {len(items)} manifest entries have no label_uri, "
                                 f"e.g. {[storage.scrub(u) for u in unlabelled[:3]]}")
-    pairs = [(it["image_uri"], it["label_uri"]) for it in listed.items][:args.limit]
+    pairs = [(it["image_uri"], it["label_uri"]) for it in items]
     return LabelledSource("manifest", pairs, _class_names(cfg), args.ignore_index, "identity",
                           cfg.storage_options or {})
 
@@ -225,7 +197,7 @@ def finish(cfg: JobConfig, src) -> dict:
 def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the process exit status (2 for a clear user-facing error, 130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    setup_logging()
+    storage.setup_logging()
     try:
         cfg = config_from_args(args)
         src = attach_inputs(cfg, args)
@@ -235,8 +207,8 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the shards committed so far are kept; run the same command again to finish the "
-              "rest", file=sys.stderr)
+        again = "the same command again without --overwrite" if args.overwrite else "the same command again"
+        print(f"interrupted: the shards committed so far are kept; run {again} to finish the rest", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
     if src is not None:

@@ -188,7 +188,8 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
     gpw = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker is not None else (1.0 if gpus > 0 else 0.0)
-    if gpus == 0 and cfg.num_gpus_per_worker is None and (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if gpus == 0 and cfg.num_gpus_per_worker is None and address and address != "local":
         # The defaults count the GPUs up now; an autoscaler starts GPU nodes only for actors that ask.
         log.warning("the cluster has no GPU now, so the model runs on CPU; on an autoscaling cluster pass "
                     "--num-gpus-per-worker 1 --workers N to ask for N GPU nodes")
@@ -278,8 +279,10 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
                     log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
                              total, in_window / max(time.time() - t0, 1e-9))
     finally:
-        batches.close()
-        bar.close()
+        try:
+            batches.close()
+        finally:
+            bar.close()
     if buffers:
         missing = {by_index[si].name: len(by_index[si].items) - len(b) for si, b in buffers.items()}
         raise RuntimeError(f"pipeline ended with incomplete shards (missing rows): {missing}")

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import pyarrow.parquet as pq
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
-from .storage import canonical_path, canonical_uri, full_uri, get_fs, is_local, protocol_of
+from .storage import canonical_path, canonical_uri, full_uri, get_fs, is_local, protocol_of, scrub
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,8 @@ def _read_manifest(fs, path: str, storage_options: Optional[dict]) -> list[dict]
     for u, lab in zip(uris, labels):
         if u is None or not str(u).strip():
             continue
-        out.append({"image_uri": canonical(str(u).strip()),
-                    "label_uri": canonical(str(lab).strip()) if lab else None})
+        lab = str(lab).strip() if lab is not None else ""
+        out.append({"image_uri": canonical(str(u).strip()), "label_uri": canonical(lab) if lab else None})
     return out
 
 
@@ -200,7 +200,13 @@ def inputs_from_items(items: list[dict], root: Optional[str] = None) -> Inputs:
 def _dedupe_sorted(items: list[dict], root: Optional[str], kind: str) -> Inputs:
     by_uri: dict[str, dict] = {}
     for it in items:
-        by_uri.setdefault(it["image_uri"], it)
+        first = by_uri.setdefault(it["image_uri"], it)
+        a, b = first.get("label_uri"), it.get("label_uri")
+        if a and b and a != b:                   # one image, two labels: which one to score is unknowable
+            raise ValueError(f"{kind}: image {scrub(it['image_uri'])} is listed twice with different labels "
+                             f"({scrub(a)}, {scrub(b)})")
+        if b and not a:                          # a label given for one of the entries holds for the image
+            by_uri[it["image_uri"]] = {**first, "label_uri": b}
     dropped = len(items) - len(by_uri)
     if dropped:
         log.warning("inputs list %d duplicate image URIs; each image is processed once", dropped)

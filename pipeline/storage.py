@@ -7,11 +7,15 @@ Credentials only travel inside ``storage_options`` dicts; anything that is logge
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import posixpath
 import random
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import fsspec
@@ -255,14 +259,39 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
     return text
 
 
-class ScrubFilter(logging.Filter):
-    """A logging filter that scrubs registered secrets from every record's message and traceback."""
+class ScrubbingFormatter(logging.Formatter):
+    """A log formatter that scrubs registered secrets from the whole formatted record (message,
+    traceback, stack). The record itself is left as it is for any other handler."""
 
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API name
-        if _KNOWN_SECRETS:
-            record.msg = scrub(record.getMessage())
-            record.args = ()
-            if record.exc_info:
-                record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
-                record.exc_info = None
-        return True
+    def format(self, record: logging.LogRecord) -> str:  # noqa: A003 - logging API name
+        return scrub(super().format(record))
+
+
+_LOG_HANDLER: Optional[logging.Handler] = None
+
+
+def setup_logging() -> None:
+    """INFO logs to the current stderr, secrets scrubbed, for the job CLIs. Idempotent: a repeated call
+    (jobs/evaluate.py, tests) replaces the handler instead of stacking one bound to an old stream."""
+    global _LOG_HANDLER
+    root = logging.getLogger()
+    if _LOG_HANDLER is not None:
+        root.removeHandler(_LOG_HANDLER)
+    _LOG_HANDLER = logging.StreamHandler(sys.stderr)
+    _LOG_HANDLER.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(_LOG_HANDLER)
+    root.setLevel(logging.INFO)
+
+
+def storage_options_arg(text: Optional[str]) -> Optional[dict]:
+    """A CLI's ``--storage-options``: JSON, or ``@path`` to a JSON file (keeps secrets off the command line
+    and out of job listings); without it, ``$RFCLIP_STORAGE_OPTIONS`` (either form); else None."""
+    text = text or os.environ.get("RFCLIP_STORAGE_OPTIONS")
+    if not text:
+        return None
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    so = json.loads(text)
+    if not isinstance(so, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return so

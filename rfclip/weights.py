@@ -130,23 +130,26 @@ def _is_tag(model: str, spec: str) -> bool:
 
 def _unreachable(host: str, scheme: str = "https", port: Optional[int] = None, use_proxy: bool = True,
                  timeout: float = 3.0) -> Optional[str]:
-    """Why ``scheme://host:port`` can't be reached, or None if a TCP connection opens. With ``use_proxy``,
-    through the proxy that ``$HTTPS_PROXY`` / ``$HTTP_PROXY`` (``$NO_PROXY`` aside) gives for it, since
-    the download goes through that proxy too and the host itself may be reachable only from there."""
-    port = port or (443 if scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(scheme) if use_proxy else None
-    if proxy and urllib.request.proxy_bypass(host):
-        proxy = None
-    target, via = (host, port), ""
-    if proxy:
-        p = urlparse(proxy if "://" in proxy else "http://" + proxy)
-        target = (p.hostname or "", p.port or (443 if p.scheme == "https" else 80))
-        via = f" through the proxy {target[0]}:{target[1]}"
-    try:
-        with socket.create_connection(target, timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{host} is unreachable{via}: {e.strerror or e}"
+    """Why ``scheme://host:port`` can't be reached, or None if a TCP connection opens to the host or, with
+    ``use_proxy``, to a proxy from ``$HTTPS_PROXY`` / ``$HTTP_PROXY`` / ``$ALL_PROXY``. Either route
+    counts: HTTP clients differ in how they read ``$NO_PROXY``, so this check does not guess which one
+    the download takes; it only fails fast when neither can work."""
+    routes = [(host, port or (443 if scheme == "https" else 80), "")]
+    proxies = urllib.request.getproxies() if use_proxy else {}
+    for proxy in dict.fromkeys(p for p in (proxies.get(scheme), proxies.get("all")) if p):
+        u = urlparse(proxy if "://" in proxy else "http://" + proxy)
+        try:
+            routes.append((u.hostname or "", u.port or (443 if u.scheme == "https" else 80), f"the proxy {proxy}"))
+        except ValueError:                                     # e.g. a port that is not a number
+            return f"the proxy setting {proxy!r} is not a valid URL"
+    failures = []
+    for target_host, target_port, name in routes:
+        try:
+            with socket.create_connection((target_host, target_port), timeout=timeout):
+                return None
+        except OSError as e:
+            failures.append(f"{name or host} ({e.strerror or e})")
+    return "can't connect to " + " nor ".join(failures)
 
 
 def _offline_message(model: str, tag: str, reason: str) -> str:
@@ -201,6 +204,17 @@ def _cached_tag_file(cfg: dict, cache_dir: Optional[str]) -> Optional[str]:
     return None
 
 
+def _http_status(exc: BaseException) -> Optional[int]:
+    """The HTTP status behind an fsspec error (its HTTP filesystem reports most failures as not found)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        status = getattr(exc, "status", None)
+        if isinstance(status, int):
+            return status
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Optional[dict]) -> str:
     """Stream a remote file into the cache once; return its local path."""
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -224,6 +238,10 @@ def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Option
         if why:
             raise WeightsUnavailableError(f"can't fetch weights URL {url} ({why}; offline?); pass weights=PATH "
                                           f"with a local copy") from e
+        status = _http_status(e)
+        if status is not None and status != 404:              # e.g. a proxy's 502, a 403: not a missing file
+            raise WeightsUnavailableError(f"can't fetch weights URL {url}: the server answered HTTP {status}; "
+                                          f"pass weights=PATH with a local copy") from e
         raise WeightsError(f"weights URL {url} does not exist") from e
     except OSError as e:
         raise WeightsError(f"can't read weights URL {url}: {type(e).__name__}: {e}") from e

@@ -224,12 +224,13 @@ def _camvid_manifest(tmp_path, n=3, drop_label_of=None):
 
 
 def test_labels_from_a_parquet_manifest(ray_local, tiny_model, tmp_path):
+    """Scored against the manifest's pairs; --limit checks only the rows it keeps (the last one has no label)."""
     from jobs.segment_dataset import main
 
-    manifest, truth = _camvid_manifest(tmp_path)
+    manifest, truth = _camvid_manifest(tmp_path, n=4, drop_label_of=3)
     out = tmp_path / "out"
     rc = main(["--input", str(manifest), "--labels-from-manifest", "--ignore-index", "11", "--vocabulary", CAMVID,
-               "--output", str(out)] + model_flags(tiny_model))
+               "--limit", "3", "--output", str(out)] + model_flags(tiny_model))
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["images_failed"] == 0
@@ -248,11 +249,22 @@ def test_labels_from_a_parquet_manifest(ray_local, tiny_model, tmp_path):
     ("folder", "needs a Parquet manifest as --input, not a folder"),
     ("unlabelled", "1 of 3 manifest entries have no label_uri"),
     ("both", "give --labels or --labels-from-manifest, not both"),
+    ("text", "the manifest has no label_uri values"),
+    ("two labels", "is listed twice with different labels"),
 ])
 def test_labels_from_manifest_refuses_what_it_cannot_score(case, message, tiny_model, tmp_path, capsys):
     from jobs.segment_dataset import main
 
-    manifest, _ = _camvid_manifest(tmp_path, drop_label_of=1 if case == "unlabelled" else None)
+    manifest, truth = _camvid_manifest(tmp_path, drop_label_of=1 if case == "unlabelled" else None)
+    if case == "text":
+        manifest = tmp_path / "list.txt"
+        manifest.write_text("\n".join(truth) + "\n")
+    if case == "two labels":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(manifest).to_pylist()
+        pq.write_table(pa.Table.from_pylist(rows + [dict(rows[0], label_uri="gt/label-1.png")]), manifest)
     args = ["--input", str(tmp_path / "img" if case == "folder" else manifest), "--labels-from-manifest",
             "--vocabulary", CAMVID, "--output", str(tmp_path / "out")] + model_flags(tiny_model)
     if case == "both":
@@ -260,3 +272,19 @@ def test_labels_from_manifest_refuses_what_it_cannot_score(case, message, tiny_m
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_ctrl_c_message_never_advises_rerunning_an_overwrite(overwrite, tiny_model, tmp_path, monkeypatch, capsys):
+    """After Ctrl-C the job says how to finish; re-running an --overwrite command would delete what it kept."""
+    import jobs.segment_dataset as cli
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    args = ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--vocabulary", "sky; road"]
+    rc = cli.main(args + (["--overwrite"] if overwrite else []) + model_flags(tiny_model))
+    err = capsys.readouterr().err
+    assert rc == 130 and "the shards committed so far are kept" in err
+    assert ("without --overwrite" in err) == overwrite

@@ -88,6 +88,7 @@ def test_ray_job_submit_runs_to_completion(ray_head, tiny_model, tmp_path):
 @pytest.mark.parametrize("gpus, address, gpw, want", [
     (0, "ray://head:10001", None, (1, 0.0, True)),      # a cluster with its GPU nodes down: CPU, and a warning
     (0, None, None, (1, 0.0, False)),                   # a laptop: CPU, nothing to say
+    (0, "local", None, (1, 0.0, False)),                # a local Ray, named: the same
     (0, "ray://head:10001", 1.0, (3, 1.0, False)),      # asked for GPU actors: the autoscaler's business
     (4, "ray://head:10001", None, (4, 1.0, False)),     # one actor per GPU
 ])

@@ -67,6 +67,48 @@ def test_secrets_are_redacted_and_scrubbed():
     assert storage.scrub("x AKIAEXAMPLEKEY y") == "x *** y"
 
 
+def test_log_formatter_scrubs_messages_and_tracebacks_and_leaves_the_record_to_other_handlers():
+    import io
+    import logging
+
+    storage.register_secrets({"secret": "t0p-s3cret-x"})
+    ours, theirs = io.StringIO(), []
+    h = logging.StreamHandler(ours)
+    h.setFormatter(storage.ScrubbingFormatter("%(message)s"))
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            theirs.append(record)
+
+    log = logging.getLogger("test-scrub")
+    log.propagate = False
+    log.addHandler(h)
+    log.addHandler(Keep())
+    try:
+        raise ValueError("bad key t0p-s3cret-x")
+    except ValueError:
+        log.error("failed with %s", "t0p-s3cret-x", exc_info=True)
+    finally:
+        log.handlers.clear()
+    text = ours.getvalue()
+    assert "t0p-s3cret-x" not in text and "failed with ***" in text and "ValueError: bad key ***" in text
+    assert theirs[0].exc_info is not None and theirs[0].getMessage() == "failed with t0p-s3cret-x"
+
+
+def test_storage_options_from_json_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("RFCLIP_STORAGE_OPTIONS", raising=False)
+    assert storage.storage_options_arg(None) is None
+    assert storage.storage_options_arg('{"anon": true}') == {"anon": True}
+    f = tmp_path / "so.json"
+    f.write_text('{"key": "k"}')
+    assert storage.storage_options_arg(f"@{f}") == {"key": "k"}
+    monkeypatch.setenv("RFCLIP_STORAGE_OPTIONS", f"@{f}")
+    assert storage.storage_options_arg(None) == {"key": "k"}
+    assert storage.storage_options_arg('{"anon": true}') == {"anon": True}      # the flag wins
+    with pytest.raises(ValueError, match="JSON object"):
+        storage.storage_options_arg("[1]")
+
+
 def test_s3_retry_defaults_are_raised_and_user_wins():
     so = storage.with_retry_defaults("s3://b/k", {"config_kwargs": {"read_timeout": 5}})
     assert so["config_kwargs"]["read_timeout"] == 5

@@ -53,7 +53,16 @@ def test_manifest_entries_naming_one_file_are_one_input(pipeline_images, tmp_pat
                   "label_uri": ["s3a://b/y/1.png", None, None]})
     pq.write_table(t, tmp_path / "m.parquet")
     inp = sources.resolve_inputs(str(tmp_path / "m.parquet"))
-    assert inp.items == [{"image_uri": "s3://b/x/1.jpg", "label_uri": "s3://b/y/1.png"}]   # the first kept
+    assert inp.items == [{"image_uri": "s3://b/x/1.jpg", "label_uri": "s3://b/y/1.png"}]   # its label kept
+    t = pa.table({"image_uri": ["s3://b/x/1.jpg", "s3a://b/x/1.jpg", "s3://b/x/1.jpg"],
+                  "label_uri": [None, "s3://b/y/1.png", "s3a://b/y/1.png"]})
+    pq.write_table(t, tmp_path / "m.parquet")
+    inp = sources.resolve_inputs(str(tmp_path / "m.parquet"))
+    assert inp.items == [{"image_uri": "s3://b/x/1.jpg", "label_uri": "s3://b/y/1.png"}]   # wherever it is
+    t = pa.table({"image_uri": ["s3://b/x/1.jpg", "s3://b/x/1.jpg"], "label_uri": ["s3://b/y/1.png", "s3://b/y/2.png"]})
+    pq.write_table(t, tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match="listed twice with different labels"):
+        sources.resolve_inputs(str(tmp_path / "m.parquet"))
 
 
 def test_parquet_manifest_without_uri_column_is_an_error(tmp_path):

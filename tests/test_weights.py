@@ -124,7 +124,7 @@ def test_file_urls_and_home_paths_are_local_files(tiny_model, tmp_path, monkeypa
 
 def test_unreachable_weights_host_is_not_reported_as_a_missing_file(tiny_model):
     cfg, _ = tiny_model
-    with pytest.raises(WeightsError, match="can't fetch weights URL .*127.0.0.1 is unreachable"):        # nothing listens on port 9
+    with pytest.raises(WeightsError, match="can't fetch weights URL .*can't connect to 127.0.0.1"):        # nothing listens on port 9
         resolve_weights(cfg, "http://127.0.0.1:9/ViT-B-16.pt")
 
 
@@ -182,7 +182,8 @@ def fake_proxy(monkeypatch):
                 conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
     threading.Thread(target=serve, daemon=True).start()
-    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{srv.getsockname()[1]}")
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{srv.getsockname()[1]}")
@@ -202,25 +203,35 @@ def test_behind_a_proxy_the_tag_download_is_tried_through_it(fake_proxy, tmp_pat
     assert any(line.startswith("CONNECT huggingface.co:443") for line in fake_proxy), fake_proxy
 
 
-def test_reachability_names_the_proxy_and_honours_no_proxy(fake_proxy, monkeypatch):
+def test_reachability_takes_either_route_and_names_what_failed(fake_proxy, monkeypatch):
+    """Reachable if the host or a configured proxy answers (clients differ on $NO_PROXY, so no guessing
+    which route the download takes); when neither does, both are named."""
     from rfclip.weights import _unreachable
 
-    assert _unreachable("nowhere.invalid") is None                    # the proxy answers for it
-    monkeypatch.setenv("NO_PROXY", "nowhere.invalid")
-    assert "nowhere.invalid is unreachable" in _unreachable("nowhere.invalid")      # direct: no such host
+    assert _unreachable("nowhere.invalid") is None                    # only the proxy answers
+    monkeypatch.setenv("NO_PROXY", "*")
+    assert _unreachable("nowhere.invalid") is None                    # still a route some client may take
     monkeypatch.delenv("NO_PROXY")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")            # nothing listens on port 9
-    assert _unreachable("huggingface.co").startswith("huggingface.co is unreachable through the proxy 127.0.0.1:9")
+    why = _unreachable("nowhere.invalid")
+    assert why.startswith("can't connect to nowhere.invalid (") and "the proxy http://127.0.0.1:9 (" in why
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    assert "the proxy http://127.0.0.1:9" in _unreachable("nowhere.invalid")
+    monkeypatch.setenv("ALL_PROXY", "http://proxy:abc")
+    assert "not a valid URL" in _unreachable("nowhere.invalid")
 
 
 def test_weights_url_through_a_proxy_when_fsspec_is_told_to_use_it(fake_proxy, tmp_path, monkeypatch):
     """fsspec's HTTP client uses the proxy only with ``client_kwargs={"trust_env": True}``: then the proxy's
-    answer is reported, not an unreachable host; without it the host is checked directly."""
+    answer (502) is reported, not an unreachable host nor a missing file; without it the host is
+    checked directly."""
     from rfclip.weights import _fetch_url
 
     monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(WeightsError) as proxied:
+    with pytest.raises(WeightsUnavailableError, match="the server answered HTTP 502"):
         _fetch_url("http://nowhere.invalid/w.pt", None, {"client_kwargs": {"trust_env": True}})
-    assert "unreachable" not in str(proxied.value) and fake_proxy
-    with pytest.raises(WeightsUnavailableError, match="nowhere.invalid is unreachable"):
+    assert any(line.startswith("HEAD http://nowhere.invalid/w.pt") for line in fake_proxy), fake_proxy
+    with pytest.raises(WeightsUnavailableError, match=r"can't connect to nowhere.invalid \("):
         _fetch_url("http://nowhere.invalid/w.pt", None, None)
