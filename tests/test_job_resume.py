@@ -34,30 +34,43 @@ def _check_exactly_once(out: Path, inputs: Path) -> None:
     assert set(t.column("status").to_pylist()) == {"ok"}
 
 
-def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_model, tmp_path):
+def _interrupt_mid_run(tiny_model, tmp_path, seed: int, shards_first: int, sig: int, wait_s: float):
+    """Run the CLI on ``N_IMAGES`` new images (slowed down by a worker delay), send ``sig`` to its process
+    group once ``shards_first`` shards are committed, and wait up to ``wait_s`` for it to end.
+
+    Returns ``(cmd, env without the delay, inputs, out, exit status, log text)``."""
     inputs = tmp_path / "in"
-    write_images(inputs, N_IMAGES, seed=5)
+    write_images(inputs, N_IMAGES, seed=seed)
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO_ROOT / "jobs" / "segment_dataset.py"), "--input", str(inputs), "--output", str(out),
            "--shard-size", str(SHARD)] + pipeline_cli_args(tiny_model)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RFCLIP_TEST_WORKER_DELAY_S"] = "1.0"
-    log = open(tmp_path / "first.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path / "first.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, env={**env, "RFCLIP_TEST_WORKER_DELAY_S": "1.0"}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while len(_committed(out)) < 2 and time.time() < deadline and proc.poll() is None:
+        while len(_committed(out)) < shards_first and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)                     # the driver and its embedded Ray, at once
-        proc.wait(timeout=30)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        os.killpg(proc.pid, sig)
+        try:
+            rc = proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the driver still runs {wait_s:.0f} s after signal {sig}:\n" + log_path.read_text()[-3000:])
     finally:
         kill_group(proc)
         log.close()
+    return cmd, env, inputs, out, rc, log_path.read_text()
+
+
+def test_killed_driver_resumes_without_recomputing_or_duplicating(tiny_model, tmp_path):
+    # SIGKILL to the group: the driver and its embedded Ray, at once
+    cmd, env, inputs, out, _, _ = _interrupt_mid_run(tiny_model, tmp_path, 5, 2, signal.SIGKILL, 30)
     first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in _committed(out)}
     assert 2 <= len(first) < N_IMAGES // SHARD, "the kill must land mid-run"
 
-    env.pop("RFCLIP_TEST_WORKER_DELAY_S")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -141,35 +154,12 @@ def test_ctrl_c_stops_the_driver_promptly_and_a_rerun_finishes(tiny_model, tmp_p
     """Ctrl-C (SIGINT to the terminal's process group: the driver and its local Ray) mid-run: the driver
     exits within a minute with status 130 and says how to resume; nothing half-written is left, and
     the same command run again finishes every image exactly once."""
-    inputs = tmp_path / "in"
-    write_images(inputs, N_IMAGES, seed=7)
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO_ROOT / "jobs" / "segment_dataset.py"), "--input", str(inputs), "--output", str(out),
-           "--shard-size", str(SHARD)] + pipeline_cli_args(tiny_model)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RFCLIP_TEST_WORKER_DELAY_S"] = "1.0"
-    log = open(tmp_path / "first.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while len(_committed(out)) < 1 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the driver still runs a minute after Ctrl-C:\n" + (tmp_path / "first.log").read_text()[-3000:])
-    finally:
-        kill_group(proc)
-        log.close()
-    text = (tmp_path / "first.log").read_text()
+    cmd, env, inputs, out, rc, text = _interrupt_mid_run(tiny_model, tmp_path, 7, 1, signal.SIGINT, 60)
     assert rc == 130, text[-3000:]
     assert "run the same command again" in text
     assert len(_committed(out)) < N_IMAGES // SHARD, "Ctrl-C must land mid-run"
     assert not list(out.rglob(".tmp-*"))
 
-    env.pop("RFCLIP_TEST_WORKER_DELAY_S")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     _check_exactly_once(out, inputs)
