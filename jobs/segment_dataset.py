@@ -198,6 +198,7 @@ def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the process exit status (2 for a clear user-facing error, 130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
     storage.setup_logging()
+    cfg = None
     try:
         cfg = config_from_args(args)
         src = attach_inputs(cfg, args)
@@ -207,7 +208,9 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = "the same command again without --overwrite" if args.overwrite else "the same command again"
+        # --overwrite is spent once the old outputs are cleared (cfg.overwrite is False from then on)
+        cleared = args.overwrite and cfg is not None and not cfg.overwrite
+        again = "the same command again without --overwrite" if cleared else "the same command again"
         print(f"interrupted: the shards committed so far are kept; run {again} to finish the rest", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))

@@ -74,7 +74,8 @@ def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
 def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
     """Check ``cfg.output`` against ``ident``, write run.json, and return the shards still to commit.
 
-    ``--overwrite`` clears the job's outputs first. Raises :class:`ConfigMismatch` when run.json's
+    ``--overwrite`` clears the job's outputs first, once: ``cfg.overwrite`` is then set to False, so the
+    config describes a resume from there on (and the CLI knows the old outputs are gone). Raises :class:`ConfigMismatch` when run.json's
     identity differs (the differing keys listed) and shards were committed under it, when committed shards exist without a run.json, or
     when committed shards are not among ``shards``. A finished run's summary.json is removed, so a
     crash from here on never leaves an old "finished" summary behind.
@@ -82,6 +83,7 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
     so = cfg.storage_options
     if cfg.overwrite:
         sinks.clear_outputs(cfg.output, so)
+        cfg.overwrite = False
     previous = sinks.read_json(cfg.output, so, sinks.RUN_JSON)
     committed = sinks.committed_shard_names(cfg.output, so)
     if previous is not None:

@@ -130,26 +130,30 @@ def _is_tag(model: str, spec: str) -> bool:
 
 def _unreachable(host: str, scheme: str = "https", port: Optional[int] = None, use_proxy: bool = True,
                  timeout: float = 3.0) -> Optional[str]:
-    """Why ``scheme://host:port`` can't be reached, or None if a TCP connection opens to the host or, with
-    ``use_proxy``, to a proxy from ``$HTTPS_PROXY`` / ``$HTTP_PROXY`` / ``$ALL_PROXY``. Either route
-    counts: HTTP clients differ in how they read ``$NO_PROXY``, so this check does not guess which one
-    the download takes; it only fails fast when neither can work."""
-    routes = [(host, port or (443 if scheme == "https" else 80), "")]
+    """Why ``scheme://host:port`` can't be reached, or None if a TCP connection opens to a proxy from
+    ``$HTTPS_PROXY`` / ``$HTTP_PROXY`` / ``$ALL_PROXY`` (with ``use_proxy``) or to the host. Any route
+    counts: HTTP clients differ in which variables they read and how they read ``$NO_PROXY``, so this
+    check does not guess which route the download takes; it only fails fast when none can work.
+    Proxies are tried first (a proxied machine may wait long on DNS for the host), and named by host
+    and port only, never with their credentials."""
+    routes, bad = [], []
     proxies = urllib.request.getproxies() if use_proxy else {}
     for proxy in dict.fromkeys(p for p in (proxies.get(scheme), proxies.get("all")) if p):
         u = urlparse(proxy if "://" in proxy else "http://" + proxy)
         try:
-            routes.append((u.hostname or "", u.port or (443 if u.scheme == "https" else 80), f"the proxy {proxy}"))
+            routes.append((u.hostname or "", u.port or (443 if u.scheme == "https" else 80)))
         except ValueError:                                     # e.g. a port that is not a number
-            return f"the proxy setting {proxy!r} is not a valid URL"
+            bad.append(f"a proxy setting that is not a valid URL (host {u.hostname})")
+    routes.append((host, port or (443 if scheme == "https" else 80)))
     failures = []
-    for target_host, target_port, name in routes:
+    for i, (target_host, target_port) in enumerate(routes):
         try:
             with socket.create_connection((target_host, target_port), timeout=timeout):
                 return None
         except OSError as e:
-            failures.append(f"{name or host} ({e.strerror or e})")
-    return "can't connect to " + " nor ".join(failures)
+            name = host if i == len(routes) - 1 else f"the proxy {target_host}:{target_port}"
+            failures.append(f"{name} ({e.strerror or e})")
+    return "can't connect to " + " nor ".join(failures + bad)
 
 
 def _offline_message(model: str, tag: str, reason: str) -> str:
@@ -238,10 +242,12 @@ def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Option
         if why:
             raise WeightsUnavailableError(f"can't fetch weights URL {url} ({why}; offline?); pass weights=PATH "
                                           f"with a local copy") from e
-        status = _http_status(e)
-        if status is not None and status != 404:              # e.g. a proxy's 502, a 403: not a missing file
-            raise WeightsUnavailableError(f"can't fetch weights URL {url}: the server answered HTTP {status}; "
-                                          f"pass weights=PATH with a local copy") from e
+        status = _http_status(e) if parsed.scheme in ("http", "https") else 404
+        if status != 404:           # a proxy's 502, a 403, or a connection that failed: not a missing file
+            cause = e.__cause__ or e
+            answer = f"the server answered HTTP {status}" if status else f"{type(cause).__name__}: {cause}"
+            raise WeightsUnavailableError(f"can't fetch weights URL {url} ({answer}); pass weights=PATH with a "
+                                          f"local copy") from e
         raise WeightsError(f"weights URL {url} does not exist") from e
     except OSError as e:
         raise WeightsError(f"can't read weights URL {url}: {type(e).__name__}: {e}") from e

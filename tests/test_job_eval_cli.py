@@ -274,12 +274,16 @@ def test_labels_from_manifest_refuses_what_it_cannot_score(case, message, tiny_m
     assert not (tmp_path / "out" / "run.json").exists()
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_ctrl_c_message_never_advises_rerunning_an_overwrite(overwrite, tiny_model, tmp_path, monkeypatch, capsys):
-    """After Ctrl-C the job says how to finish; re-running an --overwrite command would delete what it kept."""
+@pytest.mark.parametrize("overwrite, cleared", [(False, False), (True, False), (True, True)])
+def test_ctrl_c_message_never_advises_rerunning_an_overwrite(overwrite, cleared, tiny_model, tmp_path, monkeypatch,
+                                                             capsys):
+    """After Ctrl-C the job says how to finish. Once --overwrite has cleared the old outputs, re-running it would
+    delete what this run kept; before that, dropping it would resume the outputs the user meant to discard."""
     import jobs.segment_dataset as cli
 
     def interrupted(cfg):
+        if cleared:
+            cfg.overwrite = False                     # what run_record.start_or_resume does once it cleared
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run", interrupted)
@@ -287,4 +291,18 @@ def test_ctrl_c_message_never_advises_rerunning_an_overwrite(overwrite, tiny_mod
     rc = cli.main(args + (["--overwrite"] if overwrite else []) + model_flags(tiny_model))
     err = capsys.readouterr().err
     assert rc == 130 and "the shards committed so far are kept" in err
-    assert ("without --overwrite" in err) == overwrite
+    assert ("without --overwrite" in err) == cleared
+
+
+def test_overwrite_is_spent_once_the_outputs_are_cleared(tiny_model, tmp_path):
+    from conftest import pipeline_job_config
+    from pipeline import run_record, sinks
+
+    out = tmp_path / "out"
+    (out / "predictions").mkdir(parents=True)
+    (out / "predictions" / "shard-00000.parquet").write_bytes(b"old")
+    cfg = pipeline_job_config(tiny_model, input="x", output=str(out), overwrite=True)
+    probe = {"config": {"settings": {k: None for k in run_record.EXECUTION_SETTINGS}}, "class_names": ["a"]}
+    assert run_record.start_or_resume(cfg, [], {"input": "x"}, probe) == []
+    assert cfg.overwrite is False and not (out / "predictions" / "shard-00000.parquet").exists()
+    assert sinks.read_json(str(out), None, sinks.RUN_JSON)["config"] == {"input": "x"}

@@ -214,13 +214,17 @@ def test_reachability_takes_either_route_and_names_what_failed(fake_proxy, monke
     monkeypatch.delenv("NO_PROXY")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")            # nothing listens on port 9
     why = _unreachable("nowhere.invalid")
-    assert why.startswith("can't connect to nowhere.invalid (") and "the proxy http://127.0.0.1:9 (" in why
+    assert why.startswith("can't connect to the proxy 127.0.0.1:9 (") and " nor nowhere.invalid (" in why
+    monkeypatch.setenv("HTTPS_PROXY", "http://alice:hunter22@127.0.0.1:9")           # credentials never shown
+    assert "the proxy 127.0.0.1:9 (" in _unreachable("nowhere.invalid")
+    assert "hunter22" not in _unreachable("nowhere.invalid")
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.delenv("HTTP_PROXY")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
-    assert "the proxy http://127.0.0.1:9" in _unreachable("nowhere.invalid")
-    monkeypatch.setenv("ALL_PROXY", "http://proxy:abc")
-    assert "not a valid URL" in _unreachable("nowhere.invalid")
+    assert "the proxy 127.0.0.1:9" in _unreachable("nowhere.invalid")
+    monkeypatch.setenv("ALL_PROXY", "http://bob:pw@proxy:abc")                       # skipped, and said
+    why = _unreachable("nowhere.invalid")
+    assert "a proxy setting that is not a valid URL (host proxy)" in why and "pw" not in why
 
 
 def test_weights_url_through_a_proxy_when_fsspec_is_told_to_use_it(fake_proxy, tmp_path, monkeypatch):
@@ -235,3 +239,11 @@ def test_weights_url_through_a_proxy_when_fsspec_is_told_to_use_it(fake_proxy, t
     assert any(line.startswith("HEAD http://nowhere.invalid/w.pt") for line in fake_proxy), fake_proxy
     with pytest.raises(WeightsUnavailableError, match=r"can't connect to nowhere.invalid \("):
         _fetch_url("http://nowhere.invalid/w.pt", None, None)
+    # a route the check counts (the proxy answers) that fsspec's client does not take: $ALL_PROXY. The
+    # connection fails, and that is what is said, not "does not exist"
+    monkeypatch.delenv("HTTPS_PROXY")
+    proxy = os.environ["HTTP_PROXY"]
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setenv("ALL_PROXY", proxy)
+    with pytest.raises(WeightsUnavailableError, match="can't fetch weights URL http://127.0.0.1:9/w.pt .*Error"):
+        _fetch_url("http://127.0.0.1:9/w.pt", None, {"client_kwargs": {"trust_env": True}})
