@@ -252,9 +252,9 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
                mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
     t0 = time.time()
     processed_at_start = counts["ok"] + counts["error"]
-    # The generator is closed here, while Ray is up. An exception (Ctrl-C) would otherwise keep it alive in
-    # the traceback until after ray.shutdown(), and its cleanup (executor shutdown, stats update) would
-    # then run against no Ray, which may start a new local one and hang the driver.
+    # Closed in the finally, while Ray is up: an exception (Ctrl-C) leaving this frame keeps its locals alive in
+    # the traceback past ray.shutdown(), and the generator's cleanup (executor shutdown, stats update) must
+    # not run against no Ray, where a Ray call may start a new local one.
     batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
     try:
         for batch in batches:

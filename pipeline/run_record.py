@@ -75,8 +75,8 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
     """Check ``cfg.output`` against ``ident``, write run.json, and return the shards still to commit.
 
     ``--overwrite`` clears the job's outputs first, once: ``cfg.overwrite`` is then set to False, so the
-    config describes a resume from there on (and the CLI knows the old outputs are gone). Raises :class:`ConfigMismatch` when run.json's
-    identity differs (the differing keys listed) and shards were committed under it, when committed shards exist without a run.json, or
+    config describes a resume from there on (and the CLI knows the old outputs are gone).
+    Raises :class:`ConfigMismatch` when run.json's identity differs (the differing keys listed) and shards were committed under it, when committed shards exist without a run.json, or
     when committed shards are not among ``shards``. A finished run's summary.json is removed, so a
     crash from here on never leaves an old "finished" summary behind.
     """
