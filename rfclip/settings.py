@@ -59,7 +59,7 @@ class Settings:
         ncut_solver: ``"eigh"`` (exact), ``"subspace"`` (block power iteration) or ``"squaring"`` (power
             iteration as repeated squaring, few large matmuls: the fast one on GPUs); ``ncut_iters`` their
             steps. [decision] ``"auto"`` (default) is ``"eigh"`` on CPU and ``"squaring"`` on GPUs, where
-            batched ``eigh`` of 196 x 196 matrices runs one matrix at a time (80 ms for 32 on an H100).
+            batched ``eigh`` of 196 x 196 matrices runs one matrix at a time (84-85 ms for 32 on an H100).
             ``"squaring"`` takes ``ceil(log2(ncut_iters))`` squarings: at 30 (5), on smooth grid graphs,
             its defocused set differed from ``eigh``'s by 2.1 of 196 patches on average; 256 (8)
             matched exactly (README, Performance).
