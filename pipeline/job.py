@@ -167,6 +167,11 @@ def shard_windows(pending: list, window_images: int) -> list[list]:
     return windows
 
 
+def _ray_address(address: Optional[str]) -> Optional[str]:
+    """The cluster to connect to: ``address`` (``--ray-address``), else ``$RAY_ADDRESS``; None: none."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def _init_ray(address: Optional[str]) -> bool:
     """Connect to ``address`` / ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start an in-process
     local Ray. Returns True if this call started Ray (so the job shuts it down)."""
@@ -174,8 +179,9 @@ def _init_ray(address: Optional[str]) -> bool:
 
     if ray.is_initialized():
         return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = _ray_address(address)
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         # address="local": never attach to some other cluster found in /tmp/ray by accident.
         ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
@@ -188,7 +194,7 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
     gpw = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker is not None else (1.0 if gpus > 0 else 0.0)
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    address = _ray_address(cfg.ray_address)
     if gpus == 0 and cfg.num_gpus_per_worker is None and address and address != "local":
         # The defaults count the GPUs up now; an autoscaler starts GPU nodes only for actors that ask.
         log.warning("the cluster has no GPU now, so the model runs on CPU; on an autoscaling cluster pass "
