@@ -189,8 +189,9 @@ def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor,
     zero is left as it is (there is nowhere to move the mass in proportion to).
 
     Each element is scaled once: ``A[i, j] *= 1 - lam*[j in dis] + (Omega_i / S_i)*[j in def]``, with
-    the row sums ``sum_dis A`` and ``S_i = sum_def A`` taken by one matrix product with both column
-    selectors, and the factor built as a rank-2 update of ones (one matmul).
+    the row sums ``sum_dis A`` and ``S_i = sum_def A`` of every head taken by one matrix product per crop
+    (the two column selectors against all ``H*T`` rows), and the factor built as ``[-cut, gain, 1]`` times
+    ``[1_dis; 1_def; 1]``, one matrix product per crop over all heads.
 
     Args:
         attn: ``(B, H, T, T)`` attention (rows sum to 1).
@@ -201,19 +202,21 @@ def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor,
         ``(B, H, T, T)`` same dtype.
     """
     out = attn if inplace else attn.clone()
-    p = out[:, :, 1:, 1:]
-    b, h, n, _ = p.shape
-    sel = torch.stack([distractors, defocused], dim=-1).to(attn.dtype)[:, None]   # (B, 1, N, 2) column selectors
-    sums = p @ sel                                                      # (B, H, N, 2) row sums over dis, def
-    on_dis, on_dfc = sums[..., :1], sums[..., 1:]
+    b, h, t, _ = out.shape
+    n = t - 1
+    sel = torch.stack([distractors, defocused], dim=1).to(attn.dtype)             # (B, 2, N) column selectors
+    # Row sums as (2, T) x (T, H*T) per crop, the selectors on the left: on CPUs three times faster than
+    # (H*T, T) x (T, 2), a matrix product with 2 columns. The CLS column is in neither set.
+    sums = torch.bmm(F.pad(sel, (1, 0)), out.reshape(b, h * t, t).transpose(1, 2))
+    sums = sums.view(b, 2, h, t)[..., 1:]                                          # (B, 2, H, N), patch rows
+    on_dis, on_dfc = sums[:, 0, :, :, None], sums[:, 1, :, :, None]                # (B, H, N, 1)
     movable = on_dfc > 0
     gain = torch.where(movable, lam * on_dis / torch.where(movable, on_dfc, torch.ones_like(on_dfc)),
                        torch.zeros_like(on_dfc))
-    coef = torch.cat([-lam * movable.to(attn.dtype), gain], dim=-1)    # (B, H, N, 2): -cut, gain
-    # factor = 1 - cut_i [j in dis] + gain_i [j in def], a rank-2 update of ones: one pass over (N, N).
-    ones = p.new_ones(1, 1, 1).expand(b * h, n, n)
-    factor = torch.baddbmm(ones, coef.reshape(b * h, n, 2), sel.transpose(-1, -2).expand(b, h, 2, n).reshape(b * h, 2, n))
-    p.mul_(factor.view(b, h, n, n))
+    coef = torch.cat([-lam * movable.to(attn.dtype), gain, torch.ones_like(gain)], dim=-1)  # (B, H, N, 3)
+    # factor = 1 - cut_i [j in dis] + gain_i [j in def]: (H*N, 3) x (3, N) per crop, one write of (N, N) per head.
+    factor = torch.bmm(coef.view(b, h * n, 3), torch.cat([sel, sel.new_ones(b, 1, n)], dim=1))
+    out[:, :, 1:, 1:].mul_(factor.view(b, h, n, n))
     return out
 
 

@@ -390,6 +390,24 @@ def test_crops_and_layers_without_distractors_skip_the_cut(planted_files, monkey
     assert calls == []                                    # no distractors anywhere: no cut at all
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_affinity_of_some_crops_is_the_selection_of_all(planted_files, fused):
+    """``KKAttention.affinity(crops)`` selects before or after the head mean depending on how many crops it
+    keeps; either way it is the rows of the affinity of all crops."""
+    from rfclip.methods.kk_attention import KKAttention
+
+    seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"],
+                           device="cpu", distraction_dims=PLANTED_DIMS)
+    vit, g = seg.vit, torch.Generator().manual_seed(0)
+    kk = KKAttention(vit, fused=fused, need_affinity=True)
+    for _ in range(2):
+        kk.add(torch.randn(4, vit.heads, 17, vit.head_dim, generator=g))
+    every = kk.affinity()
+    assert every.shape == (4, 16, 16)
+    for crops in ([2], [3, 0], [0, 1, 3]):                       # at most half of the crops, and more
+        torch.testing.assert_close(kk.affinity(torch.tensor(crops)), every[crops], rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("plan", ["explicit", "fused"])
 def test_a_crop_without_distractors_in_the_batch_changes_nothing(planted_files, plan, monkeypatch):
     """In a block where only some crops have distractors, step (c) runs on those only and the others

@@ -116,6 +116,25 @@ def test_redistribution_preserves_rows_and_moves_lam_proportionally():
         assert torch.equal(q[b][..., rest], p[b][..., rest])
 
 
+def test_redistribution_of_a_strided_matrix_with_a_row_that_cannot_move():
+    """The matrix products read any layout (here a transposed view, left as it is without ``inplace``), and
+    a row whose defocused weights are all zero keeps its attention, as the per-element rule says."""
+    attn = random_attention(b=2, h=3, n=16, seed=3)
+    attn[1, 2, 5, 1:] = torch.cat([torch.zeros(8), attn[1, 2, 5, 9:] / attn[1, 2, 5, 9:].sum()]) * (1 - attn[1, 2, 5, 0])
+    dis = torch.zeros(2, 16, dtype=torch.bool)
+    dfc = torch.zeros(2, 16, dtype=torch.bool)
+    dis[:, [9, 12]] = True
+    dfc[:, [0, 3, 7]] = True                          # patch columns 1, 4, 8: zero in row (1, 2, 5)
+    strided = attn.transpose(-1, -2).contiguous().transpose(-1, -2)
+    before = strided.clone()
+    out = refocus.redistribute_attention(strided, dis, dfc, 0.6)
+    assert torch.equal(strided, before)
+    torch.testing.assert_close(out, refocus.redistribute_attention(attn.clone(), dis, dfc, 0.6), rtol=0, atol=1e-12)
+    assert torch.equal(out[1, 2, 5], attn[1, 2, 5])                  # nowhere to move the mass
+    assert not torch.equal(out[1, 2, 6], attn[1, 2, 6])
+    torch.testing.assert_close(out.sum(-1), attn.sum(-1), rtol=0, atol=1e-12)
+
+
 def test_neighbour_mean_changes_only_distraction_channels_of_distractors():
     h, w, d = 3, 4, 6
     x = torch.arange(h * w * d, dtype=torch.float64).reshape(1, h * w, d) ** 1.3

@@ -67,7 +67,14 @@ class KKAttention:
     def affinity(self, crops: Optional[Tensor] = None) -> Tensor:
         """Head-mean patch-block kk attention averaged over the blocks added so far, for ``crops``
         (``(B',)`` long indices; None: all): ``(B', N, N)`` float32."""
-        total = self._mean_sum if self.fused else self._head_sum.mean(dim=1)    # head mean before the copy
+        total = self._mean_sum if self.fused else self._head_sum
+        # The head mean reads all of (B, H, N, N): taken after the selection when it keeps at most half of the
+        # crops, before it otherwise (then only the (B', N, N) means are copied).
+        if crops is not None and (self.fused or 2 * crops.numel() <= total.shape[0]):
+            total = total.index_select(0, crops)
+            crops = None
+        if not self.fused:
+            total = total.mean(dim=1)
         if crops is not None:
             total = total.index_select(0, crops)
         return total / self.layers
@@ -79,8 +86,9 @@ class KKAttention:
         last = vit.blocks[-1]
         k, v = vit.keys(last, tokens)
         if not self.fused:
-            a_bar = (self._head_sum + vit.softmax_attention(k, k)[:, :, 1:, 1:]) / vit.num_layers
-            return vit.attend(last, a_bar, v[:, :, 1:])
+            # (sum_l K_l) (v / L): the 1/L scales the (T, dh) values, not the (N, N) sum.
+            kk_sum = self._head_sum + vit.softmax_attention(k, k)[:, :, 1:, 1:]
+            return vit.attend(last, kk_sum, v[:, :, 1:] / vit.num_layers)
         v = torch.cat([torch.zeros_like(v[:, :, :1]), v[:, :, 1:]], dim=2)
         total = None                                    # (B, H, T, dh) float32; the CLS row is dropped at the end
         for kl in (*self._keys, k):
