@@ -2,18 +2,21 @@
 
     python bench/bench_methods.py [--model ViT-B-16] [--crops 8] [--rounds 5] [--device cpu]
                                   [--precision fp32] [--images 4] [--skip-memory] [--skip-ops] [--profile rfclip,clip]
-                                  [--workloads isolated,clustered]
+                                  [--workloads isolated,clustered,dense]
 
 No pretrained weights exist here, so the model is random; distractors are planted in the
 architecture's distraction channels (``rfclip.testing.plant_distractors``) and painted into the
-inputs, so RF-CLIP's steps do real work. Two workloads (``planted_images``): ``isolated`` single
+inputs, so RF-CLIP's steps do real work. Workloads (``planted_images``): ``isolated`` single
 distractors, which RF-CLIP's step (d) smooths away after the first layer, and ``clustered`` 3x3
-blocks, which it cannot, so its steps run in most layers. The script prints how many distractors each
-layer found, on the plain model and on RF-CLIP's own path.
+blocks, which it cannot, so its steps run in most layers (the default pair); ``dense``, three 5x5
+blocks per crop, keeps nearly every crop's steps running in every block, the most work RF-CLIP can do.
+The script prints how many distractors each layer found, on the plain model and on RF-CLIP's own path.
 
 Tables printed:
 1. dense forward, crops/s of each method on one batch of 224x224 crops per workload, against plain
-   open_clip ``encode_image`` on the same batch, and each method's cost relative to ``clip``;
+   open_clip ``encode_image`` on the same batch, and each method's cost relative to ``clip``; then
+   the per-round ratios against ``clip`` (each round times every method once), their median, quartiles
+   and extremes, which show how noisy the machine was;
 2. end-to-end images/s of ``Segmenter.predict_batch`` at VOC settings (short side 336, slide
    224/112), and the ratio RF-CLIP / CLIP (first workload);
 3. the normalised-cut solver: time per batch of N x N graphs, eigh against subspace iteration and
@@ -65,9 +68,11 @@ def default_methods(device: torch.device) -> list[str]:
     return rfclip.available_methods() + extra
 
 
-# Two planted workloads (see planted_images): where RF-CLIP's steps stop after the first layer, and
-# where they run in most layers.
-WORKLOADS = {"isolated": dict(spots=6, cluster=1), "clustered": dict(spots=2, cluster=3)}
+# Planted workloads (see planted_images): where RF-CLIP's steps stop after the first layer (isolated), where
+# they run in most layers (clustered), and the near worst case (dense), where nearly every crop keeps
+# distractors in every block. Table 1 runs the first two unless --workloads names others.
+WORKLOADS = {"isolated": dict(spots=6, cluster=1), "clustered": dict(spots=2, cluster=3),
+             "dense": dict(spots=3, cluster=5)}
 
 
 def planted_images(n: int, h: int, w: int, patch: int, seed: int = 0, spots: int = 6,
@@ -80,6 +85,8 @@ def planted_images(n: int, h: int, w: int, patch: int, seed: int = 0, spots: int
     - ``cluster=3`` (workload ``clustered``): 3x3 blocks. A distractor's neighbours are distractors too,
       so smoothing cannot remove them and RF-CLIP's steps run in most layers (real CLIP weights make
       distractors in layers 7-12, the paper's Fig. 2; how many survive step (d) there is unknown here).
+    - ``spots=3, cluster=5`` (workload ``dense``): three 5x5 blocks. Step (d) erodes them one ring at a
+      time, so nearly every crop runs RF-CLIP's steps in every block: the most work the method can do.
     """
     rng = np.random.default_rng(seed)
     out = []
@@ -171,6 +178,16 @@ def distractor_counts(seg: rfclip.Segmenter, x: torch.Tensor) -> tuple[list[int]
         with mock.patch.object(refocus, "find_distractors", record):
             seg.method.encode(x)
     return plain, found[:2 * len(plain)]
+
+
+def paired_ratios(times: list[float], reference: list[float]) -> dict[str, float]:
+    """Per-round ratios ``times[r] / reference[r]`` (two methods timed in the same rounds) summarised as
+    their median, quartiles (inclusive method) and extremes. Needs at least two rounds."""
+    if len(times) != len(reference) or len(times) < 2:
+        raise ValueError("paired ratios need the same rounds, at least two, for both methods")
+    ratios = [t / r for t, r in zip(times, reference)]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios)}
 
 
 def peak_tensor_memory_cpu(fn) -> float:
@@ -306,6 +323,18 @@ def main() -> None:
             ref = dense.get((w, "clip"), enc)
             cells.append(f"{args.crops / t:.2f} | {t / enc:.3f}x | {t / ref:.3f}x")
         print(f"| {m} | " + " | ".join(cells) + " |")
+    paired = {}
+    if "clip" in methods and args.rounds >= 2:
+        # Each round runs every method once, in turn: the ratio within a round cancels the machine's slow
+        # drifts, and the spread of those ratios over the rounds shows the noise left.
+        print(f"\nTime vs clip, paired within each of the {args.rounds} rounds: median [quartiles] (min-max)")
+        print("| method | " + " | ".join(workloads) + " |")
+        print("|---|" + "---|" * len(workloads))
+        for m in ["encode_image", *(m for m in methods if m != "clip")]:
+            summaries = [paired_ratios(times[(w, m)], times[(w, "clip")]) for w in workloads]
+            paired.update({f"{w}/{m}": r for w, r in zip(workloads, summaries)})
+            print(f"| {m} | " + " | ".join(f"{r['median']:.3f}x [{r['q1']:.3f}-{r['q3']:.3f}] "
+                                           f"({r['min']:.3f}-{r['max']:.3f})" for r in summaries) + " |")
 
     # 2. end to end at VOC settings
     e2e = {}
@@ -388,7 +417,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name, "precision": args.precision, "crops": args.crops,
-                       "dense_seconds": {f"{w}/{m}": t for (w, m), t in dense.items()}, "e2e_images_per_s": e2e, "ncut_seconds": solver_t,
+                       "dense_seconds": {f"{w}/{m}": t for (w, m), t in dense.items()},
+                       "dense_vs_clip_paired": paired, "e2e_images_per_s": e2e, "ncut_seconds": solver_t,
                        "peak_mib": mem, "aten_ops": ops}, f, indent=1)
 
 

@@ -41,6 +41,12 @@ def test_clustered_distractors_survive_smoothing(planted_rfclip):
     assert len(block_inputs) == 3 and all(c > 0 for c in block_inputs)   # steps (a)-(c) run in every block
 
 
+def test_dense_distractors_outnumber_clustered_ones_in_every_block(planted_rfclip):
+    _, dense = counts(planted_rfclip, "dense")
+    _, clustered = counts(planted_rfclip, "clustered")
+    assert all(d > c > 0 for d, c in zip(dense[0::2], clustered[0::2]))     # block inputs on rfclip's path
+
+
 def test_op_counts_count_launches_not_views():
     x = torch.ones(3, 4)
     c = bench_methods.op_counts(lambda: (x.t(), x * 2, x.float(), x.clone().add_(1)))
@@ -61,3 +67,11 @@ def test_rfclip_dispatches_more_host_work_than_clip(planted_rfclip):
 def test_variant_names_set_the_settings_they_name(tiny_model):
     seg = bench_methods.build(tiny_model[0], tiny_model[1], "clip+fused+iters256", "cpu", "fp32")
     assert seg.settings.plan == "fused" and seg.settings.ncut_iters == 256 and seg.method_name == "clip"
+
+
+def test_paired_ratios_summarise_round_by_round_ratios():
+    r = bench_methods.paired_ratios([2.0, 3.0, 4.4, 1.1, 2.2], [2.0, 2.0, 4.0, 1.0, 2.0])   # 1, 1.5, 1.1, 1.1, 1.1
+    assert r["median"] == pytest.approx(1.1) and r["min"] == pytest.approx(1.0) and r["max"] == pytest.approx(1.5)
+    assert r["q1"] == pytest.approx(1.1) and r["q3"] == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="same rounds"):
+        bench_methods.paired_ratios([1.0, 2.0], [1.0])
