@@ -61,7 +61,7 @@ def default_methods(device: torch.device) -> list[str]:
     not pick on this device: rfclip with the other cut solvers, plans and kernels, and clip eager
     (``fused``; CUDA devices replay graphs by default)."""
     if device.type == "cpu":
-        extra = ["rfclip+subspace", "rfclip+squaring", "rfclip+fused"]
+        extra = ["rfclip+eigh", "rfclip+subspace", "rfclip+squaring", "rfclip+fused"]
     else:
         extra = ["clip+fused", "rfclip+fused", "rfclip+torch", "rfclip+fused+torch", "rfclip+explicit",
                  "rfclip+eigh", "rfclip+subspace"]

@@ -56,7 +56,8 @@ def find_distractors(x: Tensor, dims: Tensor, tau: float, received: Tensor | Non
     return mask
 
 
-def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, block: int = 6) -> Tensor:
+def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, block: int = 6,
+                   start: Tensor | None = None) -> Tensor:
     """Fiedler vector ``y = D^-1/2 z`` of a symmetric affinity (§3b, Eqs. 7-8).
 
     ``z`` is the eigenvector of the second-smallest eigenvalue of ``D^-1/2 (D - W) D^-1/2``, i.e. of
@@ -64,25 +65,41 @@ def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, bloc
 
     Args:
         affinity: ``(B, N, N)`` symmetric, non-negative, float32.
-        solver: ``"auto"`` (``"eigh"`` on CPU, ``"squaring"`` elsewhere); ``"eigh"`` (exact, batched
-            ``torch.linalg.eigh``); ``"subspace"`` (block power
+        solver: ``"auto"`` (``"warm"`` on CPU, ``"squaring"`` elsewhere); ``"eigh"`` (exact, batched
+            ``torch.linalg.eigh``); ``"warm"`` (``"eigh"``, except for the graphs with a ``start``: there
+            shifted inverse iteration from it, exact to a residual of 1e-5, see :func:`_refine_second_eigvec`,
+            and ``eigh`` where that does not converge); ``"subspace"`` (block power
             iteration on ``M + I`` deflated against its known top eigenvector ``D^1/2 1``, then a
             Rayleigh-Ritz step on ``block`` vectors: ``iters`` batched matmuls of ``(N, N) x (N, block)``
             and as many small QRs); ``"squaring"`` (the same power iteration, single vector, taken as
             ``ceil(log2(iters))`` squarings of the deflated ``(N, N)`` operator: a handful of large
             batched matmuls and no factorisation, which suits GPUs, where batched ``eigh`` and ``qr``
             of 196 x 196 matrices run one matrix at a time).
+        start: ``(B, N)``, for ``"warm"``: a Fiedler vector of a nearby graph (the previous block's, with
+            the layer-averaged affinity), or a zero row for a graph that has none.
     Returns:
         ``(B, N)`` float32; its sign is arbitrary, and with ``"squaring"`` so is its (positive) scale:
         the cut depends on the direction only.
     """
     if solver == "auto":
-        solver = "eigh" if affinity.device.type == "cpu" else "squaring"
+        solver = "warm" if affinity.device.type == "cpu" else "squaring"
     w = affinity.float()
     d = w.sum(-1).clamp_min(1e-12)
     d_isqrt = d.rsqrt()
     m = d_isqrt[:, :, None] * w * d_isqrt[:, None, :]
-    if solver == "eigh":
+    if solver == "warm" and start is not None:
+        z = torch.zeros_like(d)
+        done = torch.zeros(d.shape[0], dtype=torch.bool, device=d.device)
+        rows = (start.abs().amax(-1) > 0).nonzero().squeeze(-1)      # graphs with a start (a host sync)
+        if rows.numel():
+            root = d.index_select(0, rows).sqrt()
+            zr, dr = _refine_second_eigvec(m.index_select(0, rows), root, start.index_select(0, rows).float() * root)
+            z.index_copy_(0, rows, zr)
+            done.index_copy_(0, rows, dr)
+        missing = (~done).nonzero().squeeze(-1)                        # the others: eigh
+        if missing.numel():
+            z.index_copy_(0, missing, torch.linalg.eigh(m.index_select(0, missing))[1][:, :, -2])
+    elif solver in ("eigh", "warm"):
         _, vecs = torch.linalg.eigh(m)
         z = vecs[:, :, -2]
     elif solver == "subspace":
@@ -90,8 +107,51 @@ def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, bloc
     elif solver == "squaring":
         z = _second_eigvec_squaring(m, d.sqrt(), iters)
     else:
-        raise ValueError(f"unknown ncut solver {solver!r}; use 'eigh', 'subspace' or 'squaring'")
+        raise ValueError(f"unknown ncut solver {solver!r}; use 'eigh', 'warm', 'subspace' or 'squaring'")
     return z * d_isqrt
+
+
+def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4, tol: float = 1e-5,
+                          margin: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """The eigenvector of ``M``'s second-largest eigenvalue ``l2`` by shifted inverse iteration from ``start``.
+
+    ``S = M - 2 u u^T`` moves the top eigenvector ``u`` (eigenvalue 1) to -1, so ``l2`` is ``S``'s largest
+    eigenvalue. Each round takes the Rayleigh quotient ``theta <= l2`` and residual ``r`` of ``x`` and tries
+    the shift ``sigma = theta + max(r, margin)``: a Cholesky factorisation of ``sigma I - S`` succeeds only
+    if ``sigma > l2`` (up to float32 rounding, about 1e-5), which certifies that ``l2`` is the eigenvalue
+    nearest ``sigma``, so inverse iteration with it converges to ``l2``'s eigenvector from any start, only
+    slower from a poor one. Where it fails, the round keeps the graph's last certified factor. Two solves
+    per round. A graph is done when it has a certified shift and ``r <= tol``.
+
+    Args:
+        m: ``(B, N, N)`` float32 ``D^-1/2 W D^-1/2``; top: ``(B, N)`` its top eigenvector ``D^1/2 1`` (any
+            positive scale); start: ``(B, N)`` (zero rows: no start, never done).
+    Returns:
+        ``z`` ``(B, N)`` (unit norm; valid where done) and ``done`` ``(B,)`` bool.
+    """
+    b, n, _ = m.shape
+    u = F.normalize(top, dim=-1)
+    s = torch.baddbmm(m, u[:, :, None], u[:, None, :], alpha=-2.0)
+    eye = torch.eye(n, device=m.device, dtype=m.dtype)
+    x = start - u * (u * start).sum(-1, keepdim=True)
+    has_start = x.norm(dim=-1) > 0
+    x = F.normalize(x, dim=-1)[:, :, None]                              # (B, N, 1)
+    factor, certified = None, torch.zeros(b, dtype=torch.bool, device=m.device)
+    for i in range(rounds + 1):
+        sx = s @ x
+        theta = (x * sx).sum(1, keepdim=True)                          # (B, 1, 1)
+        residual = (sx - theta * x).norm(dim=1).squeeze(-1)            # (B,)
+        done = certified & has_start & (residual <= tol)
+        if i == rounds or bool(done.all()):
+            break
+        shift = theta.squeeze(-1).squeeze(-1) + residual.clamp_min(margin)
+        chol, info = torch.linalg.cholesky_ex(shift[:, None, None] * eye - s)
+        ok = info == 0
+        factor = chol if factor is None else torch.where(ok[:, None, None], chol, factor)
+        certified = certified | ok
+        for _ in range(2):
+            x = F.normalize(torch.cholesky_solve(x, factor), dim=1)
+    return x.squeeze(-1), done
 
 
 def _second_eigvec_subspace(m: Tensor, top: Tensor, iters: int, block: int) -> Tensor:
@@ -146,7 +206,8 @@ def _start_vector(n: int, device, dtype) -> Tensor:
     return _START_VECTORS[key]
 
 
-def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto", iters: int = 30) -> Tensor:
+def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto", iters: int = 30,
+                     start: Tensor | None = None, return_fiedler: bool = False):
     """Defocused target tokens ``T_def`` from the normalised cut (§3b).
 
     Symmetrises ``affinity``, takes the Fiedler vector, keeps ``y_i > mean(y)``; the sign is chosen so
@@ -157,12 +218,15 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
     Args:
         affinity: ``(B, N, N)`` non-negative (the layer-averaged, head-averaged kk attention).
         distractors: ``(B, N)`` bool.
+        start: ``(B, N)`` Fiedler vectors of nearby graphs, for the ``"warm"`` solver (see
+            :func:`fiedler_vector`).
+        return_fiedler: also return the Fiedler vector ``y`` ``(B, N)`` float32 (arbitrary sign and scale).
     Returns:
-        ``(B, N)`` bool.
+        ``(B, N)`` bool, or ``(mask, y)`` with ``return_fiedler``.
     """
     # W + W^T, twice the symmetric part: the Fiedler vector's direction and the cut are the same for
     # any positive multiple of W (D^-1/2 W D^-1/2 does not change), so the 1/2 is left out.
-    y = fiedler_vector(affinity + affinity.transpose(1, 2), solver=solver, iters=iters)
+    y = fiedler_vector(affinity + affinity.transpose(1, 2), solver=solver, iters=iters, start=start)
     centred = y - y.mean(dim=-1, keepdim=True)
     # [decision] The solver's sign of y is arbitrary, and the spec's rule picks the side by it whenever
     # neither side holds more than half (an even split, or patches at the mean). So the sign is fixed
@@ -176,7 +240,8 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
     above = torch.where(flip, below, above)
     others = ~distractors
     receivers = above & others
-    return torch.where(receivers.any(dim=-1, keepdim=True), receivers, others)
+    receivers = torch.where(receivers.any(dim=-1, keepdim=True), receivers, others)
+    return (receivers, y) if return_fiedler else receivers
 
 
 def redistribute_attention(attn: Tensor, distractors: Tensor, defocused: Tensor, lam: float,

@@ -56,9 +56,12 @@ class Settings:
         distractor_attention, defocus_ncut, embedding_redistribution: switches for §3c, §3b, §3d.
             With ``defocus_ncut`` off, every non-distractor patch receives. [decision] So it does in a
             crop of fewer than 3 patches, where a bipartition has nothing to choose between.
-        ncut_solver: ``"eigh"`` (exact), ``"subspace"`` (block power iteration) or ``"squaring"`` (power
-            iteration as repeated squaring, few large matmuls: the fast one on GPUs); ``ncut_iters`` their
-            steps. [decision] ``"auto"`` (default) is ``"eigh"`` on CPU and ``"squaring"`` on GPUs, where
+        ncut_solver: ``"eigh"`` (exact), ``"warm"`` (``eigh`` for a crop's first cut, then shifted inverse
+            iteration from the crop's previous Fiedler vector, certified by a Cholesky factorisation and
+            converged to a residual of 1e-5, with ``eigh`` wherever it is not), ``"subspace"`` (block power
+            iteration) or ``"squaring"`` (power iteration as repeated squaring, few large matmuls: the fast
+            one on GPUs); ``ncut_iters`` the steps of the last two. [decision] ``"auto"`` (default) is
+            ``"warm"`` on CPU and ``"squaring"`` on GPUs, where
             batched ``eigh`` of 196 x 196 matrices runs one matrix at a time (84-85 ms for 32 on an H100).
             ``"squaring"`` takes ``ceil(log2(ncut_iters))`` squarings: at 30 (5), on smooth grid graphs,
             its defocused set differed from ``eigh``'s by 2.1 of 196 patches on average; 256 (8)
@@ -158,7 +161,7 @@ _RANGES = {
     "mean_vector_weight": (0, 1, False), "tau": (0, None, False), "min_received_attention": (0, 1, False),
     "ncut_iters": (1, None, False), "global_input_size": (1, None, False),
 }
-NCUT_SOLVERS = ("auto", "eigh", "subspace", "squaring")
+NCUT_SOLVERS = ("auto", "eigh", "warm", "subspace", "squaring")
 PLANS = ("auto", "explicit", "fused", "graphed")
 ATTENTION_KERNELS = ("auto", "torch", "triton")
 

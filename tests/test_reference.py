@@ -377,7 +377,7 @@ def test_crops_and_layers_without_distractors_skip_the_cut(planted_files, monkey
 
     calls = []
     original = refocus.defocused_tokens
-    monkeypatch.setattr(refocus, "defocused_tokens", lambda w, d, *a: calls.append(w.shape[0]) or original(w, d, *a))
+    monkeypatch.setattr(refocus, "defocused_tokens", lambda w, d, *a, **kw: calls.append(w.shape[0]) or original(w, d, *a, **kw))
     seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"],
                            device="cpu", distraction_dims=PLANTED_DIMS, tau=0.07)
     painted, plain_crop = crops(n=1)[0], crops(n=1)[0].clone()
@@ -388,6 +388,24 @@ def test_crops_and_layers_without_distractors_skip_the_cut(planted_files, monkey
     calls.clear()
     seg.encode_dense(plain_crop[None])
     assert calls == []                                    # no distractors anywhere: no cut at all
+
+
+def test_the_warm_cut_runs_eigh_only_for_a_crops_first_cut(planted_files, monkeypatch):
+    """On CPUs the cut of a crop's later blocks starts from its previous Fiedler vector (``"warm"``): eigh
+    runs on fewer graphs than the cut sees, and the features are those of the eigh cut."""
+    from rfclip import refocus
+
+    kw = dict(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"], device="cpu",
+              distraction_dims=PLANTED_DIMS, tau=0.07)
+    warm, exact = rfclip.Segmenter(**kw), rfclip.Segmenter(**kw, ncut_solver="eigh")
+    x = torch.stack(crops(n=2)).float()
+    cut, solved = [], []
+    real_cut, real_eigh = refocus.defocused_tokens, torch.linalg.eigh
+    monkeypatch.setattr(refocus, "defocused_tokens", lambda w, *a, **k: cut.append(w.shape[0]) or real_cut(w, *a, **k))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: solved.append(m.shape[0]) or real_eigh(m))
+    got = warm.encode_dense(x)
+    assert len(cut) >= 2 and sum(solved) == cut[0] < sum(cut)           # eigh for the first cut only
+    torch.testing.assert_close(got, exact.encode_dense(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fused", [False, True])

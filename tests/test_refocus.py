@@ -201,11 +201,49 @@ def test_every_step_is_identity_without_distractors():
 
 
 def test_auto_solver_is_exact_eigh_on_cpu():
+    """On CPUs "auto" is "warm", which is eigh itself for graphs without a start (and for zero starts)."""
     g = torch.Generator().manual_seed(3)
     k = torch.randn(2, 40, 8, generator=g)
     w = (k @ k.transpose(1, 2)).softmax(-1)
     w = 0.5 * (w + w.transpose(1, 2))
-    torch.testing.assert_close(refocus.fiedler_vector(w, "auto"), refocus.fiedler_vector(w, "eigh"), rtol=0, atol=0)
+    exact = refocus.fiedler_vector(w, "eigh")
+    torch.testing.assert_close(refocus.fiedler_vector(w, "auto"), exact, rtol=0, atol=0)
+    torch.testing.assert_close(refocus.fiedler_vector(w, "warm", start=torch.zeros(2, 40)), exact, rtol=0, atol=0)
+
+
+def _running_mean_graphs(count=16, n=196, seed=5):
+    """Pairs of kk-attention-like graphs a block apart: the second is the running mean of the first and
+    one more layer's attention (3:1), as the layer-averaged affinity moves from block to block."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(n ** 0.5)
+    ys, xs = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], -1)
+    def layer():
+        feat = torch.cat([pos.expand(count, n, 2) / 3, 0.4 * torch.randn(count, n, 16, generator=g)], -1)
+        return (feat @ feat.transpose(1, 2) / 4).softmax(-1)
+    first = (layer() + layer() + layer()) / 3
+    return first, (3 * first + layer()) / 4
+
+
+def test_the_warm_cut_from_the_previous_block_matches_eigh():
+    """Started from the previous graph's Fiedler vector, the inverse iteration converges (no eigh needed)
+    and cuts as eigh does; started from a poor vector (another eigenvector) it still cuts as eigh does,
+    through the certified shift or the eigh fallback."""
+    from rfclip.refocus import _refine_second_eigvec
+
+    before, after = _running_mean_graphs()
+    dis = torch.zeros(after.shape[0], after.shape[1], dtype=torch.bool)
+    dis[:, :2] = True
+    start = refocus.fiedler_vector(before + before.transpose(1, 2), "eigh")
+    exact = refocus.defocused_tokens(after, dis, "eigh")
+    assert torch.equal(refocus.defocused_tokens(after, dis, "warm", start=start), exact)
+    w = after + after.transpose(1, 2)
+    d = w.sum(-1)
+    m = d.rsqrt()[:, :, None] * w * d.rsqrt()[:, None, :]
+    _, done = _refine_second_eigvec(m, d.sqrt(), start * d.sqrt())
+    assert done.all()                                                   # converged from the warm start
+    third = torch.linalg.eigh(m)[1][:, :, -3] * d.rsqrt()              # the wrong eigenvector as a start
+    assert torch.equal(refocus.defocused_tokens(after, dis, "warm", start=third), exact)
 
 
 @pytest.mark.parametrize("iters", [30, 64, 1 << 14])

@@ -119,6 +119,10 @@ class RFCLIP(DenseMethod):
         # gives the next block's step (a): see _smooth_output. Then ``dis`` and ``crops`` arrive from there.
         ahead = self.masks_ahead(x.device)
         dis = crops = None
+        # The "warm" cut (the CPU default) starts each crop's cut from its Fiedler vector of the last block
+        # that cut it: (B, N) float32, zero rows for crops not cut yet.
+        warm = s.ncut_solver == "warm" or (s.ncut_solver == "auto" and x.device.type == "cpu")
+        fiedler = x.new_zeros(b, n, dtype=torch.float32) if warm and kk.need_affinity else None
         for i, block in enumerate(vit.blocks[:-1]):
             q, k, v = vit.qkv(block, tokens)
             kk.add(k)
@@ -134,7 +138,7 @@ class RFCLIP(DenseMethod):
                 some = crops is not None and crops.numel() < b       # only some crops have distractors
                 if some:                                             # the cut on those crops only
                     dc = dis.index_select(0, crops)
-                    rc = self._receivers(kk, dc, crops)
+                    rc = self._receivers(kk, dc, crops, fiedler)
                 if some and attn is None:
                     # Step (c) on the crops with distractors only, written over the block's fused
                     # attention of all crops. That attention is wasted on the crops with distractors,
@@ -144,7 +148,7 @@ class RFCLIP(DenseMethod):
                     heads.index_copy_(0, crops, self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed))
                 else:
                     # Crops without distractors: any receivers do (nothing moves); ~dis is the cheapest.
-                    receivers = (~dis).index_copy(0, crops, rc) if some else self._receivers(kk, dis, None)
+                    receivers = (~dis).index_copy(0, crops, rc) if some else self._receivers(kk, dis, None, fiedler)
                     heads = self._refocused_heads(q, k, v, attn, dis, receivers, fused, redistributed)
                 tokens = vit.finish_block(block, tokens, vit.project(block, heads))
             elif attn is not None:
@@ -198,10 +202,22 @@ class RFCLIP(DenseMethod):
         attn = refocus.redistribute_attention(attn, dis, receivers, self.settings.lam, inplace=True)
         return torch.matmul(attn.to(v.dtype), v)
 
-    def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None) -> Tensor:
+    def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None, fiedler: Tensor | None) -> Tensor:
         """Defocused tokens ``(B', N)`` bool of the crops ``crops`` ``(B',)`` long (None: all), whose
-        distractors are ``dis`` ``(B', N)`` bool: the cut, or every non-distractor when it is off."""
+        distractors are ``dis`` ``(B', N)`` bool: the cut, or every non-distractor when it is off.
+
+        ``fiedler`` ``(B, N)`` float32 (the ``"warm"`` cut; else None) holds each crop's last Fiedler vector:
+        the cut starts from it and writes the new one back."""
         s = self.settings
         if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
             return ~dis
-        return refocus.defocused_tokens(kk.affinity(crops), dis, s.ncut_solver, s.ncut_iters)
+        if fiedler is None:
+            return refocus.defocused_tokens(kk.affinity(crops), dis, s.ncut_solver, s.ncut_iters)
+        start = fiedler if crops is None else fiedler.index_select(0, crops)
+        receivers, y = refocus.defocused_tokens(kk.affinity(crops), dis, "warm", s.ncut_iters, start=start,
+                                                return_fiedler=True)
+        if crops is None:
+            fiedler.copy_(y)
+        else:
+            fiedler.index_copy_(0, crops, y)
+        return receivers
