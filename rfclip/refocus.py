@@ -118,10 +118,12 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
     ``S = M - 2 u u^T`` moves the top eigenvector ``u`` (eigenvalue 1) to -1, so ``l2`` is ``S``'s largest
     eigenvalue. Each round takes the Rayleigh quotient ``theta <= l2`` and residual ``r`` of ``x`` and tries
     the shift ``sigma = theta + max(r, margin)``: a Cholesky factorisation of ``sigma I - S`` succeeds only
-    if ``sigma > l2`` (up to float32 rounding, about 1e-5), which certifies that ``l2`` is the eigenvalue
-    nearest ``sigma``, so inverse iteration with it converges to ``l2``'s eigenvector from any start, only
-    slower from a poor one. Where it fails, the round keeps the graph's last certified factor. Two solves
-    per round. A graph is done when it has a certified shift and ``r <= tol``.
+    if ``sigma > l2`` (up to float32 rounding, about 1e-5), so ``l2`` is the eigenvalue nearest ``sigma``
+    and inverse iteration with it (two solves per round) favours ``l2``'s eigenvector. Where it fails,
+    the round keeps the graph's last factor. A graph is done when its current ``x`` has ``r <= tol`` and
+    its own shift factorises, i.e. ``theta > l2 - margin``: ``x`` is then an eigenvector of an eigenvalue
+    within ``margin`` below ``l2``, which is ``l2``'s unless the two are that close (where no solver's
+    choice is well defined). A start with no component along it never gets there: ``eigh`` takes over.
 
     Args:
         m: ``(B, N, N)`` float32 ``D^-1/2 W D^-1/2``; top: ``(B, N)`` its top eigenvector ``D^1/2 1`` (any
@@ -136,19 +138,20 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
     x = start - u * (u * start).sum(-1, keepdim=True)
     has_start = x.norm(dim=-1) > 0
     x = F.normalize(x, dim=-1)[:, :, None]                              # (B, N, 1)
-    factor, certified = None, torch.zeros(b, dtype=torch.bool, device=m.device)
+    factor = None
     for i in range(rounds + 1):
         sx = s @ x
         theta = (x * sx).sum(1, keepdim=True)                          # (B, 1, 1)
         residual = (sx - theta * x).norm(dim=1).squeeze(-1)            # (B,)
-        done = certified & has_start & (residual <= tol)
-        if i == rounds or bool(done.all()):
-            break
         shift = theta.squeeze(-1).squeeze(-1) + residual.clamp_min(margin)
         chol, info = torch.linalg.cholesky_ex(shift[:, None, None] * eye - s)
         ok = info == 0
+        # Done only on this x's own certificate: l2 < theta + margin and a small residual make x an
+        # eigenvector of an eigenvalue within the margin below l2 (a certificate of an earlier x does not).
+        done = ok & has_start & (residual <= tol)
+        if i == rounds or bool(done.all()):
+            break
         factor = chol if factor is None else torch.where(ok[:, None, None], chol, factor)
-        certified = certified | ok
         for _ in range(2):
             x = F.normalize(torch.cholesky_solve(x, factor), dim=1)
     return x.squeeze(-1), done

@@ -211,6 +211,28 @@ def test_auto_solver_is_exact_eigh_on_cpu():
     torch.testing.assert_close(refocus.fiedler_vector(w, "warm", start=torch.zeros(2, 40)), exact, rtol=0, atol=0)
 
 
+def test_the_warm_cut_never_accepts_the_third_eigenvector():
+    """A start almost without the second eigenvector (one crossing l3 between blocks, with a small gap and
+    low modes mixed in) must not come back done with the third one: done needs the current vector's own
+    certificate, so such graphs go to eigh or reach z2."""
+    from rfclip.refocus import _refine_second_eigvec
+
+    g = torch.Generator().manual_seed(7)
+    n, b = 196, 8
+    top = torch.rand(b, n, generator=g) + 0.5
+    u = F.normalize(top, dim=-1)
+    basis = torch.linalg.qr(torch.cat([u[:, :, None], torch.randn(b, n, n - 1, generator=g)], -1))[0]
+    basis = basis * torch.sign((basis[:, :, :1] * u[:, :, None]).sum(1, keepdim=True))   # column 0 = +u
+    for l3 in (0.90, 0.93):
+        vals = torch.cat([torch.tensor([1.0, 0.95, l3]), torch.linspace(0.8, -0.5, n - 3)])
+        m = basis @ torch.diag_embed(vals.expand(b, n)) @ basis.transpose(1, 2)
+        z2, z3, low = basis[:, :, 1], basis[:, :, 2], basis[:, :, -1]
+        for eps in (0.0, 1e-5, 1e-4, 1e-2):
+            z, done = _refine_second_eigvec(m, top, z3 + 0.3 * low + eps * z2)
+            cos = (z * z2).sum(-1).abs()
+            assert (~done | (cos > 0.999)).all(), (l3, eps, done, cos)
+
+
 def _running_mean_graphs(count=16, n=196, seed=5):
     """Pairs of kk-attention-like graphs a block apart: the second is the running mean of the first and
     one more layer's attention (3:1), as the layer-averaged affinity moves from block to block."""
