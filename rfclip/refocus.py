@@ -56,6 +56,14 @@ def find_distractors(x: Tensor, dims: Tensor, tau: float, received: Tensor | Non
     return mask
 
 
+def resolve_solver(solver: str, device) -> str:
+    """The cut solver that ``solver`` names on ``device``: ``"auto"`` is ``"warm"`` on CPUs and ``"squaring"``
+    elsewhere; other names stay as they are."""
+    if solver == "auto":
+        return "warm" if torch.device(device).type == "cpu" else "squaring"
+    return solver
+
+
 def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, block: int = 6,
                    start: Tensor | None = None) -> Tensor:
     """Fiedler vector ``y = D^-1/2 z`` of a symmetric affinity (§3b, Eqs. 7-8).
@@ -81,8 +89,7 @@ def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int = 30, bloc
         ``(B, N)`` float32; its sign is arbitrary, and with ``"squaring"`` so is its (positive) scale:
         the cut depends on the direction only.
     """
-    if solver == "auto":
-        solver = "warm" if affinity.device.type == "cpu" else "squaring"
+    solver = resolve_solver(solver, affinity.device)
     w = affinity.float()
     d = w.sum(-1).clamp_min(1e-12)
     d_isqrt = d.rsqrt()

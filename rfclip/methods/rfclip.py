@@ -121,7 +121,7 @@ class RFCLIP(DenseMethod):
         dis = crops = None
         # The "warm" cut (the CPU default) starts each crop's cut from its Fiedler vector of the last block
         # that cut it: (B, N) float32, zero rows for crops not cut yet.
-        warm = s.ncut_solver == "warm" or (s.ncut_solver == "auto" and x.device.type == "cpu")
+        warm = refocus.resolve_solver(s.ncut_solver, x.device) == "warm"
         fiedler = x.new_zeros(b, n, dtype=torch.float32) if warm and kk.need_affinity else None
         for i, block in enumerate(vit.blocks[:-1]):
             q, k, v = vit.qkv(block, tokens)
