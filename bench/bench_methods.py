@@ -20,7 +20,8 @@ Tables printed:
 2. end-to-end images/s of ``Segmenter.predict_batch`` at VOC settings (short side 336, slide
    224/112), and the ratio RF-CLIP / CLIP (first workload);
 3. the normalised-cut solver: time per batch of N x N graphs, eigh against subspace iteration and
-   power iteration by repeated squaring;
+   power iteration by repeated squaring (float32 and float16 products; how close each comes to eigh's
+   cut is ``bench/cut_fidelity.py``);
 4. peak memory of one dense forward per method (CUDA: max allocated; CPU: peak live tensor bytes
    from the torch profiler's allocation events);
 5. host work: the aten ops that one dense forward dispatches per method and workload, and how many of
@@ -53,7 +54,12 @@ from rfclip.methods.rfclip import distraction_setup
 from rfclip.settings import DISTRACTION_DIMS, PLANS, base_arch
 from rfclip.testing import distractor_pattern, paint_pattern, random_model, save_checkpoint
 
-SOLVERS = ("eigh", "subspace", "squaring")
+# Table 3's rows: label -> (solver, iters, products dtype). float16 products are the squaring cut of fp16 and
+# bf16 models; on CPUs they are slow (no float16 matrix units) and shown for completeness.
+SOLVERS = {"eigh": ("eigh", None, torch.float32), "subspace": ("subspace", None, torch.float32),
+           "squaring (11 squarings)": ("squaring", None, torch.float32),
+           "squaring, 5 squarings (the default before)": ("squaring", 32, torch.float32),
+           "squaring (11), float16 products": ("squaring", None, torch.float16)}
 
 
 def default_methods(device: torch.device) -> list[str]:
@@ -364,10 +370,11 @@ def main() -> None:
     dis = torch.zeros(args.crops, n, dtype=torch.bool, device=device)
     dis[:, 0] = True
     solver_t = {}
-    for solver in SOLVERS:
-        refocus.defocused_tokens(w, dis, solver)
-        solver_t[solver] = statistics.median(timed(lambda: refocus.defocused_tokens(w, dis, solver), device)
-                                             for _ in range(args.rounds))
+    for label, (solver, iters, products) in SOLVERS.items():
+        def cut():
+            return refocus.defocused_tokens(w, dis, solver, iters, products=products)
+        cut()
+        solver_t[label] = statistics.median(timed(cut, device) for _ in range(args.rounds))
     layers = len(any_seg.vit.blocks) - 1
     print(f"\n## 3. Normalised cut, batch of {args.crops} graphs of N={n}")
     print("| solver | ms per batch | if run in all L-1 layers: share of the rfclip forward |")

@@ -60,12 +60,13 @@ class Settings:
             iteration from the crop's previous Fiedler vector, certified by a Cholesky factorisation and
             converged to a residual of 1e-5, with ``eigh`` wherever it is not), ``"subspace"`` (block power
             iteration) or ``"squaring"`` (power iteration as repeated squaring, few large matmuls: the fast
-            one on GPUs); ``ncut_iters`` the steps of the last two. [decision] ``"auto"`` (default) is
-            ``"warm"`` on CPU and ``"squaring"`` on GPUs, where
-            batched ``eigh`` of 196 x 196 matrices runs one matrix at a time (84-85 ms for 32 on an H100).
-            ``"squaring"`` takes ``ceil(log2(ncut_iters))`` squarings: at 30 (5), on smooth grid graphs,
-            its defocused set differed from ``eigh``'s by 2.1 of 196 patches on average; 256 (8)
-            matched exactly (README, Performance).
+            one on GPUs; its products run in float16 for fp16 and bf16 models); ``ncut_iters`` the power
+            steps of the last two (None: 30 for ``"subspace"``, 2048 for ``"squaring"``). [decision]
+            ``"auto"`` (default) is ``"warm"`` on CPU and ``"squaring"`` on GPUs, where batched ``eigh``
+            of 196 x 196 matrices runs one matrix at a time (84-85 ms for 32 on an H100).
+            ``"squaring"`` takes ``ceil(log2(ncut_iters))`` squarings. [decision] 2048 (11): on the planted
+            benchmark graphs, whose spectral gaps are small, 30 (5) cut every graph differently from
+            ``eigh``, 256 (8) one in six, and 2048 none in float32 (README, Performance).
         plan: how the forward pass runs; results agree to float rounding (tested), only cost differs.
             ``"explicit"``: RF-CLIP keeps explicit attention matrices; fastest on CPUs.
             ``"fused"``: RF-CLIP runs fused attention passes and keeps no ``(T, T)`` matrices; on GPUs
@@ -125,7 +126,7 @@ class Settings:
     defocus_ncut: bool = True
     embedding_redistribution: bool = True
     ncut_solver: str = "auto"
-    ncut_iters: int = 30
+    ncut_iters: Optional[int] = None
     plan: str = "auto"
     attention_kernels: str = "auto"
     naclip_sigma: float = 5.0

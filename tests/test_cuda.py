@@ -153,3 +153,23 @@ def test_cuda_default_runs_the_triton_kernels(planted_files, monkeypatch):
         monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name, **kw: launches.append(_n) or _k(*a, **kw))
     segmenter(planted_files, "rfclip", "cuda", precision="bf16").segment_batch([planted_image()])  # step (c) runs
     assert {"accumulate_kk_head_mean", "redistributed_attention_output"} <= set(launches)
+
+
+@pytest.mark.parametrize("products", [torch.float32, torch.float16])
+def test_cuda_squaring_cut_matches_the_cpu_on_graphs_with_small_gaps(products):
+    """The GPU's cut (cuBLAS products; float16 on tensor cores) against the CPU's on graphs with small
+    spectral gaps (test_reference._smooth_grid_graphs): float32 products cut as eigh does on both; with
+    float16 products the Fiedler vector stays within |cos| 0.999 of eigh's (the bound CPU float16 meets)."""
+    from rfclip import refocus
+    from test_reference import _centred_cosines, _smooth_grid_graphs
+
+    w = _smooth_grid_graphs(count=24, spread=(9, 10, 11, 12, 13))
+    sym = w + w.transpose(1, 2)
+    y_exact = refocus.fiedler_vector(sym, "eigh")
+    y_gpu = refocus.fiedler_vector(sym.cuda(), "squaring", products=products).cpu()
+    assert torch.isfinite(y_gpu).all()
+    assert _centred_cosines(y_gpu, y_exact).min() > (0.99999 if products == torch.float32 else 0.999)
+    if products == torch.float32:
+        dis = torch.zeros(len(w), w.shape[1], dtype=torch.bool)
+        assert torch.equal(refocus.defocused_tokens(w.cuda(), dis.cuda(), "squaring").cpu(),
+                           refocus.defocused_tokens(w, dis, "eigh"))

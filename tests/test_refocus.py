@@ -268,27 +268,46 @@ def test_the_warm_cut_from_the_previous_block_matches_eigh():
     assert torch.equal(refocus.defocused_tokens(after, dis, "warm", start=third), exact)
 
 
-@pytest.mark.parametrize("iters", [30, 64, 1 << 14])
-def test_squaring_solver_finds_the_fiedler_vector_up_to_sign(iters):
+@pytest.mark.parametrize("products", [torch.float32, torch.float16])
+@pytest.mark.parametrize("iters", [30, 64, None, 1 << 14])
+def test_squaring_solver_finds_the_fiedler_vector_up_to_sign(iters, products):
     """On a graph with a spectral gap the power-by-squaring vector is the exact eigenvector's direction,
-    also after 14 squarings (S^16384: nothing underflows)."""
+    also after 14 squarings (S^16384: nothing underflows), with float32 or float16 products."""
     w, _ = two_block_affinity(noise=0.2)
     w = 0.5 * (w + w.T)
     exact = refocus.fiedler_vector(w[None], "eigh")
-    fast = refocus.fiedler_vector(w[None], "squaring", iters=iters)
-    assert torch.isfinite(fast).all()
+    fast = refocus.fiedler_vector(w[None], "squaring", iters=iters, products=products)
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
     cos = (F.normalize(exact, dim=-1) * F.normalize(fast, dim=-1)).sum().abs()
-    assert cos > 0.9999
+    assert cos > (0.9999 if products == torch.float32 else 0.999)
 
 
-def test_squaring_solver_does_not_underflow_on_a_near_complete_graph():
+@pytest.mark.parametrize("products", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [196, 576])
+def test_squaring_solver_does_not_underflow_on_a_near_complete_graph(n, products):
     """The worst case for the scale: every deflated eigenvalue about equal (1/2 before any division), so
-    without the trace divisions 2^14 powers would underflow to a zero vector."""
+    without the trace divisions 2^14 powers would underflow to a zero vector; in float16, which
+    overflows at 65504, the trace is kept at 128, so a product's entries stay below 128^2. N = 576:
+    ViT-L/14 at 336 px."""
     g = torch.Generator().manual_seed(8)
-    noise = torch.rand(196, 196, generator=g) * 1e-3
+    noise = torch.rand(n, n, generator=g) * 1e-3
     w = (1 + noise + noise.T)[None]
-    y = refocus.fiedler_vector(w, "squaring", iters=1 << 14)
+    y = refocus.fiedler_vector(w, "squaring", iters=1 << 14, products=products)
     assert torch.isfinite(y).all() and y.abs().max() > 0
+
+
+def test_float16_squaring_does_not_overflow_when_one_eigenvalue_dominates():
+    """Two disconnected halves: l2 = 1 = l1, so after deflation one eigenvalue carries the whole trace.
+    Its squares reach the trace squared: 128^2 in float16, below 65504."""
+    n = 576
+    w = torch.zeros(n, n)
+    w[: n // 2, : n // 2] = 1
+    w[n // 2:, n // 2:] = 1
+    y = refocus.fiedler_vector(w[None], "squaring", iters=1 << 14, products=torch.float16)
+    assert torch.isfinite(y).all()
+    halves = torch.stack([y[0, : n // 2], y[0, n // 2:]])
+    assert (halves.amax(-1) - halves.amin(-1)).abs().max() < 1e-3 * y.abs().max()      # constant per half
+    assert halves[0, 0] * halves[1, 0] < 0                                             # opposite signs
 
 
 def test_unknown_solver_is_refused():

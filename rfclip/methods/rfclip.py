@@ -123,6 +123,8 @@ class RFCLIP(DenseMethod):
         # that cut it: (B, N) float32, zero rows for crops not cut yet.
         warm = refocus.resolve_solver(s.ncut_solver, x.device) == "warm"
         fiedler = x.new_zeros(b, n, dtype=torch.float32) if warm and kk.need_affinity else None
+        # The squaring cut multiplies in float16 for reduced-precision models (tensor cores on GPUs).
+        products = torch.float16 if tokens.dtype in (torch.float16, torch.bfloat16) else torch.float32
         for i, block in enumerate(vit.blocks[:-1]):
             q, k, v = vit.qkv(block, tokens)
             kk.add(k)
@@ -138,7 +140,7 @@ class RFCLIP(DenseMethod):
                 some = crops is not None and crops.numel() < b       # only some crops have distractors
                 if some:                                             # the cut on those crops only
                     dc = dis.index_select(0, crops)
-                    rc = self._receivers(kk, dc, crops, fiedler)
+                    rc = self._receivers(kk, dc, crops, fiedler, products)
                 if some and attn is None:
                     # Step (c) on the crops with distractors only, written over the block's fused
                     # attention of all crops. That attention is wasted on the crops with distractors,
@@ -148,7 +150,7 @@ class RFCLIP(DenseMethod):
                     heads.index_copy_(0, crops, self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed))
                 else:
                     # Crops without distractors: any receivers do (nothing moves); ~dis is the cheapest.
-                    receivers = (~dis).index_copy(0, crops, rc) if some else self._receivers(kk, dis, None, fiedler)
+                    receivers = (~dis).index_copy(0, crops, rc) if some else self._receivers(kk, dis, None, fiedler, products)
                     heads = self._refocused_heads(q, k, v, attn, dis, receivers, fused, redistributed)
                 tokens = vit.finish_block(block, tokens, vit.project(block, heads))
             elif attn is not None:
@@ -202,17 +204,20 @@ class RFCLIP(DenseMethod):
         attn = refocus.redistribute_attention(attn, dis, receivers, self.settings.lam, inplace=True)
         return torch.matmul(attn.to(v.dtype), v)
 
-    def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None, fiedler: Tensor | None) -> Tensor:
+    def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None, fiedler: Tensor | None,
+                   products: torch.dtype) -> Tensor:
         """Defocused tokens ``(B', N)`` bool of the crops ``crops`` ``(B',)`` long (None: all), whose
         distractors are ``dis`` ``(B', N)`` bool: the cut, or every non-distractor when it is off.
 
         ``fiedler`` ``(B, N)`` float32 (the ``"warm"`` cut; else None) holds each crop's last Fiedler vector:
-        the cut starts from it and writes the new one back."""
+        the cut starts from it and writes the new one back. ``products``: the dtype of the ``"squaring"``
+        cut's matrix products (float16 for reduced-precision models)."""
         s = self.settings
         if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
             return ~dis
         if fiedler is None:
-            return refocus.defocused_tokens(kk.affinity(crops), dis, s.ncut_solver, s.ncut_iters)
+            return refocus.defocused_tokens(kk.affinity(crops), dis, s.ncut_solver, s.ncut_iters,
+                                            products=products)
         start = fiedler if crops is None else fiedler.index_select(0, crops)
         receivers, y = refocus.defocused_tokens(kk.affinity(crops), dis, "warm", s.ncut_iters, start=start,
                                                 return_fiedler=True)
