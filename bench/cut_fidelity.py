@@ -15,7 +15,9 @@ in every block) with the exact ``eigh`` cut, and records the layer-averaged affi
    distractors removed), the mean and largest number of patches that differ, and the time per batch of
    ``--crops`` graphs (median over the blocks and ``--rounds``);
 3. per configuration that RF-CLIP can run on the model's own dtype, the cosine between its dense
-   features and the ``eigh`` cut's, on the same crops, over all patches: the effect a user sees.
+   features and the ``eigh`` cut's, on the same crops, over all patches: the effect a user sees. Only
+   blocks with distractors use the cut (the script prints how many each block has), so a workload
+   without them shows no effect at all.
 
 Float16 products are the ``squaring`` cut of fp16 and bf16 models (``refocus.fiedler_vector``).
 """
@@ -28,7 +30,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from unittest import mock
 
 import numpy as np
@@ -71,20 +72,22 @@ def photo_crops(size: int = 224) -> list[np.ndarray]:
     return out
 
 
-def record_graphs(seg: rfclip.Segmenter, x: torch.Tensor) -> list[torch.Tensor]:
+def record_graphs(seg: rfclip.Segmenter, x: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     """The affinities ``(B, N, N)`` float32 that one RF-CLIP forward of ``x`` cuts, one per block, with
-    every crop cut in every block (the ``graphed`` plan's behaviour, run eagerly)."""
-    graphs = []
+    every crop cut in every block (the ``graphed`` plan's behaviour, run eagerly), and the number of
+    distractors in the batch at each of those blocks."""
+    graphs, counts = [], []
     real = refocus.defocused_tokens
 
-    def record(affinity, *a, **kw):
+    def record(affinity, distractors, *a, **kw):
         graphs.append(affinity.detach().float().clone())
-        return real(affinity, *a, **kw)
+        counts.append(int(distractors.sum()))
+        return real(affinity, distractors, *a, **kw)
 
     with mock.patch.object(rfclip_method, "plan_flags", lambda settings, device: (True, False)), \
             mock.patch.object(refocus, "defocused_tokens", record), torch.inference_mode():
         seg.method.encode(x)
-    return graphs
+    return graphs, counts
 
 
 def eigen_ratios(graphs: list[torch.Tensor]) -> torch.Tensor:
@@ -147,7 +150,10 @@ def main() -> None:
                               bm.planted_images(args.crops, 224, 224, patch, **bm.WORKLOADS[w]), device, exact_seg.dtype)
                for w in workloads}
     print(f"# {args.model} (random, planted distractors), {args.precision}, device {device}, torch {torch.__version__}")
-    graphs = {w: record_graphs(exact_seg, x) for w, x in batches.items()}
+    recorded = {w: record_graphs(exact_seg, x) for w, x in batches.items()}
+    graphs = {w: g for w, (g, _) in recorded.items()}
+    for w, (_, counts) in recorded.items():
+        print(f"distractors per block, workload {w}, batch of {len(batches[w])}: {counts}")
     n = graphs[workloads[0]][0].shape[-1]
     figures: dict = {"ratios": {}, "cuts": {}, "features": {}}
 

@@ -65,9 +65,9 @@ def resolve_solver(solver: str, device) -> str:
 
 
 # Default steps of the iterative solvers (``iters=None``). [decision] Subspace iteration: 30. Squaring: 2048
-# power steps, i.e. 11 squarings. The planted benchmark graphs have eigenvalue ratios (1+l3)/(1+l2) of
-# 0.98-0.996, and there 5 squarings (the default before) cut 352 of 352 graphs differently from eigh,
-# 8 squarings 57, and 11 none (README, Performance: ``bench/cut_fidelity.py``).
+# power steps, i.e. 11 squarings. On the planted benchmark graphs, with eigenvalue ratios (1+l3)/(1+l2) of
+# 0.93-0.996, 5 squarings (the default before) cut all 264 graphs differently from eigh, 8 squarings 57,
+# and 11 none (README, Performance: ``bench/cut_fidelity.py``).
 SUBSPACE_STEPS = 30
 SQUARING_STEPS = 2048
 # Squarings in float16 keep the deflated operator's trace at this value: its eigenvalues then lie in
@@ -202,22 +202,30 @@ def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int, products: torch.
     moved to 0), as ``S^(2^p)`` by ``p = ceil(log2(iters))`` squarings. Rounding that brings ``u``
     back has eigenvalue ~eps and is squared away.
 
-    Each squaring is followed by a division by the trace, so the scale never over- or underflows: in
-    float32 to trace 1 (the top eigenvalue then stays in [1/N, 1]), in float16 to ``_HALF_TRACE``.
+    The divisions by the trace keep the scale from over- or underflowing. In float32 the spectrum stays
+    in [0, 1], so nothing overflows, and dividing to trace 1 after every second squaring (not the last)
+    keeps the top eigenvalue above ``N^-4`` (``trace(S^j)`` lies in ``[l_max^j, N l_max^j]``). Float16
+    overflows at 65504, so there every squaring divides to trace ``_HALF_TRACE``: eigenvalues then lie
+    in [0, 128] and a product's entries below 128^2, and the last product times the start vector stays
+    below ``128 |start|``.
     Products in float16 round each squaring to about 5e-4, which moves the result by about that over the
-    spectral gap; on the planted benchmark graphs (gaps of 0.4-2%) 11 squarings in float16 left 8 of 352
-    cuts 1-8 patches away from ``eigh``'s, and in float32 none (README, Performance).
+    spectral gap; on the planted benchmark graphs 11 squarings in float16 left 12 of 264 cuts 1-8 patches
+    away from ``eigh``'s, and in float32 none (README, Performance).
     Returns ``z`` ``(B, N)`` float32 up to a positive factor: the cut does not depend on it."""
     n = m.shape[-1]
     u = F.normalize(top, dim=-1)
     s = torch.baddbmm(m, u[:, :, None], u[:, None, :], beta=0.5, alpha=-1)
     s.diagonal(dim1=1, dim2=2).add_(0.5)
-    scale = _HALF_TRACE if products == torch.float16 else 1.0
+    half = products == torch.float16
     s = s.to(products)
-    for _ in range(max(1, math.ceil(math.log2(max(iters, 2))))):
+    squarings = max(1, math.ceil(math.log2(max(iters, 2))))
+    for i in range(squarings):
         s = torch.bmm(s, s)
-        trace = s.diagonal(dim1=1, dim2=2).sum(-1, dtype=torch.float32).clamp_min(1e-30)
-        s.mul_((scale / trace).to(products)[:, None, None])
+        if half or (i % 2 == 1 and i < squarings - 1):
+            trace = s.diagonal(dim1=1, dim2=2).sum(-1, dtype=torch.float32)
+            if half:
+                trace.mul_(1 / _HALF_TRACE)
+            s.div_(trace.clamp_min_(1e-30)[:, None, None])
     return torch.bmm(s, _start_vector(n, m.device, products)[None].expand(s.shape[0], n, 1)).squeeze(-1).float()
 
 

@@ -66,7 +66,7 @@ class Settings:
             of 196 x 196 matrices runs one matrix at a time (84-85 ms for 32 on an H100).
             ``"squaring"`` takes ``ceil(log2(ncut_iters))`` squarings. [decision] 2048 (11): on the planted
             benchmark graphs, whose spectral gaps are small, 30 (5) cut every graph differently from
-            ``eigh``, 256 (8) one in six, and 2048 none in float32 (README, Performance).
+            ``eigh``, 256 (8) 57 of 264, and 2048 none in float32 (README, Performance).
         plan: how the forward pass runs; results agree to float rounding (tested), only cost differs.
             ``"explicit"``: RF-CLIP keeps explicit attention matrices; fastest on CPUs.
             ``"fused"``: RF-CLIP runs fused attention passes and keeps no ``(T, T)`` matrices; on GPUs
