@@ -60,7 +60,7 @@ class Settings:
             iteration from the crop's previous Fiedler vector, certified by a Cholesky factorisation and
             converged to a residual of 1e-5, with ``eigh`` wherever it is not), ``"subspace"`` (block power
             iteration) or ``"squaring"`` (power iteration as repeated squaring, few large matmuls: the fast
-            one on GPUs; its products run in float16 for fp16 and bf16 models); ``ncut_iters`` the power
+            one on GPUs; its products run in float16 for fp16 and bf16 models on GPUs); ``ncut_iters`` the power
             steps of the last two (None: 30 for ``"subspace"``, 2048 for ``"squaring"``). [decision]
             ``"auto"`` (default) is ``"warm"`` on CPU and ``"squaring"`` on GPUs, where batched ``eigh``
             of 196 x 196 matrices runs one matrix at a time (84-85 ms for 32 on an H100).

@@ -314,7 +314,8 @@ def _smooth_grid_graphs(count=60, side=14, seed=1, spread=(2, 3, 4, 5, 6)):
     """Kk-attention-like affinities on a side x side patch grid: softmax of position + noise features,
     so nearby patches attend to each other (a smooth image). Positions are divided by the ``spread``
     values in turn: the larger, the weaker the structure. Gaps (1+l3)/(1+l2) of 0.83-0.95 at the default;
-    0.97-0.998 at (9, ..., 13), like the planted benchmark graphs (0.93-0.996, bench/cut_fidelity.py)."""
+    0.972-0.996 for 24 graphs at (9, ..., 13), like the planted benchmark graphs (0.93-0.996,
+    bench/cut_fidelity.py)."""
     g = torch.Generator().manual_seed(seed)
     n = side * side
     ys, xs = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
@@ -350,7 +351,7 @@ def _centred_cosines(y: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 
 def test_squaring_cut_matches_eigh_on_graphs_with_small_spectral_gaps():
-    """Where (1+l3)/(1+l2) is 0.97-0.998, as on the planted benchmark graphs, power iteration converges
+    """Where (1+l3)/(1+l2) is 0.972-0.996, as on the planted benchmark graphs, power iteration converges
     slowly. The default 11 squarings (float32 products) still cut all 24 graphs as eigh does; 5 squarings,
     the default before, cut none of them as eigh does. Float16 products (the cut of fp16 and bf16 models)
     keep the Fiedler vector within |cos| 0.9997 of eigh's (measured); a few cuts differ, by a patch near
@@ -444,11 +445,18 @@ def test_the_warm_cut_runs_eigh_only_for_a_crops_first_cut(planted_files, monkey
                                                 ("fp16", torch.float16)])
 def test_the_squaring_cut_multiplies_in_float16_for_reduced_precision_models(planted_files, monkeypatch,
                                                                              precision, products):
-    """RF-CLIP's ``"squaring"`` cut takes its products in float16 for fp16 and bf16 models (tensor cores on
-    GPUs) and in float32 for fp32 ones. On each graph the forward cuts, float32 products cut as eigh does,
-    and float16 products move at most a few patches (measured: 2, in one cut of the bf16 model)."""
+    """RF-CLIP's ``"squaring"`` cut takes its products in float16 for fp16 and bf16 models on CUDA devices
+    (tensor cores) and in float32 otherwise (``refocus.squaring_products``). The forward passes them on
+    (run here on the CPU with the CUDA rule). On each graph the forward cuts, float32 products cut as
+    eigh does, and float16 products move at most a few patches (measured: 2, in one cut of the bf16
+    model)."""
     from rfclip import refocus
 
+    assert refocus.squaring_products(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]),
+                                     torch.device("cuda", 0)) == products
+    assert refocus.squaring_products(torch.bfloat16, "cpu") == torch.float32     # no fast float16 on CPUs
+    real_rule = refocus.squaring_products
+    monkeypatch.setattr(refocus, "squaring_products", lambda dtype, device: real_rule(dtype, "cuda"))
     seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip", vocabulary=["a"],
                            device="cpu", distraction_dims=PLANTED_DIMS, tau=0.07, precision=precision,
                            ncut_solver="squaring")

@@ -297,17 +297,25 @@ def test_squaring_solver_does_not_underflow_on_a_near_complete_graph(n, products
 
 
 def test_float16_squaring_does_not_overflow_when_one_eigenvalue_dominates():
-    """Two disconnected halves: l2 = 1 = l1, so after deflation one eigenvalue carries the whole trace.
-    Its squares reach the trace squared: 128^2 in float16, below 65504."""
-    n = 576
-    w = torch.zeros(n, n)
-    w[: n // 2, : n // 2] = 1
-    w[n // 2:, n // 2:] = 1
-    y = refocus.fiedler_vector(w[None], "squaring", iters=1 << 14, products=torch.float16)
-    assert torch.isfinite(y).all()
-    halves = torch.stack([y[0, : n // 2], y[0, n // 2:]])
-    assert (halves.amax(-1) - halves.amin(-1)).abs().max() < 1e-3 * y.abs().max()      # constant per half
-    assert halves[0, 0] * halves[1, 0] < 0                                             # opposite signs
+    """A patch that attends only to itself: its indicator is an eigenvector of eigenvalue 1, so after
+    deflation one eigenvalue carries the whole trace on a single entry, which each squaring squares.
+    Divided to trace 128, that entry stays at 128, its square at 128^2, below float16's 65504 (at a
+    trace of 4096 this overflows). Two disconnected halves, l2 = 1 spread over all entries, too."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(196, 8, generator=g)
+    lone = (k @ k.T / 4).softmax(-1)
+    lone[5, :] = lone[:, 5] = 0
+    lone[5, 5] = 1
+    halves = torch.zeros(576, 576)
+    halves[:288, :288] = halves[288:, 288:] = 1
+    for w in (lone, halves):
+        y = refocus.fiedler_vector(w[None], "squaring", iters=1 << 14, products=torch.float16)
+        assert torch.isfinite(y).all()
+        none = torch.zeros(1, len(w), dtype=torch.bool)
+        cut = refocus.defocused_tokens(w[None], none, "squaring", iters=1 << 14, products=torch.float16)
+        assert torch.equal(cut, refocus.defocused_tokens(w[None], none, "eigh"))
+    assert cut.sum() == 288 and torch.equal(refocus.defocused_tokens(lone[None], none[:, :196], "eigh")[0].nonzero(),
+                                            torch.tensor([[5]]))
 
 
 def test_unknown_solver_is_refused():

@@ -123,8 +123,8 @@ class RFCLIP(DenseMethod):
         # that cut it: (B, N) float32, zero rows for crops not cut yet.
         warm = refocus.resolve_solver(s.ncut_solver, x.device) == "warm"
         fiedler = x.new_zeros(b, n, dtype=torch.float32) if warm and kk.need_affinity else None
-        # The squaring cut multiplies in float16 for reduced-precision models (tensor cores on GPUs).
-        products = torch.float16 if tokens.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        # The squaring cut multiplies in float16 for reduced-precision models on GPUs (tensor cores).
+        products = refocus.squaring_products(tokens.dtype, x.device)
         for i, block in enumerate(vit.blocks[:-1]):
             q, k, v = vit.qkv(block, tokens)
             kk.add(k)
@@ -211,7 +211,7 @@ class RFCLIP(DenseMethod):
 
         ``fiedler`` ``(B, N)`` float32 (the ``"warm"`` cut; else None) holds each crop's last Fiedler vector:
         the cut starts from it and writes the new one back. ``products``: the dtype of the ``"squaring"``
-        cut's matrix products (float16 for reduced-precision models)."""
+        cut's matrix products (float16 for reduced-precision models on GPUs)."""
         s = self.settings
         if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
             return ~dis
