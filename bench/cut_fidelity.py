@@ -19,7 +19,7 @@ in every block) with the exact ``eigh`` cut, and records the layer-averaged affi
    blocks with distractors use the cut (the script prints how many each block has), so a workload
    without them shows no effect at all.
 
-Float16 products are the ``squaring`` cut of fp16 and bf16 models (``refocus.fiedler_vector``).
+Float16 products are the ``squaring`` cut of fp16 and bf16 models on CUDA (``refocus.squaring_products``).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ CONFIGS = [
     ("squaring, 8 squarings (ncut_iters=256)", "squaring", 256, torch.float32),
     ("squaring, 11 squarings (the default)", "squaring", None, torch.float32),
     ("squaring, 5 squarings, float16 products", "squaring", 32, torch.float16),
-    ("squaring, 11 squarings, float16 products (the default for fp16/bf16 models)", "squaring", None,
+    ("squaring, 11 squarings, float16 products (the default for fp16/bf16 models on GPUs)", "squaring", None,
      torch.float16),
     ("subspace (30 steps)", "subspace", None, torch.float32),
 ]
@@ -158,7 +158,7 @@ def main() -> None:
     figures: dict = {"ratios": {}, "cuts": {}, "features": {}}
 
     print(f"\n## 1. Eigenvalue ratios (1+l3)/(1+l2) of the graphs cut ({len(graphs[workloads[0]])} blocks x "
-          f"{args.crops} crops per workload, N = {n})")
+          f"{', '.join(f'{len(batches[w])} ({w})' for w in workloads)} crops, N = {n})")
     print("| workload | min | median | max |")
     print("|---|---|---|---|")
     for w, gs in graphs.items():
@@ -181,7 +181,7 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(cells) + f" | {statistics.median(ms) * 1000:.2f} |")
 
     # The model's own cut for each configuration RF-CLIP runs on this dtype.
-    half = exact_seg.dtype in (torch.float16, torch.bfloat16)
+    half = refocus.squaring_products(exact_seg.dtype, device) == torch.float16
     print("\n## 3. Dense features against the eigh cut's (graphed plan's behaviour): cosine per patch, "
           "min / mean over the crops")
     print("| solver | " + " | ".join(workloads) + " |")
@@ -190,7 +190,7 @@ def main() -> None:
         reference = {w: exact_seg.method.encode(x).features.float() for w, x in batches.items()}
         for label, solver, iters, products in CONFIGS:
             if solver == "squaring" and (products == torch.float16) != half:
-                continue                                  # RF-CLIP picks the products by the model's dtype
+                continue                         # RF-CLIP picks the products by the model's dtype and device
             seg = segmenter(ncut_solver=solver, ncut_iters=iters)
             cells = []
             for w, x in batches.items():
