@@ -56,6 +56,7 @@ CONFIGS = [
     ("squaring, 11 squarings, float16 products (the default for fp16/bf16 models on GPUs)", "squaring", None,
      torch.float16),
     ("subspace (30 steps)", "subspace", None, torch.float32),
+    ("warm (the CPU default): from the previous block's vector, eigh in the first block", "warm", None, torch.float32),
 ]
 
 
@@ -67,7 +68,7 @@ def photo_crops(size: int = 224) -> list[np.ndarray]:
         im = Image.open(path).convert("RGB")
         scale = size / min(im.size)
         im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
-        a = np.asarray(im)
+        a = np.array(im)                                           # writable: torch.from_numpy wants it
         out += [a[:size, :size], a[-size:, -size:]]
     return out
 
@@ -110,16 +111,20 @@ def exact_cuts(graphs: list[torch.Tensor]) -> list[torch.Tensor]:
 def cut_differences(graphs: list[torch.Tensor], exact: list[torch.Tensor], solver: str, iters, products,
                     rounds: int) -> tuple[torch.Tensor, float]:
     """Patches whose side differs from the ``exact`` cut, per graph ``(blocks * B,)`` long, and the median
-    seconds per call on one block's batch."""
+    seconds per call on one block's batch. ``"warm"`` starts each block's cut from its own Fiedler vectors
+    of the block before, as the forward does (none in the first block: eigh)."""
     diffs, times = [], []
+    start = None
     for w, reference in zip(graphs, exact):
         none = torch.zeros(w.shape[:2], dtype=torch.bool, device=w.device)
 
         def cut():
-            return refocus.defocused_tokens(w, none, solver, iters, products=products)
-        got = cut()
+            return refocus.defocused_tokens(w, none, solver, iters, products=products, start=start,
+                                            return_fiedler=True)
+        got, y = cut()
         times += [bm.timed(cut, w.device) for _ in range(rounds)]
         diffs.append((got ^ reference).sum(-1).cpu())
+        start = y if solver == "warm" else None
     return torch.cat(diffs), statistics.median(times)
 
 

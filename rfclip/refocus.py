@@ -149,45 +149,84 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
     """The eigenvector of ``M``'s second-largest eigenvalue ``l2`` by shifted inverse iteration from ``start``.
 
     ``S = M - 2 u u^T`` moves the top eigenvector ``u`` (eigenvalue 1) to -1, so ``l2`` is ``S``'s largest
-    eigenvalue. Each round takes the Rayleigh quotient ``theta <= l2`` and residual ``r`` of ``x`` and tries
-    the shift ``sigma = theta + max(r, margin)``: a Cholesky factorisation of ``sigma I - S`` succeeds only
-    if ``sigma > l2`` (up to float32 rounding, about 1e-5), so ``l2`` is the eigenvalue nearest ``sigma``
-    and inverse iteration with it (two solves per round) favours ``l2``'s eigenvector. Where it fails,
-    the round keeps the graph's last factor. A graph is done when its current ``x`` has ``r <= tol`` and
-    its own shift factorises, i.e. ``theta > l2 - margin``: ``x`` is then an eigenvector of an eigenvalue
-    within ``margin`` below ``l2``, which is ``l2``'s unless the two are that close (where no solver's
-    choice is well defined). A start with no component along it never gets there: ``eigh`` takes over.
+    eigenvalue. A Cholesky factorisation of ``sigma I - S`` succeeds only if ``sigma > l2`` (up to float32
+    rounding, about 1e-5): each shift that factorises is an upper bound on ``l2``, and inverse iteration
+    with it (two solves per round) favours ``l2``'s eigenvector, since ``l2`` is the eigenvalue nearest
+    ``sigma``. Each round takes the Rayleigh quotient ``theta <= l2`` and residual ``r`` of ``x`` and tries
+    the shift ``theta + max(r, margin / 2)``; where it fails, the graph keeps its last factor. A graph is
+    done when ``r <= tol`` and its smallest certified shift is at most ``theta + margin``: ``x`` is then an
+    eigenvector of an eigenvalue within ``margin`` below ``l2``, which is ``l2``'s unless the two are that
+    close (where no solver's choice is well defined). A start with no component along it never gets there
+    (its ``theta`` stays near the lower eigenvalue): ``eigh`` takes over.
+
+    A graph is checked twice a round: before its factorisation (certified by an earlier shift: a graph
+    whose residual was at most ``margin / 2`` at its last shift, since inverse iteration with a shift above
+    ``l2`` never lowers ``theta``; the other half of the margin absorbs rounding) and after it (certified
+    by this one). Graphs that are done drop out of the batch. From the previous block's vector that is
+    typically two factorisations per graph (README, Performance).
 
     Args:
         m: ``(B, N, N)`` float32 ``D^-1/2 W D^-1/2``; top: ``(B, N)`` its top eigenvector ``D^1/2 1`` (any
             positive scale); start: ``(B, N)`` (zero rows: no start, never done).
     Returns:
-        ``z`` ``(B, N)`` (unit norm; valid where done) and ``done`` ``(B,)`` bool.
+        ``z`` ``(B, N)`` (unit norm where done; zero elsewhere) and ``done`` ``(B,)`` bool.
     """
     b, n, _ = m.shape
     u = F.normalize(top, dim=-1)
     s = torch.baddbmm(m, u[:, :, None], u[:, None, :], alpha=-2.0)
-    eye = torch.eye(n, device=m.device, dtype=m.dtype)
     x = start - u * (u * start).sum(-1, keepdim=True)
     has_start = x.norm(dim=-1) > 0
-    x = F.normalize(x, dim=-1)[:, :, None]                              # (B, N, 1)
+    x = F.normalize(x, dim=-1)[:, :, None]                              # (B', N, 1): the graphs going on
+    z, done_out = torch.zeros(b, n, device=m.device), torch.zeros(b, dtype=torch.bool, device=m.device)
+    rows = torch.arange(b, device=m.device)                             # (B',) their indices
+    bound = torch.full((b,), math.inf, device=m.device)                 # (B',) smallest shift that factorised
     factor = None
+
+    def retire(done: Tensor) -> Tensor | None:
+        """Write out the vectors of the graphs ``done`` (one host sync); the indices of the others, or None
+        if none is done."""
+        count = int(done.sum())
+        if count == 0:
+            return None
+        if count == len(rows):                          # all of them (the usual last round): no gathers
+            z.index_copy_(0, rows, x[:, :, 0])
+            done_out.index_fill_(0, rows, True)
+            return rows[:0]
+        finished = done.nonzero().squeeze(-1)
+        z.index_copy_(0, rows[finished], x[finished, :, 0])
+        done_out.index_fill_(0, rows[finished], True)
+        return (~done).nonzero().squeeze(-1)
+
     for i in range(rounds + 1):
         sx = s @ x
-        theta = (x * sx).sum(1, keepdim=True)                          # (B, 1, 1)
-        residual = (sx - theta * x).norm(dim=1).squeeze(-1)            # (B,)
-        shift = theta.squeeze(-1).squeeze(-1) + residual.clamp_min(margin)
-        chol, info = torch.linalg.cholesky_ex(shift[:, None, None] * eye - s)
-        ok = info == 0
-        # Done only on this x's own certificate: l2 < theta + margin and a small residual make x an
-        # eigenvector of an eigenvalue within the margin below l2 (a certificate of an earlier x does not).
-        done = ok & has_start & (residual <= tol)
-        if i == rounds or bool(done.all()):
+        theta = (x * sx).sum(1).squeeze(-1)                            # (B',)
+        residual = (sx - theta[:, None, None] * x).norm(dim=1).squeeze(-1)
+        converged = has_start & (residual <= tol)
+        # l2 < bound <= theta + margin, and theta <= l2: theta is within the margin below l2. (No bound yet
+        # in the first round.)
+        keep = retire(converged & (bound <= theta + margin)) if i else None
+        if i == rounds or (keep is not None and keep.numel() == 0):
             break
-        factor = chol if factor is None else torch.where(ok[:, None, None], chol, factor)
+        if keep is not None:
+            rows, s, x, bound, theta, residual, converged, has_start = (
+                t[keep] for t in (rows, s, x, bound, theta, residual, converged, has_start))
+            factor = factor[keep] if factor is not None else None
+        shift = theta + residual.clamp_min(0.5 * margin)
+        shifted = s.neg()
+        shifted.diagonal(dim1=1, dim2=2).add_(shift[:, None])           # sigma I - S
+        chol, info = torch.linalg.cholesky_ex(shifted)
+        ok = info == 0
+        bound = torch.where(ok, torch.minimum(bound, shift), bound)
+        # Where every graph factorised (a host sync), no copy of the factors.
+        factor = chol if factor is None or bool(ok.all()) else torch.where(ok[:, None, None], chol, factor)
+        keep = retire(converged & ok & (shift <= theta + margin))      # certified by this shift
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            rows, s, x, bound, has_start, factor = (t[keep] for t in (rows, s, x, bound, has_start, factor))
         for _ in range(2):
             x = F.normalize(torch.cholesky_solve(x, factor), dim=1)
-    return x.squeeze(-1), done
+    return z, done_out
 
 
 def _second_eigvec_subspace(m: Tensor, top: Tensor, iters: int, block: int) -> Tensor:

@@ -268,6 +268,23 @@ def test_the_warm_cut_from_the_previous_block_matches_eigh():
     assert torch.equal(refocus.defocused_tokens(after, dis, "warm", start=third), exact)
 
 
+def test_the_warm_cut_factorises_only_the_graphs_not_done(monkeypatch):
+    """A graph whose start is already its Fiedler vector is done after one factorisation (its shift is
+    certified and its residual small), and graphs that are done are not factorised again: here two of four
+    graphs start from their own vector, two from the previous graph's, and the second round factorises two.
+    Every graph comes back as eigh's vector."""
+    before, after = _running_mean_graphs(count=4)
+    w = after + after.transpose(1, 2)
+    exact = refocus.fiedler_vector(w, "eigh")
+    start = torch.cat([exact[:2], refocus.fiedler_vector(before + before.transpose(1, 2), "eigh")[2:]])
+    sizes, real = [], torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a, **k: sizes.append(a.shape[0]) or real(a, **k))
+    monkeypatch.setattr(torch.linalg, "eigh", None)                    # no fallback needed
+    got = refocus.fiedler_vector(w, "warm", start=start)
+    assert sizes == [4, 2]
+    assert (F.cosine_similarity(got, exact, dim=-1).abs() > 0.9999).all()
+
+
 @pytest.mark.parametrize("products", [torch.float32, torch.float16])
 @pytest.mark.parametrize("iters", [30, 64, None, 1 << 14])
 def test_squaring_solver_finds_the_fiedler_vector_up_to_sign(iters, products):
