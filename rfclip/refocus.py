@@ -150,20 +150,21 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
 
     ``S = M - 2 u u^T`` moves the top eigenvector ``u`` (eigenvalue 1) to -1, so ``l2`` is ``S``'s largest
     eigenvalue. A Cholesky factorisation of ``sigma I - S`` succeeds only if ``sigma > l2`` (up to float32
-    rounding, about 1e-5): each shift that factorises is an upper bound on ``l2``, and inverse iteration
+    rounding, about 1e-6): each shift that factorises is an upper bound on ``l2``, and inverse iteration
     with it (two solves per round) favours ``l2``'s eigenvector, since ``l2`` is the eigenvalue nearest
     ``sigma``. Each round takes the Rayleigh quotient ``theta <= l2`` and residual ``r`` of ``x`` and tries
-    the shift ``theta + max(r, margin / 2)``; where it fails, the graph keeps its last factor. A graph is
+    the shift ``theta + max(r, 0.9 margin)``; where it fails, the graph keeps its last factor. A graph is
     done when ``r <= tol`` and its smallest certified shift is at most ``theta + margin``: ``x`` is then an
     eigenvector of an eigenvalue within ``margin`` below ``l2``, which is ``l2``'s unless the two are that
     close (where no solver's choice is well defined). A start with no component along it never gets there
     (its ``theta`` stays near the lower eigenvalue): ``eigh`` takes over.
 
-    A graph is checked twice a round: before its factorisation (certified by an earlier shift: a graph
-    whose residual was at most ``margin / 2`` at its last shift, since inverse iteration with a shift above
-    ``l2`` never lowers ``theta``; the other half of the margin absorbs rounding) and after it (certified
-    by this one). Graphs that are done drop out of the batch. From the previous block's vector that is
-    typically two factorisations per graph (README, Performance).
+    A graph is checked after each factorisation (certified by that shift) and, from the second round on,
+    before it: a graph whose certified shift was ``theta + 0.9 margin`` is done once its residual is
+    small, without a factorisation of its own, as long as ``theta`` has not fallen by a tenth of the
+    margin since (inverse iteration with a certified shift does not lower it; rounding moves it by about
+    1e-7). Graphs that are done drop out of the batch. From the previous block's vector that is typically
+    two factorisations per graph (README, Performance).
 
     Args:
         m: ``(B, N, N)`` float32 ``D^-1/2 W D^-1/2``; top: ``(B, N)`` its top eigenvector ``D^1/2 1`` (any
@@ -177,9 +178,10 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
     x = start - u * (u * start).sum(-1, keepdim=True)
     has_start = x.norm(dim=-1) > 0
     x = F.normalize(x, dim=-1)[:, :, None]                              # (B', N, 1): the graphs going on
-    z, done_out = torch.zeros(b, n, device=m.device), torch.zeros(b, dtype=torch.bool, device=m.device)
+    z = torch.zeros(b, n, dtype=m.dtype, device=m.device)
+    done_out = torch.zeros(b, dtype=torch.bool, device=m.device)
     rows = torch.arange(b, device=m.device)                             # (B',) their indices
-    bound = torch.full((b,), math.inf, device=m.device)                 # (B',) smallest shift that factorised
+    bound = torch.full((b,), math.inf, dtype=m.dtype, device=m.device)  # (B',) smallest shift that factorised
     factor = None
 
     def retire(done: Tensor) -> Tensor | None:
@@ -205,24 +207,24 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
         # l2 < bound <= theta + margin, and theta <= l2: theta is within the margin below l2. (No bound yet
         # in the first round.)
         keep = retire(converged & (bound <= theta + margin)) if i else None
-        if i == rounds or (keep is not None and keep.numel() == 0):
-            break
         if keep is not None:
+            if keep.numel() == 0:
+                break
             rows, s, x, bound, theta, residual, converged, has_start = (
                 t[keep] for t in (rows, s, x, bound, theta, residual, converged, has_start))
             factor = factor[keep] if factor is not None else None
-        shift = theta + residual.clamp_min(0.5 * margin)
+        shift = theta + residual.clamp_min(0.9 * margin)
         shifted = s.neg()
         shifted.diagonal(dim1=1, dim2=2).add_(shift[:, None])           # sigma I - S
         chol, info = torch.linalg.cholesky_ex(shifted)
         ok = info == 0
         bound = torch.where(ok, torch.minimum(bound, shift), bound)
+        keep = retire(converged & ok & (shift <= theta + margin))      # certified by this shift
+        if i == rounds or (keep is not None and keep.numel() == 0):
+            break
         # Where every graph factorised (a host sync), no copy of the factors.
         factor = chol if factor is None or bool(ok.all()) else torch.where(ok[:, None, None], chol, factor)
-        keep = retire(converged & ok & (shift <= theta + margin))      # certified by this shift
         if keep is not None:
-            if keep.numel() == 0:
-                break
             rows, s, x, bound, has_start, factor = (t[keep] for t in (rows, s, x, bound, has_start, factor))
         for _ in range(2):
             x = F.normalize(torch.cholesky_solve(x, factor), dim=1)
