@@ -210,9 +210,8 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
         if keep is not None:
             if keep.numel() == 0:
                 break
-            rows, s, x, bound, theta, residual, converged, has_start = (
-                t[keep] for t in (rows, s, x, bound, theta, residual, converged, has_start))
-            factor = factor[keep] if factor is not None else None
+            rows, s, x, bound, theta, residual, converged, has_start, factor = (  # factor: set in round 0
+                t[keep] for t in (rows, s, x, bound, theta, residual, converged, has_start, factor))
         shift = theta + residual.clamp_min(0.9 * margin)
         shifted = s.neg()
         shifted.diagonal(dim1=1, dim2=2).add_(shift[:, None])           # sigma I - S
