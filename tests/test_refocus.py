@@ -318,6 +318,22 @@ def test_the_warm_cut_certifies_a_graph_by_its_earlier_shift(monkeypatch):
     assert ((z * z2).sum(-1).abs() > 0.99999).all()
 
 
+def test_the_warm_cut_returns_only_vectors_within_the_tolerance():
+    """A graph certified by an earlier shift is done only once its own residual is within the tolerance
+    too. With l3 only 5e-5 below l2 (less than the margin: any mix of z2 and z3 is acceptable) the first
+    certified shift lies within the margin above theta while the residual is still about 2e-5, so a
+    check on the bound alone would return such a vector."""
+    top, basis = _eigenbasis(b=4, n=64, seed=2)
+    m = _with_spectrum(basis, torch.cat([torch.tensor([1.0, 0.6, 0.6 - 5e-5]), torch.linspace(0.55, -0.5, 61)]))
+    z2, z3 = basis[:, :, 1], basis[:, :, 2]
+    z, done = refocus._refine_second_eigvec(m, top, z2 + torch.tensor([1.0, 2.0, 1.0, 2.0])[:, None] * z3)
+    u = F.normalize(top.double(), dim=-1)
+    s = m.double() - 2 * u[:, :, None] * u[:, None, :]
+    sz = (s @ z.double()[:, :, None]).squeeze(-1)
+    residual = (sz - (z.double() * sz).sum(-1, keepdim=True) * z.double()).norm(dim=-1)
+    assert done.all() and (residual <= 1.2e-5).all(), residual        # tol 1e-5, plus float32 rounding
+
+
 def test_the_warm_cut_runs_under_a_float64_default_dtype():
     """The solver's own buffers follow the graphs' dtype (float32), not torch's default dtype."""
     before, after = _running_mean_graphs(count=2)
