@@ -233,8 +233,8 @@ def test_the_warm_cut_never_accepts_the_third_eigenvector():
     the starts with three tenths of z2 and l3 = 0.9 every graph does reach it, in the four rounds."""
     from rfclip.refocus import _refine_second_eigvec
 
-    top, basis = _eigenbasis(b=8, n=196, seed=7)
     n = 196
+    top, basis = _eigenbasis(b=8, n=n, seed=7)
     for l3 in (0.90, 0.93):
         m = _with_spectrum(basis, torch.cat([torch.tensor([1.0, 0.95, l3]), torch.linspace(0.8, -0.5, n - 3)]))
         z2, z3, low = basis[:, :, 1], basis[:, :, 2], basis[:, :, -1]
