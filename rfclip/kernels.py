@@ -137,7 +137,7 @@ class Launch:
     """One kernel launch: ``body[grid](*args, **constexprs, num_warps=..., num_stages=...)``.
 
     Block sizes and warps: at T = 197 (ViT-B/16 at 224 px) the fastest of a sweep on an H100 in bf16 at
-    32 and 128 crops (README, Performance); at T = 257 and 577, chosen by compiling for sm_90 without a
+    32 and 128 crops (bench/PERFORMANCE.md); at T = 257 and 577, chosen by compiling for sm_90 without a
     GPU (``bench/kernel_resources.py``) as the largest row block that neither spills registers nor
     outgrows shared memory.
     """

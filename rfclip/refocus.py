@@ -67,7 +67,7 @@ def resolve_solver(solver: str, device) -> str:
 # Default steps of the iterative solvers (``iters=None``). [decision] Subspace iteration: 30. Squaring: 2048
 # power steps, i.e. 11 squarings. On the planted benchmark graphs, with eigenvalue ratios (1+l3)/(1+l2) of
 # 0.93-0.996, 5 squarings (the default before) cut all 264 graphs differently from eigh, 8 squarings 57,
-# and 11 none (README, Performance: ``bench/cut_fidelity.py``).
+# and 11 none (bench/PERFORMANCE.md: ``bench/cut_fidelity.py``).
 SUBSPACE_STEPS = 30
 SQUARING_STEPS = 2048
 # Squarings in float16 keep the deflated operator's trace at this value: its eigenvalues then lie in
@@ -164,7 +164,7 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
     small, without a factorisation of its own, as long as ``theta`` has not fallen by a tenth of the
     margin since (inverse iteration with a certified shift does not lower it; rounding moves it by about
     1e-7). Graphs that are done drop out of the batch. From the previous block's vector that is typically
-    two factorisations per graph (README, Performance).
+    two factorisations per graph (bench/PERFORMANCE.md).
 
     Args:
         m: ``(B, N, N)`` float32 ``D^-1/2 W D^-1/2``; top: ``(B, N)`` its top eigenvector ``D^1/2 1`` (any
@@ -260,7 +260,7 @@ def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int, products: torch.
     below ``128 |start|``.
     Products in float16 round each squaring to about 5e-4, which moves the result by about that over the
     spectral gap; on the planted benchmark graphs 11 squarings in float16 left 14 of 264 cuts 1-8 patches
-    away from ``eigh``'s, and in float32 none (README, Performance).
+    away from ``eigh``'s, and in float32 none (bench/PERFORMANCE.md).
     Returns ``z`` ``(B, N)`` float32 up to a positive factor: the cut does not depend on it."""
     n = m.shape[-1]
     u = F.normalize(top, dim=-1)

@@ -66,7 +66,7 @@ class Settings:
             of 196 x 196 matrices runs one matrix at a time (84-85 ms for 32 on an H100).
             ``"squaring"`` takes ``ceil(log2(ncut_iters))`` squarings. [decision] 2048 (11): on the planted
             benchmark graphs, whose spectral gaps are small, 30 (5) cut every graph differently from
-            ``eigh``, 256 (8) 57 of 264, and 2048 none in float32 (README, Performance).
+            ``eigh``, 256 (8) 57 of 264, and 2048 none in float32 (bench/PERFORMANCE.md).
         plan: how the forward pass runs; results agree to float rounding (tested), only cost differs.
             ``"explicit"``: RF-CLIP keeps explicit attention matrices; fastest on CPUs.
             ``"fused"``: RF-CLIP runs fused attention passes and keeps no ``(T, T)`` matrices; on GPUs
@@ -81,7 +81,7 @@ class Settings:
             solver can be captured, else ``"fused"``. [decision] On an H100 in bf16 (Triton kernels),
             ``"graphed"`` was 1.4x and 2.5x faster than ``"fused"`` at 32 crops per batch (isolated and
             clustered workloads), 1.2x faster on the clustered workload at 128 crops, and 12% slower on
-            the isolated one at 128 (README, Performance). If CUDA refuses to capture a graph, ``"auto"``
+            the isolated one at 128 (bench/PERFORMANCE.md). If CUDA refuses to capture a graph, ``"auto"``
             warns once and runs ``"fused"`` from then on (``Segmenter.execution()`` says so); a named
             ``"graphed"`` raises ``rfclip.graphs.CaptureFailed``.
         attention_kernels: who runs RF-CLIP's per-block affinity and step (c) on the fused and graphed
@@ -92,7 +92,7 @@ class Settings:
             ``"torch"`` (in fp32 the kernels take exact products without tensor cores: for checking,
             not speed); crops whose kernels the GPU cannot hold run on ``"torch"``, with a warning.
             [decision] Measured on an H100 in bf16 at 128 crops, the kernels made RF-CLIP 1.35x faster
-            on the graphed plan and 1.23x-1.34x on the fused plan (README, Performance).
+            on the graphed plan and 1.23x-1.34x on the fused plan (bench/PERFORMANCE.md).
     NACLIP: naclip_sigma, the Gaussian's sigma in patches.
     RF-CLIP release (§4):
         release_keep: weight of the unfiltered feature in ``F <- keep F + (1 - keep) F_den``.

@@ -336,3 +336,21 @@ def test_execution_reports_the_resolved_plan_and_kernels(planted_files):
     assert run == {"device": "cpu", "plan": "explicit", "attention_kernels": "torch", "fallbacks": []}
     assert make_segmenter(planted_files, "clip").execution() == {"device": "cpu", "plan": "explicit",
                                                                  "fallbacks": []}
+
+
+def test_release_embeds_each_whole_image_once_and_no_text(planted_files):
+    """rfclip-release's global CLS costs one forward row per image, not one per crop, and images of one
+    size share that forward; the text embeddings are computed before, so segmenting encodes no text."""
+    seg = make_segmenter(planted_files, "rfclip-release", short_side=224)
+    shapes, texts = [], []
+    encode, encode_text = seg.method.encode, seg.clip.encode_text
+    seg.method.encode = lambda x: shapes.append(tuple(x.shape)) or encode(x)
+    seg.clip.encode_text = lambda t: texts.append(len(t)) or encode_text(t)
+    images = [planted_image(250, 330, seed=1), planted_image(300, 240, seed=3), planted_image(250, 330, seed=2)]
+    seg.segment_batch(images)
+    crop = (seg.settings.slide_crop,) * 2
+    crop_rows = sum(s[0] for s in shapes if s[2:] == crop)
+    whole = sorted((s[0], s[2:]) for s in shapes if s[2:] != crop)
+    assert crop_rows == 2 + 2 + 2                              # 224x296 and 280x224 images: 2 windows each
+    assert whole == [(1, (288, 224)), (2, (224, 304))]         # each image once, padded to the patch; same size, one batch
+    assert texts == []

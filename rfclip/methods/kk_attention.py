@@ -95,6 +95,6 @@ class KKAttention:
             out = F.scaled_dot_product_attention(kl, kl, v)
             # Whole outputs, in the layout the attention kernel wrote: an add of two tensors with the same
             # strides is one vectorised pass. Adding the sliced (strided) outputs ran PyTorch's generic
-            # elementwise kernel, ~90 us per add at 128 crops on an H100 (README, Performance).
+            # elementwise kernel, ~90 us per add at 128 crops on an H100 (bench/PERFORMANCE.md).
             total = out.float() if total is None else total.add_(out)
         return vit.project(last, (total[:, :, 1:] / vit.num_layers).to(v.dtype))
