@@ -5,7 +5,9 @@ Imported into test modules (``from _tiny import ...``).
 """
 import numpy as np
 import pytest
+import torch
 
+from rfclip.segmenter import MEAN, STD
 from rfclip.testing import distractor_pattern, make_tiny_model_files, paint_pattern
 
 PLANTED_DIMS = list(range(8))
@@ -24,3 +26,12 @@ def planted_image(h=224, w=288, seed=0, cells=((2, 3), (7, 7), (10, 12))):
     base = np.stack([(yy * (c + 1) + xx * (3 - c)) % 256 for c in range(3)], -1).astype(np.float64)
     base = (0.6 * base + 0.4 * rng.integers(0, 255, size=(1, 1, 3))).astype(np.uint8)
     return paint_pattern(base, distractor_pattern(16, seed=3), cells)
+
+
+def planted_crops(n=2, h=224, w=160, dtype=torch.float64):
+    """``(n, 3, h, w)`` CLIP-normalised crops of ``planted_image`` (seeds 0..n-1): the planted model
+    finds distractors in them, so RF-CLIP's steps run."""
+    imgs = torch.stack([torch.from_numpy(planted_image(h, w, seed=s)) for s in range(n)]).permute(0, 3, 1, 2)
+    mean = torch.tensor(MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float64).view(3, 1, 1)
+    return ((imgs.double() / 255 - mean) / std).to(dtype)

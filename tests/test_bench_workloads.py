@@ -1,4 +1,4 @@
-"""The two planted workloads of bench/bench_methods.py do what the README says they do."""
+"""The planted workloads of bench/bench_methods.py (isolated, clustered, dense) do what the README says they do."""
 import sys
 from pathlib import Path
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import rfclip
 
-from _tiny import PLANTED_DIMS, planted_files, planted_image  # noqa: F401
+from _tiny import PLANTED_DIMS, planted_crops, planted_files, planted_image  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -22,7 +22,7 @@ def segmenter(files, method, device, **kw):
 
 @pytest.mark.parametrize("method", rfclip.available_methods())
 def test_cuda_fp32_matches_cpu(planted_files, method):
-    x = torch.randn(3, 3, 224, 160, generator=torch.Generator().manual_seed(0))
+    x = planted_crops(3, 224, 160, torch.float32)
     cpu = segmenter(planted_files, method, "cpu").encode_dense(x)
     gpu = segmenter(planted_files, method, "cuda", ncut_solver="eigh").encode_dense(x).cpu()
     # TF32 may be on for matmuls on the GPU: compare directions, not digits.
@@ -33,7 +33,7 @@ def test_cuda_fp32_matches_cpu(planted_files, method):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("method", ["clip", "clearclip", "rfclip", "rfclip-release"])
 def test_cuda_reduced_precision_is_close_to_fp32(planted_files, method, precision):
-    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = planted_crops(4, 224, 224, torch.float32)
     ref = segmenter(planted_files, method, "cuda").encode_dense(x).float()
     low = segmenter(planted_files, method, "cuda", precision=precision).encode_dense(x).float()
     cos = (F.normalize(ref, dim=-1) * F.normalize(low, dim=-1)).sum(-1)
@@ -50,7 +50,7 @@ def test_cuda_predict_batch_end_to_end(planted_files):
 @pytest.mark.parametrize("method", ["clip", "naclip", "rfclip", "rfclip-release"])
 def test_cuda_plans_agree(planted_files, method):
     """explicit (host checks, attention matrices), fused (no syncs) and graphed (CUDA graph replay)."""
-    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    x = planted_crops(3, 224, 224, torch.float32)
     out = {plan: segmenter(planted_files, method, "cuda", plan=plan, batch_size=4).encode_dense(x).float()
            for plan in ("explicit", "fused", "graphed")}
     for plan in ("fused", "graphed"):
@@ -61,9 +61,10 @@ def test_cuda_plans_agree(planted_files, method):
 def test_cuda_graph_replays_new_inputs_and_pads_short_batches(planted_files):
     seg = segmenter(planted_files, "rfclip", "cuda", plan="graphed", batch_size=4)
     eager = segmenter(planted_files, "rfclip", "cuda", plan="fused", batch_size=4)
-    g = torch.Generator().manual_seed(5)
-    for n in (4, 2, 4):                                   # same graph for a short batch (padded)
-        x = torch.randn(n, 3, 224, 224, generator=g)
+    noise = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    pool = torch.cat([planted_crops(5, 224, 224, torch.float32), noise])     # a crop without distractors last
+    for start, n in ((0, 4), (4, 2), (2, 4)):             # same graph for a short batch (padded)
+        x = pool[start:start + n]
         got, want = seg.encode_dense(x).float(), eager.encode_dense(x).float()
         assert got.shape == want.shape == (n, 14, 14, want.shape[-1])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -105,7 +106,7 @@ def test_cuda_a_capture_that_fails_for_real_is_capture_failed_and_the_gpu_goes_o
 @pytest.mark.parametrize("plan", ["fused", "graphed"])
 def test_cuda_triton_kernels_agree_with_torch(planted_files, plan, precision):
     """attention_kernels='triton' (compiled kernels, captured in graphs on the graphed plan) against torch."""
-    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    x = planted_crops(3, 224, 224, torch.float32)
     kw = dict(plan=plan, batch_size=4, precision=precision)
     want = segmenter(planted_files, "rfclip", "cuda", attention_kernels="torch", **kw).encode_dense(x).float()
     got = segmenter(planted_files, "rfclip", "cuda", attention_kernels="triton", **kw).encode_dense(x).float()

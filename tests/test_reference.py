@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import rfclip
 from rfclip.segmenter import MEAN, STD
 
-from _tiny import PLANTED_DIMS, planted_files, planted_image  # noqa: F401
+from _tiny import PLANTED_DIMS, planted_crops, planted_files, planted_image  # noqa: F401
 
 TOL = 1e-4
 
@@ -89,6 +89,7 @@ def neighbours(r, c, h, w):
 
 
 # ---------------------------------------------------------------------------------------- methods
+@torch.no_grad()
 def reference_rfclip(visual, img, heads, dims, tau, lam):
     x, (h, w) = embed(visual, img)
     blocks = list(visual.transformer.resblocks)
@@ -151,6 +152,7 @@ def kk_last_block(last, x, heads, kk_layers):
     return out_proj(last, per_head)
 
 
+@torch.no_grad()
 def reference_release(visual, img, heads, dims, tau):
     x, (h, w) = embed(visual, img)
     blocks = list(visual.transformer.resblocks)
@@ -180,6 +182,7 @@ def reference_release(visual, img, heads, dims, tau):
     return head(visual, (res[0] + res[1]) / 2).reshape(h, w, -1), found
 
 
+@torch.no_grad()
 def reference_baseline(visual, img, heads, method, sigma=5.0):
     x, (h, w) = embed(visual, img)
     blocks = list(visual.transformer.resblocks)
@@ -216,9 +219,7 @@ def reference_baseline(visual, img, heads, method, sigma=5.0):
 
 # ---------------------------------------------------------------------------------------- tests
 def crops(n=2, h=224, w=160):
-    imgs = [torch.from_numpy(planted_image(h, w, seed=s)).permute(2, 0, 1).double() / 255 for s in range(n)]
-    mean, std = torch.tensor(MEAN, dtype=torch.float64).view(3, 1, 1), torch.tensor(STD, dtype=torch.float64).view(3, 1, 1)
-    return [(im - mean) / std for im in imgs]
+    return list(planted_crops(n, h, w))
 
 
 def fast_features(seg, imgs):

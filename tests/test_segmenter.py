@@ -11,7 +11,7 @@ import rfclip
 from rfclip.benchmarks import BENCHMARKS, method_settings
 from rfclip.segmenter import sliding_windows
 
-from _tiny import PLANTED_DIMS, planted_files, planted_image  # noqa: F401
+from _tiny import PLANTED_DIMS, planted_crops, planted_files, planted_image  # noqa: F401
 
 VOCAB = [["sky", "cloud"], ["road"], ["car", "vehicle"], ["tree"]]
 
@@ -236,12 +236,21 @@ def test_pamr_runs_and_keeps_shapes(tiny_model):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files, precision):
+def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files, precision, monkeypatch):
+    """On painted crops, so that RF-CLIP's steps run in both precisions (the cut is counted)."""
+    from rfclip import refocus
+
+    cuts = []
+    original = refocus.defocused_tokens
+    monkeypatch.setattr(refocus, "defocused_tokens", lambda w, *a, **kw: cuts.append(w.dtype) or original(w, *a, **kw))
     fp32 = make_segmenter(planted_files, "rfclip", short_side=224)
     low = make_segmenter(planted_files, "rfclip", short_side=224, precision=precision)
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = planted_crops(2, 224, 224, torch.float32)
     a = torch.nn.functional.normalize(fp32.encode_dense(x).float(), dim=-1)
+    assert cuts
+    cuts.clear()
     b = torch.nn.functional.normalize(low.encode_dense(x).float(), dim=-1)
+    assert cuts
     cos = (a * b).sum(-1)
     assert cos.mean() > 0.99           # stated tolerance for 16-bit image towers: mean cosine > 0.99
 
