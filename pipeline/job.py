@@ -246,7 +246,8 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     workers, gpw = _default_workers(cfg)
     rows = [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
-             "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos}
+             "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
+             "listing_error": it.get("error") or ""}
             for s in pending for pos, it in enumerate(s.items)]
     ds = _build_dataset(cfg, rows, probe, seg_kw, workers, gpw)
     log.info("pipeline: %d images, %d model workers (%s GPU each, batch %d)", len(rows), workers, gpw, cfg.batch_size)

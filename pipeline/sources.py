@@ -78,18 +78,33 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
             files = fs.find(path)
             if inner is not None:
                 files = [f for f in files if not f.startswith(inner + "/")]
-        items = [{"image_uri": full_uri(fs, f), "label_uri": None} for f in files if is_image_path(f)]
+        items = [_item(full_uri(fs, f)) for f in files if is_image_path(f)]
         root, kind = full_uri(fs, path), "folder"
         if not items:
             raise ValueError(f"input {uri!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)}; "
                              f"{len(files)} other files found)")
     elif is_image_path(path):
-        items, root, kind = [{"image_uri": full_uri(fs, path), "label_uri": None}], None, "file"
+        items, root, kind = [_item(full_uri(fs, path))], None, "file"
     else:
         items, root, kind = _read_manifest(fs, path, storage_options), None, "manifest"
         if not items:
             raise ValueError(f"manifest {uri!r} lists no image URIs")
     return _dedupe_sorted(items, root, kind)
+
+
+def _item(uri: str) -> dict:
+    """A listed image. A local file name that is not valid UTF-8 (Python lists its bytes as lone
+    surrogates) can't be written to Parquet or hashed as text: its URI is shown with the bad bytes
+    escaped (``caf\\xe9.jpg``) and ``error`` says why it is not read, so it becomes an error row."""
+    try:
+        uri.encode("utf-8")
+        return {"image_uri": uri, "label_uri": None}
+    except UnicodeEncodeError:
+        shown = uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        log.warning("file name is not valid UTF-8, not read: %s", shown)
+        return {"image_uri": shown, "label_uri": None,
+                "error": "file name is not valid UTF-8 (bytes shown as \\xNN): rename it to UTF-8 (e.g. with "
+                         "convmv) to segment it"}
 
 
 def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:

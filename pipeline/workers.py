@@ -67,8 +67,12 @@ def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: in
     status = np.empty(n, dtype=object); error = np.empty(n, dtype=object)
     decode_ms = np.zeros(n, np.float32)
 
+    listed = [str(e) for e in batch.get("listing_error", [""] * n)]    # found unreadable when listed
     t0 = time.perf_counter()
-    got = read_uris(uris, storage_options)
+    readable = [i for i in range(n) if not listed[i]]
+    got: list = [DecodeError(e) for e in listed]
+    for i, data in zip(readable, read_uris([uris[i] for i in readable], storage_options)):
+        got[i] = data
     read_ms = (time.perf_counter() - t0) * 1000.0 / max(n, 1)
     for i, data in enumerate(got):
         t1 = time.perf_counter()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +28,8 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     write_images(root / "good", 6, seed=3)
     expect = plant_bad_and_odd_images(root / "odd")
+    Image.new("RGB", (40, 30)).save(root / "odd" / os.fsdecode(b"caf\xe9.jpg"))     # a Latin-1 name, not UTF-8
+    expect["caf\\xe9.jpg"] = ("error", "file name is not valid UTF-8")               # listed with the byte escaped
     return root, expect
 
 
