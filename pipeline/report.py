@@ -17,6 +17,7 @@ import colorsys
 import io
 import json
 import posixpath
+import sys
 from typing import Optional, Sequence
 
 import fsspec
@@ -94,9 +95,11 @@ def _sample_rows(fs, files: Sequence[str], n: int) -> list[dict]:
 
 
 def _read_image(uri: str, so: dict) -> np.ndarray:
+    """An image the job segmented. No pixel limit here: the job already held it to its own ``max_pixels``,
+    which a run may raise above the default."""
     from .decode import decode_image  # the job's decoder: same modes / EXIF handling
     with fsspec.open(uri, "rb", **so) as f:
-        return decode_image(f.read())
+        return decode_image(f.read(), max_pixels=sys.maxsize)
 
 
 # ----------------------------------------------------------------------------- figures

@@ -189,7 +189,7 @@ def _read_manifest(fs, path: str, storage_options: Optional[dict]) -> list[dict]
         labels = table.column("label_uri").to_pylist() if "label_uri" in table.column_names else [None] * len(uris)
     else:
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")       # a byte-order mark (Windows editors) is not part of the first URI
         except UnicodeDecodeError as exc:
             raise ValueError(f"manifest {path!r} is neither Parquet nor UTF-8 text: {exc}") from exc
         uris = [ln.strip() for ln in text.splitlines()]

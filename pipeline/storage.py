@@ -186,8 +186,16 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, at
         return
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex[:12]}-{posixpath.basename(path)}")
+    def write() -> None:
+        if not is_local(fs):
+            fs.pipe_file(tmp, data)
+            return
+        with open(tmp, "wb") as f:      # on disk before the rename, so a power loss can't leave the name over no data
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     try:
-        retry_call(lambda: fs.pipe_file(tmp, data), f"write {tmp}", attempts=attempts)
+        retry_call(write, f"write {tmp}", attempts=attempts)
         fs.mv(tmp, path)  # LocalFileSystem.mv is os.replace-style: atomic within one filesystem
     finally:
         if fs.exists(tmp):

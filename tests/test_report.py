@@ -111,3 +111,16 @@ def test_iou_chart_and_metrics_md_when_no_pixel_was_scored():
     with Image.open(io.BytesIO(iou_bar_chart(result))) as im:
         assert im.size[0] > 0
     assert "| – | – | – |" in metrics_markdown(result)
+
+
+def test_report_reads_images_above_the_default_pixel_limit(tmp_path):
+    """A run may raise --max-pixels; the report re-reads its segmented images without the default limit."""
+    from PIL import Image
+
+    from pipeline.decode import DEFAULT_MAX_PIXELS
+    from pipeline.report import _read_image
+
+    big = tmp_path / "big.png"
+    Image.new("L", (8000, 7000)).save(big)
+    assert 8000 * 7000 > DEFAULT_MAX_PIXELS
+    assert _read_image(str(big), {}).shape == (7000, 8000, 3)

@@ -32,6 +32,14 @@ def test_text_manifest_resolves_relative_entries_and_skips_comments(pipeline_ima
     assert str(tmp_path / rel[0]) in [it["image_uri"] for it in inp.items]
 
 
+def test_text_manifest_with_a_byte_order_mark(pipeline_images, tmp_path):
+    """Windows editors start UTF-8 text with a BOM; it is not part of the first URI."""
+    imgs = sorted(str(p) for p in pipeline_images.rglob("*.jpg"))[:2]
+    man = tmp_path / "bom.txt"
+    man.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(imgs).encode("utf-8"))
+    assert [it["image_uri"] for it in sources.resolve_inputs(str(man)).items] == imgs
+
+
 def test_parquet_manifest_carries_label_uris(tmp_path):
     t = pa.table({"image_uri": ["s3://b/x/2.jpg", "s3://b/x/1.jpg"], "label_uri": ["s3://b/y/2.png", None]})
     pq.write_table(t, tmp_path / "m.parquet")
