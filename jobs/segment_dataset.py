@@ -137,7 +137,7 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         listed = list_input(cfg)
         src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in listed.items],
                                    class_names=_class_names(cfg), ignore_index=args.ignore_index,
-                                   storage_options=so, limit=args.limit)
+                                   storage_options=so, limit=args.limit, image_root=listed.root)
         root = listed.root
     else:
         if args.limit is not None:

@@ -6,8 +6,9 @@ Public API (used by ``jobs/segment_dataset.py`` and ``jobs/evaluate.py``)::
         benchmark="voc21",          # one of BENCHMARK_LAYOUTS, or None for custom labels
         data_root="data/",          # MMSegmentation-style data/ folder (local path or fsspec URI),
                                     # or the dataset folder itself (e.g. .../VOCdevkit/VOC2012)
-        labels=None,                # custom: folder of label PNGs named <image stem>.png
+        labels=None,                # custom: folder of label PNGs, <sub>/<image stem>.png as the images lie
         image_uris=None,            # custom: the images to pair with ``labels``
+        image_root=None,            # custom: the folder the images were listed from (None: a manifest)
         class_names=None,           # custom: class names in label-index order (the vocabulary)
         ignore_index=255,           # custom: the label value that is ignored
         storage_options=None,       # fsspec options for both roots
@@ -181,6 +182,7 @@ def open_labelled_source(
     ignore_index: int = IGNORE,
     storage_options: Optional[dict] = None,
     limit: Optional[int] = None,
+    image_root: Optional[str] = None,
 ) -> LabelledSource:
     """Open a benchmark (``benchmark`` + ``data_root``) or custom labels (``labels`` + ``image_uris``
     + ``class_names``); see the module docstring."""
@@ -196,7 +198,7 @@ def open_labelled_source(
     else:
         if labels is None or image_uris is None or class_names is None:
             raise ValueError("custom labels need labels=, image_uris= and class_names=")
-        src = _open_custom(labels, list(image_uris), list(class_names), int(ignore_index), so)
+        src = _open_custom(labels, list(image_uris), list(class_names), int(ignore_index), so, image_root)
     if limit is not None:
         src.pairs = src.pairs[:limit]
     return src
@@ -279,8 +281,22 @@ def preset_class_names(preset) -> list[str]:
     return names
 
 
+def _relative_stem(path: str, root: str) -> Optional[str]:
+    """``sub/<stem>`` of ``path`` below ``root`` (see :func:`image_stem`), or None outside it."""
+    root = root.rstrip("/") + "/"
+    if not path.startswith(root):
+        return None
+    rel = path[len(root):]
+    return posixpath.join(posixpath.dirname(rel), image_stem(rel))
+
+
 def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ignore_index: int,
-                 so: dict) -> LabelledSource:
+                 so: dict, image_root: Optional[str] = None) -> LabelledSource:
+    """Pair each image with ``<labels>/<sub>/<stem>.png`` where it lies at ``<image_root>/<sub>/<stem>.*``
+    (labels laid out as the images are). An image without one takes the label file of its stem anywhere
+    under ``labels``, as long as neither that stem nor that file could belong to another image: a
+    flat folder of labels serves nested images with distinct stems. Anything else is an error, never a
+    guess."""
     if not image_uris:
         raise ValueError("custom labels: no images given")
     if not class_names:
@@ -288,19 +304,33 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
     fs, lab_root = _fs_and_path(labels, so)
     if not fs.isdir(lab_root):
         raise FileNotFoundError(f"labels folder {labels!r} not found")
-    by_stem: dict[str, str] = {}
-    for p in _list_files(fs, lab_root, ".png"):
-        stem = image_stem(p)
-        if stem in by_stem:
-            raise ValueError(f"two label files for image stem {stem!r}: {by_stem[stem]}, {p}")
-        by_stem[stem] = p
-    pairs, missing = [], []
+    files = _list_files(fs, lab_root, ".png")
+    by_rel = {_relative_stem(p, lab_root): p for p in files}
+    by_stem: dict[str, list[str]] = {}
+    for p in files:
+        by_stem.setdefault(image_stem(p), []).append(p)
+    image_stems: dict[str, int] = {}
     for img in image_uris:
-        lab = by_stem.get(image_stem(img))
+        image_stems[image_stem(img)] = image_stems.get(image_stem(img), 0) + 1
+    pairs, missing, ambiguous = [], [], []
+    for img in image_uris:
+        rel = _relative_stem(img, image_root) if image_root else None
+        lab = by_rel.get(rel) if rel is not None else None
         if lab is None:
-            missing.append(img)
-        else:
-            pairs.append((img, full_uri(fs, lab)))
+            stem = image_stem(img)
+            found = by_stem.get(stem, [])
+            if not found:
+                missing.append(img)
+                continue
+            if len(found) > 1 or image_stems[stem] > 1:
+                ambiguous.append(f"{img} (stem {stem!r}: {image_stems[stem]} images, label files {found[:3]})")
+                continue
+            lab = found[0]
+        pairs.append((img, full_uri(fs, lab)))
+    if ambiguous:
+        raise ValueError(f"{len(ambiguous)} images can't be paired with a label by file name alone, e.g. "
+                         f"{ambiguous[:2]}. Lay the labels out as the images are (<labels>/<sub>/<stem>.png for "
+                         f"<input>/<sub>/<stem>.jpg), or pair them in a Parquet manifest (--labels-from-manifest)")
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(image_uris)} images have no label "
                                 f"<stem>.png in {labels}, e.g. {missing[:3]}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 from pathlib import Path
 
 import fsspec
@@ -115,6 +116,35 @@ def test_custom_labels_missing_label_raises(tmp_path):
         os.symlink(data / "camvid-val/valannot" / Path(img).name, labels / Path(img).name)
     with pytest.raises(FileNotFoundError, match="1 of 3 images have no label"):
         open_labelled_source(labels=str(labels), image_uris=images, class_names=CAMVID)
+
+
+def test_custom_labels_pair_nested_images_by_folder_never_by_a_shared_stem(tmp_path):
+    """img/a/0.jpg and img/b/0.jpg share the stem "0": mirrored labels pair each with its own file; a
+    single lbl/0.png can't tell them apart and is refused, where it used to score both against it.
+    A flat label folder still serves nested images whose stems are distinct."""
+    from PIL import Image
+
+    def png(path, value):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(path)
+    images = [tmp_path / "img" / "a" / "0.jpg", tmp_path / "img" / "b" / "0.jpg", tmp_path / "img" / "b" / "1.jpg"]
+    uris = [str(p) for p in images]
+    png(tmp_path / "mirrored" / "a" / "0.png", 1)
+    png(tmp_path / "mirrored" / "b" / "0.png", 2)
+    png(tmp_path / "mirrored" / "1.png", 0)                     # not mirrored, but its stem is unique
+    src = open_labelled_source(labels=str(tmp_path / "mirrored"), image_uris=uris, class_names=["x", "y", "z"],
+                               image_root=str(tmp_path / "img"))
+    assert dict(src.pairs) == {uris[0]: str(tmp_path / "mirrored" / "a" / "0.png"),
+                               uris[1]: str(tmp_path / "mirrored" / "b" / "0.png"),
+                               uris[2]: str(tmp_path / "mirrored" / "1.png")}
+    png(tmp_path / "flat" / "0.png", 1)
+    png(tmp_path / "flat" / "1.png", 0)
+    with pytest.raises(ValueError, match=r"2 images can't be paired .*stem '0': 2 images"):
+        open_labelled_source(labels=str(tmp_path / "flat"), image_uris=uris, class_names=["x", "y"],
+                             image_root=str(tmp_path / "img"))
+    src = open_labelled_source(labels=str(tmp_path / "flat"), image_uris=uris[1:], class_names=["x", "y"],
+                               image_root=str(tmp_path / "img"))
+    assert [posixpath.basename(lab) for _, lab in src.pairs] == ["0.png", "1.png"]
 
 
 def test_voc_missing_label_raises(tmp_path):
