@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import platform
 from importlib import metadata
+from pathlib import Path
 
 from . import sinks, sources, storage
 
@@ -49,6 +51,22 @@ def without_execution(seg_config: dict) -> dict:
     if isinstance(out.get("settings"), dict):
         out["settings"] = {k: v for k, v in out["settings"].items() if k not in EXECUTION_SETTINGS}
     return out
+
+
+def _respelled(old: dict, new: dict) -> dict:
+    """``old`` (run.json's segmenter) with the model and weights spelled as in ``new`` where both name the
+    same file: weights by their sha256, a model-config JSON by its contents. A path typed another way
+    (``../model/x.pt``, relative under ``ray job submit --working-dir``) then resumes."""
+    old = dict(old)
+    ow, nw = old.get("weights"), new.get("weights")
+    if (isinstance(ow, dict) and isinstance(nw, dict) and nw.get("kind") in ("file", "url") and nw.get("sha256")
+            and (ow.get("kind"), ow.get("sha256")) == (nw.get("kind"), nw.get("sha256"))):
+        old["weights"] = {**ow, "spec": nw.get("spec")}
+    om, nm = old.get("model"), new.get("model")
+    if (isinstance(om, str) and isinstance(nm, str) and om != nm and om.endswith(".json") and nm.endswith(".json")
+            and os.path.isfile(om) and os.path.isfile(nm) and Path(om).read_bytes() == Path(nm).read_bytes()):
+        old["model"] = nm
+    return old
 
 
 def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
@@ -90,6 +108,8 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
         old = dict(previous.get("config", {}))
         if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
             old["segmenter"] = without_execution(old["segmenter"])
+        if isinstance(old.get("segmenter"), dict):
+            old["segmenter"] = _respelled(old["segmenter"], ident["segmenter"])
         old_input = old.get("input")
         if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
             old["input"] = storage.canonical_uri(old_input, so)

@@ -170,6 +170,26 @@ def test_rerun_with_the_input_spelled_another_way_resumes(first_run, tiny_model,
                 run(resumed)
 
 
+def test_rerun_with_the_model_and_weights_spelled_another_way_resumes(first_run, tiny_model, tmp_path, monkeypatch):
+    """run.json holds --model and --weights as typed. The same files reached by another path resume (the
+    weights by their sha256, the model config by its contents); other weights are still refused."""
+    from pipeline.job import run
+    from pipeline.run_record import ConfigMismatch
+
+    cfg, out, first = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    model, weights = Path(tiny_model[0]), Path(tiny_model[1])
+    monkeypatch.chdir(model.parent)
+    spelled = (f"../{model.parent.name}/{model.name}", weights.name)           # relative, one through ".."
+    again = run(pipeline_job_config(spelled, input=cfg.input, output=str(copy), save_masks=True))
+    assert again["skipped"] == first["images_total"] and again["ok"] == 0
+    other = tmp_path / weights.name
+    other.write_bytes(weights.read_bytes() + b"\0")            # a zip archive reads the same with a byte appended
+    with pytest.raises(ConfigMismatch, match="segmenter.weights.sha256"):
+        run(pipeline_job_config((str(model), str(other)), input=cfg.input, output=str(copy), save_masks=True))
+
+
 def test_run_json_input_decides_the_image_ids(tmp_path, monkeypatch):
     """run.json's input is the root of the image ids (or the manifest, or "<items>" for items given without
     an input), so two runs with the same identity give an image the same id."""
