@@ -119,3 +119,36 @@ def resize_short_side_tensor(image: torch.Tensor, short_side: int, max_long_side
         return image
     t = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False)
     return t[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _bilinear_taps(n_in: int, n_out: int, start: int, stop: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices ``i0, i1`` (long) and weights of ``i1`` (float32) of output positions
+    ``start..stop-1`` when ``n_in`` samples are resized to ``n_out`` as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` does: ``src = max((dst + 0.5) * n_in / n_out - 0.5, 0)``."""
+    # in float32, as PyTorch computes them: positions agree with its own to about one ulp
+    scale = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
+    dst = torch.arange(start, stop, device=device, dtype=torch.float32)
+    src = (scale.to(device) * (dst + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).float()
+
+
+def bilinear_row_bands(x: torch.Tensor, size: tuple[int, int], max_bytes: int):
+    """Yield ``(r0, r1, band)``: ``x`` ``(C, h, w)`` float resized to ``size`` ``(H, W)`` bilinearly
+    (``align_corners=False``), rows ``r0:r1`` at a time, each band ``(C, r1 - r0, W)`` at most about
+    ``max_bytes`` (at least one row); where all of it fits, one band from ``F.interpolate``. Equal to ``F.interpolate(x[None], size, mode="bilinear")[0][:, r0:r1]``
+    up to float rounding (source positions within an ulp: about 1e-5 on inputs of unit scale), without
+    the whole ``(C, H, W)`` ever in memory."""
+    c, h, w = x.shape
+    H, W = size
+    rows = max(1, min(H, max_bytes // max(1, c * W * x.element_size())))
+    if rows == H:                                         # one band: PyTorch's kernel, in one pass
+        yield 0, H, x if (h, w) == (H, W) else F.interpolate(x[None], size=size, mode="bilinear",
+                                                             align_corners=False)[0]
+        return
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        i0, i1, wy = _bilinear_taps(h, H, r0, r1, x.device)
+        vert = torch.lerp(x[:, i0], x[:, i1], wy[:, None].to(x.dtype))            # (C, b, w): the band's rows
+        # Along rows the taps are PyTorch's own linear ones; its kernel is faster than a gather.
+        yield r0, r1, vert if w == W else F.interpolate(vert, size=W, mode="linear", align_corners=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .benchmarks import BENCHMARKS, method_settings
 from .graphs import CaptureFailed, GraphedEncoder
-from .images import ImageLike, resize_short_side_tensor, to_rgb_array
+from .images import ImageLike, bilinear_row_bands, resize_short_side_tensor, to_rgb_array
 from .methods import build_method
 from .methods.base import DenseOutput
 from .pamr import pamr
@@ -33,6 +33,9 @@ from .weights import load_clip
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Bytes of each band of original-size logits that ``Segmenter._labels`` makes at a time; about four
+# times that is in memory at once (logits, scaled, probabilities, classes).
+LABEL_BAND_BYTES = 256 * 2 ** 20
 
 
 @dataclass
@@ -287,21 +290,42 @@ class Segmenter:
                 for i in range(len(images))]
 
     def _labels(self, logits: torch.Tensor, size: tuple[int, int], image: torch.Tensor) -> Prediction:
-        """Logits ``(Q, h, w)`` to a :class:`Prediction` at ``size`` (§1 steps 3-6)."""
+        """Logits ``(Q, h, w)`` to a :class:`Prediction` at ``size`` ``(H, W)`` (§1 steps 3-6).
+
+        The ``(Q, H, W)`` logits at the original size, and the probabilities after them, are made a band of
+        rows at a time (:data:`LABEL_BAND_BYTES` each), so memory does not grow with the vocabulary times
+        the image's pixels: whole, a 12 MP photo with 150 names would take about 20 GB. PAMR, which mixes
+        pixels up to 16 apart, still takes the whole image.
+        """
         s = self.settings
-        if tuple(logits.shape[1:]) != tuple(size):
-            logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
         if s.pamr:
             # PAMR on the logits at the original size; the colour guide is the working image resized
             # back to that size (the original pixels are not kept when a CPU task resized them).
+            if tuple(logits.shape[1:]) != tuple(size):
+                logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
             guide = image.float()
             if tuple(guide.shape[1:]) != tuple(size):
                 guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
             logits = pamr(guide, logits)
-        probs = (s.logit_scale * logits).softmax(dim=0)
-        cls = torch.zeros(self.num_classes, *size, device=probs.device)
-        cls.scatter_reduce_(0, self._owner[:, None, None].expand_as(probs), probs, reduce="amax", include_self=False)
-        conf, labels = cls.max(dim=0)
+        conf = torch.empty(size, device=logits.device)
+        labels = torch.empty(size, dtype=torch.long, device=logits.device)
+
+        # The area rule looks at the class probabilities twice; they are kept for it (K <= Q of them)
+        # where they take at most 4 bands' memory, and made again otherwise.
+        keep = s.area_thd is not None and self.num_classes * size[0] * size[1] * 4 <= 4 * LABEL_BAND_BYTES
+        kept: list = []
+
+        def label_bands(drop: Optional[torch.Tensor] = None) -> None:
+            bands = kept if kept else ((r0, r1, self._class_probs(band))
+                                       for r0, r1, band in bilinear_row_bands(logits, size, LABEL_BAND_BYTES))
+            for r0, r1, cls in bands:                                                  # cls: (K, b, W)
+                if keep and drop is None:
+                    kept.append((r0, r1, cls))
+                if drop is not None:
+                    cls[drop] = 0.0
+                torch.max(cls, dim=0, out=(conf[r0:r1], labels[r0:r1]))
+
+        label_bands()
         if s.area_thd is not None:
             counts = torch.bincount(labels.flatten(), minlength=self.num_classes)
             fg = counts[1:].sum()
@@ -310,11 +334,19 @@ class Segmenter:
             drop = counts <= s.area_thd * fg
             drop[0] = False
             if bool(drop.any()):
-                cls[drop] = 0.0
-                conf, labels = cls.max(dim=0)
+                label_bands(drop)
         if s.prob_thd > 0:
             labels = torch.where(conf < s.prob_thd, torch.zeros_like(labels), labels)
         return Prediction(labels.to(torch.int32).cpu().numpy(), conf.float().cpu().numpy())
+
+    def _class_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(K, ...)`` of query logits ``(Q, ...)``: the softmax over all query names,
+        then the max over each class's names (§1 step 5)."""
+        probs = (self.settings.logit_scale * logits).softmax(dim=0)
+        cls = torch.zeros(self.num_classes, *probs.shape[1:], device=probs.device)
+        cls.scatter_reduce_(0, self._owner.view(-1, *[1] * (probs.dim() - 1)).expand_as(probs), probs,
+                            reduce="amax", include_self=False)
+        return cls
 
     # ---- NumPy-facing API ----------------------------------------------------------------------
     @torch.inference_mode()

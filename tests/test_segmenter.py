@@ -363,3 +363,42 @@ def test_release_embeds_each_whole_image_once_and_no_text(planted_files):
     assert crop_rows == 2 + 2 + 2                              # 224x296 and 280x224 images: 2 windows each
     assert whole == [(1, (288, 224)), (2, (224, 304))]         # each image once, padded to the patch; same size, one batch
     assert texts == []
+
+
+def test_bilinear_row_bands_resize_as_interpolate_does_a_band_at_a_time():
+    from rfclip.images import bilinear_row_bands
+
+    g = torch.Generator().manual_seed(0)
+    for (h, w), (H, W) in [((21, 28), (375, 500)), ((336, 448), (300, 400)), ((5, 7), (5, 7)), ((1, 1), (4, 3))]:
+        x = torch.randn(6, h, w, generator=g)
+        want = torch.nn.functional.interpolate(x[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        for rows in (1, 7, H):
+            bands = list(bilinear_row_bands(x, (H, W), max_bytes=6 * W * 4 * rows))
+            assert [r1 - r0 for r0, r1, _ in bands][:-1] == [rows] * (len(bands) - 1)
+            got = torch.cat([b for _, _, b in bands], dim=1)
+            if rows == H:
+                assert torch.equal(got, want)                     # one band: PyTorch's own kernel
+            else:   # source positions within an ulp of PyTorch's, times a slope of a few units
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method,preset", [("sclip", "voc21"), ("clearclip", None)])
+def test_labels_in_row_bands_match_the_whole_image(planted_files, method, preset, monkeypatch):
+    """A band budget of a few rows (the area rule's class probabilities kept, then made again) gives the
+    labels and confidences of the whole image in one band; VOC21's area rule and prob_thd included."""
+    import rfclip.segmenter as segmenter_module
+
+    kw = {"benchmark": preset} if preset else {"vocabulary": VOCAB}
+    seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method=method, device="cpu", **kw)
+    img = planted_image(250, 330)
+    size = (3 * 250, 3 * 330)                                  # predictions at 3x: a real resize
+    small = rfclip.images.resize_short_side(img, seg.settings.short_side, seg.settings.max_long_side)
+    t = seg._normalise(torch.from_numpy(small).permute(2, 0, 1))
+    logits = seg._image_logits([t])[0]
+    whole = seg._labels(logits, size, t)
+    q, k = logits.shape[0], seg.num_classes
+    for budget in (k * size[0] * size[1], 5 * q * size[1] * 4):   # kept for the area rule; made again
+        monkeypatch.setattr(segmenter_module, "LABEL_BAND_BYTES", budget)
+        banded = seg._labels(logits, size, t)
+        assert (banded.labels == whole.labels).mean() > 0.9999
+        np.testing.assert_allclose(banded.confidence, whole.confidence, atol=1e-5)
