@@ -135,10 +135,20 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         if not cfg.input:
             raise ValueError("--labels needs --input (the images to pair with the labels)")
         listed = list_input(cfg)
-        src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in listed.items],
+        labels_at = storage.canonical_uri(args.labels, so).rstrip("/") + "/"
+        images = [it for it in listed.items if not it["image_uri"].startswith(labels_at)]
+        if len(images) < len(listed.items):
+            log.info("%d files under --labels %s are labels, not input images", len(listed.items) - len(images),
+                     args.labels)
+        unreadable = [it for it in images if it.get("error")]     # error rows: no label to pair
+        src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in images
+                                                                   if not it.get("error")],
                                    class_names=_class_names(cfg), ignore_index=args.ignore_index,
-                                   storage_options=so, limit=args.limit, image_root=listed.root)
-        root = listed.root
+                                   storage_options=so, image_root=listed.root)
+        cfg.items, cfg.labels = labelled_job_inputs(src)
+        cfg.items = sorted(cfg.items + unreadable, key=lambda it: it["image_uri"])[:args.limit]
+        cfg.input_root = listed.root
+        return src
     else:
         if args.limit is not None:
             listed = list_input(cfg)

@@ -310,12 +310,18 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
     for p in files:
         by_stem.setdefault(image_stem(p), []).append(p)
     image_stems: dict[str, int] = {}
+    image_rels: dict[str, int] = {}
     for img in image_uris:
         image_stems[image_stem(img)] = image_stems.get(image_stem(img), 0) + 1
+        rel = _relative_stem(img, image_root) if image_root else None
+        image_rels[rel] = image_rels.get(rel, 0) + 1
     pairs, missing, ambiguous = [], [], []
     for img in image_uris:
         rel = _relative_stem(img, image_root) if image_root else None
         lab = by_rel.get(rel) if rel is not None else None
+        if lab is not None and image_rels[rel] > 1:           # a/0.jpg and a/0.png: one label, two images
+            ambiguous.append(f"{img} ({image_rels[rel]} images are {rel!r} with another extension)")
+            continue
         if lab is None:
             stem = image_stem(img)
             found = by_stem.get(stem, [])
@@ -323,7 +329,9 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
                 missing.append(img)
                 continue
             if len(found) > 1 or image_stems[stem] > 1:
-                ambiguous.append(f"{img} (stem {stem!r}: {image_stems[stem]} images, label files {found[:3]})")
+                expected = f"no {posixpath.join(lab_root, rel)}.png, and " if rel is not None else ""
+                ambiguous.append(f"{img} ({expected}stem {stem!r} is shared by {image_stems[stem]} images "
+                                 f"and {len(found)} label files, e.g. {found[:2]})")
                 continue
             lab = found[0]
         pairs.append((img, full_uri(fs, lab)))

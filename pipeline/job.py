@@ -138,7 +138,8 @@ def _label_storage_options(cfg: JobConfig) -> Optional[dict]:
 def _resolve_inputs(cfg: JobConfig) -> sources.Inputs:
     """The sorted, de-duplicated inputs: ``cfg.items`` (evaluation) or the listing of ``cfg.input``."""
     if cfg.items is not None:
-        inputs = sources.inputs_from_items([{"image_uri": it["image_uri"], "label_uri": it.get("label_uri")}
+        inputs = sources.inputs_from_items([{"image_uri": it["image_uri"], "label_uri": it.get("label_uri"),
+                                             **({"error": it["error"]} if it.get("error") else {})}
                                             for it in cfg.items], cfg.input_root)
         if not inputs.items:
             raise ValueError("no input items given")

@@ -92,15 +92,19 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     return _dedupe_sorted(items, root, kind)
 
 
+UNDECODABLE_PREFIX = "not-utf8:"
+
+
 def _item(uri: str) -> dict:
     """A listed image. A local file name that is not valid UTF-8 (Python lists its bytes as lone
-    surrogates) can't be written to Parquet or hashed as text: its URI is shown with the bad bytes
-    escaped (``caf\\xe9.jpg``) and ``error`` says why it is not read, so it becomes an error row."""
+    surrogates) can't be written to Parquet or hashed as text: its URI is ``not-utf8:`` and the path
+    with the bad bytes escaped (``not-utf8:/data/caf\\xe9.jpg``; no listed path starts so, so it names no
+    other file), and ``error`` says why it is not read, so it becomes an error row."""
     try:
         uri.encode("utf-8")
         return {"image_uri": uri, "label_uri": None}
     except UnicodeEncodeError:
-        shown = uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        shown = UNDECODABLE_PREFIX + uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         log.warning("file name is not valid UTF-8, not read: %s", shown)
         return {"image_uri": shown, "label_uri": None,
                 "error": "file name is not valid UTF-8 (bytes shown as \\xNN): rename it to UTF-8 (e.g. with "

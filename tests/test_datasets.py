@@ -139,12 +139,16 @@ def test_custom_labels_pair_nested_images_by_folder_never_by_a_shared_stem(tmp_p
                                uris[2]: str(tmp_path / "mirrored" / "1.png")}
     png(tmp_path / "flat" / "0.png", 1)
     png(tmp_path / "flat" / "1.png", 0)
-    with pytest.raises(ValueError, match=r"2 images can't be paired .*stem '0': 2 images"):
+    with pytest.raises(ValueError, match=r"2 images can't be paired .*no .*flat/a/0.png, and stem '0' is shared by 2 images"):
         open_labelled_source(labels=str(tmp_path / "flat"), image_uris=uris, class_names=["x", "y"],
                              image_root=str(tmp_path / "img"))
     src = open_labelled_source(labels=str(tmp_path / "flat"), image_uris=uris[1:], class_names=["x", "y"],
                                image_root=str(tmp_path / "img"))
     assert [posixpath.basename(lab) for _, lab in src.pairs] == ["0.png", "1.png"]
+    twin = tmp_path / "img" / "a" / "0.png"                    # a/0.jpg and a/0.png: one mirrored label, two images
+    with pytest.raises(ValueError, match=r"2 images can't be paired .*2 images are 'a/0' with another extension"):
+        open_labelled_source(labels=str(tmp_path / "mirrored"), image_uris=uris + [str(twin)],
+                             class_names=["x", "y", "z"], image_root=str(tmp_path / "img"))
 
 
 def test_voc_missing_label_raises(tmp_path):

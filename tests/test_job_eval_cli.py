@@ -76,6 +76,34 @@ def test_custom_labels_camvid_with_ignore_index(ray_local, tiny_model, tmp_path)
     assert {r["image_uri"]: r["image_id"] for r in read_predictions(str(out)).to_pylist()} == want
 
 
+def test_labels_inside_the_input_folder_and_an_unreadable_name(ray_local, tiny_model, tmp_path):
+    """--labels inside --input: its PNGs are labels, not images. An image whose name is not UTF-8 needs
+    no label: it is an error row, counted as failed, and the others are scored."""
+    import os
+
+    from jobs.segment_dataset import main
+
+    data = shared_data_dir() / "camvid-val"
+    root = tmp_path / "corpus"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for p in sorted((data / "val").iterdir())[:2]:
+        shutil.copy(p, root / "images" / p.name)
+        shutil.copy(data / "valannot" / p.name, root / "labels" / p.name)
+    shutil.copy(p, root / "images" / os.fsdecode(b"caf\xe9.png"))           # a Latin-1 name
+    out = tmp_path / "out"
+    rc = main(["--input", str(root), "--labels", str(root / "labels"), "--ignore-index", "11",
+               "--vocabulary", CAMVID, "--output", str(out)] + model_flags(tiny_model))
+    assert rc == 0
+    rows = read_predictions(str(out)).to_pylist()
+    assert sorted(r["status"] for r in rows) == ["error", "ok", "ok"]       # the labels are no inputs
+    bad = next(r for r in rows if r["status"] == "error")
+    assert bad["image_uri"] == "not-utf8:" + str(root / "images") + "/caf\\xe9.png"
+    assert "not valid UTF-8" in bad["error"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 2 and metrics["images_failed"] == 1
+
+
 def test_pseudo_labels_with_limit_write_a_report(ray_local, tiny_model, tmp_path):
     from jobs.segment_dataset import main
 

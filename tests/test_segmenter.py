@@ -394,11 +394,17 @@ def test_labels_in_row_bands_match_the_whole_image(planted_files, method, preset
     size = (3 * 250, 3 * 330)                                  # predictions at 3x: a real resize
     small = rfclip.images.resize_short_side(img, seg.settings.short_side, seg.settings.max_long_side)
     t = seg._normalise(torch.from_numpy(small).permute(2, 0, 1))
-    logits = seg._image_logits([t])[0]
-    whole = seg._labels(logits, size, t)
-    q, k = logits.shape[0], seg.num_classes
-    for budget in (k * size[0] * size[1], 5 * q * size[1] * 4):   # kept for the area rule; made again
-        monkeypatch.setattr(segmenter_module, "LABEL_BAND_BYTES", budget)
-        banded = seg._labels(logits, size, t)
-        assert (banded.labels == whole.labels).mean() > 0.9999
-        np.testing.assert_allclose(banded.confidence, whole.confidence, atol=1e-5)
+    model_logits = seg._image_logits([t])[0]
+    # cosine-sized noise, whose labels change from pixel to pixel; its slopes are steeper than the model's,
+    # so the float rounding of the resize (about 1e-6) moves its confidences more
+    noise = 0.1 * torch.randn(model_logits.shape, generator=torch.Generator().manual_seed(0))
+    for logits in (model_logits, noise):
+        monkeypatch.undo()
+        whole = seg._labels(logits, size, t)
+        q, k = logits.shape[0], seg.num_classes
+        for budget in (k * size[0] * size[1], 5 * q * size[1] * 4):   # kept for the area rule; made again
+            monkeypatch.setattr(segmenter_module, "LABEL_BAND_BYTES", budget)
+            banded = seg._labels(logits, size, t)
+            assert (banded.labels == whole.labels).mean() > 0.9999
+            np.testing.assert_allclose(banded.confidence, whole.confidence, atol=1e-5 if logits is model_logits else 1e-4)
+        assert len(np.unique(whole.labels)) >= (3 if logits is noise else 1)   # the tiny model's may be one class
