@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -309,15 +310,10 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
     by_stem: dict[str, list[str]] = {}
     for p in files:
         by_stem.setdefault(image_stem(p), []).append(p)
-    image_stems: dict[str, int] = {}
-    image_rels: dict[str, int] = {}
-    for img in image_uris:
-        image_stems[image_stem(img)] = image_stems.get(image_stem(img), 0) + 1
-        rel = _relative_stem(img, image_root) if image_root else None
-        image_rels[rel] = image_rels.get(rel, 0) + 1
+    rels = [_relative_stem(img, image_root) if image_root else None for img in image_uris]
+    image_stems, image_rels = Counter(image_stem(img) for img in image_uris), Counter(rels)
     pairs, missing, ambiguous = [], [], []
-    for img in image_uris:
-        rel = _relative_stem(img, image_root) if image_root else None
+    for img, rel in zip(image_uris, rels):
         lab = by_rel.get(rel) if rel is not None else None
         if lab is not None and image_rels[rel] > 1:           # a/0.jpg and a/0.png: one label, two images
             ambiguous.append(f"{img} ({image_rels[rel]} images are {rel!r} with another extension)")

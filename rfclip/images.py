@@ -130,15 +130,16 @@ def _bilinear_taps(n_in: int, n_out: int, start: int, stop: int, device) -> tupl
     dst = torch.arange(start, stop, device=device, dtype=torch.float32)
     src = (scale.to(device) * (dst + 0.5) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
-    return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).float()
+    return i0, (i0 + 1).clamp(max=n_in - 1), src - i0
 
 
 def bilinear_row_bands(x: torch.Tensor, size: tuple[int, int], max_bytes: int):
     """Yield ``(r0, r1, band)``: ``x`` ``(C, h, w)`` float resized to ``size`` ``(H, W)`` bilinearly
     (``align_corners=False``), rows ``r0:r1`` at a time, each band ``(C, r1 - r0, W)`` at most about
-    ``max_bytes`` (at least one row); where all of it fits, one band from ``F.interpolate``. Equal to ``F.interpolate(x[None], size, mode="bilinear")[0][:, r0:r1]``
-    up to float rounding (source positions within an ulp: about 1e-5 on inputs of unit scale), without
-    the whole ``(C, H, W)`` ever in memory."""
+    ``max_bytes`` (at least one row). Where all of it fits: one band, from ``F.interpolate``. Otherwise
+    equal to ``F.interpolate(x[None], size, mode="bilinear")[0][:, r0:r1]`` up to float rounding (source
+    positions within an ulp: about 1e-5 on inputs of unit scale), without the whole ``(C, H, W)`` ever in
+    memory."""
     c, h, w = x.shape
     H, W = size
     rows = max(1, min(H, max_bytes // max(1, c * W * x.element_size())))
