@@ -133,23 +133,29 @@ def _bilinear_taps(n_in: int, n_out: int, start: int, stop: int, device) -> tupl
     return i0, (i0 + 1).clamp(max=n_in - 1), src - i0
 
 
+def bilinear_rows(x: torch.Tensor, size: tuple[int, int], r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of ``x`` ``(C, h, w)`` float resized to ``size`` ``(H, W)`` bilinearly
+    (``align_corners=False``): ``(C, r1 - r0, W)``, equal to ``F.interpolate(x[None], size,
+    mode="bilinear")[0][:, r0:r1]`` up to float rounding (source positions within an ulp: about 1e-5 on
+    inputs of unit scale), without the whole ``(C, H, W)`` ever in memory."""
+    c, h, w = x.shape
+    H, W = size
+    if (r0, r1) == (0, H):                                # all of it: PyTorch's kernel, in one pass
+        return x if (h, w) == (H, W) else F.interpolate(x[None], size=size, mode="bilinear",
+                                                        align_corners=False)[0]
+    i0, i1, wy = _bilinear_taps(h, H, r0, r1, x.device)
+    vert = torch.lerp(x[:, i0], x[:, i1], wy[:, None].to(x.dtype))                # (C, b, w): the band's rows
+    # Along rows the taps are PyTorch's own linear ones; its kernel is faster than a gather.
+    return vert if w == W else F.interpolate(vert, size=W, mode="linear", align_corners=False)
+
+
 def bilinear_row_bands(x: torch.Tensor, size: tuple[int, int], max_bytes: int):
-    """Yield ``(r0, r1, band)``: ``x`` ``(C, h, w)`` float resized to ``size`` ``(H, W)`` bilinearly
-    (``align_corners=False``), rows ``r0:r1`` at a time, each band ``(C, r1 - r0, W)`` at most about
-    ``max_bytes`` (at least one row). Where all of it fits: one band, from ``F.interpolate``. Otherwise
-    equal to ``F.interpolate(x[None], size, mode="bilinear")[0][:, r0:r1]`` up to float rounding (source
-    positions within an ulp: about 1e-5 on inputs of unit scale), without the whole ``(C, H, W)`` ever in
-    memory."""
+    """Yield ``(r0, r1, band)``: :func:`bilinear_rows` of ``x`` ``(C, h, w)`` at ``size`` ``(H, W)``, rows
+    ``r0:r1`` at a time, each band ``(C, r1 - r0, W)`` at most about ``max_bytes`` (at least one row).
+    Where all of it fits: one band, from ``F.interpolate``."""
     c, h, w = x.shape
     H, W = size
     rows = max(1, min(H, max_bytes // max(1, c * W * x.element_size())))
-    if rows == H:                                         # one band: PyTorch's kernel, in one pass
-        yield 0, H, x if (h, w) == (H, W) else F.interpolate(x[None], size=size, mode="bilinear",
-                                                             align_corners=False)[0]
-        return
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
-        i0, i1, wy = _bilinear_taps(h, H, r0, r1, x.device)
-        vert = torch.lerp(x[:, i0], x[:, i1], wy[:, None].to(x.dtype))            # (C, b, w): the band's rows
-        # Along rows the taps are PyTorch's own linear ones; its kernel is faster than a gather.
-        yield r0, r1, vert if w == W else F.interpolate(vert, size=W, mode="linear", align_corners=False)
+        yield r0, r1, bilinear_rows(x, size, r0, r1)

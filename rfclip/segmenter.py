@@ -22,7 +22,7 @@ from .graphs import CaptureFailed, GraphedEncoder
 from .images import ImageLike, bilinear_row_bands, resize_short_side_tensor, to_rgb_array
 from .methods import build_method
 from .methods.base import DenseOutput
-from .pamr import pamr
+from .pamr import pamr_row_bands
 from .settings import make_settings, resolve_attention_kernels, resolve_plan
 from .text import TextEncoder
 from .vit import DenseViT
@@ -293,32 +293,30 @@ class Segmenter:
         """Logits ``(Q, h, w)`` to a :class:`Prediction` at ``size`` ``(H, W)`` (§1 steps 3-6).
 
         The ``(Q, H, W)`` logits at the original size, and the probabilities after them, are made a band of
-        rows at a time (:data:`LABEL_BAND_BYTES` each), so memory does not grow with the vocabulary times
-        the image's pixels: whole, a 12 MP photo with 150 names would take about 20 GB. PAMR, which mixes
-        pixels up to 16 apart, still takes the whole image.
+        rows at a time (:data:`LABEL_BAND_BYTES` each, :data:`~rfclip.pamr.PAMR_BAND_BYTES` with PAMR), so
+        memory does not grow with the vocabulary times the image's pixels: whole, a 12 MP photo with 150
+        names would take about 20 GB.
         """
         s = self.settings
         if s.pamr:
             # PAMR on the logits at the original size; the colour guide is the working image resized
             # back to that size (the original pixels are not kept when a CPU task resized them).
-            if tuple(logits.shape[1:]) != tuple(size):
-                logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
-            guide = image.float()
-            if tuple(guide.shape[1:]) != tuple(size):
-                guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
-            logits = pamr(guide, logits)
+            def bands():
+                return pamr_row_bands(logits, image, size)
+        else:
+            def bands():
+                return bilinear_row_bands(logits, size, LABEL_BAND_BYTES)
         conf = torch.empty(size, device=logits.device)
         labels = torch.empty(size, dtype=torch.long, device=logits.device)
 
         # The area rule looks at the class probabilities twice; they are kept for it (K <= Q of them)
-        # where they take at most 4 bands' memory, and made again otherwise.
+        # where they take at most 4 bands' memory, and made again otherwise (PAMR's refinement too).
         keep = s.area_thd is not None and self.num_classes * size[0] * size[1] * 4 <= 4 * LABEL_BAND_BYTES
         kept: list = []
 
         def label_bands(drop: Optional[torch.Tensor] = None) -> None:
-            bands = kept if kept else ((r0, r1, self._class_probs(band))
-                                       for r0, r1, band in bilinear_row_bands(logits, size, LABEL_BAND_BYTES))
-            for r0, r1, cls in bands:                                                  # cls: (K, b, W)
+            made = ((r0, r1, self._class_probs(band)) for r0, r1, band in bands())
+            for r0, r1, cls in kept or made:                                          # cls: (K, b, W)
                 if keep and drop is None:
                     kept.append((r0, r1, cls))
                 if drop is not None:

@@ -408,3 +408,28 @@ def test_labels_in_row_bands_match_the_whole_image(planted_files, method, preset
             assert (banded.labels == whole.labels).mean() > 0.9999
             np.testing.assert_allclose(banded.confidence, whole.confidence, atol=1e-5 if logits is model_logits else 1e-4)
         assert len(np.unique(whole.labels)) >= (3 if logits is noise else 1)   # the tiny model's may be one class
+
+
+def test_pamr_labels_in_row_bands_match_the_whole_image(planted_files, monkeypatch):
+    """With PAMR, bands of rows refined with a halo (here 160 rows each, so 4 bands) give the labels of the
+    whole image refined at once."""
+    import rfclip.pamr as pamr_module
+
+    seg = rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="clearclip", device="cpu",
+                           vocabulary=VOCAB, pamr=True)
+    img = planted_image(250, 330)
+    small = rfclip.images.resize_short_side(img, seg.settings.short_side, seg.settings.max_long_side)
+    t = seg._normalise(torch.from_numpy(small).permute(2, 0, 1))
+    logits = seg._image_logits([t])[0]
+    logits = logits + 0.1 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    size = (600, 400)
+    whole = seg._labels(logits, size, t)
+    bands = []
+    original = pamr_module.pamr_row_bands
+    monkeypatch.setattr(rfclip.segmenter, "pamr_row_bands",
+                        lambda *a, **kw: (bands.append(b[:2]) or b for b in original(*a, max_bytes=1, **kw)))
+    banded = seg._labels(logits, size, t)
+    assert bands == [(0, 160), (160, 320), (320, 480), (480, 600)]
+    assert (banded.labels == whole.labels).mean() > 0.9999
+    np.testing.assert_allclose(banded.confidence, whole.confidence, atol=1e-4)
+    assert len(np.unique(whole.labels)) >= 2
