@@ -27,7 +27,7 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
 import fsspec  # noqa: E402
 
 from pipeline import storage  # noqa: E402
-from rfclip.cli_args import parse_setting  # noqa: E402
+from rfclip.cli_args import add_weights_choices, parse_setting  # noqa: E402
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
 from pipeline.datasets import open_labelled_source  # noqa: E402
 from pipeline.evaluation import finish_evaluation  # noqa: E402
@@ -48,6 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--weights", default="openai")
     p.add_argument("--weights-sha256", default=None)
+    add_weights_choices(p)
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None)
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE", type=parse_setting,
                    help="extra Segmenter setting for every pair (JSON value), e.g. pamr=true; repeatable")
@@ -79,6 +80,7 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
     items, labels = labelled_job_inputs(src)
     cfg = JobConfig(output=out, storage_options=so or None, benchmark=benchmark, method=method,
                     model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
+                    quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std,
                     precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
                     batch_size=args.batch_size, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
                     ray_address=args.ray_address,

@@ -25,7 +25,7 @@ from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.job import list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
-from rfclip.cli_args import parse_setting  # noqa: E402
+from rfclip.cli_args import add_weights_choices, parse_setting  # noqa: E402
 from rfclip.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("segment_dataset")
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="ViT-B-16")
     m.add_argument("--weights", default="openai")
     m.add_argument("--weights-sha256")
+    add_weights_choices(m)
     m.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     for name, typ in SETTING_FLAGS.items():
         m.add_argument("--" + name.replace("_", "-"), type=typ)
@@ -98,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         input=args.input, output=args.output, storage_options=storage.storage_options_arg(args.storage_options),
         vocabulary=args.vocabulary, vocabulary_file=args.vocabulary_file, benchmark=args.benchmark,
         method=args.method, model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
-        precision=args.precision, settings=settings, shard_size=args.shard_size, max_pixels=args.max_pixels,
+        quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std, precision=args.precision, settings=settings, shard_size=args.shard_size, max_pixels=args.max_pixels,
         save_masks=args.save_masks, overwrite=args.overwrite, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         batch_size=args.batch_size, decode_batch_size=args.decode_batch_size, window_images=args.window_images,

@@ -45,6 +45,9 @@ class JobConfig:
     model: str = "ViT-B-16"
     weights: str = "openai"
     weights_sha256: Optional[str] = None
+    quick_gelu: Optional[bool] = None           # None: inferred from the weights (rfclip.weights.load_clip)
+    image_mean: Optional[tuple] = None
+    image_std: Optional[tuple] = None
     precision: Optional[str] = None
     settings: dict = field(default_factory=dict)
     shard_size: int = 1000
@@ -103,7 +106,8 @@ def segmenter_kwargs(cfg: JobConfig) -> dict:
     vocab, extra = job_vocabulary(cfg)
     settings = parse_settings(cfg.settings.items(), cfg.precision)
     return dict(model=cfg.model, weights=cfg.weights, method=cfg.method, vocabulary=vocab,
-                weights_sha256=cfg.weights_sha256, storage_options=cfg.storage_options, **extra, **settings)
+                weights_sha256=cfg.weights_sha256, storage_options=cfg.storage_options, quick_gelu=cfg.quick_gelu,
+                image_mean=cfg.image_mean, image_std=cfg.image_std, **extra, **settings)
 
 
 def probe_segmenter(seg_kw: dict) -> dict:

@@ -53,6 +53,16 @@ def without_execution(seg_config: dict) -> dict:
     return out
 
 
+def _with_normalisation(old: dict) -> dict:
+    """run.json files from before the image normalisation was recorded: the one they used, OpenAI's."""
+    from rfclip.weights import OPENAI_MEAN, OPENAI_STD
+
+    w = old.get("weights")
+    if isinstance(w, dict) and "image_mean" not in w:
+        old = {**old, "weights": {**w, "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD)}}
+    return old
+
+
 def _respelled(old: dict, new: dict) -> dict:
     """``old`` (run.json's segmenter) with the model and weights spelled as in ``new`` where both name the
     same file: weights by their sha256, a model-config JSON by its contents. A path typed another way
@@ -109,7 +119,7 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
         if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
             old["segmenter"] = without_execution(old["segmenter"])
         if isinstance(old.get("segmenter"), dict):
-            old["segmenter"] = _respelled(old["segmenter"], ident["segmenter"])
+            old["segmenter"] = _respelled(_with_normalisation(old["segmenter"]), ident["segmenter"])
         old_input = old.get("input")
         if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
             old["input"] = storage.canonical_uri(old_input, so)

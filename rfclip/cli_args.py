@@ -13,11 +13,34 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_method: str = "
     g.add_argument("--weights", default="openai",
                    help="open_clip tag, local .pt/.safetensors file, or fsspec URL (default: openai)")
     g.add_argument("--weights-sha256", default=None, help="expected sha256 of the weights file")
+    add_weights_choices(g)
     g.add_argument("--method", default=default_method, help=f"method (default {default_method})")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
     g.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE", type=parse_setting,
                    help=f"any method setting, JSON-parsed value; repeatable. Names: {', '.join(SETTING_NAMES)}")
+
+
+def add_weights_choices(group) -> None:
+    """``--quick-gelu/--no-quick-gelu``, ``--image-mean``, ``--image-std``: what a weights file does not
+    say about itself (a tag's open_clip config and OpenAI's files do; see ``rfclip.weights.load_clip``)."""
+    group.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                       help="build the model with QuickGELU (default: inferred from the weights)")
+    group.add_argument("--image-mean", type=rgb_triple, default=None, metavar="R,G,B",
+                       help="input normalisation mean, 0-1 scale (default: the tag's, else OpenAI's)")
+    group.add_argument("--image-std", type=rgb_triple, default=None, metavar="R,G,B",
+                       help="input normalisation std, 0-1 scale (default: the tag's, else OpenAI's)")
+
+
+def rgb_triple(text: str) -> tuple[float, float, float]:
+    """``"0.5,0.5,0.5"`` -> ``(0.5, 0.5, 0.5)``; an argparse ``type=``."""
+    try:
+        out = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        out = ()
+    if len(out) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}")
+    return out
 
 
 def parse_setting(text: str) -> tuple[str, object]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .cli_args import add_weights_choices
 from .images import IMAGE_SUFFIXES, to_rgb_array
 from .segmenter import MEAN, STD, pick_device
 from .vit import DenseViT
@@ -40,11 +41,13 @@ def list_images(uri: str, storage_options: dict | None = None, limit: int | None
 
 
 @torch.inference_mode()
-def mean_embedding_weights(vit: DenseViT, images: list[np.ndarray], batch_size: int = 8) -> torch.Tensor:
-    """``(D,)`` float64 mean sum-normalised, layer-averaged patch embedding over ``images``."""
+def mean_embedding_weights(vit: DenseViT, images: list[np.ndarray], batch_size: int = 8,
+                           mean: tuple = MEAN, std: tuple = STD) -> torch.Tensor:
+    """``(D,)`` float64 mean sum-normalised, layer-averaged patch embedding over ``images`` (``(H, W, 3)``
+    uint8 each), normalised with ``mean`` and ``std`` (RGB, 0-1 scale)."""
     side = vit.input_size
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     dtype = vit.visual.conv1.weight.dtype
     device = vit.visual.conv1.weight.device
     total = torch.zeros(vit.width, dtype=torch.float64)
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--weights-sha256", default=None)
+    add_weights_choices(p)
     p.add_argument("--images", required=True, help="folder, prefix or fsspec URI of images")
     p.add_argument("--storage-options", default=None, help="JSON fsspec options for --images")
     p.add_argument("--limit", type=_positive_int, default=200, help="images to use (default 200)")
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         opts = json.loads(args.storage_options) if args.storage_options else None
-        clip, _, arch, _ = load_clip(args.model, args.weights, args.weights_sha256)
+        clip, _, arch, resolved = load_clip(args.model, args.weights, args.weights_sha256, quick_gelu=args.quick_gelu,
+                                            image_mean=args.image_mean, image_std=args.image_std)
         vit = DenseViT(clip.visual.to(pick_device(args.device)))
         images = []
         for uri in list_images(args.images, opts, args.limit):
@@ -114,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = peak_dimensions(mean_embedding_weights(vit, images), args.top, args.z_threshold)
+    rows = peak_dimensions(mean_embedding_weights(vit, images, mean=resolved.mean, std=resolved.std), args.top,
+                           args.z_threshold)
     peaks = sorted(r["dim"] for r in rows if r["peak"])
     result = {"model": arch, "images": len(images), "distraction_dims": peaks, "top": rows}
     if not peaks:

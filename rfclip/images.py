@@ -59,6 +59,8 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"image array is empty: shape {arr.shape}")
     if arr.shape[2] == 4:
         arr = arr[:, :, :3]
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2 and not arr.dtype.isnative:
+        arr = arr.astype(np.uint16)                      # big-endian 16-bit data ('>u2'), to native order
     if arr.dtype == np.uint8:
         out = arr
     elif arr.dtype == np.uint16:
@@ -96,7 +98,8 @@ def resized_shape(height: int, width: int, short_side: int, max_long_side: int =
     scale = short_side / min(height, width)
     if max(height, width) * scale > max_long_side:
         scale = max_long_side / max(height, width)
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+    # rounded half up, as mmcv's ``rescale_size`` (behind MMSegmentation's ``Resize``), not half to even
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def resize_short_side(rgb: np.ndarray, short_side: int, max_long_side: int = 2048) -> np.ndarray:

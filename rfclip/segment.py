@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                       else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
         seg = Segmenter(model=args.model, weights=args.weights, method=args.method, vocabulary=vocabulary,
                         device=args.device, weights_sha256=args.weights_sha256, benchmark=args.benchmark,
+                        quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std,
                         **parse_settings(args.setting, args.precision))
     except (WeightsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,10 +28,9 @@ from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
 from .warn import warn
-from .weights import load_clip
+from .weights import OPENAI_MEAN, OPENAI_STD, load_clip
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN, STD = OPENAI_MEAN, OPENAI_STD        # the default normalisation; a Segmenter uses its weights' own
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Bytes of each band of original-size logits that ``Segmenter._labels`` makes at a time; about four
 # times that is in memory at once (logits, scaled, probabilities, classes).
@@ -96,14 +95,18 @@ class Segmenter:
         weights_sha256: expected sha256 of the weights file; a mismatch is an error.
         storage_options: fsspec options for a weights URL.
         benchmark: apply the method's published settings for this benchmark preset.
-        quick_gelu: force the activation; None infers it (OpenAI weights use QuickGELU).
+        quick_gelu: force the activation; None infers it (OpenAI weights and the open_clip tags whose
+            config says so use QuickGELU).
+        image_mean, image_std: the per-channel (RGB, 0-1 scale) normalisation of the input; None takes
+            the tag's pretrained config, else OpenAI's.
         **settings: any field of ``rfclip.settings.Settings``.
     """
 
     def __init__(self, model: str = "ViT-B-16", weights: str = "openai", method: str = "rfclip",
                  vocabulary: Optional[VocabularyLike] = None, device: Optional[str] = None,
                  weights_sha256: Optional[str] = None, storage_options: Optional[dict] = None,
-                 benchmark: Optional[str] = None, quick_gelu: Optional[bool] = None, **settings):
+                 benchmark: Optional[str] = None, quick_gelu: Optional[bool] = None,
+                 image_mean: Optional[tuple] = None, image_std: Optional[tuple] = None, **settings):
         layers = [method_settings(method, benchmark)] if benchmark else []
         self.settings = make_settings(method, *layers, settings)
         if vocabulary is None:
@@ -113,7 +116,8 @@ class Segmenter:
         self.device = pick_device(device)
         self.dtype = DTYPES[self.settings.precision]
         clip, tokenizer, arch, resolved = load_clip(model, weights, weights_sha256, storage_options,
-                                                     quick_gelu=quick_gelu)
+                                                     quick_gelu=quick_gelu, image_mean=image_mean,
+                                                     image_std=image_std)
         self.model_name, self.arch, self.weights, self.benchmark, self.method_name = model, arch, resolved, benchmark, method
         clip = clip.to(self.device)
         clip.visual.to(self.dtype)
@@ -129,8 +133,8 @@ class Segmenter:
         self._graphed = GraphedEncoder(self.method.encode, self.settings.batch_size) if self.plan == "graphed" else None
         self.text_encoder = TextEncoder(clip, tokenizer, self.device,
                                         identity=f"{arch}|{resolved.sha256}|{resolved.quick_gelu}")
-        self._mean = torch.tensor(MEAN, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(STD, device=self.device).view(3, 1, 1)
+        self._mean = torch.tensor(resolved.mean, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(resolved.std, device=self.device).view(3, 1, 1)
         self.set_vocabulary(vocabulary)
 
     # ---- vocabulary ----------------------------------------------------------------------------
@@ -155,7 +159,8 @@ class Segmenter:
         return {
             "method": self.method_name, "model": self.model_name, "arch": self.arch,
             "weights": {"spec": self.weights.spec, "kind": self.weights.kind, "sha256": self.weights.sha256,
-                        "quick_gelu": self.weights.quick_gelu},
+                        "quick_gelu": self.weights.quick_gelu, "image_mean": list(self.weights.mean),
+                        "image_std": list(self.weights.std)},
             "benchmark": self.benchmark, "vocabulary": self.vocabulary, "settings": self.settings.to_dict(),
             "device": str(self.device),
         }

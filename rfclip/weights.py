@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import urllib.request
@@ -42,6 +43,9 @@ OPENAI_SHA256 = {
     "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836": "ViT-L-14",
 }
 LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# The image normalisation OpenAI's models were trained with, and most open_clip tags keep.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
@@ -62,7 +66,10 @@ class ResolvedWeights:
         kind: ``"tag"``, ``"file"`` or ``"url"``.
         path: the local file that was loaded.
         sha256: hex digest of that file.
-        quick_gelu: whether the model was built with QuickGELU (OpenAI weights).
+        quick_gelu: whether the model was built with QuickGELU (OpenAI weights, and the open_clip tags
+            whose pretrained config says so: MetaCLIP, DFN, ...).
+        mean, std: the per-channel image normalisation the weights were trained with (RGB, 0-1 scale):
+            the tag's pretrained config, else OpenAI's.
     """
 
     spec: str
@@ -70,6 +77,8 @@ class ResolvedWeights:
     path: str
     sha256: str
     quick_gelu: bool
+    mean: tuple = OPENAI_MEAN
+    std: tuple = OPENAI_STD
 
 
 def cache_root() -> Path:
@@ -279,9 +288,58 @@ def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = No
     digest = file_sha256(path)
     if weights_sha256 is not None and digest != weights_sha256:
         raise WeightsError(f"sha256 mismatch for {weights}: expected {weights_sha256}, file has {digest}")
-    quick_gelu = (model.endswith("-quickgelu") or (kind == "tag" and weights == "openai")
+    # A tag's pretrained config says what its weights were trained with; a file says nothing, unless it
+    # is one of OpenAI's (by digest or by its TorchScript format).
+    tag_cfg = _tag_cfg(model, weights) if kind == "tag" else {}
+    quick_gelu = (model.endswith("-quickgelu") or bool(tag_cfg.get("quick_gelu", False))
                   or digest in OPENAI_SHA256 or _is_torchscript(path))
-    return ResolvedWeights(spec=weights, kind=kind, path=path, sha256=digest, quick_gelu=quick_gelu)
+    return ResolvedWeights(spec=weights, kind=kind, path=path, sha256=digest, quick_gelu=quick_gelu,
+                           mean=tuple(tag_cfg.get("mean", OPENAI_MEAN)), std=tuple(tag_cfg.get("std", OPENAI_STD)))
+
+
+def _tag_cfg(model: str, tag: str) -> dict:
+    from open_clip.pretrained import get_pretrained_cfg
+
+    return get_pretrained_cfg(model, tag) or {}
+
+
+def _unstated_choices(arch: str, resolved: ResolvedWeights) -> Optional[str]:
+    """For a file that is not a known OpenAI checkpoint: a warning naming the open_clip tags of ``arch``
+    whose weights need QuickGELU or another image normalisation than the one assumed, else None."""
+    from open_clip.pretrained import list_pretrained_tags_by_model
+
+    if resolved.kind == "tag" or resolved.sha256 in OPENAI_SHA256 or resolved.quick_gelu:
+        return None
+    cfgs = {t: _tag_cfg(arch, t) for t in list_pretrained_tags_by_model(arch)}
+    quick = [t for t, c in cfgs.items() if c.get("quick_gelu") and t != "openai"]
+    other_norm = [t for t, c in cfgs.items() if tuple(c.get("mean", OPENAI_MEAN)) != tuple(resolved.mean)]
+    if not quick and not other_norm:
+        return None
+    said = [f"weights {resolved.spec} are not a known OpenAI checkpoint, so the model assumes GELU and the "
+            f"image mean/std {resolved.mean}/{resolved.std}."]
+    if quick:
+        said.append(f"Weights trained with QuickGELU (OpenAI's, and {arch} tags {quick}) need quick_gelu=True "
+                    f"(CLI: --quick-gelu).")
+    if other_norm:
+        said.append(f"The {arch} tags {other_norm} were trained with another mean/std: pass image_mean= and "
+                    f"image_std= (CLI: --image-mean R,G,B --image-std R,G,B).")
+    said.append("Passing quick_gelu (True or False), image_mean or image_std silences this warning.")
+    return " ".join(said)
+
+
+def _channels(name: str, value, default: tuple, positive: bool = False) -> tuple:
+    """``value`` as 3 finite floats (one per RGB channel), or ``default`` when None."""
+    if value is None:
+        return tuple(float(v) for v in default)
+    if isinstance(value, str):
+        value = value.split(",")
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 3 numbers (R, G, B), got {value!r}") from None
+    if len(out) != 3 or not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
+        raise ValueError(f"{name} must be 3 finite numbers (R, G, B){', all > 0' if positive else ''}, got {value!r}")
+    return out
 
 
 def _is_torchscript(path: str) -> bool:
@@ -332,13 +390,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
               storage_options: Optional[dict] = None, cache_dir: Optional[str] = None,
-              quick_gelu: Optional[bool] = None):
+              quick_gelu: Optional[bool] = None, image_mean: Optional[tuple] = None,
+              image_std: Optional[tuple] = None):
     """Build the open_clip model and load verified weights into it.
 
     Returns ``(clip_model, tokenizer, arch_name, ResolvedWeights)``; the model is float32, on the
-    CPU, in eval mode. ``ResolvedWeights.quick_gelu`` is the activation the model was built with
-    (``quick_gelu`` when given, else the one inferred from the weights).
+    CPU, in eval mode. ``ResolvedWeights.quick_gelu`` is the activation the model was built with and
+    ``mean``/``std`` the image normalisation to use: each as given here, else inferred from the weights.
+    A file that could need other choices than the inferred ones (its architecture has open_clip tags
+    trained with QuickGELU or another normalisation) gets a warning that names them, unless the
+    caller gave any of the three.
     """
+    from .warn import warn
     from open_clip.factory import resize_pos_embed
 
     arch = register_model(model)
@@ -349,8 +412,14 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
     if built_in and quick_gelu is False:
         raise ValueError(f"{arch} is built with QuickGELU; quick_gelu=False can't turn it off (use the "
                          f"architecture without -quickgelu)")
+    if quick_gelu is None and image_mean is None and image_std is None and not built_in:
+        message = _unstated_choices(arch, resolved)
+        if message:
+            warn(message, UserWarning)
     use_quick_gelu = built_in or (resolved.quick_gelu if quick_gelu is None else bool(quick_gelu))
-    resolved = replace(resolved, quick_gelu=use_quick_gelu)
+    resolved = replace(resolved, quick_gelu=use_quick_gelu,
+                       mean=_channels("image_mean", image_mean, resolved.mean),
+                       std=_channels("image_std", image_std, resolved.std, positive=True))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" here; we load them next

@@ -113,6 +113,11 @@ def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:                       # a setting of the wrong type: a usage error
         segment.main(common + ["--vocabulary", "sky", "--setting", "pamr=maybe"])
     assert e.value.code == 2 and "pamr must be true or false" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        segment.main(common + ["--vocabulary", "sky", "--image-mean", "0.5,0.5"])
+    assert e.value.code == 2 and "expected three numbers R,G,B, got '0.5,0.5'" in capsys.readouterr().err
+    assert segment.main(common + ["--vocabulary", "sky", "--image-std", "0.5,0,0.5"]) == 2
+    assert "image_std must be 3 finite numbers (R, G, B), all > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         find_distraction_dims.main(["--model", cfg, "--weights", weights, "--images", str(tmp_path), "--limit", "0"])
     assert "must be >= 1" in capsys.readouterr().err

@@ -88,6 +88,7 @@ def test_array_dtypes_have_fixed_scales_not_guessed_from_content():
         np.testing.assert_array_equal(to_rgb_array(rgb.astype(dtype)), rgb)
     full16 = rgb.astype(np.uint16) * 257                              # uint16: 0-65535, whatever the content
     np.testing.assert_array_equal(to_rgb_array(full16), rgb)
+    np.testing.assert_array_equal(to_rgb_array(full16.astype(">u2")), rgb)      # big-endian 16-bit, the same
     np.testing.assert_array_equal(to_rgb_array(Image.fromarray(full16[..., 0])), np.repeat(rgb[..., :1], 3, 2))
     dark = to_rgb_array(rgb.astype(np.uint16))                        # 8-bit values in uint16: dark, not stretched
     assert dark.max() <= 1
@@ -105,3 +106,13 @@ def test_array_dtypes_have_fixed_scales_not_guessed_from_content():
     i32 = Image.fromarray(rgb[..., 0].astype(np.int32) * 257)            # PIL "I": beyond 255, from 0-65535
     assert i32.mode == "I"
     np.testing.assert_array_equal(to_rgb_array(i32)[..., 0], rgb[..., 0])
+
+
+def test_working_sizes_round_half_up_as_mmcv_does():
+    """mmcv's ``rescale_size`` (MMSegmentation's ``Resize``) rounds ``x * scale + 0.5`` down; Python's
+    ``round`` would take 346.5 to 346."""
+    from rfclip.images import resized_shape
+
+    assert resized_shape(128, 132, 336) == (336, 347)                  # 132 * 336 / 128 = 346.5
+    assert resized_shape(500, 375, 336) == (448, 336)
+    assert resized_shape(100, 10000, 336, max_long_side=2048) == (20, 2048)   # the long side capped

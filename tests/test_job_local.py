@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from pipeline import sinks
 from pipeline.metrics import load_shard_confusions
 import pytest
+from rfclip.weights import OPENAI_MEAN
 from PIL import Image
 
 from conftest import (pipeline_cli_args, pipeline_job_config, plant_bad_and_odd_images, read_predictions,
@@ -231,6 +232,28 @@ def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run,
         "plan": "fused", "attention_kernels": "torch"}
     with pytest.raises(ConfigMismatch, match="lam: 0.7 -> 0.5"):                        # what it computes
         run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), settings={**settings, "lam": 0.5}))
+
+
+def test_rerun_of_a_run_json_without_the_normalisation_resumes_but_another_normalisation_is_refused(
+        first_run, tiny_model, tmp_path):
+    """run.json files from before the image mean/std were recorded used OpenAI's: they resume. A run asked
+    for another normalisation computes something else, and is refused."""
+    from pipeline.job import run
+    from pipeline.run_record import ConfigMismatch
+
+    cfg, out, first = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    doc = json.loads((copy / "run.json").read_text())
+    weights = doc["config"]["segmenter"]["weights"]
+    assert weights["image_mean"] == list(OPENAI_MEAN)
+    del weights["image_mean"], weights["image_std"]                    # as an older run.json has it
+    (copy / "run.json").write_text(json.dumps(doc))
+    again = run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), save_masks=True))
+    assert again["skipped"] == first["images_total"] and again["ok"] == 0
+    with pytest.raises(ConfigMismatch, match="image_mean"):
+        run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), image_mean=(0.5, 0.5, 0.5),
+                                image_std=(0.5, 0.5, 0.5)))
 
 
 def test_overwrite_starts_over(first_run, tiny_model, tmp_path):

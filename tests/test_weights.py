@@ -4,6 +4,7 @@ import os
 import time
 
 import fsspec
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -27,13 +28,65 @@ def vit_b16_files(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["pt", "openclip", "safetensors"])
 def test_vit_b16_checkpoint_formats_load_exactly(vit_b16_files, fmt):
     model, files = vit_b16_files
-    clip, tokenizer, arch, resolved = load_clip("ViT-B-16", str(files[fmt]))
+    clip, tokenizer, arch, resolved = load_clip("ViT-B-16", str(files[fmt]), quick_gelu=False)   # said: no warning
     assert arch == "ViT-B-16" and resolved.kind == "file"
     ref = model.state_dict()
     got = clip.state_dict()
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     assert resolved.sha256 == hashlib.sha256(files[fmt].read_bytes()).hexdigest()
+
+
+def test_a_tags_open_clip_config_gives_its_activation_and_normalisation(vit_b16_files, monkeypatch):
+    """open_clip's pretrained configs mark tags of plain architectures as QuickGELU (ViT-B-16 dfn2b, MetaCLIP)
+    or give them another mean/std (ViT-L-14 laion2b_s32b_b82k): the tag's weights get them, and no warning."""
+    import warnings
+
+    model, files = vit_b16_files
+    monkeypatch.setattr(rfclip.weights, "_resolve_tag", lambda arch, tag, cache_dir: str(files["openclip"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip, _, _, dfn = load_clip("ViT-B-16", "dfn2b")
+        _, _, _, laion = load_clip("ViT-B-16", "laion2b_s34b_b88k")
+    assert dfn.kind == "tag" and dfn.quick_gelu and dfn.mean == rfclip.weights.OPENAI_MEAN
+    assert isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert not laion.quick_gelu
+    other = resolve_weights("ViT-L-14", "laion2b_s32b_b82k")           # the file is not loaded here
+    assert (other.mean, other.std, other.quick_gelu) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False)
+
+
+def test_a_file_whose_architecture_has_tags_with_other_choices_warns_naming_them(vit_b16_files):
+    """A ViT-B-16 file that is not OpenAI's could be a MetaCLIP or DFN one (QuickGELU): the warning says what
+    was assumed and how to say otherwise; saying it silences the warning and is what the model gets."""
+    import warnings
+
+    _, files = vit_b16_files
+    with pytest.warns(UserWarning, match=r"(?s)assumes GELU.*dfn2b.*--quick-gelu") as caught:
+        load_clip("ViT-B-16", str(files["pt"]))
+    assert "laion2b_s34b_b88k" not in str(caught[0].message)          # a GELU tag with OpenAI's mean/std
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip, _, _, said = load_clip("ViT-B-16", str(files["pt"]), quick_gelu=True, image_mean=(0.5, 0.5, 0.5),
+                                     image_std="0.25,0.25,0.25")
+    assert said.quick_gelu and said.mean == (0.5, 0.5, 0.5) and said.std == (0.25, 0.25, 0.25)
+    assert isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_image_normalisation_is_what_the_segmenter_uses_and_records(tiny_model):
+    """image_mean / image_std reach the input normalisation and config(); bad values are errors."""
+    cfg, weights = tiny_model
+    kw = dict(model=cfg, weights=weights, method="clip", vocabulary=["cat", "dog"], device="cpu", short_side=64,
+              slide_crop=0)
+    default = rfclip.Segmenter(**kw)
+    other = rfclip.Segmenter(**kw, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    assert default.config()["weights"]["image_mean"] == list(rfclip.weights.OPENAI_MEAN)
+    assert other.config()["weights"]["image_std"] == [0.5, 0.5, 0.5]
+    image = np.full((40, 40, 3), 255, np.uint8)
+    x = other._normalise(torch.from_numpy(image).permute(2, 0, 1))
+    assert torch.allclose(x, torch.ones_like(x))                     # (1 - 0.5) / 0.5
+    for bad in ({"image_std": (0.5, 0.0, 0.5)}, {"image_mean": (0.5, 0.5)}, {"image_mean": "a,b,c"}):
+        with pytest.raises(ValueError, match="must be 3"):
+            rfclip.Segmenter(**kw, **bad)
 
 
 def test_torchscript_archive_like_openai_loads_with_quick_gelu(tiny_model, tmp_path):

@@ -41,8 +41,9 @@ def _distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor,
         dims = DISTRACTION_DIMS.get(base_arch(arch))
     if dims is None:
         raise ValueError(
-            f"distraction dimensions are unknown for {arch}: pass distraction_dims=[...] (find them with "
-            f"`python -m rfclip.find_distraction_dims --model {arch} --weights W --images DIR`)")
+            f"distraction dimensions are unknown for {arch}: pass distraction_dims=[...] (CLI: --setting "
+            f"distraction_dims=[...]); find them with `python -m rfclip.find_distraction_dims --model M "
+            f"--weights W --images DIR`, M and W being the --model and --weights used here")
     if max(dims) >= width or min(dims) < 0:
         raise ValueError(f"distraction_dims {list(dims)} out of range for width {width}")
     tau = settings.tau if settings.tau is not None else 5.0 / width
