@@ -27,7 +27,8 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
 import fsspec  # noqa: E402
 
 from pipeline import storage  # noqa: E402
-from rfclip.cli_args import add_weights_choices, parse_setting  # noqa: E402
+from rfclip.cli_args import (add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
+                             positive_int)
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
 from pipeline.datasets import open_labelled_source  # noqa: E402
 from pipeline.evaluation import finish_evaluation  # noqa: E402
@@ -44,7 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--benchmarks", required=True, help=f"comma-separated, from {','.join(TABLE_ORDER)}")
     p.add_argument("--methods", required=True, help="comma-separated method names (rfclip, clearclip, ...)")
     p.add_argument("--output", required=True, help="output folder; pair B x M goes to OUTPUT/B/M")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of each benchmark")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images of each benchmark")
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--weights", default="openai")
     p.add_argument("--weights-sha256", default=None)
@@ -55,10 +56,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--storage-options", default=None,
                    help="fsspec options for --data-root/--output as JSON or @file.json (default: "
                         "$RFCLIP_STORAGE_OPTIONS, else the standard credential chain)")
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    p.add_argument("--num-gpus-per-worker", type=float, default=None, help="default 1 where GPUs exist, else 0")
+    p.add_argument("--shard-size", type=positive_int, default=1000)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--workers", type=positive_int, default=None, help="model actors (default: one per GPU, else 1)")
+    p.add_argument("--num-gpus-per-worker", type=non_negative_float, default=None, help="default 1 where GPUs exist, else 0")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--overwrite", action="store_true", help="redo every pair from scratch")
     args = p.parse_args(argv)

@@ -25,7 +25,8 @@ from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.job import list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
-from rfclip.cli_args import add_weights_choices, parse_setting  # noqa: E402
+from rfclip.cli_args import (add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
+                             positive_int)
 from rfclip.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("segment_dataset")
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "credential chain)")
     io_.add_argument("--save-masks", action="store_true", help="also write masks/<image_id>.png (palette PNG)")
     io_.add_argument("--overwrite", action="store_true", help="delete previous outputs and start over")
-    io_.add_argument("--shard-size", type=int, default=1000)
-    io_.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    io_.add_argument("--shard-size", type=positive_int, default=1000)
+    io_.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS)
     e = p.add_argument_group("evaluation (optional): labelled data -> metrics.json, metrics.md, report.md")
     e.add_argument("--data-root", help="with --benchmark: the MMSegmentation-style data/ folder (local or fsspec)")
     e.add_argument("--labels", help="folder of label PNGs named by the images' stems (class index = vocabulary order)")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "index = vocabulary order)")
     e.add_argument("--ignore-index", type=int, default=255,
                    help="label value ignored with --labels or --labels-from-manifest")
-    e.add_argument("--limit", type=int, help="use only the first N images (sorted / split-file order)")
+    e.add_argument("--limit", type=positive_int, help="use only the first N images (sorted / split-file order)")
     v = p.add_argument_group("vocabulary (exactly one)")
     v.add_argument("--vocabulary", help='"sky, cloud; road; car": ";" between classes, ", " between synonyms')
     v.add_argument("--vocabulary-file", help="cls_*.txt format, local or fsspec URL")
@@ -76,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--setting", action="append", type=parse_setting, default=[], metavar="KEY=VALUE",
                    help="any other Segmenter setting (value parsed as JSON when possible); repeatable")
     r = p.add_argument_group("execution")
-    r.add_argument("--workers", type=int, help="model actors (default: one per GPU, else 1)")
-    r.add_argument("--num-gpus-per-worker", type=float, help="default 1 where GPUs exist, else 0")
-    r.add_argument("--cpus-per-worker", type=float, default=1.0)
-    r.add_argument("--batch-size", type=int, default=8, help="images per model call")
-    r.add_argument("--decode-batch-size", type=int, default=16, help="images per CPU decode/encode task")
-    r.add_argument("--window-images", type=int, default=100_000,
+    r.add_argument("--workers", type=positive_int, help="model actors (default: one per GPU, else 1)")
+    r.add_argument("--num-gpus-per-worker", type=non_negative_float, help="default 1 where GPUs exist, else 0")
+    r.add_argument("--cpus-per-worker", type=non_negative_float, default=1.0)
+    r.add_argument("--batch-size", type=positive_int, default=8, help="images per model call")
+    r.add_argument("--decode-batch-size", type=positive_int, default=16, help="images per CPU decode/encode task")
+    r.add_argument("--window-images", type=positive_int, default=100_000,
                    help="images per Ray Data execution window; bounds driver and object-store memory on huge corpora")
     r.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process local Ray)")
     r.add_argument("--no-progress", action="store_true")
@@ -137,6 +138,11 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
             raise ValueError("--labels needs --input (the images to pair with the labels)")
         listed = list_input(cfg)
         labels_at = storage.canonical_uri(args.labels, so).rstrip("/") + "/"
+        if listed.root is not None and (listed.root.rstrip("/") + "/").startswith(labels_at):
+            raise ValueError(f"--labels {args.labels} holds the --input images: every file under it counts as a "
+                             f"label. Put the label PNGs in a folder of their own (mirroring the images' "
+                             f"sub-folders), or list image and label pairs in a Parquet manifest and pass "
+                             f"--labels-from-manifest")
         images = [it for it in listed.items if not it["image_uri"].startswith(labels_at)]
         if len(images) < len(listed.items):
             log.info("%d files under --labels %s are labels, not input images", len(listed.items) - len(images),
@@ -206,7 +212,8 @@ def finish(cfg: JobConfig, src) -> dict:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """CLI entry point; returns the process exit status (2 for a clear user-facing error, 130 after Ctrl-C)."""
+    """CLI entry point; returns the process exit status: 0 when done, 1 when every image this run processed
+    is an error row, 2 for a clear user-facing error, 130 after Ctrl-C."""
     args = build_parser().parse_args(argv)
     storage.setup_logging()
     cfg = None
@@ -234,6 +241,12 @@ def main(argv: Optional[list] = None) -> int:
                   f"metrics.md lists examples", file=sys.stderr)
     else:
         print(f"report: {result['report']}")
+    if summary["error"] and src is None:
+        print(f"warning: {summary['error']} of {summary['ok'] + summary['error']} images segmented in this run are "
+              f"error rows (the predictions' error column says why; report.md lists examples)", file=sys.stderr)
+    if summary["error"] and not summary["ok"]:
+        print("error: no image could be segmented", file=sys.stderr)
+        return 1
     return 0
 
 

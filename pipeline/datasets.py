@@ -38,12 +38,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import fsspec
 import numpy as np
 from PIL import Image
 
 from .sources import find_files
-from .storage import canonical_path, full_uri, get_fs
+from .storage import canonical_path, full_uri, get_fs, read_uris
 
 IGNORE = 255
 
@@ -138,6 +137,14 @@ class LabelledSource:
     storage_options: dict = field(default_factory=dict)
     root: Optional[str] = None             # the data root; custom labels: None (the images' listing has it)
 
+    def __post_init__(self):
+        if 0 <= self.ignore_index < len(self.class_names):
+            raise ValueError(
+                f"the ignore index {self.ignore_index} is also class {self.ignore_index} "
+                f"({self.class_names[self.ignore_index]!r}) of the {len(self.class_names)} classes, whose pixels "
+                f"would never be scored; pass --ignore-index with the value your labels use for unlabelled "
+                f"pixels, outside 0-{len(self.class_names) - 1} (65535 in 16-bit label PNGs)")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -162,8 +169,10 @@ class LabelledSource:
 
     def read_label(self, label_uri: str) -> np.ndarray:
         """Read and decode one label file; see :meth:`decode_label`."""
-        with fsspec.open(label_uri, "rb", **self.storage_options) as f:
-            return self.decode_label(f.read())
+        data = read_uris([label_uri], self.storage_options)[0]    # no "::" URL chaining, retried
+        if isinstance(data, BaseException):
+            raise data
+        return self.decode_label(data)
 
 
 def image_stem(uri: str) -> str:

@@ -7,7 +7,6 @@ corrupt data fails here); mode and EXIF orientation via ``rfclip.images.to_rgb_a
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,28 +29,26 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # PIL warns (and above 2x its own limit raises) on huge images; our own max_pixels decides.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # PIL's own limit (it refuses 179 MP and more at open) would override --max-pixels: max_pixels,
+    # checked from the header below, decides alone. Decoding runs in the job's own worker processes.
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError(f"not an image, or a corrupt header: format not recognised ({len(data)} bytes)") from None
+    except Exception as exc:  # noqa: BLE001 - any header parse failure is a corrupt file
+        raise DecodeError(f"corrupt image header: {type(exc).__name__}: {exc}") from None
+    with img:
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise DecodeError(f"image has no pixels: {w}x{h}")
+        if w * h > max_pixels:
+            raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
         try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise DecodeError(f"not an image, or a corrupt header: format not recognised ({len(data)} bytes)") from None
-        except Image.DecompressionBombError as exc:
-            raise DecodeError(f"image too large: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - any header parse failure is a corrupt file
-            raise DecodeError(f"corrupt image header: {type(exc).__name__}: {exc}") from None
-        with img:
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise DecodeError(f"image has no pixels: {w}x{h}")
-            if w * h > max_pixels:
-                raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
-            try:
-                img.load()
-            except Exception as exc:  # noqa: BLE001 - truncated streams raise OSError, others vary
-                raise DecodeError(f"truncated or corrupt image data ({img.format}): {type(exc).__name__}: {exc}") from None
-            try:
-                return to_rgb_array(img)
-            except Exception as exc:  # noqa: BLE001 - an exotic mode the converter rejects
-                raise DecodeError(f"unsupported image mode {img.mode!r} ({img.format}): {exc}") from None
+            img.load()
+        except Exception as exc:  # noqa: BLE001 - truncated streams raise OSError, others vary
+            raise DecodeError(f"truncated or corrupt image data ({img.format}): {type(exc).__name__}: {exc}") from None
+        try:
+            return to_rgb_array(img)
+        except Exception as exc:  # noqa: BLE001 - an exotic mode the converter rejects
+            raise DecodeError(f"unsupported image mode {img.mode!r} ({img.format}): {exc}") from None

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,9 @@ from .job_config import JobConfig, probe_segmenter, segmenter_kwargs
 log = logging.getLogger("segment_dataset")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Retries of a model batch whose actor died (Ray Data's default is to retry forever, so one image that
+# always kills its process would stall the job).
+MODEL_TASK_RETRIES = 2
 
 
 def run(cfg: JobConfig) -> dict:
@@ -60,7 +64,8 @@ def run(cfg: JobConfig) -> dict:
     skipped = sum(len(s.items) for s in shards) - sum(len(s.items) for s in pending)
     log.info("%d shards already committed (%d images skipped), %d to do", len(shards) - len(pending), skipped, len(pending))
 
-    counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0}
+    counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0,
+              "images_that_killed_a_worker": 0}
     executions: set[str] = set()           # JSON of each distinct Segmenter.execution() the workers reported
     t_pipe = time.time()
     if pending:
@@ -86,6 +91,7 @@ def run(cfg: JobConfig) -> dict:
         "duplicate_rows_dropped": counts["duplicates_dropped"],
         "duplicate_inputs_dropped": inputs.duplicates_dropped,
         "rows_decoded_in_model_process": counts["decoded_in_model_process"],
+        "images_that_killed_a_worker": counts["images_that_killed_a_worker"],
         "execution": [json.loads(e) for e in sorted(executions)],
         "wall_time_s": round(wall, 3), "pipeline_time_s": round(time.time() - t_pipe, 3),
         "images_per_second": round(done / wall, 3) if wall > 0 else None,
@@ -200,9 +206,36 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
         # The defaults count the GPUs up now; an autoscaler starts GPU nodes only for actors that ask.
         log.warning("the cluster has no GPU now, so the model runs on CPU; on an autoscaling cluster pass "
                     "--num-gpus-per-worker 1 --workers N to ask for N GPU nodes")
+    if gpw > gpus and not (address and address != "local"):
+        # A local Ray has no autoscaler: an actor asking for more GPUs than there are would wait forever.
+        raise ValueError(f"--num-gpus-per-worker {gpw:g} asks for GPUs, and this machine's Ray has {gpus:g}; "
+                         f"pass --num-gpus-per-worker 0 to run the model on CPU")
     if cfg.workers is not None:
         return int(cfg.workers), gpw
     return (max(1, int(gpus // gpw)) if gpw > 0 else 1), gpw
+
+
+def decode_memory(max_pixels: int) -> int:
+    """Bytes a decode task reserves: one worst-case image, RGB plus float resize buffers."""
+    return int(max_pixels) * 3 * 6
+
+
+def _check_decode_memory(cfg: JobConfig) -> None:
+    """Refuse, on a local Ray, a ``--max-pixels`` whose decode tasks no node could hold: they would wait
+    forever. A cluster's autoscaler may still start a bigger node, so there it is a warning."""
+    import ray
+
+    need = decode_memory(cfg.max_pixels)
+    biggest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if need <= biggest:
+        return
+    message = (f"--max-pixels {cfg.max_pixels} makes each decode task reserve {need / 2**30:.1f} GiB, and the "
+               f"largest node has {biggest / 2**30:.1f} GiB for tasks; lower --max-pixels")
+    address = _ray_address(cfg.ray_address)
+    if address and address != "local":
+        log.warning("%s, or the tasks wait for a node that large", message)
+    else:
+        raise ValueError(message)
 
 
 def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, workers: int, gpw: float):
@@ -211,6 +244,7 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
 
     from .workers import SegmentWorker, decode_stage, encode_stage
 
+    _check_decode_memory(cfg)
     blocks = max(1, min(20000, math.ceil(len(rows) / cfg.decode_batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     # The decode tasks reserve heap memory for one worst-case image (RGB + float resize buffers).
@@ -218,13 +252,16 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
     # maps whose remote args are equal): decoding must stay in CPU tasks so the model never waits
     # on it. summary["rows_decoded_in_model_process"] checks that it did.
     ds = ds.map_batches(decode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
-                        memory=int(cfg.max_pixels) * 3 * 6,
+                        memory=decode_memory(cfg.max_pixels),
                         fn_kwargs=dict(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels,
                                        short_side=probe["short_side"], max_long_side=probe["max_long_side"]))
-    ds = ds.map_batches(SegmentWorker, batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=workers),
-                        num_gpus=gpw, num_cpus=cfg.cpus_per_worker,
-                        fn_constructor_kwargs={"segmenter_kwargs": seg_kw})
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for an actor's task retries, and warns of any ray_remote_args.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map_batches(SegmentWorker, batch_size=cfg.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=workers),
+                            num_gpus=gpw, num_cpus=cfg.cpus_per_worker, max_task_retries=MODEL_TASK_RETRIES,
+                            fn_constructor_kwargs={"segmenter_kwargs": seg_kw})
     lab = cfg.labels
     return ds.map_batches(encode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
                           fn_kwargs=dict(num_classes=probe["num_classes"], output_uri=cfg.output,
@@ -236,21 +273,28 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
 
 def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: dict, seg_kw: dict,
                 config_sha256: str, counts: dict, executions: set, done_before: int, total: int) -> None:
-    """One Ray Data execution over the shards in ``pending`` (Ray already initialised).
+    """Ray Data executions over the shards in ``pending`` (Ray already initialised).
 
     Commits each shard as soon as all its rows arrived. Adds to ``counts``, and the distinct
     ``execution`` values of the workers' rows to ``executions``.
+
+    A batch whose model process keeps dying (the OOM killer, a native crash) is given up after
+    :data:`MODEL_TASK_RETRIES` retries instead of Ray Data's endless ones, and the rest of the window
+    goes on. Its images then run again one at a time; an image that still kills its process becomes an
+    error row that says so, and its batch-mates are segmented.
     """
+    import dataclasses
+
     import ray.data
     from tqdm import tqdm
 
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = cfg.progress
     workers, gpw = _default_workers(cfg)
     rows = [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
              "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
              "listing_error": it.get("error") or ""}
             for s in pending for pos, it in enumerate(s.items)]
-    ds = _build_dataset(cfg, rows, probe, seg_kw, workers, gpw)
     log.info("pipeline: %d images, %d model workers (%s GPU each, batch %d)", len(rows), workers, gpw, cfg.batch_size)
 
     by_index = {s.index: s for s in pending}
@@ -260,43 +304,73 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
                mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
     t0 = time.time()
     processed_at_start = counts["ok"] + counts["error"]
-    # Closed in the finally, while Ray is up: an exception (Ctrl-C) leaving this frame keeps its locals alive in
-    # the traceback past ray.shutdown(), and the generator's cleanup (executor shutdown, stats update) must
-    # not run against no Ray, where a Ray call may start a new local one.
-    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
-    try:
-        for batch in batches:
-            keys = list(batch)
-            for j in range(len(batch["image_uri"])):
-                r = {k: batch[k][j] for k in keys}
-                si, pos = int(r["shard"]), int(r["pos"])
-                if si in done_shards or pos in buffers.get(si, {}):
-                    counts["duplicates_dropped"] += 1
-                    log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
-                    continue
-                buf = buffers.setdefault(si, {})
-                buf[pos] = r
-                bar.update(1)
-                if int(r["decode_pid"]) == int(r["model_pid"]):
-                    counts["decoded_in_model_process"] += 1
-                shard = by_index[si]
-                if len(buf) == len(shard.items):
-                    _commit(cfg, shard, buffers.pop(si), config_sha256, probe["num_classes"], counts, executions)
-                    done_shards.add(si)
-                    in_window = counts["ok"] + counts["error"] - processed_at_start
-                    log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
-                             total, in_window / max(time.time() - t0, 1e-9))
-    finally:
+
+    def take(r: dict) -> None:
+        """Buffer one row; commit its shard when the shard is whole."""
+        si, pos = int(r["shard"]), int(r["pos"])
+        if si in done_shards or pos in buffers.get(si, {}):
+            counts["duplicates_dropped"] += 1
+            log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
+            return
+        buf = buffers.setdefault(si, {})
+        buf[pos] = r
+        bar.update(1)
+        if int(r["decode_pid"]) == int(r["model_pid"]):
+            counts["decoded_in_model_process"] += 1
+        shard = by_index[si]
+        if len(buf) == len(shard.items):
+            _commit(cfg, shard, buffers.pop(si), config_sha256, probe["num_classes"], counts, executions)
+            done_shards.add(si)
+            in_window = counts["ok"] + counts["error"] - processed_at_start
+            log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
+                     total, in_window / max(time.time() - t0, 1e-9))
+
+    def consume(run_cfg: JobConfig, run_rows: list) -> None:
+        ds = _build_dataset(run_cfg, run_rows, probe, seg_kw, workers, gpw)
+        # Closed in the finally, while Ray is up: an exception (Ctrl-C) leaving this frame keeps its locals
+        # alive in the traceback past ray.shutdown(), and the generator's cleanup (executor shutdown, stats
+        # update) must not run against no Ray, where a Ray call may start a new local one.
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
         try:
-            batches.close()
+            for batch in batches:
+                keys = list(batch)
+                for j in range(len(batch["image_uri"])):
+                    take({k: batch[k][j] for k in keys})
         finally:
-            bar.close()
-    if buffers:
-        missing = {by_index[si].name: len(by_index[si].items) - len(b) for si, b in buffers.items()}
-        raise RuntimeError(f"pipeline ended with incomplete shards (missing rows): {missing}")
-    never = [s.name for s in pending if s.index not in done_shards]
-    if never:
-        raise RuntimeError(f"pipeline produced no rows for shards {never[:10]}")
+            batches.close()
+
+    def missing() -> list:
+        return [r for r in rows if r["shard"] not in done_shards and r["pos"] not in buffers.get(r["shard"], {})]
+
+    # A block whose task failed for good is skipped (Ray logs why); its images are found missing below.
+    errored_blocks = context.max_errored_blocks
+    context.max_errored_blocks = -1
+    try:
+        consume(cfg, rows)
+        lost = missing()
+        if lost:
+            log.warning("%d images were in batches whose model or decode process died %d times (out of memory? "
+                        "a crash?); running them again one image per batch", len(lost), MODEL_TASK_RETRIES + 1)
+            consume(dataclasses.replace(cfg, batch_size=1, decode_batch_size=1), lost)
+        for r in missing():
+            log.error("%s: its process died on it %d times, alone in its batch; written as an error row",
+                      r["image_uri"], MODEL_TASK_RETRIES + 1)
+            counts["images_that_killed_a_worker"] += 1
+            take(_lost_row(r))
+    finally:
+        context.max_errored_blocks = errored_blocks
+        bar.close()
+    if buffers or len(done_shards) != len(pending):          # take() commits every shard that is whole
+        raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(set(by_index) - done_shards)[:10]}")
+
+
+def _lost_row(r: dict) -> dict:
+    """The error row of an image whose process died every time it was segmented, alone or not."""
+    reason = (f"failed: the process segmenting this image died {MODEL_TASK_RETRIES + 1} times with it alone "
+              f"in its batch (killed for memory? a native crash?); see the Ray worker logs")
+    return {**r, "width": 0, "height": 0, "status": "error", "error": r["listing_error"] or reason,
+            "mask_png": b"", "class_pixels": b"", "confusion": b"", "mean_confidence": np.nan, "elapsed_ms": 0.0,
+            "decode_pid": -1, "model_pid": -2, "execution": ""}
 
 
 def _to_parquet_row(r: dict) -> dict:
@@ -334,7 +408,7 @@ def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_cl
                     f"kept, this one is not); a different --ignore-index needs --overwrite once shards are "
                     f"committed")
     out_rows = [_to_parquet_row(r) for r in rows]
-    ran = sorted({str(r["execution"]) for r in rows})
+    ran = sorted({str(r["execution"]) for r in rows if str(r["execution"])})   # "": a row no worker returned
     executions.update(ran)
     ok = sum(r["status"] == "ok" for r in out_rows)
     confusion = None

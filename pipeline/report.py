@@ -16,11 +16,11 @@ from __future__ import annotations
 import colorsys
 import io
 import json
+import logging
 import posixpath
 import sys
 from typing import Optional, Sequence
 
-import fsspec
 import matplotlib
 
 matplotlib.use("Agg")
@@ -31,7 +31,9 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .datasets import png_to_array  # noqa: E402
 from .metrics import _fmt  # noqa: E402
-from .storage import get_fs  # noqa: E402
+from .storage import get_fs, read_uris, scrub  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 OK = "ok"
 STAT_COLUMNS = ["image_uri", "image_id", "status", "class_pixels", "mean_confidence"]
@@ -98,8 +100,10 @@ def _read_image(uri: str, so: dict) -> np.ndarray:
     """An image the job segmented. No pixel limit here: the job already held it to its own ``max_pixels``,
     which a run may raise above the default."""
     from .decode import decode_image  # the job's decoder: same modes / EXIF handling
-    with fsspec.open(uri, "rb", **so) as f:
-        return decode_image(f.read(), max_pixels=sys.maxsize)
+    data = read_uris([uri], so)[0]         # as the job read it: no "::" URL chaining, retried
+    if isinstance(data, BaseException):
+        raise data
+    return decode_image(data, max_pixels=sys.maxsize)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -234,17 +238,23 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
     samples = []
     gt_of = dict(source.pairs) if source is not None else {}
     for r in rows:
-        img = _read_image(r["image_uri"], so)
-        pred = png_to_array(r["mask_png"])
-        gt = None
-        if source is not None:
-            if r["image_uri"] not in gt_of:
-                raise KeyError(f"no label for {r['image_uri']} in the labelled source")
-            gt = source.read_label(gt_of[r["image_uri"]])
-            if gt.shape != pred.shape:
-                raise ValueError(f"{r['image_id']}: prediction {pred.shape} vs label {gt.shape}")
-        if img.shape[:2] != pred.shape:
-            raise ValueError(f"{r['image_id']}: image {img.shape[:2]} vs prediction {pred.shape}")
+        # A sample that can't be shown (its file gone or changed since the run) is left out of the figures,
+        # with a warning: the predictions and metrics stand without it.
+        try:
+            img = _read_image(r["image_uri"], so)
+            pred = png_to_array(r["mask_png"])
+            gt = None
+            if source is not None:
+                if r["image_uri"] not in gt_of:
+                    raise KeyError("no label for it in the labelled source")
+                gt = source.read_label(gt_of[r["image_uri"]])
+                if gt.shape != pred.shape:
+                    raise ValueError(f"prediction {pred.shape} vs label {gt.shape}")
+            if img.shape[:2] != pred.shape:
+                raise ValueError(f"image {img.shape[:2]} vs prediction {pred.shape}")
+        except Exception as exc:  # noqa: BLE001 - any reason; it is named in the warning
+            log.warning("report: sample %s left out: %s: %s", r["image_id"], type(exc).__name__, scrub(str(exc)))
+            continue
         samples.append((str(r["image_id"]), img, pred, gt))
 
     md = [f"# {title or ('Evaluation report' if source is not None else 'Pseudo-labelling report')}", "",

@@ -150,7 +150,8 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
                            "execution_settings": {k: probe["config"]["settings"][k] for k in EXECUTION_SETTINGS},
                            "workers": cfg.workers, "num_gpus_per_worker": cfg.num_gpus_per_worker,
                            "class_names": probe["class_names"],
-                           "started_at": previous["runtime"]["started_at"] if previous else now(),
+                           "started_at": (previous.get("runtime") or {}).get("started_at") or now()
+                                          if previous else now(),
                            "resumed_at": now() if previous else None}}
     sinks.write_json(cfg.output, so, sinks.RUN_JSON, run_doc)
     return [s for s in shards if s.name not in committed]

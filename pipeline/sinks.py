@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rfclip.visualize import decode_label_png, label_png  # noqa: F401  (decode re-exported)
 
-from .storage import atomic_write_bytes, get_fs, is_local, redact
+from .storage import atomic_write_bytes, get_fs, is_local, redact, scrub
 
 PREDICTIONS_DIR = "predictions"
 MASKS_DIR = "masks"
@@ -126,7 +126,13 @@ def read_json(output_uri: str, storage_options: Optional[dict], name: str) -> Op
     path = posixpath.join(root, name)
     if not fs.exists(path):
         return None
-    return json.loads(fs.cat_file(path))
+    try:
+        doc = json.loads(fs.cat_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{scrub(path)} is damaged ({exc}); run with --overwrite to start over") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{scrub(path)} is damaged (not a JSON object); run with --overwrite to start over")
+    return doc
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

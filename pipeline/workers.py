@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # Test hook: seconds to sleep per model batch, so a fault-injection test can act mid-run.
 # Only read from the environment of the worker process; never set in production.
 WORKER_DELAY_ENV = "RFCLIP_TEST_WORKER_DELAY_S"
+# Test hook: a model process that gets a batch holding an image id that contains this text exits at once,
+# as one killed by the kernel's OOM killer or a native crash does. Never set in production.
+WORKER_CRASH_ENV = "RFCLIP_TEST_WORKER_CRASH_ON"
 
 
 def label_dtype(num_classes: int) -> np.dtype:
@@ -126,6 +129,9 @@ class SegmentWorker:
         ok = [i for i in range(n) if status[i] == "ok"]
         if self.delay_s:
             time.sleep(self.delay_s)
+        crash_on = os.environ.get(WORKER_CRASH_ENV)
+        if crash_on and any(crash_on in str(i) for i in batch["image_id"]):
+            os._exit(137)
         if ok:
             images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["rh"][i]), int(batch["rw"][i]), 3)
                       .copy() for i in ok]  # writable: torch.from_numpy warns on read-only buffers

@@ -32,6 +32,28 @@ def add_weights_choices(group) -> None:
                        help="input normalisation std, 0-1 scale (default: the tag's, else OpenAI's)")
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type=`` for counts: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse ``type=`` for resource amounts: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def rgb_triple(text: str) -> tuple[float, float, float]:
     """``"0.5,0.5,0.5"`` -> ``(0.5, 0.5, 0.5)``; an argparse ``type=``."""
     try:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .cli_args import add_weights_choices
+from .cli_args import add_weights_choices, positive_int
 from .images import IMAGE_SUFFIXES, to_rgb_array
 from .segmenter import MEAN, STD, pick_device
 from .vit import DenseViT
@@ -80,13 +80,6 @@ def peak_dimensions(weights: torch.Tensor, top: int = 16, z_threshold: float = 8
     return [{"dim": int(d), "weight": float(w[d]), "z": float(z[d]), "peak": bool(z[d] > z_threshold)} for d in order]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI; exit status 0 with peaks found, 1 when none clears the threshold, 2 on bad input."""
     p = argparse.ArgumentParser(prog="python -m rfclip.find_distraction_dims", description=__doc__.split("\n\n")[0])
@@ -96,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     add_weights_choices(p)
     p.add_argument("--images", required=True, help="folder, prefix or fsspec URI of images")
     p.add_argument("--storage-options", default=None, help="JSON fsspec options for --images")
-    p.add_argument("--limit", type=_positive_int, default=200, help="images to use (default 200)")
-    p.add_argument("--top", type=_positive_int, default=16, help="dimensions to list (default 16)")
+    p.add_argument("--limit", type=positive_int, default=200, help="images to use (default 200)")
+    p.add_argument("--top", type=positive_int, default=16, help="dimensions to list (default 16)")
     p.add_argument("--z-threshold", type=float, default=8.0, help="robust z-score that makes a peak")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print JSON only")

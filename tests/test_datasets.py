@@ -257,3 +257,13 @@ def test_nested_symlinked_folders_are_listed(tmp_path):
     src = open_labelled_source("ade20k", data_root=str(tmp_path / "nested"))
     assert len(src.pairs) == 6
     assert all("/validation/part1/" in i and "/validation/part1/" in l for i, l in src.pairs)
+
+
+def test_an_ignore_index_that_is_also_a_class_is_refused():
+    """With 300 classes the default ignore index 255 is a class: its pixels would never be scored."""
+    from pipeline.datasets import LabelledSource
+
+    names = [f"c{i}" for i in range(300)]
+    with pytest.raises(ValueError, match=r"ignore index 255 is also class 255 \('c255'\).*--ignore-index"):
+        LabelledSource("custom", [], names, 255)
+    assert LabelledSource("custom", [], names, 65535).num_classes == 300

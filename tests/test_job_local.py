@@ -340,3 +340,84 @@ def test_fail_fast_with_a_clear_message(case, tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert {"missing": "does not exist", "empty": "contains no images", "unwritable": "not writable"}[case] in err
+
+
+def test_a_run_whose_every_image_fails_exits_1_and_failures_are_counted_on_stderr(ray_local, tiny_model, tmp_path,
+                                                                                  capsys):
+    from jobs.segment_dataset import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "zero.jpg").write_bytes(b"")
+    (inp / "text.png").write_text("not a PNG\n")
+    assert main(["--input", str(inp), "--output", str(tmp_path / "out")] + pipeline_cli_args(tiny_model)) == 1
+    err = capsys.readouterr().err
+    assert "2 of 2 images segmented in this run are error rows" in err and "no image could be segmented" in err
+    write_images(inp, 1)                                           # one good image: done, with a warning
+    assert main(["--input", str(inp), "--output", str(tmp_path / "out2")] + pipeline_cli_args(tiny_model)) == 0
+    assert "2 of 3 images segmented in this run are error rows" in capsys.readouterr().err
+
+
+def test_what_no_node_here_could_run_is_refused_not_waited_for(ray_local, tiny_model, tmp_path, capsys):
+    """A local Ray has no autoscaler: a GPU per worker on a machine without one, or decode tasks reserving
+    more memory than any node has, would wait forever. Bad counts are usage errors before any work."""
+    import torch
+
+    from jobs.segment_dataset import main
+
+    inp = tmp_path / "in"
+    write_images(inp, 2)
+    base = ["--input", str(inp), "--output", str(tmp_path / "out")] + pipeline_cli_args(tiny_model)
+    if not torch.cuda.is_available():
+        assert main(base + ["--num-gpus-per-worker", "1"]) == 2
+        assert "pass --num-gpus-per-worker 0" in capsys.readouterr().err
+    assert main(base + ["--max-pixels", str(10 ** 12)]) == 2
+    assert "lower --max-pixels" in capsys.readouterr().err
+    for flag, value, message in (("--decode-batch-size", "0", "must be >= 1"), ("--batch-size", "x", "an integer"),
+                                 ("--cpus-per-worker", "-1", "finite number >= 0")):
+        with pytest.raises(SystemExit) as e:
+            main(base + [flag, value])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_damaged_run_json_names_itself_and_the_way_out(ray_local, tiny_model, tmp_path, capsys):
+    from jobs.segment_dataset import main
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_images(inp, 2)
+    out.mkdir()
+    (out / "run.json").write_text('{"config": {"input"')                       # cut off mid-write
+    args = ["--input", str(inp), "--output", str(out)] + pipeline_cli_args(tiny_model)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "run.json is damaged" in err and "--overwrite" in err
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_odd_names_reach_the_report_and_an_unreadable_sample_is_left_out(ray_local, tiny_model, tmp_path, caplog):
+    """The report reads samples as the job reads images ("::" is no URL chain); a sample gone since the run
+    is left out of the figures with a warning, and the report is still written."""
+    from pipeline.report import write_report
+    from jobs.segment_dataset import main
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_images(inp, 2)
+    first = next(inp.rglob("*.png"))
+    shutil.copy(first, inp / "a::b.png")
+    assert main(["--input", str(inp), "--output", str(out)] + pipeline_cli_args(tiny_model)) == 0
+    assert (out / "report.md").exists() and "left out" not in caplog.text
+    (out / "report.md").unlink()
+    (inp / "a::b.png").unlink()
+    write_report(str(out), ["sky", "road", "car"])
+    assert "left out: FileNotFoundError" in caplog.text and "a::b.png" in caplog.text
+    assert (out / "report.md").exists()
+
+
+def test_labels_in_the_input_folder_itself_are_refused_with_the_way_out(tiny_model, tmp_path, capsys):
+    from jobs.segment_dataset import main
+
+    same = tmp_path / "same"
+    write_images(same, 2)
+    rc = main(["--input", str(same), "--labels", str(same), "--output", str(tmp_path / "out")]
+              + pipeline_cli_args(tiny_model))
+    assert rc == 2 and "holds the --input images" in capsys.readouterr().err

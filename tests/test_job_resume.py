@@ -150,6 +150,39 @@ def test_killed_model_actor_every_image_exactly_once(tiny_model, tmp_path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_an_image_that_kills_its_model_process_every_time_becomes_an_error_row(tiny_model, tmp_path):
+    """An image whose model process always dies (as the OOM killer would do it) ends the job's retries: Ray
+    Data's own would go on forever. Its batch-mates, run again one per batch, are segmented; it becomes an
+    error row that says so; every other shard commits as usual."""
+    import ray
+    from pipeline.job import MODEL_TASK_RETRIES, run
+
+    tmp = start_local_ray({"RFCLIP_TEST_WORKER_CRASH_ON": "poison"})
+    try:
+        inputs = tmp_path / "in"
+        write_images(inputs, 7, seed=8)
+        shutil.copy(next(inputs.rglob("*.png")), inputs / "b" / "poison.png")
+        out = tmp_path / "out"
+        cfg = pipeline_job_config(tiny_model, input=str(inputs), output=str(out), shard_size=SHARD)
+        result: dict = {}
+        th = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
+        th.start()
+        th.join(timeout=400)
+        assert not th.is_alive(), "the job did not end"
+        summary = result["summary"]
+        assert (summary["ok"], summary["error"], summary["images_that_killed_a_worker"]) == (7, 1, 1)
+        t = read_predictions(str(out))
+        rows = {Path(u).name: (st, e) for u, st, e in zip(t.column("image_uri").to_pylist(),
+                                                         t.column("status").to_pylist(), t.column("error").to_pylist())}
+        assert len(rows) == t.num_rows == 8
+        status, error = rows.pop("poison.png")
+        assert status == "error" and f"died {MODEL_TASK_RETRIES + 1} times" in error
+        assert {st for st, _ in rows.values()} == {"ok"}
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_ctrl_c_stops_the_driver_promptly_and_a_rerun_finishes(tiny_model, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group: the driver and its local Ray) mid-run: the driver
     exits within a minute with status 130 and says how to resume; nothing half-written is left, and
