@@ -36,7 +36,7 @@ from .storage import get_fs, read_uris, scrub  # noqa: E402
 log = logging.getLogger(__name__)
 
 OK = "ok"
-STAT_COLUMNS = ["image_uri", "image_id", "status", "class_pixels", "mean_confidence"]
+STAT_COLUMNS = ["status", "class_pixels", "mean_confidence"]
 IGNORE_RGB = (0, 0, 0)
 
 
@@ -70,17 +70,44 @@ def _fig_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def read_prediction_stats(output_uri: str, storage_options: Optional[dict] = None):
-    """Columns :data:`STAT_COLUMNS` of every committed shard (``predictions/shard-*.parquet``, not the
-    temp files that a crashed commit may leave) as one pyarrow Table; also the shard paths and the fs."""
+def committed_prediction_files(output_uri: str, storage_options: Optional[dict] = None):
+    """The committed shards' paths (``predictions/shard-*.parquet``, not the temp files that a crashed
+    commit may leave) and their filesystem."""
     from .sinks import committed_shard_names, shard_path
 
     fs, root = get_fs(output_uri, storage_options)
     files = [posixpath.join(root, shard_path(name)) for name in sorted(committed_shard_names(output_uri, storage_options))]
     if not files:
         raise FileNotFoundError(f"no predictions/shard-*.parquet under {output_uri}")
-    import pyarrow as pa
-    return pa.concat_tables([pq.read_table(f, columns=STAT_COLUMNS, filesystem=fs) for f in files]), files, fs
+    return files, fs
+
+
+def corpus_stats(fs, files: Sequence[str], num_classes: int) -> dict:
+    """Sums over the ok rows of every shard, read one shard at a time (the driver's memory does not grow
+    with the corpus): ``ok``, ``error`` (counts), ``pixels`` ``(K,) int64`` (pixels per class),
+    ``images_with`` ``(K,) int64`` (images holding each class) and ``confidence`` ``(N_ok,) float64``
+    (per-image mean confidence)."""
+    import pyarrow.compute as pc
+
+    k = num_classes
+    out = {"ok": 0, "error": 0, "pixels": np.zeros(k, np.int64), "images_with": np.zeros(k, np.int64)}
+    conf = []
+    for f in files:
+        t = pq.read_table(f, columns=STAT_COLUMNS, filesystem=fs)
+        ok = t.filter(pc.equal(t.column("status"), OK))
+        out["ok"] += ok.num_rows
+        out["error"] += t.num_rows - ok.num_rows
+        cp = ok.column("class_pixels")
+        lengths = pc.list_value_length(cp).to_numpy(zero_copy_only=False)
+        if ok.num_rows and (lengths != k).any():
+            raise ValueError(f"class_pixels has {int(lengths[lengths != k][0])} entries, vocabulary has {k}")
+        counts = pc.list_flatten(cp).to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k)
+        out["pixels"] += counts.sum(axis=0)
+        out["images_with"] += (counts > 0).sum(axis=0)
+        c = ok.column("mean_confidence").to_numpy(zero_copy_only=False).astype(np.float64)
+        conf.append(c[~np.isnan(c)])
+    out["confidence"] = np.concatenate(conf) if conf else np.zeros(0)
+    return out
 
 
 def _sample_rows(fs, files: Sequence[str], n: int) -> list[dict]:
@@ -223,7 +250,8 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
                  title: Optional[str] = None) -> str:
     """Write ``{output}/report.md`` and ``{output}/figures/*.png``; return the report's URI."""
     so = dict(storage_options or {})
-    stats, files, fs = read_prediction_stats(output_uri, so)
+    files, fs = committed_prediction_files(output_uri, so)
+    stats = corpus_stats(fs, files, len(class_names))
     root = get_fs(output_uri, so)[1].rstrip("/")
     fs.makedirs(posixpath.join(root, "figures"), exist_ok=True)
 
@@ -231,9 +259,7 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
         fs.pipe_file(posixpath.join(root, "figures", name), data)
         return f"figures/{name}"
 
-    status = np.array(stats.column("status").to_pylist(), dtype=object)
-    ok = status == OK
-    n_ok, n_err = int(ok.sum()), int((~ok).sum())
+    n_ok, n_err = stats["ok"], stats["error"]
     rows = _sample_rows(fs, files, num_samples)
     samples = []
     gt_of = dict(source.pairs) if source is not None else {}
@@ -279,22 +305,10 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
             md += ["## Samples", "", "Image, prediction, ground truth (black: ignored pixels).", "",
                    f"![samples]({put('samples.png', sample_grid(samples, class_names, source.ignore_index))})", ""]
     else:
-        k = len(class_names)
-        pixels = np.zeros(k, dtype=np.int64)
-        for cp, s in zip(stats.column("class_pixels").to_pylist(), status):
-            if s == OK and cp is not None:
-                if len(cp) != k:
-                    raise ValueError(f"class_pixels has {len(cp)} entries, vocabulary has {k}")
-                pixels += np.asarray(cp, dtype=np.int64)
-        conf = np.array([c for c, s in zip(stats.column("mean_confidence").to_pylist(), status)
-                         if s == OK and c is not None], dtype=np.float64)
+        pixels, images_with, conf = stats["pixels"], stats["images_with"], stats["confidence"]
         md += ["## Class distribution", "",
                f"![class distribution]({put('class_distribution.png', class_distribution_chart(pixels, class_names, n_ok))})",
                "", "| class | share of pixels (%) | images |", "|---|---|---|"]
-        images_with = np.zeros(k, dtype=np.int64)
-        for cp, s in zip(stats.column("class_pixels").to_pylist(), status):
-            if s == OK and cp is not None:
-                images_with += np.asarray(cp) > 0
         for i in np.argsort(-pixels):
             if pixels[i] > 0:
                 md.append(f"| {class_names[i]} | {pixels[i] / pixels.sum() * 100:.2f} | {images_with[i]} |")

@@ -124,3 +124,33 @@ def test_report_reads_images_above_the_default_pixel_limit(tmp_path):
     Image.new("L", (8000, 7000)).save(big)
     assert 8000 * 7000 > DEFAULT_MAX_PIXELS
     assert _read_image(str(big), {}).shape == (7000, 8000, 3)
+
+
+def test_corpus_stats_sum_each_shard_as_a_loop_over_the_rows_does(tmp_path):
+    """Per-shard pyarrow sums (no Python lists of the whole corpus) against a plain loop over every row,
+    across shards with error rows and a null confidence; a class_pixels of the wrong length is refused."""
+    from pipeline.report import committed_prediction_files, corpus_stats
+
+    rng = np.random.default_rng(3)
+    k, rows_all = 5, []
+    for s in range(3):
+        rows = []
+        for i in range(4 + s):
+            ok = (i + s) % 3 != 0
+            counts = rng.integers(0, 3, k) * rng.integers(0, 1000, k) if ok else None
+            rows.append(dict(image_uri=f"/x/{s}-{i}.jpg", image_id=f"{s}-{i}", width=4, height=4,
+                             status="ok" if ok else "error", error=None if ok else "bad", mask_png=b"" if ok else None,
+                             class_pixels=counts.tolist() if ok else None,
+                             mean_confidence=(None if i == 1 else float(rng.random())) if ok else None, elapsed_ms=1.0))
+        commit_shard(str(tmp_path), None, f"shard-{s:05d}", rows, {"name": f"shard-{s:05d}"})
+        rows_all += rows
+    files, fs = committed_prediction_files(str(tmp_path))
+    got = corpus_stats(fs, files, k)
+    ok_rows = [r for r in rows_all if r["status"] == "ok"]
+    assert (got["ok"], got["error"]) == (len(ok_rows), len(rows_all) - len(ok_rows))
+    np.testing.assert_array_equal(got["pixels"], np.sum([r["class_pixels"] for r in ok_rows], axis=0))
+    np.testing.assert_array_equal(got["images_with"], np.sum([np.array(r["class_pixels"]) > 0 for r in ok_rows], axis=0))
+    np.testing.assert_allclose(sorted(got["confidence"]),
+                               sorted(r["mean_confidence"] for r in ok_rows if r["mean_confidence"] is not None))
+    with pytest.raises(ValueError, match="class_pixels has 5 entries, vocabulary has 6"):
+        corpus_stats(fs, files, 6)
