@@ -41,7 +41,7 @@ SETTING_FLAGS = {  # explicit CLI flags for the common settings -> Segmenter key
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io_ = p.add_argument_group("inputs and outputs")
-    io_.add_argument("--input", help="folder/prefix (local, s3://, any fsspec URL) or a .txt/.parquet manifest "
+    io_.add_argument("--input", help="folder/prefix (local, s3://, any fsspec URL) or a .txt/.csv/.tsv/.parquet manifest "
                      "(not needed with --data-root)")
     io_.add_argument("--output", required=True, help="output folder/prefix (local or object storage)")
     io_.add_argument("--storage-options",
@@ -141,7 +141,7 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         if listed.root is not None and (listed.root.rstrip("/") + "/").startswith(labels_at):
             raise ValueError(f"--labels {args.labels} holds the --input images: every file under it counts as a "
                              f"label. Put the label PNGs in a folder of their own (mirroring the images' "
-                             f"sub-folders), or list image and label pairs in a Parquet manifest and pass "
+                             f"sub-folders), or list image and label pairs in a manifest (Parquet or CSV) and pass "
                              f"--labels-from-manifest")
         images = [it for it in listed.items if not it["image_uri"].startswith(labels_at)]
         if len(images) < len(listed.items):
@@ -177,18 +177,18 @@ def _class_names(cfg: JobConfig) -> list[str]:
 
 
 def _manifest_labels(cfg: JobConfig, args: argparse.Namespace):
-    """The ``LabelledSource`` of a Parquet manifest's (image_uri, label_uri) rows (``--labels-from-manifest``)."""
+    """The ``LabelledSource`` of a table manifest's (image_uri, label_uri) rows (``--labels-from-manifest``)."""
     from pipeline.datasets import LabelledSource
 
     if not cfg.input:
-        raise ValueError("--labels-from-manifest needs --input MANIFEST.parquet with a label_uri column")
+        raise ValueError("--labels-from-manifest needs --input MANIFEST.parquet (or .csv) with a label_uri column")
     listed = list_input(cfg)
     if listed.kind != "manifest":
-        raise ValueError(f"--labels-from-manifest needs a Parquet manifest as --input, not a {listed.kind}")
+        raise ValueError(f"--labels-from-manifest needs a Parquet or CSV manifest as --input, not a {listed.kind}")
     items = listed.items[:args.limit]
     if not any(it.get("label_uri") for it in listed.items):
-        raise ValueError("--labels-from-manifest: the manifest has no label_uri values (it needs a Parquet "
-                         "label_uri column)")
+        raise ValueError("--labels-from-manifest: the manifest has no label_uri values (it needs a "
+                         "label_uri column, in Parquet or CSV)")
     unlabelled = [it["image_uri"] for it in items if not it.get("label_uri")]
     if unlabelled:
         raise FileNotFoundError(f"{len(unlabelled)} of {len(items)} manifest entries have no label_uri, "

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
@@ -55,9 +56,9 @@ def is_image_path(path: str) -> bool:
 def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Optional[str] = None) -> Inputs:
     """List the images behind ``uri``: a folder/prefix (recursive), a manifest, or one image.
 
-    Manifests: ``.parquet`` (column ``image_uri``, or ``uri``/``path``/``image``; an optional
-    ``label_uri`` column is carried along) or a text file with one URI per line (blank lines and
-    ``#`` comments skipped). Relative manifest entries are resolved against the manifest's folder, and
+    Manifests: ``.parquet``, or ``.csv``/``.tsv`` with a header row (column ``image_uri``, or
+    ``uri``/``path``/``image``; an optional ``label_uri`` column is carried along), or a text file with
+    one URI per line (blank lines and ``#`` comments skipped; a header row is refused). Relative manifest entries are resolved against the manifest's folder, and
     every entry is spelled one way (``file:///x/a.jpg`` and ``/x/./a.jpg`` are ``/x/a.jpg``), so a file
     listed twice is processed once.
     On a local disk, symlinked folders are followed (see :func:`find_files`).
@@ -183,12 +184,24 @@ def _read_manifest(fs, path: str, storage_options: Optional[dict]) -> list[dict]
         return full_uri(filesystems[proto], canonical_path(filesystems[proto], entry))
 
     data = fs.cat_file(path)
-    if path.lower().endswith((".parquet", ".pq")):
-        table = pq.read_table(io.BytesIO(data))
+    lower = path.lower()
+    if lower.endswith((".parquet", ".pq", ".csv", ".tsv")):
+        if lower.endswith((".csv", ".tsv")):     # a header row names the columns, as a Parquet schema does
+            import pyarrow.csv as pcsv
+
+            try:
+                table = pcsv.read_csv(io.BytesIO(data), parse_options=pcsv.ParseOptions(
+                    delimiter="\t" if lower.endswith(".tsv") else ","),
+                    convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in
+                                                                      MANIFEST_URI_COLUMNS + ("label_uri",)}))
+            except pa.ArrowInvalid as exc:
+                raise ValueError(f"manifest {path!r} is not a readable CSV/TSV file: {exc}") from exc
+        else:
+            table = pq.read_table(io.BytesIO(data))
         col = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
         if col is None:
-            raise ValueError(f"Parquet manifest {path!r} needs one of the columns {MANIFEST_URI_COLUMNS}; "
-                             f"it has {table.column_names}")
+            raise ValueError(f"manifest {path!r} needs a column named one of {MANIFEST_URI_COLUMNS} (a header "
+                             f"row in CSV); it has {table.column_names}")
         uris = [u for u in table.column(col).to_pylist()]
         labels = table.column("label_uri").to_pylist() if "label_uri" in table.column_names else [None] * len(uris)
     else:
@@ -198,6 +211,10 @@ def _read_manifest(fs, path: str, storage_options: Optional[dict]) -> list[dict]
             raise ValueError(f"manifest {path!r} is neither Parquet nor UTF-8 text: {exc}") from exc
         uris = [ln.strip() for ln in text.splitlines()]
         uris = [u for u in uris if u and not u.startswith("#")]
+        head = uris[0].replace("\t", ",").split(",")[0].strip() if uris else ""
+        if head in MANIFEST_URI_COLUMNS + ("label_uri",):
+            raise ValueError(f"manifest {path!r} starts with a header row ({uris[0]!r}), so it is a table: name it "
+                             f".csv or .tsv (or write Parquet); a text manifest holds one URI per line")
         labels = [None] * len(uris)
     out = []
     for u, lab in zip(uris, labels):

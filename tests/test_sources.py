@@ -73,6 +73,25 @@ def test_manifest_entries_naming_one_file_are_one_input(pipeline_images, tmp_pat
         sources.resolve_inputs(str(tmp_path / "m.parquet"))
 
 
+def test_csv_and_tsv_manifests_read_like_parquet_and_a_text_manifest_with_a_header_is_refused(tmp_path):
+    """A header row names the columns; quoted names may hold commas; relative entries and an empty label
+    cell are as in the other manifests. The same table as a .txt would list its header as a file: refused."""
+    (tmp_path / "m.csv").write_text('image_uri,label_uri\n"x/a, b.jpg",y/a.png\ns3://b/2.jpg,\n')
+    (tmp_path / "m.tsv").write_text("path\tlabel_uri\nx/c.jpg\ty/c.png\n")
+    csv = sources.resolve_inputs(str(tmp_path / "m.csv"))
+    assert [(it["image_uri"], it["label_uri"]) for it in csv.items] == [
+        (str(tmp_path / "x" / "a, b.jpg"), str(tmp_path / "y" / "a.png")), ("s3://b/2.jpg", None)]
+    tsv = sources.resolve_inputs(str(tmp_path / "m.tsv"))
+    assert [(it["image_uri"], it["label_uri"]) for it in tsv.items] == [
+        (str(tmp_path / "x" / "c.jpg"), str(tmp_path / "y" / "c.png"))]
+    (tmp_path / "m.txt").write_text("image_uri,label_uri\nx/a.jpg,y/a.png\n")
+    with pytest.raises(ValueError, match=r"header row.*name it \.csv or \.tsv"):
+        sources.resolve_inputs(str(tmp_path / "m.txt"))
+    (tmp_path / "bad.csv").write_text("name,label\na.jpg,b.png\n")
+    with pytest.raises(ValueError, match="needs a column named one of"):
+        sources.resolve_inputs(str(tmp_path / "bad.csv"))
+
+
 def test_parquet_manifest_without_uri_column_is_an_error(tmp_path):
     pq.write_table(pa.table({"foo": ["a.jpg"]}), tmp_path / "m.parquet")
     with pytest.raises(ValueError, match="image_uri"):
