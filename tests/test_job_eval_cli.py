@@ -274,7 +274,7 @@ def test_labels_from_a_parquet_manifest(ray_local, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("folder", "needs a Parquet manifest as --input, not a folder"),
+    ("folder", "needs a Parquet or CSV manifest as --input, not a folder"),
     ("unlabelled", "1 of 3 manifest entries have no label_uri"),
     ("both", "give --labels or --labels-from-manifest, not both"),
     ("text", "the manifest has no label_uri values"),
