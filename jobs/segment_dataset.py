@@ -22,7 +22,7 @@ if str(REPO_ROOT) not in sys.path:  # `python jobs/segment_dataset.py` from a ch
 
 from pipeline import sinks, storage  # noqa: E402
 from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
-from pipeline.job import list_input, run  # noqa: E402
+from pipeline.job import PipelineError, list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
 from rfclip.cli_args import (add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
@@ -213,7 +213,8 @@ def finish(cfg: JobConfig, src) -> dict:
 
 def main(argv: Optional[list] = None) -> int:
     """CLI entry point; returns the process exit status: 0 when done, 1 when every image this run processed
-    is an error row, 2 for a clear user-facing error, 130 after Ctrl-C."""
+    is an error row or a stage failed (committed shards kept), 2 for a clear user-facing error, 130 after
+    Ctrl-C."""
     args = build_parser().parse_args(argv)
     storage.setup_logging()
     cfg = None
@@ -225,6 +226,9 @@ def main(argv: Optional[list] = None) -> int:
     except (FileNotFoundError, ValueError, PermissionError, ConfigMismatch, WeightsError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 2
+    except PipelineError as exc:
+        print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # --overwrite is spent once the old outputs are cleared (cfg.overwrite is False from then on)
         cleared = args.overwrite and cfg is not None and not cfg.overwrite
@@ -243,7 +247,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"report: {result['report']}")
     if summary["error"] and src is None:
         print(f"warning: {summary['error']} of {summary['ok'] + summary['error']} images segmented in this run are "
-              f"error rows (the predictions' error column says why; report.md lists examples)", file=sys.stderr)
+              f"error rows (the predictions' error column says why)", file=sys.stderr)
     if summary["error"] and not summary["ok"]:
         print("error: no image could be segmented", file=sys.stderr)
         return 1

@@ -30,14 +30,16 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if not data:
         raise DecodeError("empty file (0 bytes)")
     # PIL's own limit (it refuses 179 MP and more at open) would override --max-pixels: max_pixels,
-    # checked from the header below, decides alone. Decoding runs in the job's own worker processes.
-    Image.MAX_IMAGE_PIXELS = None
+    # checked from the header below, decides alone. The caller's limit is put back after the open.
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise DecodeError(f"not an image, or a corrupt header: format not recognised ({len(data)} bytes)") from None
     except Exception as exc:  # noqa: BLE001 - any header parse failure is a corrupt file
         raise DecodeError(f"corrupt image header: {type(exc).__name__}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     with img:
         w, h = img.size
         if w <= 0 or h <= 0:

@@ -102,6 +102,10 @@ def run(cfg: JobConfig) -> dict:
     return summary
 
 
+class PipelineError(RuntimeError):
+    """A stage of the pipeline failed for a reason other than bad input; committed shards are kept."""
+
+
 class LabelError(ValueError):
     """A ground-truth label that can't be scored: an evaluation stops rather than score fewer images."""
 
@@ -206,13 +210,19 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
         # The defaults count the GPUs up now; an autoscaler starts GPU nodes only for actors that ask.
         log.warning("the cluster has no GPU now, so the model runs on CPU; on an autoscaling cluster pass "
                     "--num-gpus-per-worker 1 --workers N to ask for N GPU nodes")
-    if gpw > gpus and not (address and address != "local"):
-        # A local Ray has no autoscaler: an actor asking for more GPUs than there are would wait forever.
-        raise ValueError(f"--num-gpus-per-worker {gpw:g} asks for GPUs, and this machine's Ray has {gpus:g}; "
-                         f"pass --num-gpus-per-worker 0 to run the model on CPU")
-    if cfg.workers is not None:
-        return int(cfg.workers), gpw
-    return (max(1, int(gpus // gpw)) if gpw > 0 else 1), gpw
+    workers = int(cfg.workers) if cfg.workers is not None else (max(1, int(gpus // gpw)) if gpw > 0 else 1)
+    if not (address and address != "local"):
+        # A local Ray has no autoscaler: actors asking for more than the machine has would wait forever.
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        if workers * gpw > gpus:
+            raise ValueError(f"{workers} workers x --num-gpus-per-worker {gpw:g} ask for {workers * gpw:g} GPUs, "
+                             f"and this machine's Ray has {gpus:g}; pass fewer --workers, or "
+                             f"--num-gpus-per-worker 0 to run the model on CPU")
+        if workers * cfg.cpus_per_worker > cpus:
+            raise ValueError(f"{workers} workers x --cpus-per-worker {cfg.cpus_per_worker:g} ask for "
+                             f"{workers * cfg.cpus_per_worker:g} CPUs, and this machine's Ray has {cpus:g}; pass "
+                             f"fewer --workers or a smaller --cpus-per-worker")
+    return workers, gpw
 
 
 def decode_memory(max_pixels: int) -> int:
@@ -342,32 +352,76 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     def missing() -> list:
         return [r for r in rows if r["shard"] not in done_shards and r["pos"] not in buffers.get(r["shard"], {})]
 
-    # A block whose task failed for good is skipped (Ray logs why); its images are found missing below.
+    # A block whose task failed for good is skipped, and Ray Data logs why: `causes` reads those records.
+    # Only a process that died (OOM killer, native crash) makes images "lost"; any other exception (a bug,
+    # a failed write) stops the job as it did before, its shard uncommitted, so a re-run redoes it.
     errored_blocks = context.max_errored_blocks
     context.max_errored_blocks = -1
+    causes = _BlockFailures()
+    ray_data_log = logging.getLogger("ray.data")
+    ray_data_log.addHandler(causes)
     try:
         consume(cfg, rows)
         lost = missing()
+        causes.check(len(lost))
+        if lost and not buffers and not done_shards:
+            raise PipelineError(f"every batch of this window lost its process ({causes.deaths[0]}): the model "
+                               f"may not fit the workers' memory; the shards committed so far are kept")
         if lost:
-            log.warning("%d images were in batches whose model or decode process died %d times (out of memory? "
-                        "a crash?); running them again one image per batch", len(lost), MODEL_TASK_RETRIES + 1)
+            log.warning("%d images were in batches whose process died on every try (out of memory? a crash?); "
+                        "running them again one image per batch", len(lost))
             consume(dataclasses.replace(cfg, batch_size=1, decode_batch_size=1), lost)
+            causes.check(len(missing()))
         for r in missing():
-            log.error("%s: its process died on it %d times, alone in its batch; written as an error row",
-                      r["image_uri"], MODEL_TASK_RETRIES + 1)
+            log.error("%s: its process died on every try, alone in its batch; written as an error row",
+                      r["image_uri"])
             counts["images_that_killed_a_worker"] += 1
-            take(_lost_row(r))
+            take(_lost_row(r, causes.deaths[-1]))
     finally:
+        ray_data_log.removeHandler(causes)
         context.max_errored_blocks = errored_blocks
         bar.close()
     if buffers or len(done_shards) != len(pending):          # take() commits every shard that is whole
         raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(set(by_index) - done_shards)[:10]}")
 
 
-def _lost_row(r: dict) -> dict:
+# What a process that died looks like in Ray: the OOM killer, a segfault, a lost node.
+_PROCESS_DEATHS = ("RayActorError", "WorkerCrashedError", "OutOfMemoryError", "NodeDiedError",
+                   "LocalRayletDiedError")
+
+
+class _BlockFailures(logging.Handler):
+    """Collects the failures Ray Data logs as it skips a block (``max_errored_blocks``): ``deaths`` (a
+    process died) and ``others`` (any other exception, e.g. the UDF's own)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.deaths: list[str] = []
+        self.others: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or "raised from a task of operator" not in record.getMessage():
+            return
+        names = {c.__name__ for c in type(exc).__mro__}
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        text = f"{type(cause).__name__}: {storage.scrub(str(cause))[:300]}"
+        (self.deaths if names & set(_PROCESS_DEATHS) else self.others).append(text)
+
+    def check(self, missing: int) -> None:
+        """Raise unless every skipped block is explained by a process that died."""
+        if self.others:
+            raise PipelineError(f"a pipeline stage failed ({self.others[0]}); the shards committed so far are "
+                               f"kept, and running the same command again redoes the rest")
+        if missing and not self.deaths:
+            raise PipelineError(f"the pipeline ended with {missing} images missing and no failure recorded; the "
+                               f"shards committed so far are kept, and running the same command again redoes the rest")
+
+
+def _lost_row(r: dict, cause: str) -> dict:
     """The error row of an image whose process died every time it was segmented, alone or not."""
-    reason = (f"failed: the process segmenting this image died {MODEL_TASK_RETRIES + 1} times with it alone "
-              f"in its batch (killed for memory? a native crash?); see the Ray worker logs")
+    reason = (f"failed: the process handling this image died on every try, with it alone in its batch (killed "
+              f"for memory? a native crash?), last as {cause}; see the Ray worker logs")
     return {**r, "width": 0, "height": 0, "status": "error", "error": r["listing_error"] or reason,
             "mask_png": b"", "class_pixels": b"", "confusion": b"", "mean_confidence": np.nan, "elapsed_ms": 0.0,
             "decode_pid": -1, "model_pid": -2, "execution": ""}

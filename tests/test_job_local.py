@@ -370,7 +370,9 @@ def test_what_no_node_here_could_run_is_refused_not_waited_for(ray_local, tiny_m
     base = ["--input", str(inp), "--output", str(tmp_path / "out")] + pipeline_cli_args(tiny_model)
     if not torch.cuda.is_available():
         assert main(base + ["--num-gpus-per-worker", "1"]) == 2
-        assert "pass --num-gpus-per-worker 0" in capsys.readouterr().err
+        assert "--num-gpus-per-worker 0 to run the model on CPU" in capsys.readouterr().err
+    assert main(base + ["--workers", "3"]) == 2                         # ray_local has 2 CPUs
+    assert "3 workers x --cpus-per-worker 1 ask for 3 CPUs" in capsys.readouterr().err
     assert main(base + ["--max-pixels", str(10 ** 12)]) == 2
     assert "lower --max-pixels" in capsys.readouterr().err
     for flag, value, message in (("--decode-batch-size", "0", "must be >= 1"), ("--batch-size", "x", "an integer"),
