@@ -68,8 +68,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = [b for b in args.benchmarks if b not in TABLE_ORDER]
     if unknown:
         p.error(f"unknown benchmarks {unknown}; choose from {','.join(TABLE_ORDER)}")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
     args.settings = dict(args.setting)
     return args
 

@@ -117,8 +117,6 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
     """
     from pipeline.datasets import open_labelled_source
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
     so = cfg.storage_options
     if args.data_root and (args.labels or args.labels_from_manifest):
         raise ValueError("--data-root reads the benchmark's own labels: drop --labels / --labels-from-manifest")

@@ -254,7 +254,6 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
 
     from .workers import SegmentWorker, decode_stage, encode_stage
 
-    _check_decode_memory(cfg)
     blocks = max(1, min(20000, math.ceil(len(rows) / cfg.decode_batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     # The decode tasks reserve heap memory for one worst-case image (RGB + float resize buffers).
@@ -301,6 +300,7 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.progress
     workers, gpw = _default_workers(cfg)
+    _check_decode_memory(cfg)
     rows = [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
              "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
              "listing_error": it.get("error") or ""}

@@ -55,14 +55,14 @@ def non_negative_float(text: str) -> float:
 
 
 def rgb_triple(text: str) -> tuple[float, float, float]:
-    """``"0.5,0.5,0.5"`` -> ``(0.5, 0.5, 0.5)``; an argparse ``type=``."""
+    """``"0.5,0.5,0.5"`` -> ``(0.5, 0.5, 0.5)``; an argparse ``type=`` (positivity is checked where the
+    value is used, as for the library's arguments)."""
+    from .weights import rgb_values
+
     try:
-        out = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        out = ()
-    if len(out) != 3:
-        raise argparse.ArgumentTypeError(f"expected three numbers R,G,B, got {text!r}")
-    return out
+        return rgb_values("the value", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_setting(text: str) -> tuple[str, object]:

@@ -327,14 +327,13 @@ def _unstated_choices(arch: str, resolved: ResolvedWeights) -> Optional[str]:
     return " ".join(said)
 
 
-def _channels(name: str, value, default: tuple, positive: bool = False) -> tuple:
-    """``value`` as 3 finite floats (one per RGB channel), or ``default`` when None."""
+def rgb_values(name: str, value, default: tuple = (), positive: bool = False) -> tuple:
+    """``value`` (3 numbers, or a ``"R,G,B"`` string) as 3 finite floats, one per RGB channel; ``default``
+    when None. ``ValueError`` names ``name`` otherwise."""
     if value is None:
         return tuple(float(v) for v in default)
-    if isinstance(value, str):
-        value = value.split(",")
     try:
-        out = tuple(float(v) for v in value)
+        out = tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be 3 numbers (R, G, B), got {value!r}") from None
     if len(out) != 3 or not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
@@ -418,8 +417,8 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
             warn(message, UserWarning)
     use_quick_gelu = built_in or (resolved.quick_gelu if quick_gelu is None else bool(quick_gelu))
     resolved = replace(resolved, quick_gelu=use_quick_gelu,
-                       mean=_channels("image_mean", image_mean, resolved.mean),
-                       std=_channels("image_std", image_std, resolved.std, positive=True))
+                       mean=rgb_values("image_mean", image_mean, resolved.mean),
+                       std=rgb_values("image_std", image_std, resolved.std, positive=True))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" here; we load them next

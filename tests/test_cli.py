@@ -115,7 +115,7 @@ def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
     assert e.value.code == 2 and "pamr must be true or false" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         segment.main(common + ["--vocabulary", "sky", "--image-mean", "0.5,0.5"])
-    assert e.value.code == 2 and "expected three numbers R,G,B, got '0.5,0.5'" in capsys.readouterr().err
+    assert e.value.code == 2 and "the value must be 3 finite numbers (R, G, B), got '0.5,0.5'" in capsys.readouterr().err
     assert segment.main(common + ["--vocabulary", "sky", "--image-std", "0.5,0,0.5"]) == 2
     assert "image_std must be 3 finite numbers (R, G, B), all > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
