@@ -117,9 +117,8 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
     if previous is not None:
         old = dict(previous.get("config", {}))
         if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
-            old["segmenter"] = without_execution(old["segmenter"])
-        if isinstance(old.get("segmenter"), dict):
-            old["segmenter"] = _respelled(_with_normalisation(old["segmenter"]), ident["segmenter"])
+            old["segmenter"] = _respelled(_with_normalisation(without_execution(old["segmenter"])),
+                                          ident["segmenter"])
         old_input = old.get("input")
         if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
             old["input"] = storage.canonical_uri(old_input, so)

@@ -85,9 +85,10 @@ def pamr_row_bands(logits: Tensor, image: Tensor, size: tuple[int, int], max_byt
     """Yield ``(r0, r1, band)``: PAMR of ``logits`` ``(Q, h, w)``, guided by ``image`` ``(3, h', w')``, both
     resized bilinearly to ``size`` ``(H, W)``; ``band`` ``(Q, r1 - r0, W)`` float32 holds rows ``r0:r1``.
 
-    One band where the whole image fits in ``max_bytes`` (default :data:`PAMR_BAND_BYTES`). Otherwise each band is refined with a halo of
-    ``iters * max(dilations)`` rows on either side: a row's refined value depends on no row further away,
-    so the bands equal the whole image's refinement up to float rounding. [decision] A band is at least
+    One band where the whole image fits in ``max_bytes`` (default :data:`PAMR_BAND_BYTES`). Otherwise
+    each band is refined with a halo of ``iters * max(dilations)`` rows on either side: a row's refined
+    value depends on no row further away, so the bands equal the whole image's refinement up to float
+    rounding. [decision] A band is at least
     a halo high, so no row is refined more than 3 times; memory may then exceed ``max_bytes``.
     """
     q = logits.shape[0]
@@ -96,9 +97,9 @@ def pamr_row_bands(logits: Tensor, image: Tensor, size: tuple[int, int], max_byt
     per_row = W * 4 * (3 * q + 8 * len(dilations) + 12)  # masks x3, weights, the guide and its temporaries
     fit = (PAMR_BAND_BYTES if max_bytes is None else max_bytes) // per_row
     rows = H if fit >= H else max(halo, fit - 2 * halo)
+    image, logits = image.float(), logits.float()           # once, not per band (both at the working size)
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
         e0, e1 = max(0, r0 - halo), min(H, r1 + halo)
-        refined = pamr(bilinear_rows(image.float(), size, e0, e1), bilinear_rows(logits.float(), size, e0, e1),
-                       iters, dilations)
+        refined = pamr(bilinear_rows(image, size, e0, e1), bilinear_rows(logits, size, e0, e1), iters, dilations)
         yield r0, r1, refined[:, r0 - e0:r1 - e0]

@@ -132,9 +132,7 @@ def _local_path(spec: str) -> str:
 
 def _is_tag(model: str, spec: str) -> bool:
     """True if ``spec`` is an open_clip pretrained tag of ``model``."""
-    from open_clip.pretrained import get_pretrained_cfg
-
-    return bool(get_pretrained_cfg(model, spec))
+    return bool(_tag_cfg(model, spec))
 
 
 def _unreachable(host: str, scheme: str = "https", port: Optional[int] = None, use_proxy: bool = True,
@@ -174,9 +172,9 @@ def _offline_message(model: str, tag: str, reason: str) -> str:
 
 def _resolve_tag(model: str, tag: str, cache_dir: Optional[str]) -> str:
     """Local path of an open_clip pretrained tag's file, downloading it if online."""
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+    from open_clip.pretrained import download_pretrained, list_pretrained_tags_by_model
 
-    cfg = get_pretrained_cfg(model, tag)
+    cfg = _tag_cfg(model, tag)
     if not cfg:
         raise WeightsError(f"{tag!r} is neither a file nor an open_clip pretrained tag for {model}; "
                            f"tags for {model}: {list_pretrained_tags_by_model(model)}")
