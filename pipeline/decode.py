@@ -1,6 +1,6 @@
 """Robust image decoding: bytes -> upright RGB uint8, or a :class:`DecodeError` with a reason.
 
-Order of checks: empty file; format identified from the header; pixel count from the header
+Order of checks: empty file; file size (at most :func:`max_file_bytes`); format identified from the header; pixel count from the header
 (before any pixel is decoded, so a decompression bomb costs nothing); full decode (truncated or
 corrupt data fails here); mode and EXIF orientation via ``rfclip.images.to_rgb_array``.
 """
@@ -12,6 +12,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+METADATA_BYTES = 64 * 2**20      # EXIF, ICC profiles, thumbnails, XMP: allowed on top of the pixel data
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image of at most ``max_pixels`` pixels can need: 8 bytes a pixel (raw 16-bit
+    RGBA or CMYK, the widest mode Pillow decodes, stored without compression) plus ``METADATA_BYTES``.
+    Readers fetch at most one byte more than this, so a huge file is never read whole."""
+    return int(max_pixels) * 8 + METADATA_BYTES
 
 
 class DecodeError(ValueError):
@@ -23,12 +31,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
     Handles grayscale, palette, RGBA/LA, CMYK, 16-bit and EXIF-rotated images (first frame of
     multi-frame files). Raises :class:`DecodeError` for empty, non-image, truncated or corrupt
-    data, and for images whose header declares more than ``max_pixels`` pixels.
+    data, for files larger than :func:`max_file_bytes` (``data`` may be a file's first
+    ``max_file_bytes(max_pixels) + 1`` bytes) and for images whose header declares more than
+    ``max_pixels`` pixels.
     """
     from rfclip.images import to_rgb_array  # the one place that decides modes + EXIF (CONTRACT.md)
 
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    most = max_file_bytes(max_pixels)
+    if len(data) > most:
+        raise DecodeError(f"file too large: more than {most} bytes, which no image of at most max_pixels "
+                          f"{max_pixels} pixels needs (8 bytes a pixel plus {METADATA_BYTES >> 20} MiB of metadata)")
     # PIL's own limit (it refuses 179 MP and more at open) would override --max-pixels: max_pixels,
     # checked from the header below, decides alone. The caller's limit is put back after the open.
     pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None

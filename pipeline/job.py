@@ -226,8 +226,9 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
 
 
 def decode_memory(max_pixels: int) -> int:
-    """Bytes a decode task reserves: one worst-case image, RGB plus float resize buffers."""
-    return int(max_pixels) * 3 * 6
+    """Bytes a decode task reserves: one worst-case image, its file's bytes plus RGB and float resize buffers."""
+    from .decode import max_file_bytes
+    return int(max_pixels) * 3 * 6 + max_file_bytes(max_pixels)
 
 
 def _check_decode_memory(cfg: JobConfig) -> None:

@@ -112,17 +112,13 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
     (``images_failed``: rows that could not be segmented, hence not scored; up to 5 of their
     ``uri: reason``). Raises on no shards, a shard without a matrix, differing sizes / ignore
     indices, or an image counted in two shards."""
-    from .sinks import committed_shard_names, parse_shard_metadata, shard_path
-    from .storage import get_fs
+    from .sinks import committed_shard_files, parse_shard_metadata
 
-    so = storage_options or {}
-    names = sorted(committed_shard_names(output_uri, so))
-    if not names:
-        raise ValueError(f"no committed shards under {output_uri!r}")
-    fs, root = get_fs(output_uri, so)
+    files, fs = committed_shard_files(output_uri, storage_options or {})
     total, images, ignore, seen, failed = None, 0, None, set(), []
-    for name in names:
-        with fs.open(posixpath.join(root, shard_path(name)), "rb") as f:      # one read: rows and footer
+    for path in files:
+        name = posixpath.basename(path)[: -len(".parquet")]
+        with fs.open(path, "rb") as f:      # one read: rows and footer
             t = pq.read_table(f, columns=["image_uri", "status", "error"])
         _, conf = parse_shard_metadata(t.schema.metadata)
         if conf is None:
@@ -143,7 +139,7 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
         total = m if total is None else total + m
         images += int(conf["images"])
     return {"confusion": total, "images": images, "images_failed": len(failed), "failed_examples": failed[:5],
-            "ignore_index": ignore, "shards": len(names)}
+            "ignore_index": ignore, "shards": len(files)}
 
 
 def _class_names_from_run(output_uri: str, so: dict) -> Optional[list]:

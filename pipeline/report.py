@@ -31,6 +31,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .datasets import png_to_array  # noqa: E402
 from .metrics import _fmt  # noqa: E402
+from .sinks import committed_shard_files  # noqa: E402
 from .storage import get_fs, read_uris, scrub  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,6 @@ def _fig_bytes(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-def committed_prediction_files(output_uri: str, storage_options: Optional[dict] = None):
-    """The committed shards' paths (``predictions/shard-*.parquet``, not the temp files that a crashed
-    commit may leave) and their filesystem."""
-    from .sinks import committed_shard_names, shard_path
-
-    fs, root = get_fs(output_uri, storage_options)
-    files = [posixpath.join(root, shard_path(name)) for name in sorted(committed_shard_names(output_uri, storage_options))]
-    if not files:
-        raise FileNotFoundError(f"no predictions/shard-*.parquet under {output_uri}")
-    return files, fs
 
 
 def corpus_stats(fs, files: Sequence[str], num_classes: int) -> dict:
@@ -250,7 +239,7 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
                  title: Optional[str] = None) -> str:
     """Write ``{output}/report.md`` and ``{output}/figures/*.png``; return the report's URI."""
     so = dict(storage_options or {})
-    files, fs = committed_prediction_files(output_uri, so)
+    files, fs = committed_shard_files(output_uri, so)
     stats = corpus_stats(fs, files, len(class_names))
     root = get_fs(output_uri, so)[1].rstrip("/")
     fs.makedirs(posixpath.join(root, "figures"), exist_ok=True)

@@ -106,6 +106,16 @@ def committed_shard_names(output_uri: str, storage_options: Optional[dict]) -> s
     return names
 
 
+def committed_shard_files(output_uri: str, storage_options: Optional[dict]) -> tuple[list[str], object]:
+    """The committed shards' paths, sorted (``predictions/shard-*.parquet``, not the temp files a crashed
+    commit may leave), and their filesystem. Raises ``FileNotFoundError`` when there are none."""
+    fs, root = get_fs(output_uri, storage_options)
+    files = [posixpath.join(root, shard_path(name)) for name in sorted(committed_shard_names(output_uri, storage_options))]
+    if not files:
+        raise FileNotFoundError(f"no committed shards (predictions/shard-*.parquet) under {scrub(output_uri)}")
+    return files, fs
+
+
 def parse_shard_metadata(metadata: Optional[dict]) -> tuple[dict, Optional[dict]]:
     """``(shard_meta, confusion or None)`` from a shard's key-value metadata (a pyarrow schema's)."""
     meta = metadata or {}

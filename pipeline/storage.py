@@ -127,18 +127,22 @@ def retry_call(fn: Callable[[], T], what: str, attempts: int = 5, base_delay_s: 
     raise AssertionError("unreachable")
 
 
-def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5) -> dict[str, Any]:
-    """Read whole files; returns ``{path: bytes | Exception}`` (one failure never hides the others).
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5,
+              limit: Optional[int] = None) -> dict[str, Any]:
+    """Read files, whole or their first ``limit`` bytes; returns ``{path: bytes | Exception}`` (one
+    failure never hides the others).
 
     Uses ``fs.cat(paths, on_error="return")`` so async filesystems (s3fs) fetch concurrently, then
-    retries each transient failure on its own with :func:`retry_call`.
+    retries each transient failure on its own with :func:`retry_call`. ``limit`` becomes a ranged
+    read (an HTTP ``Range`` on object stores), so a huge file costs ``limit`` bytes, not its size.
     """
     if not paths:
         return {}
+    span = {} if limit is None else {"start": 0, "end": int(limit)}
     # fs.cat expands glob characters; names like "img[1].jpg" must be read literally with cat_file.
     plain = [p for p in paths if not any(c in p for c in "*?[")]
     try:
-        got = fs.cat(plain, on_error="return") if plain else {}
+        got = fs.cat(plain, on_error="return", **span) if plain else {}
     except Exception as exc:  # noqa: BLE001 - the whole batch failed; each file is retried on its own
         got = {p: ConnectionError(f"batch read failed: {exc}") for p in plain}
     out: dict[str, Any] = {}
@@ -149,17 +153,17 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5
             v = ConnectionError("read literally")  # transient by construction: goes through cat_file below
         if isinstance(v, Exception) and is_transient(v):
             try:
-                v = retry_call(lambda p=p: fs.cat_file(p), f"read {p}", attempts=attempts)
+                v = retry_call(lambda p=p: fs.cat_file(p, **span), f"read {p}", attempts=attempts)
             except Exception as exc:  # noqa: BLE001 - reported per file by the caller
                 v = exc
         out[p] = v
     return out
 
 
-def read_uris(uris: list[str], storage_options: Optional[dict] = None) -> list[Any]:
-    """Bytes of each URI, or the exception that reading it raised, in order. URIs are grouped by
-    protocol and each group read with :func:`read_many`, so one batch may mix local paths and URLs
-    (manifests)."""
+def read_uris(uris: list[str], storage_options: Optional[dict] = None, limit: Optional[int] = None) -> list[Any]:
+    """Bytes of each URI (at most ``limit`` of them), or the exception that reading it raised, in order.
+    URIs are grouped by protocol and each group read with :func:`read_many`, so one batch may mix local
+    paths and URLs (manifests)."""
     out: list[Any] = [None] * len(uris)
     groups: dict[str, list[int]] = {}
     for i, u in enumerate(uris):
@@ -167,7 +171,7 @@ def read_uris(uris: list[str], storage_options: Optional[dict] = None) -> list[A
     for idxs in groups.values():
         fs, _ = get_fs(uris[idxs[0]], storage_options)
         paths = [fs._strip_protocol(uris[i]) for i in idxs]
-        got = read_many(fs, paths)
+        got = read_many(fs, paths, limit=limit)
         for i, p in zip(idxs, paths):
             out[i] = got[p]
     return out

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .decode import DecodeError, decode_image
+from .decode import DecodeError, decode_image, max_file_bytes
 from .storage import atomic_write_bytes, get_fs, read_uris, scrub
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: in
     t0 = time.perf_counter()
     readable = [i for i in range(n) if not listed[i]]
     got: list = [DecodeError(e) for e in listed]
-    for i, data in zip(readable, read_uris([uris[i] for i in readable], storage_options)):
+    # One byte past the most an image of max_pixels needs: decode_image refuses such a file unread.
+    for i, data in zip(readable, read_uris([uris[i] for i in readable], storage_options,
+                                           limit=max_file_bytes(max_pixels) + 1)):
         got[i] = data
     read_ms = (time.perf_counter() - t0) * 1000.0 / max(n, 1)
     for i, data in enumerate(got):
@@ -83,7 +85,9 @@ def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: in
         try:
             if isinstance(data, BaseException):
                 raise data
+            got[i] = None                       # the file's bytes go once decoded
             rgb = decode_image(data, max_pixels=max_pixels)
+            del data
             height[i], width[i] = rgb.shape[:2]
             small = np.ascontiguousarray(resize_short_side(rgb, short_side, max_long_side))
             rh[i], rw[i] = small.shape[:2]

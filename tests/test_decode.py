@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_image
+from pipeline import decode
+from pipeline.decode import DecodeError, decode_image, max_file_bytes
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -45,6 +46,41 @@ def test_too_many_pixels_is_rejected_from_the_header():
         decode_image(data)                                  # default max_pixels = 50 MP
     with pytest.raises(DecodeError, match="max_pixels 1000"):
         decode_image(_enc(Image.fromarray(_rgb()), "PNG"), max_pixels=1000)
+
+
+def test_a_file_longer_than_any_image_of_max_pixels_is_refused_before_parsing(monkeypatch):
+    monkeypatch.setattr(decode, "METADATA_BYTES", 1000)
+    arr = np.random.default_rng(1).integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    raw = _enc(Image.fromarray(arr), "PNG", compress_level=0)   # incompressible, stored: > 4 bytes a pixel
+    assert len(raw) > 4 * 30 * 40
+    assert decode_image(raw, max_pixels=30 * 40).shape == (30, 40, 3)   # the widest real file still fits
+    padded = raw + b"\0" * (max_file_bytes(30 * 40) + 1 - len(raw))      # a PNG with junk after its end
+    with pytest.raises(DecodeError, match=f"file too large: more than {max_file_bytes(30 * 40)} bytes"):
+        decode_image(padded, max_pixels=30 * 40)
+
+
+def test_the_decode_stage_reads_a_huge_file_only_up_to_the_limit(tmp_path, monkeypatch):
+    """A sparse 4 GiB ``.jpg`` among good images becomes an error row, read no further than the limit."""
+    import tracemalloc
+
+    from pipeline.workers import decode_stage
+
+    monkeypatch.setattr(decode, "METADATA_BYTES", 1000)
+    good = tmp_path / "good.png"
+    Image.fromarray(_rgb(20, 30)).save(good)
+    huge = tmp_path / "huge[1].jpg"                 # glob characters: read through cat_file
+    with open(huge, "wb") as f:
+        f.truncate(4 << 30)
+    batch = {"image_uri": np.array([str(good), str(huge), str(good)], dtype=object)}
+    tracemalloc.start()
+    try:
+        out = decode_stage(batch, storage_options=None, max_pixels=20 * 30, short_side=20, max_long_side=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert list(out["status"]) == ["ok", "error", "ok"]
+    assert out["error"][1].startswith(f"file too large: more than {max_file_bytes(20 * 30)} bytes")
+    assert peak < 1 << 20, peak
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])

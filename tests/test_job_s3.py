@@ -56,6 +56,21 @@ def test_s3_to_s3_rows_masks_statuses_and_no_secret_leaks(seaweedfs_s3, ray_loca
         assert secret not in text
 
 
+def test_s3_reads_stop_at_the_limit(seaweedfs_s3):
+    """A ranged GET: an object longer than the limit costs the limit, a shorter one comes whole."""
+    from pipeline.storage import read_uris
+
+    fs = seaweedfs_s3.fs()
+    blob = bytes(range(256)) * 400
+    fs.pipe_file(f"{seaweedfs_s3.bucket}/limit/a.bin", blob)
+    fs.pipe_file(f"{seaweedfs_s3.bucket}/limit/b[1].bin", blob)      # read literally, through cat_file
+    uris = [f"s3://{seaweedfs_s3.bucket}/limit/a.bin", f"s3://{seaweedfs_s3.bucket}/limit/b[1].bin"]
+    so = seaweedfs_s3.storage_options
+    assert read_uris(uris, so, limit=1001) == [blob[:1001], blob[:1001]]
+    assert read_uris(uris, so, limit=len(blob) + 5) == [blob, blob]
+    assert read_uris(uris, so) == [blob, blob]
+
+
 def test_s3_missing_prefix_fails_fast(seaweedfs_s3, tiny_model, capsys):
     from jobs.segment_dataset import main
 

@@ -108,7 +108,7 @@ def test_reducer_refuses_double_counting_and_empty(tmp_path):
     _write_shards(out, maps[:4], 4, names="shard-extra-{}")  # same images under another shard name
     with pytest.raises(ValueError, match="counted in two shards"):
         reduce_confusion(out, class_names=NAMES)
-    with pytest.raises(ValueError, match="no committed shards"):
+    with pytest.raises(FileNotFoundError, match="no committed shards"):
         reduce_confusion(str(tmp_path / "empty"), class_names=NAMES)
     good = str(tmp_path / "good")
     _write_shards(good, maps, 4)

@@ -129,7 +129,8 @@ def test_report_reads_images_above_the_default_pixel_limit(tmp_path):
 def test_corpus_stats_sum_each_shard_as_a_loop_over_the_rows_does(tmp_path):
     """Per-shard pyarrow sums (no Python lists of the whole corpus) against a plain loop over every row,
     across shards with error rows and a null confidence; a class_pixels of the wrong length is refused."""
-    from pipeline.report import committed_prediction_files, corpus_stats
+    from pipeline.report import corpus_stats
+    from pipeline.sinks import committed_shard_files
 
     rng = np.random.default_rng(3)
     k, rows_all = 5, []
@@ -144,7 +145,7 @@ def test_corpus_stats_sum_each_shard_as_a_loop_over_the_rows_does(tmp_path):
                              mean_confidence=(None if i == 1 else float(rng.random())) if ok else None, elapsed_ms=1.0))
         commit_shard(str(tmp_path), None, f"shard-{s:05d}", rows, {"name": f"shard-{s:05d}"})
         rows_all += rows
-    files, fs = committed_prediction_files(str(tmp_path))
+    files, fs = committed_shard_files(str(tmp_path), None)
     got = corpus_stats(fs, files, k)
     ok_rows = [r for r in rows_all if r["status"] == "ok"]
     assert (got["ok"], got["error"]) == (len(ok_rows), len(rows_all) - len(ok_rows))
