@@ -1,7 +1,7 @@
 """run.json and the resume rule: a re-run into the same output finishes the job, or is refused.
 
 run.json holds the run's ``config`` (its identity: what a resumed run must match), the package
-``versions``, and ``runtime`` details that may change between runs (workers, batch size, the device,
+``versions`` (and ``earlier_versions``: those of the runs it resumed, where they differed), and ``runtime`` details that may change between runs (workers, batch size, the device,
 how the forward pass runs). :func:`start_or_resume` checks an output folder against a new identity,
 writes run.json, and says which shards are left to do.
 """
@@ -35,14 +35,23 @@ def now() -> str:
 
 
 def versions() -> dict:
-    """Installed versions of the packages that decide the outputs."""
-    out = {"python": platform.python_version()}
+    """Installed versions of the packages that decide the outputs, and ``rfclip.OUTPUT_REVISION``."""
+    import rfclip
+
+    out = {"python": platform.python_version(), "rfclip_output_revision": rfclip.OUTPUT_REVISION}
     for p in VERSION_PACKAGES:
         try:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             out[p] = None
     return out
+
+
+def _version_changes(old: dict, new: dict) -> list[str]:
+    """``name old -> new`` for each version that differs (a run.json from before the output revision
+    was recorded is revision 1)."""
+    old = {"rfclip_output_revision": 1, **old}
+    return [f"{k} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k]]
 
 
 def without_execution(seg_config: dict) -> dict:
@@ -140,11 +149,18 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
     if stray:
         raise ConfigMismatch(f"output holds shards that this input does not produce: {sorted(stray)[:5]}")
 
+    earlier = list(previous.get("earlier_versions") or []) if previous else []
+    if previous and committed and isinstance(previous.get("versions"), dict):
+        changes = _version_changes(previous["versions"], versions())
+        if changes:
+            log.warning("resuming shards written with other versions (%s): the committed shards are kept, so "
+                        "the output mixes both; use --overwrite to redo them all", "; ".join(changes))
+            earlier.append(previous["versions"])
     fs_out, root = storage.get_fs(cfg.output, so)
     summary_path = root.rstrip("/") + "/" + sinks.SUMMARY_JSON
     if fs_out.exists(summary_path):
         fs_out.rm(summary_path)
-    run_doc = {"config": ident, "versions": versions(),
+    run_doc = {"config": ident, "versions": versions(), "earlier_versions": earlier,
                "runtime": {"output": cfg.output, "storage_options": so, "batch_size": cfg.batch_size,
                            "execution_settings": {k: probe["config"]["settings"][k] for k in EXECUTION_SETTINGS},
                            "workers": cfg.workers, "num_gpus_per_worker": cfg.num_gpus_per_worker,

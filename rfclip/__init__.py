@@ -15,6 +15,10 @@ from .weights import WeightsError, WeightsUnavailableError
 from . import benchmarks, testing  # noqa: E402  (public submodules)
 
 __version__ = "0.1.0"
+# Raised by one whenever a change alters what a given model, vocabulary and settings segment, so a
+# resumed job can say its shards were made by two revisions (pipeline.run_record). 2: resized_shape
+# rounds half up, as mmcv does.
+OUTPUT_REVISION = 2
 
 __all__ = [
     "Prediction", "Segmenter", "Settings", "WeightsError", "WeightsUnavailableError", "available_methods",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 from pipeline import sinks
 from pipeline.metrics import load_shard_confusions
 import pytest
+import rfclip
 from rfclip.weights import OPENAI_MEAN
 from PIL import Image
 
@@ -254,6 +256,34 @@ def test_rerun_of_a_run_json_without_the_normalisation_resumes_but_another_norma
     with pytest.raises(ConfigMismatch, match="image_mean"):
         run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), image_mean=(0.5, 0.5, 0.5),
                                 image_std=(0.5, 0.5, 0.5)))
+
+
+def test_a_resume_under_other_versions_warns_and_keeps_their_record(first_run, tiny_model, tmp_path, caplog):
+    """Shards written by another output revision or package version are kept, with a warning and a record
+    in run.json; a run.json from before the revision was recorded counts as revision 1."""
+    from pipeline.job import run
+    from pipeline.run_record import versions
+
+    cfg, out, first = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    doc = json.loads((copy / "run.json").read_text())
+    assert doc["versions"] == versions() and doc["earlier_versions"] == []
+    older = {k: v for k, v in doc["versions"].items() if k != "rfclip_output_revision"}
+    older["torch"] = "2.0.0"
+    (copy / "run.json").write_text(json.dumps({**doc, "versions": older}))
+    caplog.set_level(logging.WARNING)
+    again = run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), save_masks=True))
+    assert again["skipped"] == first["images_total"]
+    warned = [r.getMessage() for r in caplog.records if "other versions" in r.getMessage()]
+    assert len(warned) == 1 and f"rfclip_output_revision 1 -> {rfclip.OUTPUT_REVISION}" in warned[0]
+    assert "torch 2.0.0 -> " in warned[0] and "--overwrite" in warned[0]
+    doc = json.loads((copy / "run.json").read_text())
+    assert doc["earlier_versions"] == [older] and doc["versions"] == versions()
+    caplog.clear()
+    run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), save_masks=True))   # same versions now
+    assert not [r for r in caplog.records if "other versions" in r.getMessage()]
+    assert json.loads((copy / "run.json").read_text())["earlier_versions"] == [older]
 
 
 def test_overwrite_starts_over(first_run, tiny_model, tmp_path):
