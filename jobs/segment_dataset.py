@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("execution")
     r.add_argument("--workers", type=positive_int, help="model actors (default: one per GPU, else 1)")
     r.add_argument("--num-gpus-per-worker", type=non_negative_float, help="default 1 where GPUs exist, else 0")
-    r.add_argument("--cpus-per-worker", type=non_negative_float, default=1.0)
+    r.add_argument("--cpus-per-worker", type=non_negative_float,
+                   help="CPUs each model actor reserves (default 1; on a local Ray with fewer than workers + 1 "
+                        "CPUs, what leaves one CPU to the decode and encode tasks)")
     r.add_argument("--batch-size", type=positive_int, default=8, help="images per model call")
     r.add_argument("--decode-batch-size", type=positive_int, default=16, help="images per CPU decode/encode task")
     r.add_argument("--window-images", type=positive_int, default=100_000,

@@ -199,8 +199,9 @@ def _init_ray(address: Optional[str]) -> bool:
     return True
 
 
-def _default_workers(cfg: JobConfig) -> tuple[int, float]:
-    """``(model actors, GPUs per actor)``: by default one actor per GPU, else one CPU actor."""
+def _default_workers(cfg: JobConfig) -> tuple[int, float, float]:
+    """``(model actors, GPUs per actor, CPUs per actor)``: by default one actor per GPU, else one CPU actor;
+    each reserves 1 CPU, or on a local Ray too small for that, what leaves one CPU to decode and encode."""
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -211,18 +212,27 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float]:
         log.warning("the cluster has no GPU now, so the model runs on CPU; on an autoscaling cluster pass "
                     "--num-gpus-per-worker 1 --workers N to ask for N GPU nodes")
     workers = int(cfg.workers) if cfg.workers is not None else (max(1, int(gpus // gpw)) if gpw > 0 else 1)
-    if not (address and address != "local"):
-        # A local Ray has no autoscaler: actors asking for more than the machine has would wait forever.
-        cpus = float(ray.cluster_resources().get("CPU", 0))
-        if workers * gpw > gpus:
-            raise ValueError(f"{workers} workers x --num-gpus-per-worker {gpw:g} ask for {workers * gpw:g} GPUs, "
-                             f"and this machine's Ray has {gpus:g}; pass fewer --workers, or "
-                             f"--num-gpus-per-worker 0 to run the model on CPU")
-        if workers * cfg.cpus_per_worker > cpus:
-            raise ValueError(f"{workers} workers x --cpus-per-worker {cfg.cpus_per_worker:g} ask for "
-                             f"{workers * cfg.cpus_per_worker:g} CPUs, and this machine's Ray has {cpus:g}; pass "
-                             f"fewer --workers or a smaller --cpus-per-worker")
-    return workers, gpw
+    cpw = 1.0 if cfg.cpus_per_worker is None else float(cfg.cpus_per_worker)
+    if address and address != "local":
+        return workers, gpw, cpw
+    # A local Ray has no autoscaler: actors asking for more than the machine has would wait forever, and
+    # so would the decode and encode tasks (1 CPU each) if the actors held every CPU.
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if workers * gpw > gpus:
+        raise ValueError(f"{workers} workers x --num-gpus-per-worker {gpw:g} ask for {workers * gpw:g} GPUs, "
+                         f"and this machine's Ray has {gpus:g}; pass fewer --workers, or "
+                         f"--num-gpus-per-worker 0 to run the model on CPU")
+    if cpus < 1:
+        raise ValueError(f"this machine's Ray has {cpus:g} CPUs, and the decode and encode tasks need 1")
+    if cfg.cpus_per_worker is None and workers * cpw > cpus - 1:
+        cpw = (cpus - 1) / workers
+        log.info("%d model workers reserve %.3g CPUs each, leaving one of this machine's %g to decode and encode",
+                 workers, cpw, cpus)
+    if workers * cpw > cpus - 1:
+        raise ValueError(f"{workers} workers x --cpus-per-worker {cpw:g} ask for {workers * cpw:g} CPUs, and this "
+                         f"machine's Ray has {cpus:g}, of which the decode and encode tasks need 1; pass fewer "
+                         f"--workers or a smaller --cpus-per-worker (0 lets the actors share the CPUs)")
+    return workers, gpw, cpw
 
 
 def decode_memory(max_pixels: int) -> int:
@@ -249,7 +259,8 @@ def _check_decode_memory(cfg: JobConfig) -> None:
         raise ValueError(message)
 
 
-def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, workers: int, gpw: float):
+def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, workers: int, gpw: float,
+                   cpw: float):
     """The Ray Data chain over ``rows``: decode (CPU tasks) -> segment (actor pool) -> encode (CPU tasks)."""
     import ray.data
 
@@ -270,7 +281,7 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ds.map_batches(SegmentWorker, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=workers),
-                            num_gpus=gpw, num_cpus=cfg.cpus_per_worker, max_task_retries=MODEL_TASK_RETRIES,
+                            num_gpus=gpw, num_cpus=cpw, max_task_retries=MODEL_TASK_RETRIES,
                             fn_constructor_kwargs={"segmenter_kwargs": seg_kw})
     lab = cfg.labels
     return ds.map_batches(encode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
@@ -300,13 +311,14 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.progress
-    workers, gpw = _default_workers(cfg)
+    workers, gpw, cpw = _default_workers(cfg)
     _check_decode_memory(cfg)
     rows = [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
              "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
              "listing_error": it.get("error") or ""}
             for s in pending for pos, it in enumerate(s.items)]
-    log.info("pipeline: %d images, %d model workers (%s GPU each, batch %d)", len(rows), workers, gpw, cfg.batch_size)
+    log.info("pipeline: %d images, %d model workers (%g GPU, %g CPU each, batch %d)", len(rows), workers, gpw, cpw,
+             cfg.batch_size)
 
     by_index = {s.index: s for s in pending}
     buffers: dict[int, dict[int, dict]] = {}
@@ -337,7 +349,7 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
                      total, in_window / max(time.time() - t0, 1e-9))
 
     def consume(run_cfg: JobConfig, run_rows: list) -> None:
-        ds = _build_dataset(run_cfg, run_rows, probe, seg_kw, workers, gpw)
+        ds = _build_dataset(run_cfg, run_rows, probe, seg_kw, workers, gpw, cpw)
         # Closed in the finally, while Ray is up: an exception (Ctrl-C) leaving this frame keeps its locals
         # alive in the traceback past ray.shutdown(), and the generator's cleanup (executor shutdown, stats
         # update) must not run against no Ray, where a Ray call may start a new local one.

@@ -56,7 +56,7 @@ class JobConfig:
     overwrite: bool = False
     workers: Optional[int] = None
     num_gpus_per_worker: Optional[float] = None
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Optional[float] = None     # None: 1, or on a small local Ray what leaves a CPU to decode
     batch_size: int = 8
     decode_batch_size: int = 16
     window_images: int = 100_000

@@ -401,8 +401,9 @@ def test_what_no_node_here_could_run_is_refused_not_waited_for(ray_local, tiny_m
     if not torch.cuda.is_available():
         assert main(base + ["--num-gpus-per-worker", "1"]) == 2
         assert "--num-gpus-per-worker 0 to run the model on CPU" in capsys.readouterr().err
-    assert main(base + ["--workers", "3"]) == 2                         # ray_local has 2 CPUs
-    assert "3 workers x --cpus-per-worker 1 ask for 3 CPUs" in capsys.readouterr().err
+    assert main(base + ["--workers", "2", "--cpus-per-worker", "1"]) == 2      # ray_local has 2 CPUs
+    assert "ask for 2 CPUs, and this machine's Ray has 2, of which the decode and encode tasks need 1" in \
+        capsys.readouterr().err
     assert main(base + ["--max-pixels", str(10 ** 12)]) == 2
     assert "lower --max-pixels" in capsys.readouterr().err
     for flag, value, message in (("--decode-batch-size", "0", "must be >= 1"), ("--batch-size", "x", "an integer"),
@@ -410,6 +411,20 @@ def test_what_no_node_here_could_run_is_refused_not_waited_for(ray_local, tiny_m
         with pytest.raises(SystemExit) as e:
             main(base + [flag, value])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_workers_filling_the_cpus_by_default_leave_one_to_decode(ray_local, tiny_model, tmp_path, caplog):
+    """Two model actors on ray_local's 2 CPUs: each reserves half of one, so the decode and encode tasks
+    still get a CPU (with 1 each, the job waited forever for one)."""
+    from jobs.segment_dataset import main
+
+    inp = tmp_path / "in"
+    write_images(inp, 3)
+    caplog.set_level(logging.INFO)
+    assert main(["--input", str(inp), "--output", str(tmp_path / "out"), "--workers", "2"]
+                + pipeline_cli_args(tiny_model)) == 0
+    assert "2 model workers reserve 0.5 CPUs each" in caplog.text
+    assert read_predictions(str(tmp_path / "out")).num_rows == 3
 
 
 def test_a_damaged_run_json_names_itself_and_the_way_out(ray_local, tiny_model, tmp_path, capsys):
