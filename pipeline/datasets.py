@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .sources import find_files
+from .sources import find_files, relative_to
 from .storage import canonical_path, full_uri, get_fs, read_uris
 
 IGNORE = 255
@@ -291,13 +291,10 @@ def preset_class_names(preset) -> list[str]:
     return names
 
 
-def _relative_stem(path: str, root: str) -> Optional[str]:
+def _relative_stem(path: str, root: Optional[str]) -> Optional[str]:
     """``sub/<stem>`` of ``path`` below ``root`` (see :func:`image_stem`), or None outside it."""
-    root = root.rstrip("/") + "/"
-    if not path.startswith(root):
-        return None
-    rel = path[len(root):]
-    return posixpath.join(posixpath.dirname(rel), image_stem(rel))
+    rel = relative_to(path, root)
+    return None if rel is None else posixpath.join(posixpath.dirname(rel), image_stem(rel))
 
 
 def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ignore_index: int,
@@ -319,7 +316,7 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
     by_stem: dict[str, list[str]] = {}
     for p in files:
         by_stem.setdefault(image_stem(p), []).append(p)
-    rels = [_relative_stem(img, image_root) if image_root else None for img in image_uris]
+    rels = [_relative_stem(img, image_root) for img in image_uris]
     image_stems, image_rels = Counter(image_stem(img) for img in image_uris), Counter(rels)
     pairs, missing, ambiguous = [], [], []
     for img, rel in zip(image_uris, rels):

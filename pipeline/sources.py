@@ -252,13 +252,22 @@ def _dedupe_sorted(items: list[dict], root: Optional[str], kind: str) -> Inputs:
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def relative_to(uri: str, root: Optional[str]) -> Optional[str]:
+    """``uri``'s path below the folder ``root`` (``"sub/a.jpg"``), or None when it is not below it."""
+    if not root:
+        return None
+    root = root.rstrip("/") + "/"
+    return uri[len(root):] if uri.startswith(root) else None
+
+
 def image_id(image_uri: str, root: Optional[str] = None) -> str:
     """A stable, file-name-safe id: ``<stem>-<10 hex of sha1(path relative to root)>``.
 
     Relative to the input root, so the same corpus copied to another bucket keeps its ids;
     with a manifest (no root) the whole URI is hashed.
     """
-    rel = image_uri[len(root):].lstrip("/") if root and image_uri.startswith(root.rstrip("/") + "/") else image_uri
+    rel = relative_to(image_uri, root)
+    rel = image_uri if rel is None else rel.lstrip("/")
     stem = posixpath.splitext(posixpath.basename(image_uri))[0]
     stem = _SAFE.sub("_", stem).strip("._")[:64] or "image"
     return f"{stem}-{hashlib.sha1(rel.encode('utf-8')).hexdigest()[:10]}"
