@@ -82,18 +82,19 @@ def test_s3_missing_prefix_fails_fast(seaweedfs_s3, tiny_model, capsys):
 
 
 def test_s3_evaluation_with_labels_on_s3(seaweedfs_s3, ray_local, tiny_model, tmp_path, capsys):
-    """Images and labels on S3: the driver's first-label check reads with the job's storage options."""
+    """Images and labels on S3, nested alike (a/0.png, b/0.png: one stem, so only the layout pairs them);
+    the driver's first-label check reads with the job's storage options."""
     from jobs.segment_dataset import main
 
     from conftest import pipeline_cli_args
     fs, bucket = seaweedfs_s3.fs(), seaweedfs_s3.bucket
     rng = np.random.default_rng(3)
-    for i in range(2):
+    for sub in ("a", "b"):
         for kind, arr in (("img", (rng.random((30, 40, 3)) * 255).astype(np.uint8)),
                           ("lab", rng.integers(0, 4, (30, 40)).astype(np.uint8))):
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
-            fs.pipe(f"{bucket}/eval/{kind}/{i}.png", buf.getvalue())
+            fs.pipe(f"{bucket}/eval/{kind}/{sub}/0.png", buf.getvalue())
     args = pipeline_cli_args(tiny_model)
     i = args.index("--vocabulary")
     args[i + 1] = "sky; road; car"
@@ -103,3 +104,5 @@ def test_s3_evaluation_with_labels_on_s3(seaweedfs_s3, ray_local, tiny_model, tm
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads(fs.cat_file(f"{bucket}/eval-out/metrics.json"))
     assert metrics["images"] == 2 and metrics["images_failed"] == 0
+    rows = read_predictions(out, seaweedfs_s3.storage_options).to_pylist()
+    assert sorted(r["image_uri"] for r in rows) == [f"s3://{bucket}/eval/img/{sub}/0.png" for sub in ("a", "b")]
