@@ -359,6 +359,7 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
                 keys = list(batch)
                 for j in range(len(batch["image_uri"])):
                     take({k: batch[k][j] for k in keys})
+                causes.raise_on_exceptions()     # a stage's own exception stops the window now, not at its end
         finally:
             batches.close()
 
@@ -421,11 +422,15 @@ class _BlockFailures(logging.Handler):
         text = f"{type(cause).__name__}: {storage.scrub(str(cause))[:300]}"
         (self.deaths if names & set(_PROCESS_DEATHS) else self.others).append(text)
 
-    def check(self, missing: int) -> None:
-        """Raise unless every skipped block is explained by a process that died."""
+    def raise_on_exceptions(self) -> None:
+        """Raise if a block was skipped for an exception other than its process dying."""
         if self.others:
             raise PipelineError(f"a pipeline stage failed ({self.others[0]}); the shards committed so far are "
                                f"kept, and running the same command again redoes the rest")
+
+    def check(self, missing: int) -> None:
+        """Raise unless every skipped block is explained by a process that died."""
+        self.raise_on_exceptions()
         if missing and not self.deaths:
             raise PipelineError(f"the pipeline ended with {missing} images missing and no failure recorded; the "
                                f"shards committed so far are kept, and running the same command again redoes the rest")

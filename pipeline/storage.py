@@ -200,7 +200,10 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, at
             os.fsync(f.fileno())
     try:
         retry_call(write, f"write {tmp}", attempts=attempts)
-        fs.mv(tmp, path)  # LocalFileSystem.mv is os.replace-style: atomic within one filesystem
+        if is_local(fs):
+            os.replace(tmp, path)   # atomic; fs.mv (shutil.move) would put the file inside a folder named `path`
+        else:
+            fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)

@@ -224,6 +224,32 @@ def test_a_stage_that_raises_stops_the_job_with_its_shard_uncommitted_and_a_reru
     _check_exactly_once(out, inputs)
 
 
+def test_a_stage_exception_stops_the_window_early_not_at_its_end(tiny_model, tmp_path):
+    """One image's mask can't be written (a folder holds its name): the job stops with the next batch that
+    arrives, long before the other images of its window (one shard each, 0.5 s a model batch) are done."""
+    import ray
+
+    from pipeline import sources
+    from pipeline.job import PipelineError, run
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_images(inputs, 16, seed=4)
+    first = sorted(str(p) for p in inputs.rglob("*.png"))[0]
+    (out / "masks" / f"{sources.image_id(first, str(inputs))}.png" / "blocker").mkdir(parents=True)
+    cfg = dict(input=str(inputs), output=str(out), shard_size=1, batch_size=1, decode_batch_size=1, save_masks=True)
+    tmp = start_local_ray({"RFCLIP_TEST_WORKER_DELAY_S": "0.5"})
+    try:
+        with pytest.raises(PipelineError, match="a pipeline stage failed"):
+            run(pipeline_job_config(tiny_model, **cfg))
+        assert len(_committed(out)) <= 8, len(_committed(out))      # of the 15 that could be written
+        shutil.rmtree(out / "masks" / f"{sources.image_id(first, str(inputs))}.png")
+        run(pipeline_job_config(tiny_model, **cfg))
+        _check_exactly_once(out, inputs)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_ctrl_c_stops_the_driver_promptly_and_a_rerun_finishes(tiny_model, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group: the driver and its local Ray) mid-run: the driver
     exits within a minute with status 130 and says how to resume; nothing half-written is left, and

@@ -171,3 +171,14 @@ def test_unwritable_output_fails_fast(tmp_path):
             storage.check_writable(target)
     finally:
         ro.chmod(0o700)
+
+
+def test_an_atomic_write_over_a_folder_fails_and_leaves_nothing_inside_it(tmp_path):
+    fs, _ = storage.get_fs(str(tmp_path))
+    target = tmp_path / "mask.png"
+    target.mkdir()
+    with pytest.raises(OSError):
+        storage.atomic_write_bytes(fs, str(target), b"data")
+    assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mask.png"]
+    storage.atomic_write_bytes(fs, str(tmp_path / "ok.png"), b"data")
+    assert (tmp_path / "ok.png").read_bytes() == b"data"
