@@ -173,7 +173,7 @@ def _class_names(cfg: JobConfig) -> list[str]:
     vocab, extra = job_vocabulary(cfg)
     if vocab is None:
         vocab = rfclip.benchmarks.BENCHMARKS[extra["benchmark"]].vocabulary
-    return [c[0] for c in vocab]
+    return rfclip.benchmarks.class_names(vocab, cfg.benchmark)
 
 
 def _manifest_labels(cfg: JobConfig, args: argparse.Namespace):

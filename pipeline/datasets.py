@@ -277,18 +277,9 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
     if not pairs:
         raise FileNotFoundError(f"{benchmark}: no images found in {img_dir}")
     ignore = IGNORE  # every benchmark decodes ignored pixels (incl. reduced zeros) to 255
-    names = preset_class_names(preset)
+    names = rb.class_names(preset.vocabulary, benchmark)
     return LabelledSource(benchmark, [(full_uri(fs, i), full_uri(fs, l)) for i, l in pairs], names, ignore,
                           layout.transform, so, root=full_uri(fs, ds.rstrip("/")))   # ids: either --data-root spelling
-
-
-def preset_class_names(preset) -> list[str]:
-    """First name of each class of a BenchmarkPreset's vocabulary (label order); class 0 is called
-    "background" when the preset has one (VOC21 / COCO-Object list stuff words on that line)."""
-    names = [c[0] if isinstance(c, (list, tuple)) else str(c) for c in preset.vocabulary]
-    if preset.has_background:
-        names[0] = "background"
-    return names
 
 
 def _relative_stem(path: str, root: Optional[str]) -> Optional[str]:

@@ -118,7 +118,7 @@ def probe_segmenter(seg_kw: dict) -> dict:
     is freed before the pipeline starts.
     """
     import rfclip
-    from rfclip.benchmarks import BENCHMARKS
+    from rfclip.benchmarks import BENCHMARKS, class_names
     from rfclip.vocabulary import normalize_vocabulary
 
     # The real vocabulary is checked and recorded, but encoded only by the workers: the probe's
@@ -136,7 +136,7 @@ def probe_segmenter(seg_kw: dict) -> dict:
     config = {**seg.config(), "vocabulary": vocabulary}
     info = {"config": config, "num_classes": len(vocabulary),
             "short_side": int(seg.settings.short_side), "max_long_side": int(seg.settings.max_long_side),
-            "class_names": [names[0] for names in vocabulary]}
+            "class_names": class_names(vocabulary, seg_kw.get("benchmark"))}
     del seg
     gc.collect()
     return info

@@ -56,6 +56,17 @@ BENCHMARKS: dict[str, BenchmarkPreset] = {p.name: p for p in (
     _preset("cityscapes", "cls_city_scapes.txt", False, False, 500),
     _preset("ade20k", "cls_ade20k.txt", True, False, 2000),
 )}
+def class_names(vocabulary: list, benchmark: str | None = None) -> list[str]:
+    """Each class's first name, in label order. Class 0 of a benchmark with a background class, given its
+    own vocabulary, is called "background": VOC21, Context60 and COCO-Object list stuff words (``sky,
+    wall, tree, ...``) on that line, and naming the class after the first would mislabel it."""
+    names = [c[0] if isinstance(c, (list, tuple)) else str(c) for c in vocabulary]
+    preset = BENCHMARKS.get(benchmark) if benchmark else None
+    if preset is not None and preset.has_background and [list(c) for c in vocabulary] == preset.vocabulary:
+        names[0] = "background"
+    return names
+
+
 BENCHMARK_ORDER = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff164k", "cityscapes", "ade20k")
 
 _BG = ("voc21", "context60", "coco_object")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .benchmarks import BENCHMARKS, method_settings
+from .benchmarks import class_names as benchmark_class_names
 from .graphs import CaptureFailed, GraphedEncoder
 from .images import ImageLike, bilinear_row_bands, resize_short_side_tensor, to_rgb_array
 from .methods import build_method
@@ -148,7 +149,8 @@ class Segmenter:
 
     @property
     def class_names(self) -> list[str]:
-        return [names[0] for names in self.vocabulary]
+        """Each class's first name; "background" for class 0 of a background benchmark's own vocabulary."""
+        return benchmark_class_names(self.vocabulary, self.benchmark)
 
     @property
     def num_classes(self) -> int:

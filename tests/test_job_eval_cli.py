@@ -34,6 +34,8 @@ def test_benchmark_from_data_root_writes_metrics_and_report(ray_local, tiny_mode
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and len(metrics["classes"]) == 21
+    assert metrics["classes"][0]["name"] == "background"
+    assert json.loads((out / "run.json").read_text())["runtime"]["class_names"][:2] == ["background", "aeroplane"]
     assert 0.0 <= metrics["mIoU"] <= 100.0
     assert (out / "metrics.md").is_file() and (out / "report.md").is_file()
     assert "mIoU" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import rfclip
-from rfclip.benchmarks import BENCHMARKS, method_settings
+from rfclip.benchmarks import BENCHMARKS, class_names, method_settings
 from rfclip.segmenter import sliding_windows
 
 from _tiny import PLANTED_DIMS, planted_crops, planted_files, planted_image  # noqa: F401
@@ -130,7 +130,13 @@ def test_synonyms_take_the_max_and_prob_thd_sets_background(tiny_model):
 def test_settings_resolve_from_method_benchmark_and_user(tiny_model):
     seg = rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="sclip", benchmark="voc21",
                            device="cpu", batch_size=3)
-    assert seg.num_classes == 21 and seg.class_names[1] == "aeroplane"
+    assert seg.num_classes == 21 and seg.class_names[:2] == ["background", "aeroplane"]
+    assert BENCHMARKS["voc21"].vocabulary[0][0] == "sky"          # the stuff words that stand for background
+    seg.set_vocabulary(["sky", "aeroplane"])                         # the user's own words keep their names
+    assert seg.class_names == ["sky", "aeroplane"]
+    assert class_names(BENCHMARKS["voc20"].vocabulary, "voc20")[0] == "aeroplane"
+    assert class_names(BENCHMARKS["context60"].vocabulary, "context60")[0] == "background"
+    assert class_names(BENCHMARKS["coco_object"].vocabulary, "coco_object")[0] == "background"
     assert seg.settings.logit_scale == 65.0 and seg.settings.area_thd == 0.1 and seg.settings.batch_size == 3
     assert method_settings("clearclip", "cityscapes")["slide_crop"] == 224
     assert method_settings("rfclip", "voc21")["slide_crop"] == 0
