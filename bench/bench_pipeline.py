@@ -35,7 +35,7 @@ def main() -> None:
     import rfclip
     from pipeline.job import run
     from pipeline.job_config import JobConfig, segmenter_kwargs
-    from pipeline.decode import decode_image
+    from rfclip.decode import decode_image
     from pipeline.sinks import encode_label_png
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))

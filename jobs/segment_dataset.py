@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:  # `python jobs/segment_dataset.py` from a ch
     sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline import sinks, storage  # noqa: E402
-from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
+from rfclip.decode import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.job import PipelineError, list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402

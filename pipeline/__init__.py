@@ -7,10 +7,10 @@ Modules, one idea each:
 - ``run_record``: run.json and the resume rule (what a re-run must match);
 - ``storage``: fsspec filesystems with long-job retry defaults, atomic writes, credential redaction;
 - ``sources``: listing folders / prefixes / manifests, image ids, deterministic shards;
-- ``decode``:  robust image decoding (bad files become reasons, not crashes);
-- ``workers``: the Ray Data stage callables (CPU decode, model actor, CPU encode);
+- ``workers``: the Ray Data stage callables (CPU decode with ``rfclip.decode``, model actor, CPU encode);
 - ``sinks``:   Parquet shard schema and atomic commits, run.json, summary.json, masks;
 - ``datasets`` / ``metrics`` / ``report``: labelled data and evaluation (see those modules).
 
-Nothing here imports Ray or torch at package import time.
+Importing the package loads neither Ray nor torch. Its modules use ``rfclip``, and so torch: the CPU
+tasks decode and resize exactly as ``rfclip.Segmenter`` does.
 """

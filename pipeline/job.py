@@ -237,7 +237,7 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float, float]:
 
 def decode_memory(max_pixels: int) -> int:
     """Bytes a decode task reserves: one worst-case image, its file's bytes plus RGB and float resize buffers."""
-    from .decode import max_file_bytes
+    from rfclip.decode import max_file_bytes
     return int(max_pixels) * 3 * 6 + max_file_bytes(max_pixels)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from rfclip.cli_args import parse_settings
 
-from .decode import DEFAULT_MAX_PIXELS
+from rfclip.decode import DEFAULT_MAX_PIXELS
 
 
 @dataclass

@@ -115,7 +115,7 @@ def _sample_rows(fs, files: Sequence[str], n: int) -> list[dict]:
 def _read_image(uri: str, so: dict) -> np.ndarray:
     """An image the job segmented. No pixel limit here: the job already held it to its own ``max_pixels``,
     which a run may raise above the default."""
-    from .decode import decode_image  # the job's decoder: same modes / EXIF handling
+    from rfclip.decode import decode_image  # the job's decoder: same modes / EXIF handling
     data = read_uris([uri], so)[0]         # as the job read it: no "::" URL chaining, retried
     if isinstance(data, BaseException):
         raise data

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .decode import DecodeError, decode_image, max_file_bytes
+from rfclip.decode import DecodeError, decode_image, max_file_bytes
 from .storage import atomic_write_bytes, get_fs, read_uris, scrub
 
 log = logging.getLogger(__name__)

@@ -11,17 +11,19 @@ as ``distraction_dims``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+from typing import Iterable
 
 import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .cli_args import add_weights_choices, positive_int
-from .images import IMAGE_SUFFIXES, to_rgb_array
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, max_file_bytes
+from .images import IMAGE_SUFFIXES
 from .segmenter import MEAN, STD, pick_device
 from .vit import DenseViT
 from .weights import WeightsError, load_clip
@@ -41,21 +43,24 @@ def list_images(uri: str, storage_options: dict | None = None, limit: int | None
 
 
 @torch.inference_mode()
-def mean_embedding_weights(vit: DenseViT, images: list[np.ndarray], batch_size: int = 8,
-                           mean: tuple = MEAN, std: tuple = STD) -> torch.Tensor:
-    """``(D,)`` float64 mean sum-normalised, layer-averaged patch embedding over ``images`` (``(H, W, 3)``
-    uint8 each), normalised with ``mean`` and ``std`` (RGB, 0-1 scale)."""
+def mean_embedding_weights(vit: DenseViT, images: Iterable[np.ndarray], batch_size: int = 8,
+                           mean: tuple = MEAN, std: tuple = STD) -> tuple[torch.Tensor, int]:
+    """``((D,) float64, n)``: the mean sum-normalised, layer-averaged patch embedding over the ``n``
+    ``images`` (``(H, W, 3)`` uint8 each, taken ``batch_size`` at a time from any iterable, so a generator
+    that decodes them holds one batch in memory), normalised with ``mean`` and ``std`` (RGB, 0-1 scale)."""
     side = vit.input_size
     mean = torch.tensor(mean).view(1, 3, 1, 1)
     std = torch.tensor(std).view(1, 3, 1, 1)
     dtype = vit.visual.conv1.weight.dtype
     device = vit.visual.conv1.weight.device
     total = torch.zeros(vit.width, dtype=torch.float64)
-    count = 0
-    for i in range(0, len(images), batch_size):
+    count, n = 0, 0
+    images = iter(images)
+    while batch := list(itertools.islice(images, batch_size)):
+        n += len(batch)
         x = torch.cat([F.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255.0, size=side,
                                      mode="bilinear", align_corners=False, antialias=True)
-                       for im in images[i:i + batch_size]])                       # images differ in size
+                       for im in batch])                                           # images differ in size
         x = (x - mean) / std
         tokens, _ = vit.embed(x.to(device, dtype))
         z_sum = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, vit.width, device=device)
@@ -67,7 +72,9 @@ def mean_embedding_weights(vit: DenseViT, images: list[np.ndarray], batch_size: 
         w = z / z.sum(dim=-1, keepdim=True).clamp_min(1e-8)
         total += w.sum(dim=(0, 1)).double().cpu()
         count += w.shape[0] * w.shape[1]
-    return total / count
+    if n == 0:
+        raise ValueError("no images to average over")
+    return total / count, n
 
 
 def peak_dimensions(weights: torch.Tensor, top: int = 16, z_threshold: float = 8.0) -> list[dict]:
@@ -88,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights-sha256", default=None)
     add_weights_choices(p)
     p.add_argument("--images", required=True, help="folder, prefix or fsspec URI of images")
-    p.add_argument("--storage-options", default=None, help="JSON fsspec options for --images")
+    p.add_argument("--storage-options", default=None, help="JSON fsspec options for --images and --weights URLs")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"larger images are skipped, from their header (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--limit", type=positive_int, default=200, help="images to use (default 200)")
     p.add_argument("--top", type=positive_int, default=16, help="dimensions to list (default 16)")
     p.add_argument("--z-threshold", type=float, default=8.0, help="robust z-score that makes a peak")
@@ -97,25 +106,34 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         opts = json.loads(args.storage_options) if args.storage_options else None
-        clip, _, arch, resolved = load_clip(args.model, args.weights, args.weights_sha256, quick_gelu=args.quick_gelu,
-                                            image_mean=args.image_mean, image_std=args.image_std)
+        clip, _, arch, resolved = load_clip(args.model, args.weights, args.weights_sha256, storage_options=opts,
+                                            quick_gelu=args.quick_gelu, image_mean=args.image_mean,
+                                            image_std=args.image_std)
         vit = DenseViT(clip.visual.to(pick_device(args.device)))
-        images = []
-        for uri in list_images(args.images, opts, args.limit):
-            try:
-                with fsspec.open(uri, "rb", **(opts or {})) as f, Image.open(f) as im:
-                    images.append(to_rgb_array(im))
-            except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for broken files
-                print(f"{uri}: skipped, cannot read image: {exc}", file=sys.stderr)
-        if not images:
+        uris = list_images(args.images, opts, args.limit)
+
+        def readable():
+            """Each image that decodes, one at a time; the others are named on stderr and skipped."""
+            for uri in uris:
+                try:
+                    with fsspec.open(uri, "rb", **(opts or {})) as f:
+                        data = f.read(max_file_bytes(args.max_pixels) + 1)
+                    yield decode_image(data, args.max_pixels)
+                except (OSError, DecodeError) as exc:
+                    print(f"{uri}: skipped, cannot read image: {exc}", file=sys.stderr)
+
+        images = readable()
+        first = next(images, None)
+        if first is None:
             raise ValueError(f"no readable images under {args.images}")
+        weights, n_images = mean_embedding_weights(vit, itertools.chain([first], images), mean=resolved.mean,
+                                                   std=resolved.std)
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = peak_dimensions(mean_embedding_weights(vit, images, mean=resolved.mean, std=resolved.std), args.top,
-                           args.z_threshold)
+    rows = peak_dimensions(weights, args.top, args.z_threshold)
     peaks = sorted(r["dim"] for r in rows if r["peak"])
-    result = {"model": arch, "images": len(images), "distraction_dims": peaks, "top": rows}
+    result = {"model": arch, "images": n_images, "distraction_dims": peaks, "top": rows}
     if not peaks:
         best = max(r["z"] for r in rows)
         print(f"no dimension peaks above robust z {args.z_threshold:g} (the highest is {best:.1f}); this model may "
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0 if peaks else 1
-    print(f"{arch}: mean sum-normalised embedding weight over {len(images)} images")
+    print(f"{arch}: mean sum-normalised embedding weight over {n_images} images")
     print(f"{'dim':>6} {'weight':>10} {'robust z':>9}  peak")
     for r in rows:
         print(f"{r['dim']:>6} {r['weight']:>10.6f} {r['z']:>9.1f}  {'*' if r['peak'] else ''}")

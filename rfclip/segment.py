@@ -17,10 +17,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image
-
-from .cli_args import add_model_arguments, parse_settings
-from .images import to_rgb_array
+from .cli_args import add_model_arguments, parse_settings, positive_int
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, max_file_bytes
 from .segmenter import Segmenter
 from .visualize import label_png, overlay
 from .weights import WeightsError
@@ -73,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     voc.add_argument("--benchmark", help="use a benchmark's classes and the method's settings for it")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overlay", action="store_true", help="also write a colour overlay with a legend")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"larger images are refused from their header (default {DEFAULT_MAX_PIXELS})")
     add_model_arguments(p)
     args = p.parse_args(argv)
 
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for path, name in zip(args.images, output_names(args.images, args.overlay)):
         t0 = time.perf_counter()
         try:
-            with Image.open(path) as im:
-                rgb = to_rgb_array(im)
-        except (OSError, ValueError) as e:
+            with open(path, "rb") as f:
+                rgb = decode_image(f.read(max_file_bytes(args.max_pixels) + 1), args.max_pixels)
+        except (OSError, DecodeError) as e:
             print(f"{path}: cannot read image: {e}", file=sys.stderr)
             failed += 1
             continue

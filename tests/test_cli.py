@@ -24,10 +24,14 @@ def test_segment_writes_label_pngs_and_overlays(tiny_model, tmp_path):
         paths.append(str(p))
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    r = run("rfclip.segment", *paths, str(bad), "--vocabulary", "sky, cloud; road; car", "--model", cfg,
+    big = tmp_path / "big.png"
+    Image.new("L", (3000, 2000)).save(big)                  # 6 MP: over --max-pixels (Pillow's own bomb error
+    r = run("rfclip.segment", str(bad), str(big), *paths,   # is no OSError, and it once ended the run here)
+            "--vocabulary", "sky, cloud; road; car", "--model", cfg, "--max-pixels", "5000000",
             "--weights", weights, "--out", str(tmp_path / "out"), "--overlay", "--method", "clearclip")
-    assert r.returncode == 1, r.stderr                      # one unreadable input, reported, others written
-    assert "broken.jpg: cannot read image" in r.stderr
+    assert r.returncode == 1, r.stderr                      # unreadable inputs reported, the others written
+    assert "broken.jpg: cannot read image: not an image" in r.stderr
+    assert "big.png: cannot read image: image too large: 3000x2000" in r.stderr
     for i, shape in enumerate([(120, 200), (90, 60)]):
         labels = decode_label_png((tmp_path / "out" / f"img{i}.png").read_bytes())
         assert labels.shape == shape and labels.max() < 3
@@ -41,11 +45,12 @@ def test_find_distraction_dims_recovers_planted_channels(planted_files, tmp_path
     (tmp_path / "imgs").mkdir()
     for i, shape in enumerate([(200, 260), (224, 224), (150, 330), (300, 200)]):   # sizes differ, as real folders
         Image.fromarray((rng.random((*shape, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     r = run("rfclip.find_distraction_dims", "--model", cfg, "--weights", weights, "--images", str(tmp_path / "imgs"),
             "--top", "8", "--z-threshold", "1.5", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["images"] == 4
+    assert out["images"] == 4 and "broken.png: skipped, cannot read image" in r.stderr
     assert sorted(row["dim"] for row in out["top"]) == list(range(8))
     assert set(out["distraction_dims"]) <= set(range(8)) and len(out["distraction_dims"]) >= 4
 

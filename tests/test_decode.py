@@ -1,4 +1,4 @@
-"""Robust decoding of bad and unusual image files (pipeline/decode.py)."""
+"""Robust decoding of bad and unusual image files (rfclip/decode.py)."""
 from __future__ import annotations
 
 import io
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import decode
-from pipeline.decode import DecodeError, decode_image, max_file_bytes
+from rfclip import decode
+from rfclip.decode import DecodeError, decode_image, max_file_bytes
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -93,7 +93,7 @@ def test_mask_matches_an_in_process_segmenter(first_run, tiny_model):
     """The pipeline's label map equals Segmenter.segment_batch on the same decoded, resized image."""
     import rfclip
     from pipeline.job_config import segmenter_kwargs
-    from pipeline.decode import decode_image
+    from rfclip.decode import decode_image
 
     cfg, out, _ = first_run
     row = next(r for r in read_predictions(str(out)).to_pylist() if r["image_uri"].endswith("img000.png"))

@@ -117,7 +117,7 @@ def test_report_reads_images_above_the_default_pixel_limit(tmp_path):
     """A run may raise --max-pixels; the report re-reads its segmented images without the default limit."""
     from PIL import Image
 
-    from pipeline.decode import DEFAULT_MAX_PIXELS
+    from rfclip.decode import DEFAULT_MAX_PIXELS
     from pipeline.report import _read_image
 
     big = tmp_path / "big.png"
