@@ -7,10 +7,12 @@ Credentials only travel inside ``storage_options`` dicts; anything that is logge
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
 import posixpath
+import re
 import random
 import sys
 import time
@@ -95,24 +97,53 @@ def canonical_uri(uri: str, storage_options: Optional[dict] = None) -> str:
     return full_uri(fs, canonical_path(fs, path))
 
 
+_TRANSIENT_WORDS = ("Timeout", "timed out", "Throttl", "SlowDown", "ServiceUnavailable", "InternalError",
+                    "Connection reset", "EndpointConnectionError", "IncompleteRead")
+# A 5xx status as botocore ("An error occurred (503)"), aiohttp ("503, message=") and HTTP lines spell it; a
+# bare number is not enough, since messages quote keys such as "frame_0500.png".
+_TRANSIENT_STATUS = re.compile(r"\(50[0234]\)|\b50[0234], message=|\bHTTP(?:/[\d.]+)? 50[0234]\b"
+                               r"|\bstatus(?: code)?[ :=]+50[0234]\b", re.IGNORECASE)
+
+
+# errno values s3fs gives the S3 error codes of a busy or failing service (SlowDown, ServiceUnavailable,
+# 503: EBUSY; InternalError, 500: EREMOTEIO), with the server's message as the text.
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET}
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying (timeouts, connection resets, throttling, 5xx)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    name = type(exc).__name__
-    text = str(exc)
-    transient_words = ("Timeout", "timed out", "Throttl", "SlowDown", "ServiceUnavailable", "InternalError",
-                       "Connection reset", "EndpointConnectionError", "IncompleteRead", "503", "500", "502", "504")
-    return any(w in name or w in text for w in transient_words)
+    """True for errors worth retrying (timeouts, connection resets, throttling, 429 and 5xx).
+
+    Looks at the exception and its causes (s3fs raises an ``OSError`` from botocore's ``ClientError``):
+    the HTTP status where one is attached, else s3fs's errno, else the text.
+    """
+    seen = 0
+    while exc is not None and seen < 4:
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(exc, (TimeoutError, ConnectionError)):
+            return True
+        status = getattr(exc, "status", None)                              # aiohttp ClientResponseError
+        response = getattr(exc, "response", None)                          # botocore ClientError
+        if isinstance(response, dict):
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode", status)
+        if isinstance(status, int):
+            return status in (429, 500, 502, 503, 504)
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        name, text = type(exc).__name__, str(exc)
+        if any(w in name or w in text for w in _TRANSIENT_WORDS) or _TRANSIENT_STATUS.search(text):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
 
 
 def retry_call(fn: Callable[[], T], what: str, attempts: int = 5, base_delay_s: float = 0.5,
                max_delay_s: float = 30.0) -> T:
     """Call ``fn()``; retry transient failures (:func:`is_transient`) with jittered exponential backoff.
 
-    Non-transient errors and the last transient one propagate unchanged.
+    Non-transient errors and the last transient one propagate unchanged. On S3 this sits on top of
+    botocore's own retries (``S3_LONG_JOB_DEFAULTS``: 10 adaptive attempts within one call, seconds
+    apart): those ride out a throttled request, these an outage of a minute or so (delays up to 30 s).
     """
     for i in range(attempts):
         try:

@@ -117,6 +117,45 @@ def test_s3_retry_defaults_are_raised_and_user_wins():
     assert storage.with_retry_defaults("/local/path", None) == {}
 
 
+@pytest.mark.parametrize("exc,transient", [
+    (OSError("AccessDenied: s3://b/out/masks/frame_0500-1a2b3c.png"), False),      # a 500 in a key is no 5xx
+    (OSError("Forbidden: s3://b/img-503.jpg"), False),
+    (OSError("An error occurred (503) when calling the PutObject operation: Slow"), True),
+    (OSError("503, message='Service Unavailable', url='http://x/a.jpg'"), True),
+    (OSError("An error occurred (SlowDown) when calling the GetObject operation"), True),
+    (OSError("Read timed out."), True),
+    (ConnectionError("reset"), True),
+    (PermissionError("InternalError"), False),
+])
+def test_transient_errors_are_told_from_permanent_ones(exc, transient):
+    assert storage.is_transient(exc) is transient
+
+
+@pytest.mark.parametrize("code,status,transient", [("SlowDown", 503, True), ("InternalError", 500, True),
+                                                    ("ServiceUnavailable", 503, True), ("AccessDenied", 403, False),
+                                                    ("NoSuchKey", 404, False), ("InvalidRequest", 400, False)])
+def test_s3fs_errors_are_classified_from_their_cause(code, status, transient):
+    """What s3fs raises once botocore gives up: an OSError whose text is the server's message (no code)."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    cause = ClientError({"Error": {"Code": code, "Message": "Please reduce your request rate."},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    exc = translate_boto_error(cause)
+    assert "SlowDown" not in str(exc) and "503" not in str(exc)
+    assert storage.is_transient(exc) is transient
+
+
+def test_transient_errors_by_their_status_code():
+    class Response(Exception):
+        def __init__(self, status):
+            super().__init__("failed for s3://b/frame_0503.png")
+            self.status = status
+
+    assert storage.is_transient(Response(503)) and storage.is_transient(Response(429))
+    assert not storage.is_transient(Response(403)) and not storage.is_transient(Response(404))
+
+
 def test_retry_call_retries_transient_errors_only():
     calls = []
 
