@@ -109,6 +109,11 @@ def register_model(model: str) -> str:
         cfg = json.loads(path.read_text())
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ValueError(f"{model} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        if path.stem in open_clip.list_models() and open_clip.get_model_config(path.stem) != cfg:
+            # open_clip registers a config under its file's stem: this one would replace the built-in
+            # architecture for the whole process, and its distraction dims and tags would name the wrong model.
+            raise ValueError(f"model config {model} is named like open_clip's built-in {path.stem} but differs "
+                             f"from it; rename the file")
         open_clip.add_model_config(path)
         return path.stem
     name = model.replace("/", "-")

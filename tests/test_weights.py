@@ -1,5 +1,6 @@
 """The real loading path: open_clip checkpoints in each format, fsspec URLs, sha256, offline tags."""
 import hashlib
+import json
 import os
 import time
 
@@ -300,3 +301,20 @@ def test_weights_url_through_a_proxy_when_fsspec_is_told_to_use_it(fake_proxy, t
     monkeypatch.setenv("ALL_PROXY", proxy)
     with pytest.raises(WeightsUnavailableError, match="can't fetch weights URL http://127.0.0.1:9/w.pt .*Error"):
         _fetch_url("http://127.0.0.1:9/w.pt", None, {"client_kwargs": {"trust_env": True}})
+
+
+def test_a_model_config_named_like_a_built_in_architecture_is_refused(tiny_model, tmp_path):
+    """open_clip registers a config under its file's stem: ViT-B-16.json holding a tiny model would replace
+    the real ViT-B-16 for the whole process."""
+    from rfclip.weights import register_model
+
+    before = open_clip.get_model_config("ViT-B-16")
+    clash = tmp_path / "ViT-B-16.json"
+    clash.write_text(open(tiny_model[0]).read())
+    with pytest.raises(ValueError, match="named like open_clip's built-in ViT-B-16 but differs"):
+        register_model(str(clash))
+    assert open_clip.get_model_config("ViT-B-16") == before
+    same = tmp_path / "same" / "ViT-B-16.json"
+    same.parent.mkdir()
+    same.write_text(json.dumps(before))
+    assert register_model(str(same)) == "ViT-B-16"                # the built-in's own config is no clash
