@@ -24,7 +24,6 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(_REPO))
 
-import fsspec  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from rfclip.cli_args import (add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
@@ -122,13 +121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             r = results.get((b, row["method"]))
             cell["failed_images"] = None if r is None else r.get("images_failed")
     table.update(limit=args.limit, model=args.model, weights=args.weights, settings=args.settings)
-    fs, root = fsspec.core.url_to_fs(args.output.rstrip("/"), **so)
-    fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
+    fs, root = storage.get_fs(args.output.rstrip("/"), so)
+    storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
     md = comparison_markdown(table, f"mIoU comparison ({args.model}, {args.weights})")
     if errors:
         md += "\nFailed pairs:\n\n" + "\n".join(f"- {b} x {m}: {e}" for (b, m), e in errors.items()) + "\n"
-    fs.pipe_file(posixpath.join(root, "comparison.md"), md.encode())
+    storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.md"), md.encode())
     print(md)
     return 1 if errors else 0
 

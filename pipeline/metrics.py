@@ -25,9 +25,10 @@ import math
 import posixpath
 from typing import Optional, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+
+from .storage import atomic_write_bytes, get_fs
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
                      ignore_index: int = 255) -> np.ndarray:
@@ -170,14 +171,13 @@ def reduce_confusion(output_uri: str, storage_options: Optional[dict] = None,
         if clash:
             raise ValueError(f"extra keys clash with metrics keys: {sorted(clash)}")
         result = {**extra, **result}
-    fs, root = fsspec.core.url_to_fs(output_uri, **so)
+    fs, root = get_fs(output_uri, so)
     root = root.rstrip("/")
-    fs.makedirs(posixpath.join(root, "metrics"), exist_ok=True)
     title = " / ".join(str(extra[k]) for k in ("benchmark", "method") if extra and k in extra)
     buf = io.BytesIO()
     np.save(buf, cm)
-    fs.pipe_file(posixpath.join(root, "metrics", "confusion.npy"), buf.getvalue())
-    fs.pipe_file(posixpath.join(root, "metrics.json"), json.dumps(result, indent=2).encode())
-    fs.pipe_file(posixpath.join(root, "metrics.md"),
-                 metrics_markdown(result, f"Evaluation {title}".strip()).encode())
+    atomic_write_bytes(fs, posixpath.join(root, "metrics", "confusion.npy"), buf.getvalue())
+    atomic_write_bytes(fs, posixpath.join(root, "metrics.json"), json.dumps(result, indent=2).encode())
+    atomic_write_bytes(fs, posixpath.join(root, "metrics.md"),
+                       metrics_markdown(result, f"Evaluation {title}".strip()).encode())
     return result

@@ -13,7 +13,6 @@ distribution over the corpus, histogram of per-image mean confidence, grid of ov
 """
 from __future__ import annotations
 
-import colorsys
 import io
 import json
 import logging
@@ -29,34 +28,28 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from rfclip.visualize import palette  # noqa: E402
+
 from .datasets import png_to_array  # noqa: E402
 from .metrics import _fmt  # noqa: E402
 from .sinks import committed_shard_files  # noqa: E402
-from .storage import get_fs, read_uris, scrub  # noqa: E402
+from .storage import atomic_write_bytes, get_fs, read_uris, scrub  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 OK = "ok"
 STAT_COLUMNS = ["status", "class_pixels", "mean_confidence"]
-IGNORE_RGB = (0, 0, 0)
+IGNORE_RGB = (224, 224, 192)     # VOC's colour for ignored pixels (its palette's index 255)
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def palette(num_classes: int) -> np.ndarray:
-    """``(K, 3) uint8`` distinct colours, deterministic: golden-ratio hue steps, 3 value levels."""
-    cols = []
-    for i in range(num_classes):
-        h = (i * 0.618033988749895) % 1.0
-        s = 0.65 + 0.35 * ((i // 3) % 2)
-        v = (1.0, 0.8, 0.6)[i % 3]
-        cols.append([int(round(c * 255)) for c in colorsys.hsv_to_rgb(h, s, v)])
-    return np.array(cols, dtype=np.uint8)
-
-
 def colorize(labels: np.ndarray, pal: np.ndarray, ignore_index: Optional[int] = None) -> np.ndarray:
-    """``(H, W)`` int class map -> ``(H, W, 3) uint8``; ignored pixels black."""
+    """``(H, W)`` int class map -> ``(H, W, 3) uint8`` in the colours of the job's mask PNGs
+    (``rfclip.visualize.palette``); ignored pixels ``IGNORE_RGB``, labels outside the palette black."""
     out = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    if ignore_index is not None:
+        out[labels == ignore_index] = IGNORE_RGB
     valid = (labels >= 0) & (labels < len(pal))
     if ignore_index is not None:
         valid &= labels != ignore_index
@@ -166,7 +159,7 @@ def sample_grid(samples: list[tuple[str, np.ndarray, np.ndarray, Optional[np.nda
     """Rows of (title, image ``(H,W,3) uint8``, prediction ``(H,W)``, ground truth ``(H,W)`` or None).
 
     With ground truth: image | prediction | ground truth. Without and ``overlay``: image | overlay.
-    One legend for every class shown (ignore = black).
+    One legend for every class shown, and for ignored pixels.
     """
     pal = palette(len(class_names))
     ncol = 3 if samples and samples[0][3] is not None else 2
@@ -242,10 +235,9 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
     files, fs = committed_shard_files(output_uri, so)
     stats = corpus_stats(fs, files, len(class_names))
     root = get_fs(output_uri, so)[1].rstrip("/")
-    fs.makedirs(posixpath.join(root, "figures"), exist_ok=True)
 
     def put(name: str, data: bytes) -> str:
-        fs.pipe_file(posixpath.join(root, "figures", name), data)
+        atomic_write_bytes(fs, posixpath.join(root, "figures", name), data)
         return f"figures/{name}"
 
     n_ok, n_err = stats["ok"], stats["error"]
@@ -306,5 +298,5 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
             md += ["## Samples", "", "Image and prediction overlaid (50%).", "",
                    f"![samples]({put('samples.png', sample_grid(samples, class_names, overlay=True))})", ""]
     uri = posixpath.join(output_uri.rstrip("/"), "report.md")
-    fs.pipe_file(posixpath.join(root, "report.md"), "\n".join(md).encode())
+    atomic_write_bytes(fs, posixpath.join(root, "report.md"), "\n".join(md).encode())
     return uri

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def palette(n: int) -> np.ndarray:
-    """``(n, 3) uint8`` distinct colours; index 0 is black-ish grey, the rest follow the VOC bit pattern."""
+    """``(n, 3) uint8`` distinct colours; VOC's colours (index 0 black, 255 the cream of ignored pixels)."""
     cmap = np.zeros((max(n, 1), 3), dtype=np.uint8)
     for i in range(max(n, 1)):
         c, r, g, b = i, 0, 0, 0

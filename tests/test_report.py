@@ -11,7 +11,8 @@ from PIL import Image
 from pipeline.datasets import open_labelled_source
 from pipeline.metrics import confusion_matrix, reduce_confusion
 from pipeline.sinks import commit_shard
-from pipeline.report import colorize, palette, write_report
+from pipeline.report import IGNORE_RGB, colorize, write_report
+from rfclip.visualize import label_png, palette
 from shared_data import shared_data_dir
 
 
@@ -93,7 +94,11 @@ def test_palette_and_colorize():
     assert pal.shape == (171, 3) and pal.dtype == np.uint8
     assert len({tuple(c) for c in pal}) == 171
     rgb = colorize(np.array([[0, 1], [255, 2]]), pal, ignore_index=255)
-    assert (rgb[1, 0] == 0).all() and (rgb[0, 1] == pal[1]).all()
+    assert (rgb[1, 0] == IGNORE_RGB).all() and (rgb[0, 1] == pal[1]).all() and (rgb[0, 0] == pal[0]).all()
+    assert IGNORE_RGB not in {tuple(int(v) for v in c) for c in pal}
+    # the colours of the job's masks/*.png, as an image viewer shows them
+    with Image.open(io.BytesIO(label_png(np.array([[0, 1], [7, 2]]), 171))) as im:
+        assert (np.asarray(im.convert("RGB")) == colorize(np.array([[0, 1], [7, 2]]), pal)).all()
 
 
 def test_report_needs_predictions(tmp_path):
