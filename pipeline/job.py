@@ -9,6 +9,11 @@
    and commits the shard, whole, once all of them arrived (``sinks.commit_shard``).
 5. Write summary.json.
 
+Why the driver writes, not ``Dataset.write_parquet``: Ray Data writes a file per block under names of
+its own, and a failed task may leave a partial one. A shard here is a unit of resume: it is committed
+whole, once, under a fixed name, with its confusion matrix in its footer, so a re-run can skip exactly
+the shards that are done. The rows that reach the driver hold label PNGs and statistics, not pixels.
+
 ``jobs/segment_dataset.py`` is the CLI over this; ``jobs/evaluate.py`` calls :func:`run` in-process.
 """
 from __future__ import annotations
@@ -414,6 +419,8 @@ class _BlockFailures(logging.Handler):
         self.others: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        # Ray Data reports a skipped block only in this log record (no API says why a block failed); the
+        # tests that kill a model actor and make a stage raise (tests/test_job_resume.py) pin its wording.
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or "raised from a task of operator" not in record.getMessage():
             return

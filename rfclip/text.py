@@ -3,6 +3,8 @@
 For each name: fill every template, encode, L2-normalise each, average, L2-normalise again.
 Embeddings are cached per (weights identity, name) in a process-wide table, so a vocabulary is
 encoded once per process even when several Segmenters (one per method, say) share the weights.
+That cache is why this is not ``open_clip.build_zero_shot_classifier``, which does the same average
+for a whole class list at a time and keeps nothing.
 """
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ State dicts are read with ``torch.load(weights_only=True)`` or safetensors: no a
 unpickled. OpenAI's TorchScript archives are read with ``torch.jit.load``, which deserialises
 TorchScript code and tensors in C++ (no Python pickle of arbitrary classes), and only their
 ``state_dict`` is kept.
+
+Why not ``open_clip.load_checkpoint`` and fsspec's ``filecache::``: open_clip's loader reads the open_clip
+layout but not OpenAI's TorchScript archives (its ``load_openai_model`` builds its own model around them),
+and the file cache verifies no sha256 and can't tell an unreachable host from a missing file. Here one
+path reads all three formats into the model open_clip built, checks the digest, and says what failed.
 """
 from __future__ import annotations
 
