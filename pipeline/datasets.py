@@ -32,14 +32,14 @@ nothing is skipped silently.
 """
 from __future__ import annotations
 
-import io
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+
+from rfclip.visualize import decode_label_png
 
 from .sources import find_files, relative_to
 from .storage import canonical_path, full_uri, get_fs, read_uris
@@ -85,17 +85,6 @@ BENCHMARK_LAYOUTS: dict[str, Layout] = {
 
 
 # ----------------------------------------------------------------------------- label decoding
-
-def png_to_array(data: bytes) -> np.ndarray:
-    """Decode a single-channel label PNG to its raw stored values, ``(H, W) int64``.
-
-    P-mode PNGs give their palette indices (not colours). RGB/RGBA label images are rejected.
-    """
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-            raise ValueError(f"label image must be single-channel (P, L, I;16, I); got mode {im.mode}")
-        return np.asarray(im).astype(np.int64)
-
 
 def reduce_zero_label(raw: np.ndarray) -> np.ndarray:
     """MMSegmentation's reduce_zero_label: 0 -> 255, v -> v - 1, 255 stays 255. ``(H, W) int64``."""
@@ -158,7 +147,7 @@ class LabelledSource:
 
         Raises if a non-ignored value falls outside [0, K) (a wrong vocabulary or label file).
         """
-        lab = _TRANSFORMS[self.transform](png_to_array(data))
+        lab = _TRANSFORMS[self.transform](decode_label_png(data))
         bad = ((lab < 0) | (lab >= self.num_classes)) & (lab != self.ignore_index)
         if bad.any():
             vals = np.unique(lab[bad])[:10].tolist()

@@ -5,8 +5,7 @@ Data from METHODS.md §2 (the RF-CLIP paper's Table 2). ``PUBLISHED[row][benchma
 """
 from __future__ import annotations
 
-TABLE_ORDER = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff164k",
-               "cityscapes", "ade20k")
+from rfclip.benchmarks import BENCHMARK_ORDER as TABLE_ORDER     # the paper's column order
 COLUMN_TITLES = {"voc21": "VOC21", "context60": "Ctx60", "coco_object": "Obj", "voc20": "VOC20",
                  "context59": "Ctx59", "coco_stuff164k": "Stuff", "cityscapes": "City", "ade20k": "ADE"}
 

@@ -28,9 +28,8 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from rfclip.visualize import palette  # noqa: E402
+from rfclip.visualize import decode_label_png, palette  # noqa: E402
 
-from .datasets import png_to_array  # noqa: E402
 from .metrics import _fmt  # noqa: E402
 from .sinks import committed_shard_files  # noqa: E402
 from .storage import atomic_write_bytes, get_fs, read_uris, scrub  # noqa: E402
@@ -249,7 +248,7 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
         # with a warning: the predictions and metrics stand without it.
         try:
             img = _read_image(r["image_uri"], so)
-            pred = png_to_array(r["mask_png"])
+            pred = decode_label_png(r["mask_png"])
             gt = None
             if source is not None:
                 if r["image_uri"] not in gt_of:

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rfclip.visualize import decode_label_png, label_png  # noqa: F401  (decode re-exported)
+from rfclip.visualize import label_png
 
 from .storage import atomic_write_bytes, get_fs, is_local, redact, scrub
 

@@ -44,8 +44,12 @@ def label_png(labels: np.ndarray, num_classes: int, colours: bool = True) -> byt
 
 
 def decode_label_png(data: bytes) -> np.ndarray:
-    """Inverse of :func:`label_png` (any of its forms): ``(H, W) int64`` class indices."""
+    """A single-channel label PNG's stored values, ``(H, W) int64``: the inverse of :func:`label_png` (any
+    of its forms), and the reader of ground-truth label files. P-mode PNGs give their palette indices (not
+    colours); RGB/RGBA images are refused (``ValueError``)."""
     with Image.open(io.BytesIO(data)) as img:
+        if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+            raise ValueError(f"label image must be single-channel (P, L, I;16, I); got mode {img.mode}")
         return np.asarray(img).astype(np.int64)
 
 

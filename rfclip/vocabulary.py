@@ -9,7 +9,6 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import fsspec
 
-Vocabulary = list  # list[list[str]]: vocabulary[c] = names of class c, in label order
 VocabularyLike = Union[str, Sequence[Union[str, Sequence[str]]]]
 
 

@@ -100,6 +100,9 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+_BUILT_IN_ARCHS = frozenset(open_clip.list_models())       # before any config of ours is registered
+
+
 def register_model(model: str) -> str:
     """Return an open_clip architecture name for ``model``.
 
@@ -114,7 +117,7 @@ def register_model(model: str) -> str:
         cfg = json.loads(path.read_text())
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ValueError(f"{model} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
-        if path.stem in open_clip.list_models() and open_clip.get_model_config(path.stem) != cfg:
+        if path.stem in _BUILT_IN_ARCHS and open_clip.get_model_config(path.stem) != cfg:
             # open_clip registers a config under its file's stem: this one would replace the built-in
             # architecture for the whole process, and its distraction dims and tags would name the wrong model.
             raise ValueError(f"model config {model} is named like open_clip's built-in {path.stem} but differs "

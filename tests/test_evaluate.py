@@ -56,7 +56,8 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
     (mask_png) and the real label files, report written, comparison table filled."""
     data = shared_data_dir()
     import pyarrow.parquet as pq
-    from pipeline.datasets import open_labelled_source, png_to_array
+    from pipeline.datasets import open_labelled_source
+    from rfclip.visualize import decode_label_png
 
     root = tmp_path / "data"
     (root / "VOCdevkit").mkdir(parents=True)
@@ -84,7 +85,7 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
             src = open_labelled_source(b, data_root=str(root), limit=2)
             rows = pq.read_table(run / "predictions").to_pylist()
             assert sorted(r["image_uri"] for r in rows) == sorted(i for i, _ in src.pairs)
-            maps = [(png_to_array(r["mask_png"]), src.read_label(dict(src.pairs)[r["image_uri"]])) for r in rows]
+            maps = [(decode_label_png(r["mask_png"]), src.read_label(dict(src.pairs)[r["image_uri"]])) for r in rows]
             direct = direct_scores(maps, src.num_classes)[2]
             assert m["mIoU"] == pytest.approx(direct, rel=1e-9) and cell["mIoU"] == m["mIoU"]
             text = (run / "report.md").read_text()

@@ -318,3 +318,17 @@ def test_a_model_config_named_like_a_built_in_architecture_is_refused(tiny_model
     same.parent.mkdir()
     same.write_text(json.dumps(before))
     assert register_model(str(same)) == "ViT-B-16"                # the built-in's own config is no clash
+
+
+def test_two_custom_configs_of_one_name_load_one_after_the_other(tmp_path):
+    """A custom name (not built in) may be registered again with other contents: the later file wins."""
+    from rfclip.weights import register_model
+
+    for width in (32, 64):
+        cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": width, "patch_size": 16},
+               "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+        path = tmp_path / str(width) / "my-tiny.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(cfg))
+        assert register_model(str(path)) == "my-tiny"
+        assert open_clip.get_model_config("my-tiny")["vision_cfg"]["width"] == width
