@@ -84,7 +84,7 @@ class DenseViT:
         y = y.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return y[0], y[1], y[2]
 
-    def keys(self, block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    def keys_values(self, block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """``k, v`` of ``block`` on ``ln_1(x)``, each ``(B, H, T, dh)`` (no query projection)."""
         b, t, d = x.shape
         attn = block.attn
@@ -93,7 +93,7 @@ class DenseViT:
         y = F.linear(block.ln_1(x), w, bias).view(b, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return y[0], y[1]
 
-    def logits(self, a: Tensor, b: Tensor) -> Tensor:
+    def attention_scores(self, a: Tensor, b: Tensor) -> Tensor:
         """``a b^T / sqrt(dh)`` in ``a``'s dtype: ``(B, H, T, T')`` for ``a`` ``(B, H, T, dh)``, ``b`` ``(B, H, T', dh)``.
 
         One batched matmul with the scale as its ``alpha``. The views that :meth:`qkv` returns are copied
@@ -107,7 +107,7 @@ class DenseViT:
 
     def softmax_attention(self, a: Tensor, b: Tensor) -> Tensor:
         """``softmax(a b^T / sqrt(dh))`` over keys, computed in float32: ``(B, H, T, T)``."""
-        return self.logits(a, b).softmax(dim=-1, dtype=torch.float32)
+        return self.attention_scores(a, b).softmax(dim=-1, dtype=torch.float32)
 
     def mean_patch_self_attention(self, k: Tensor) -> Tensor:
         """Head-mean of the patch block of ``softmax(k k^T / sqrt(dh))``: ``(B, N, N)`` float32.
@@ -115,7 +115,7 @@ class DenseViT:
         The softmax runs over all T keys (CLS included) before the CLS row and column are dropped;
         it is kept in ``k``'s dtype (half the memory traffic of float32 in 16-bit towers), the head
         mean is taken in float32."""
-        return self.logits(k, k).softmax(dim=-1)[:, :, 1:, 1:].mean(dim=1, dtype=torch.float32)
+        return self.attention_scores(k, k).softmax(dim=-1)[:, :, 1:, 1:].mean(dim=1, dtype=torch.float32)
 
     def project(self, block: nn.Module, heads_out: Tensor) -> Tensor:
         """Merge heads ``(B, H, T', dh)`` and apply ``out_proj``: ``(B, T', D)`` (no residual, no ls_1)."""

@@ -84,7 +84,7 @@ class KKAttention:
         No residual, no FFN. Can be called more than once (on different tokens)."""
         vit = self.vit
         last = vit.blocks[-1]
-        k, v = vit.keys(last, tokens)
+        k, v = vit.keys_values(last, tokens)
         if not self.fused:
             # (sum_l K_l) (v / L): the 1/L scales the (T, dh) values, not the (N, N) sum.
             kk_sum = self._head_sum + vit.softmax_attention(k, k)[:, :, 1:, 1:]
