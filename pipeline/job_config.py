@@ -118,7 +118,7 @@ def probe_segmenter(seg_kw: dict) -> dict:
     is freed before the pipeline starts.
     """
     import rfclip
-    from rfclip.benchmarks import BENCHMARKS, class_names
+    from rfclip.benchmarks import BENCHMARKS, class_names, method_settings
     from rfclip.vocabulary import normalize_vocabulary
 
     # The real vocabulary is checked and recorded, but encoded only by the workers: the probe's
@@ -127,16 +127,20 @@ def probe_segmenter(seg_kw: dict) -> dict:
     vocabulary = seg_kw.get("vocabulary")
     vocabulary = normalize_vocabulary(vocabulary if vocabulary is not None
                                       else BENCHMARKS[seg_kw["benchmark"]].vocabulary)
-    seg = rfclip.Segmenter(**{**seg_kw, "vocabulary": [["object"]], "device": "cpu"})
+    benchmark = seg_kw.get("benchmark")
+    # The benchmark's settings as explicit ones (the user's still win): a Segmenter takes a benchmark or a
+    # vocabulary, and the probe's one word is not the benchmark's classes.
+    preset = method_settings(seg_kw["method"], benchmark) if benchmark else {}
+    seg = rfclip.Segmenter(**{**preset, **seg_kw, "benchmark": None, "vocabulary": [["object"]], "device": "cpu"})
     try:  # a setting that only fails at inference time (e.g. unknown distraction dims) fails here, once
         seg.segment_batch([np.full((40, 56, 3), 127, np.uint8)])
     except Exception as exc:
         raise ValueError(f"the segmenter can't segment a test image with this configuration: "
                          f"{type(exc).__name__}: {exc}") from exc
-    config = {**seg.config(), "vocabulary": vocabulary}
+    config = {**seg.config(), "vocabulary": vocabulary, "benchmark": benchmark}
     info = {"config": config, "num_classes": len(vocabulary),
             "short_side": int(seg.settings.short_side), "max_long_side": int(seg.settings.max_long_side),
-            "class_names": class_names(vocabulary, seg_kw.get("benchmark"))}
+            "class_names": class_names(vocabulary, benchmark)}
     del seg
     gc.collect()
     return info

@@ -108,12 +108,19 @@ class Segmenter:
                  weights_sha256: Optional[str] = None, storage_options: Optional[dict] = None,
                  benchmark: Optional[str] = None, quick_gelu: Optional[bool] = None,
                  image_mean: Optional[tuple] = None, image_std: Optional[tuple] = None, **settings):
+        if benchmark is not None and vocabulary is not None:
+            raise ValueError(f"give a vocabulary or a benchmark, not both: {benchmark}'s settings assume its own "
+                             f"classes (its prob_thd makes class 0 background); set_vocabulary() after construction "
+                             f"changes the classes and keeps the settings, if that is what you mean")
+        if quick_gelu is not None and not isinstance(quick_gelu, bool):
+            raise TypeError(f"quick_gelu is True, False or None (inferred from the weights), not {quick_gelu!r}")
         layers = [method_settings(method, benchmark)] if benchmark else []
         self.settings = make_settings(method, *layers, settings)
         if vocabulary is None:
             if benchmark is None:
                 raise ValueError("give a vocabulary (or a benchmark whose classes to use)")
             vocabulary = BENCHMARKS[benchmark].vocabulary
+        vocabulary = normalize_vocabulary(vocabulary)           # a bad one fails before the weights load
         self.device = pick_device(device)
         self.dtype = DTYPES[self.settings.precision]
         clip, tokenizer, arch, resolved = load_clip(model, weights, weights_sha256, storage_options,

@@ -17,17 +17,33 @@ def _split_names(line: str) -> list[str]:
 
 
 def parse_vocabulary(text: str) -> list[list[str]]:
-    """Parse ``"sky, cloud; road; car"`` into ``[["sky", "cloud"], ["road"], ["car"]]``."""
-    classes = [_split_names(part) for part in text.split(";")]
-    return normalize_vocabulary([c for c in classes if c])
+    """Parse ``"sky, cloud; road; car"`` into ``[["sky", "cloud"], ["road"], ["car"]]``. A trailing ``;``
+    is allowed; an empty class between two (``"sky;;road"``) is an error, since label indices follow
+    the classes' order and dropping it would shift them."""
+    parts = text.split(";")
+    if parts and not parts[-1].strip():
+        parts = parts[:-1]
+    if not any(_split_names(part) for part in parts):
+        raise ValueError(f"the vocabulary is empty: give at least one class ({text!r})")
+    for i, part in enumerate(parts):
+        if not _split_names(part):
+            raise ValueError(f"vocabulary class {i} (between two ';') has no name: {text!r}")
+    return normalize_vocabulary([_split_names(part) for part in parts])
 
 
 def load_vocabulary(path: str, storage_options: dict | None = None) -> list[list[str]]:
-    """Read a ``cls_*.txt`` file (local path or fsspec URL): one class per line, ", " synonyms."""
-    with fsspec.open(path, "r", encoding="utf-8", **(storage_options or {})) as f:
+    """Read a ``cls_*.txt`` file (local path or fsspec URL): one class per line, ", " synonyms. Blank
+    lines at the end are ignored; one between classes is an error (label indices follow the lines)."""
+    with fsspec.open(path, "r", encoding="utf-8-sig", **(storage_options or {})) as f:   # -sig: drop a BOM
         lines = f.read().splitlines()
     classes = [_split_names(line) for line in lines]
-    return normalize_vocabulary([c for c in classes if c])
+    while classes and not classes[-1]:
+        classes.pop()
+    for i, c in enumerate(classes):
+        if not c:
+            raise ValueError(f"{path}: line {i + 1} is blank; each line is a class, and label indices follow "
+                             f"the lines, so a class needs a name there")
+    return normalize_vocabulary(classes)
 
 
 def normalize_vocabulary(vocabulary: VocabularyLike) -> list[list[str]]:
@@ -35,7 +51,8 @@ def normalize_vocabulary(vocabulary: VocabularyLike) -> list[list[str]]:
 
     Raises ``ValueError`` on an empty vocabulary or an empty class, on two classes with the same
     first name (a label's name would be ambiguous; the second could never win a pixel when their
-    synonyms are the same too), and ``TypeError`` on a set or a mapping, whose order is not the label
+    synonyms are the same too; names are compared ignoring case, as CLIP's tokenizer lowercases them), and
+    ``TypeError`` on a class that is not a name or a list of names, or on a set or a mapping, whose order is not the label
     order the user means. A name may appear in several classes among their synonyms (the COCO-Object
     file lists "bed" both as a thing and among the background words); each occurrence is its own query.
     """
@@ -51,14 +68,18 @@ def normalize_vocabulary(vocabulary: VocabularyLike) -> list[list[str]]:
         if isinstance(entry, (set, frozenset, Mapping)):
             raise TypeError(f"vocabulary class {i} is a {type(entry).__name__}; give its names as a list "
                             f"(the first is the class's name)")
+        if not isinstance(entry, str) and not (isinstance(entry, Sequence) and all(isinstance(n, str) for n in entry)):
+            raise TypeError(f"vocabulary class {i} is {entry!r}; give a name, or a list of names (synonyms)")
         names = [entry] if isinstance(entry, str) else list(entry)
-        names = [str(n).strip() for n in names if str(n).strip()]
+        names = [n.strip() for n in names if n.strip()]
         if not names:
             raise ValueError(f"vocabulary class {i} has no name")
-        if names[0] in first_seen:
-            raise ValueError(f"vocabulary classes {first_seen[names[0]]} and {i} are both named {names[0]!r}; "
-                             f"give each class its own name (merge them as synonyms of one class instead)")
-        first_seen[names[0]] = i
+        key = names[0].casefold()               # CLIP's tokenizer lowercases: "Sky" and "sky" are one query
+        if key in first_seen:
+            raise ValueError(f"vocabulary classes {first_seen[key]} and {i} are both named {names[0]!r} (names "
+                             f"differing only in case are one to CLIP); give each class its own name (merge them "
+                             f"as synonyms of one class instead)")
+        first_seen[key] = i
         out.append(names)
     if not out:
         raise ValueError("the vocabulary is empty: give at least one class")

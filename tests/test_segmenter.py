@@ -135,6 +135,11 @@ def test_settings_resolve_from_method_benchmark_and_user(tiny_model):
     seg.set_vocabulary(["sky", "aeroplane"])                         # the user's own words keep their names
     assert seg.class_names == ["sky", "aeroplane"]
     assert class_names(BENCHMARKS["voc20"].vocabulary, "voc20")[0] == "aeroplane"
+    with pytest.raises(ValueError, match="give a vocabulary or a benchmark, not both"):
+        rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="sclip", benchmark="voc21",
+                         vocabulary="a; b")
+    with pytest.raises(TypeError, match="quick_gelu is True, False or None"):
+        rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="clip", vocabulary="a", quick_gelu="false")
     assert class_names(BENCHMARKS["context60"].vocabulary, "context60")[0] == "background"
     assert class_names(BENCHMARKS["coco_object"].vocabulary, "coco_object")[0] == "background"
     assert seg.settings.logit_scale == 65.0 and seg.settings.area_thd == 0.1 and seg.settings.batch_size == 3
@@ -211,10 +216,20 @@ def test_sclip_area_rule_drops_small_and_zero_area_classes(tiny_model):
 def test_vocabulary_parsing_and_files(tmp_path):
     assert rfclip.parse_vocabulary("sky, cloud; road ;car") == [["sky", "cloud"], ["road"], ["car"]]
     f = tmp_path / "cls.txt"
-    f.write_text("sky, cloud\nroad\n\ncar\n")
+    f.write_text("\ufeffsky, cloud\nroad\ncar\n\n", encoding="utf-8")          # a BOM, blank lines at the end
     assert rfclip.load_vocabulary(str(f)) == [["sky", "cloud"], ["road"], ["car"]]
+    f.write_text("sky, cloud\nroad\n\ncar\n")                           # label indices follow the lines
+    with pytest.raises(ValueError, match="line 3 is blank"):
+        rfclip.load_vocabulary(str(f))
     with pytest.raises(ValueError, match="empty"):
         rfclip.parse_vocabulary(" ; ")
+    assert rfclip.parse_vocabulary("sky; road;") == [["sky"], ["road"]]
+    with pytest.raises(ValueError, match="class 1 .between two ';'. has no name"):
+        rfclip.parse_vocabulary("sky;;road")
+    with pytest.raises(ValueError, match="names differing only in case are one to CLIP"):
+        rfclip.parse_vocabulary("Sky; road; sky")
+    with pytest.raises(TypeError, match="vocabulary class 0 is 1; give a name"):
+        rfclip.Segmenter(vocabulary=[1, 2])
     from rfclip.vocabulary import normalize_vocabulary
     with pytest.raises(TypeError, match="not a set"):
         normalize_vocabulary({"sky", "road"})                  # its order changes with the hash seed
