@@ -67,6 +67,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = [b for b in args.benchmarks if b not in TABLE_ORDER]
     if unknown:
         p.error(f"unknown benchmarks {unknown}; choose from {','.join(TABLE_ORDER)}")
+    from rfclip.methods import available_methods
+    unknown = [m for m in args.methods if m not in available_methods()]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {','.join(available_methods())}")
     args.settings = dict(args.setting)
     return args
 
@@ -103,6 +107,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --storage-options: {exc}", file=sys.stderr)
         return 2
     storage.register_secrets(so)
+    for b in args.benchmarks:              # every dataset is found before the first pair runs
+        try:
+            open_labelled_source(b, data_root=args.data_root, storage_options=so, limit=args.limit)
+        except (OSError, ValueError) as exc:
+            print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
+            return 2
     results, errors = {}, {}
     for b in args.benchmarks:
         for m in args.methods:

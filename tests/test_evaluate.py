@@ -98,7 +98,8 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
 def test_evaluate_storage_options_from_a_file_or_the_environment_and_secrets_scrubbed(how, tmp_path, monkeypatch,
                                                                                        capsys):
     """--storage-options @file and $RFCLIP_STORAGE_OPTIONS work as in the segmentation job, and a secret
-    from them that turns up in a failed pair's error is scrubbed from the log and comparison.md/json."""
+    from them that turns up in an error (here: no dataset under the root, found before any pair runs) is
+    scrubbed."""
     from jobs.evaluate import main
 
     secret = "s3cr3t-value-42"
@@ -110,12 +111,19 @@ def test_evaluate_storage_options_from_a_file_or_the_environment_and_secrets_scr
         args += ["--storage-options", f"@{opts}"]
     else:
         monkeypatch.setenv("RFCLIP_STORAGE_OPTIONS", f"@{opts}")
-    assert main(args) == 1                                               # the pair fails: no such data
+    assert main(args) == 2                                               # no such data: nothing runs
     err = capsys.readouterr().err
-    assert "voc20 x clip failed: voc20: no prepared dataset" in err and "Traceback" in err and secret not in err
-    md = (tmp_path / "eval" / "comparison.md").read_text()
-    assert "voc20 x clip: FileNotFoundError" in md and "***" in md and secret not in md
-    assert secret not in (tmp_path / "eval" / "comparison.json").read_text()
+    assert "error: voc20: no prepared dataset" in err and "***" in err and secret not in err
+    assert "Traceback" not in err and not (tmp_path / "eval").exists()
+
+
+def test_evaluate_refuses_unknown_methods_before_running_anything(tmp_path, capsys):
+    from jobs.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--data-root", "x", "--benchmarks", "voc20", "--methods", "clip,foo", "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and "unknown methods ['foo']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_evaluate_refuses_unreadable_storage_options(tmp_path, capsys):
