@@ -88,6 +88,11 @@ def _fmt(x: Optional[float]) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def md_cell(text: object) -> str:
+    """``text`` as one Markdown table cell: a ``|`` in a class name would start another column."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
 def metrics_markdown(result: dict, title: str = "Evaluation") -> str:
     """metrics.md: the summary line and a per-class table (IoU / Acc in percent, – = absent)."""
     failed = result.get("images_failed") or 0
@@ -101,7 +106,7 @@ def metrics_markdown(result: dict, title: str = "Evaluation") -> str:
              "| aAcc | mIoU | mAcc |", "|---|---|---|",
              f"| {_fmt(result['aAcc'])} | {_fmt(result['mIoU'])} | {_fmt(result['mAcc'])} |", "",
              "| class | IoU | Acc |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {_fmt(c['iou'])} | {_fmt(c['acc'])} |" for c in result["classes"]]
+    lines += [f"| {md_cell(c['name'])} | {_fmt(c['iou'])} | {_fmt(c['acc'])} |" for c in result["classes"]]
     lines += ["", "IoU – : class absent from both prediction and ground truth (left out of mIoU); "
               "Acc – : class absent from the ground truth (left out of mAcc).", ""]
     return "\n".join(lines)

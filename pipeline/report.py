@@ -30,7 +30,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from rfclip.visualize import decode_label_png, palette  # noqa: E402
 
-from .metrics import _fmt  # noqa: E402
+from .metrics import _fmt, md_cell  # noqa: E402
 from .sinks import committed_shard_files  # noqa: E402
 from .storage import atomic_write_bytes, get_fs, read_uris, scrub  # noqa: E402
 
@@ -229,7 +229,16 @@ def worst_classes(result: dict, cm: np.ndarray, n: int = 10) -> list[dict]:
 def write_report(output_uri: str, class_names: Sequence[str], source=None,
                  storage_options: Optional[dict] = None, num_samples: int = 6,
                  title: Optional[str] = None) -> str:
-    """Write ``{output}/report.md`` and ``{output}/figures/*.png``; return the report's URI."""
+    """Write ``{output}/report.md`` and ``{output}/figures/*.png``; return the report's URI.
+
+    Class names are drawn as typed: matplotlib would read ``$...$`` in one as a formula (and fail on a bad one).
+    """
+    with plt.rc_context({"text.parse_math": False}):
+        return _write_report(output_uri, class_names, source, storage_options, num_samples, title)
+
+
+def _write_report(output_uri: str, class_names: Sequence[str], source, storage_options: Optional[dict],
+                  num_samples: int, title: Optional[str]) -> str:
     so = dict(storage_options or {})
     files, fs = committed_shard_files(output_uri, so)
     stats = corpus_stats(fs, files, len(class_names))
@@ -277,8 +286,9 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
                "## Per-class IoU", "", f"![per-class IoU]({put('iou.png', iou_bar_chart(result))})", "",
                "## Worst classes", "", "| class | IoU | Acc | most often predicted as |", "|---|---|---|---|"]
         for w in worst_classes(result, cm):
-            conf = f"{w['confused_with']} ({w['confused_share']:.0f}% of its pixels)" if w["confused_with"] else "–"
-            md.append(f"| {w['name']} | {w['iou']:.2f} | {w['acc']:.2f} | {conf} |")
+            conf = (f"{md_cell(w['confused_with'])} ({w['confused_share']:.0f}% of its pixels)"
+                    if w["confused_with"] else "–")
+            md.append(f"| {md_cell(w['name'])} | {w['iou']:.2f} | {w['acc']:.2f} | {conf} |")
         md += ["", "## Confusion matrix", "",
                f"![confusion matrix]({put('confusion.png', confusion_heatmap(cm, list(class_names)))})", ""]
         if samples:
@@ -291,7 +301,7 @@ def write_report(output_uri: str, class_names: Sequence[str], source=None,
                "", "| class | share of pixels (%) | images |", "|---|---|---|"]
         for i in np.argsort(-pixels):
             if pixels[i] > 0:
-                md.append(f"| {class_names[i]} | {pixels[i] / pixels.sum() * 100:.2f} | {images_with[i]} |")
+                md.append(f"| {md_cell(class_names[i])} | {pixels[i] / pixels.sum() * 100:.2f} | {images_with[i]} |")
         md += ["", "## Confidence", "", f"![confidence]({put('confidence.png', confidence_histogram(conf))})", ""]
         if samples:
             md += ["## Samples", "", "Image and prediction overlaid (50%).", "",

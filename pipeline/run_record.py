@@ -85,6 +85,7 @@ def _respelled(old: dict, new: dict) -> dict:
     if (isinstance(om, str) and isinstance(nm, str) and om != nm and om.endswith(".json") and nm.endswith(".json")
             and os.path.isfile(om) and os.path.isfile(nm) and Path(om).read_bytes() == Path(nm).read_bytes()):
         old["model"] = nm
+        old["arch"] = new.get("arch", old.get("arch"))     # open_clip names a config after its file's stem
     return old
 
 

@@ -187,6 +187,10 @@ def test_rerun_with_the_model_and_weights_spelled_another_way_resumes(first_run,
     spelled = (f"../{model.parent.name}/{model.name}", weights.name)           # relative, one through ".."
     again = run(pipeline_job_config(spelled, input=cfg.input, output=str(copy), save_masks=True))
     assert again["skipped"] == first["images_total"] and again["ok"] == 0
+    renamed = tmp_path / "renamed-config.json"                 # same contents, another name (so another arch name)
+    renamed.write_bytes(model.read_bytes())
+    again = run(pipeline_job_config((str(renamed), str(weights)), input=cfg.input, output=str(copy), save_masks=True))
+    assert again["skipped"] == first["images_total"] and again["ok"] == 0
     other = tmp_path / weights.name
     other.write_bytes(weights.read_bytes() + b"\0")            # a zip archive reads the same with a byte appended
     with pytest.raises(ConfigMismatch, match="segmenter.weights.sha256"):

@@ -87,6 +87,12 @@ def test_pseudo_label_report(tmp_path):
     # background gets ~80% of each image plus noise: the top row of the distribution table
     first = text.split("| class | share of pixels (%) | images |")[1].splitlines()[2]
     assert first.startswith("| background |") and first.endswith("| 3 |")
+    # names drawn and tabled as typed: "$\foo$" is no formula to matplotlib, "|" no column to Markdown
+    odd = [r"price $\foo$", "sky|blue"] + list(src.class_names[2:])
+    write_report(str(out), odd, num_samples=2)
+    text = (out / "report.md").read_text()
+    assert "| sky\\|blue |" in text and all(line.count(" | ") == 2 for line in text.splitlines()
+                                             if line.startswith("| price") or line.startswith("| sky"))
 
 
 def test_palette_and_colorize():
