@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(p)
     args = p.parse_args(argv)
 
+    out = Path(args.out)                     # before the model loads: a bad folder fails at once
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out {args.out}: can't make the output folder: {e.strerror or e}", file=sys.stderr)
+        return 2
+
     try:
         vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary
                       else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
@@ -86,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path, name in zip(args.images, output_names(args.images, args.overlay)):
         t0 = time.perf_counter()

@@ -111,6 +111,8 @@ def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
              (["--vocabulary", " ; "], "vocabulary is empty")]
     if not torch.cuda.is_available():
         cases.append((["--vocabulary", "sky", "--device", "cuda"], "CUDA is not available"))
+    (tmp_path / "afile").write_text("")
+    cases.append((["--vocabulary", "sky", "--out", str(tmp_path / "afile")], "can't make the output folder"))
     for extra, message in cases:
         assert segment.main(common + extra) == 2
         err = capsys.readouterr().err
