@@ -68,7 +68,11 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     """
     fs, path = get_fs(uri, storage_options)
     path = canonical_path(fs, path)
-    if not fs.exists(path):
+    try:
+        found = fs.exists(path)
+    except Exception as exc:  # noqa: BLE001 - no credentials, no route to the endpoint...: said in one line
+        raise ValueError(f"can't read input {scrub(uri)!r}: {type(exc).__name__}: {scrub(str(exc))}") from exc
+    if not found:
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
         inner = _inner_output(fs, path, exclude, storage_options)
@@ -86,12 +90,18 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
                              f"{len(files)} other files found)")
     elif is_image_path(path):
         items, root, kind = [_item(full_uri(fs, path))], None, "file"
+    elif posixpath.splitext(path.lower())[1] not in MANIFEST_SUFFIXES:
+        raise ValueError(f"input {uri!r} is a file that is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a "
+                         f"manifest ({', '.join(s for s in MANIFEST_SUFFIXES if s)}, or a text list without a suffix)")
     else:
         items, root, kind = _read_manifest(fs, path, storage_options), None, "manifest"
         if not items:
             raise ValueError(f"manifest {uri!r} lists no image URIs")
     return _dedupe_sorted(items, root, kind)
 
+
+# Table manifests, then text lists of one URI a line ("" is a file without a suffix).
+MANIFEST_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".txt", ".lst", ".list", "")
 
 UNDECODABLE_PREFIX = "not-utf8:"
 

@@ -165,6 +165,19 @@ def test_missing_and_empty_inputs_fail_with_clear_messages(tmp_path):
     (tmp_path / "blank.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="lists no image"):
         sources.resolve_inputs(str(tmp_path / "blank.txt"))
+    with pytest.raises(ValueError, match="neither an image .* nor a manifest"):
+        sources.resolve_inputs(str(tmp_path / "empty" / "readme.md"))      # not read as a list of URIs
+
+
+def test_an_input_that_cannot_be_listed_is_one_clear_line(monkeypatch):
+    """No credentials for an S3 input: botocore's NoCredentialsError (no OSError) becomes a ValueError."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ValueError, match="can't read input 's3://bucket/images': NoCredentialsError"):
+        sources.resolve_inputs("s3://bucket/images", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}})
 
 
 def test_shards_are_deterministic_and_cover_every_item_once():
