@@ -26,7 +26,7 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
 
 
 from pipeline import storage  # noqa: E402
-from rfclip.cli_args import (add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
+from rfclip.cli_args import (DefaultsHelpFormatter, add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
                              positive_int)
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
 from pipeline.datasets import open_labelled_source  # noqa: E402
@@ -39,27 +39,27 @@ log = logging.getLogger("evaluate")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--data-root", required=True, help="MMSegmentation-style data/ folder (path or fsspec URI)")
     p.add_argument("--benchmarks", required=True, help=f"comma-separated, from {','.join(TABLE_ORDER)}")
     p.add_argument("--methods", required=True, help="comma-separated method names (rfclip, clearclip, ...)")
     p.add_argument("--output", required=True, help="output folder; pair B x M goes to OUTPUT/B/M")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images of each benchmark")
-    p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--weights", default="openai")
-    p.add_argument("--weights-sha256", default=None)
+    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or a model-config JSON")
+    p.add_argument("--weights", default="openai", help="open_clip tag, local file, or fsspec URL")
+    p.add_argument("--weights-sha256", default=None, help="refuse weights with another digest")
     add_weights_choices(p)
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: the method's (fp32)")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE", type=parse_setting,
                    help="extra Segmenter setting for every pair (JSON value), e.g. pamr=true; repeatable")
     p.add_argument("--storage-options", default=None,
                    help="fsspec options for --data-root/--output as JSON or @file.json (default: "
                         "$RFCLIP_STORAGE_OPTIONS, else the standard credential chain)")
-    p.add_argument("--shard-size", type=positive_int, default=1000)
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per Parquet shard (the unit of resume)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per model call")
     p.add_argument("--workers", type=positive_int, default=None, help="model actors (default: one per GPU, else 1)")
     p.add_argument("--num-gpus-per-worker", type=non_negative_float, default=None, help="default 1 where GPUs exist, else 0")
-    p.add_argument("--ray-address", default=None)
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="redo every pair from scratch")
     args = p.parse_args(argv)
     args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]

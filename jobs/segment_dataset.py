@@ -25,7 +25,7 @@ from rfclip.decode import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.job import PipelineError, list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
-from rfclip.cli_args import (add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
+from rfclip.cli_args import (DefaultsHelpFormatter, add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
                              positive_int)
 from rfclip.weights import WeightsError  # noqa: E402
 
@@ -39,7 +39,7 @@ SETTING_FLAGS = {  # explicit CLI flags for the common settings -> Segmenter key
 # ----------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     io_ = p.add_argument_group("inputs and outputs")
     io_.add_argument("--input", help="folder/prefix (local, s3://, any fsspec URL) or a .txt/.csv/.tsv/.parquet manifest "
                      "(not needed with --data-root)")
@@ -49,14 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "credential chain)")
     io_.add_argument("--save-masks", action="store_true", help="also write masks/<image_id>.png (palette PNG)")
     io_.add_argument("--overwrite", action="store_true", help="delete previous outputs and start over")
-    io_.add_argument("--shard-size", type=positive_int, default=1000)
-    io_.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS)
+    io_.add_argument("--shard-size", type=positive_int, default=1000, help="images per Parquet shard (the unit of resume)")
+    io_.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                     help="larger images become error rows, from their header")
     e = p.add_argument_group("evaluation (optional): labelled data -> metrics.json, metrics.md, report.md")
     e.add_argument("--data-root", help="with --benchmark: the MMSegmentation-style data/ folder (local or fsspec)")
-    e.add_argument("--labels", help="folder of label PNGs named by the images' stems (class index = vocabulary order)")
+    e.add_argument("--labels", help="folder of label PNGs laid out as the images (<labels>/<sub>/<stem>.png), or "
+                                    "named by unique stems (class index = vocabulary order)")
     e.add_argument("--labels-from-manifest", action="store_true",
-                   help="score against the label_uri column of a Parquet --input manifest (label PNGs, class "
-                        "index = vocabulary order)")
+                   help="score against the label_uri column of a Parquet/CSV/TSV --input manifest (label PNGs, "
+                        "class index = vocabulary order)")
     e.add_argument("--ignore-index", type=int, default=255,
                    help="label value ignored with --labels or --labels-from-manifest")
     e.add_argument("--limit", type=positive_int, help="use only the first N images (sorted / split-file order)")
@@ -65,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--vocabulary-file", help="cls_*.txt format, local or fsspec URL")
     v.add_argument("--benchmark", help="preset name (rfclip.benchmarks): its vocabulary and the method's settings")
     m = p.add_argument_group("model")
-    m.add_argument("--method", default="rfclip")
-    m.add_argument("--model", default="ViT-B-16")
-    m.add_argument("--weights", default="openai")
-    m.add_argument("--weights-sha256")
+    m.add_argument("--method", default="rfclip", help="rfclip, rfclip-release, clip, maskclip, sclip, clearclip, naclip")
+    m.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or a model-config JSON")
+    m.add_argument("--weights", default="openai", help="open_clip tag, local file, or fsspec URL")
+    m.add_argument("--weights-sha256", help="refuse weights with another digest")
     add_weights_choices(m)
-    m.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    m.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the method's (fp32)")
     for name, typ in SETTING_FLAGS.items():
-        m.add_argument("--" + name.replace("_", "-"), type=typ)
+        m.add_argument("--" + name.replace("_", "-"), type=typ, help="the Segmenter setting; default: the method's")
     m.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None)
     m.add_argument("--setting", action="append", type=parse_setting, default=[], metavar="KEY=VALUE",
                    help="any other Segmenter setting (value parsed as JSON when possible); repeatable")

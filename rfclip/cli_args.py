@@ -94,3 +94,15 @@ def parse_settings(pairs: list[tuple[str, object]], precision: str | None = None
     if precision:
         out["precision"] = precision
     return out
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every flag's default: the ones with a value (not None, False or []) get
+    ``(default: X)``, and flags without help text get one too, so none is left out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in help_text:
+            return help_text
+        return (help_text + " " if help_text else "") + "(default: %(default)s)"
+

@@ -142,3 +142,17 @@ def test_find_distraction_dims_without_peaks_says_so_and_recommends_nothing(plan
     assert rc == 1 and "no dimension peaks above robust z 1e+09" in captured.err
     assert "broken.png: skipped" in captured.err
     assert "distraction_dims=" not in captured.out                   # no '[]' to paste
+
+
+def test_job_help_gives_each_flag_its_default_once(capsys):
+    """The README says `--help` lists every flag with its default: no flag with a value hides it, none says
+    "default: None", and none says its default twice."""
+    import pytest
+
+    from jobs import evaluate, segment_dataset
+
+    for main in (segment_dataset.main, evaluate.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "default: None" not in text and "(default: 1000)" in text and "(default: ViT-B-16)" in text
