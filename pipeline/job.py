@@ -197,11 +197,30 @@ def _init_ray(address: Optional[str]) -> bool:
         return False
     address = _ray_address(address)
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
-        # address="local": never attach to some other cluster found in /tmp/ray by accident.
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+        # address="local": never attach to some other cluster found in /tmp/ray by accident. The workers
+        # import this repository's packages; the user's own PYTHONPATH entries follow.
+        path = os.pathsep.join([str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, naming the flag, when a ``host:port`` (or ``ray://host:port``) cluster address takes
+    no connection: ray.init would retry the GCS for minutes. ``auto`` and other forms are left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ValueError(f"can't reach the Ray cluster at {address} (--ray-address, else $RAY_ADDRESS): "
+                              f"{exc.strerror or exc}") from None
 
 
 def _default_workers(cfg: JobConfig) -> tuple[int, float, float]:

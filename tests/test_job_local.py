@@ -472,3 +472,22 @@ def test_labels_in_the_input_folder_itself_are_refused_with_the_way_out(tiny_mod
     rc = main(["--input", str(same), "--labels", str(same), "--output", str(tmp_path / "out")]
               + pipeline_cli_args(tiny_model))
     assert rc == 2 and "holds the --input images" in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_address_fails_in_seconds_naming_the_flag(tiny_model, tmp_path, capsys, monkeypatch):
+    """ray.init retries a GCS that isn't there for minutes; the job says what is wrong at once."""
+    import time
+
+    import ray
+
+    from jobs.segment_dataset import main
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)     # as in a fresh driver, whatever ran before
+    inp = tmp_path / "in"
+    write_images(inp, 1)
+    t0 = time.time()
+    rc = main(["--input", str(inp), "--output", str(tmp_path / "out"), "--ray-address", "127.0.0.1:1"]
+              + pipeline_cli_args(tiny_model))
+    err = capsys.readouterr().err
+    assert rc == 2 and "can't reach the Ray cluster at 127.0.0.1:1 (--ray-address" in err, err
+    assert time.time() - t0 < 60
