@@ -26,7 +26,6 @@ import posixpath
 from typing import Optional, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .storage import atomic_write_bytes, get_fs
 
@@ -118,14 +117,13 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
     (``images_failed``: rows that could not be segmented, hence not scored; up to 5 of their
     ``uri: reason``). Raises on no shards, a shard without a matrix, differing sizes / ignore
     indices, or an image counted in two shards."""
-    from .sinks import committed_shard_files, parse_shard_metadata
+    from .sinks import committed_shard_files, parse_shard_metadata, read_shard
 
     files, fs = committed_shard_files(output_uri, storage_options or {})
     total, images, ignore, seen, failed = None, 0, None, set(), []
     for path in files:
         name = posixpath.basename(path)[: -len(".parquet")]
-        with fs.open(path, "rb") as f:      # one read: rows and footer
-            t = pq.read_table(f, columns=["image_uri", "status", "error"])
+        t = read_shard(fs, path, ["image_uri", "status", "error"])
         _, conf = parse_shard_metadata(t.schema.metadata)
         if conf is None:
             raise ValueError(f"shard {name} has no confusion matrix (a run without labels?)")

@@ -25,13 +25,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from rfclip.visualize import decode_label_png, palette  # noqa: E402
 
 from .metrics import _fmt, md_cell  # noqa: E402
-from .sinks import committed_shard_files  # noqa: E402
+from .sinks import committed_shard_files, read_shard  # noqa: E402
 from .storage import atomic_write_bytes, get_fs, read_uris, scrub  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def corpus_stats(fs, files: Sequence[str], num_classes: int) -> dict:
     out = {"ok": 0, "error": 0, "pixels": np.zeros(k, np.int64), "images_with": np.zeros(k, np.int64)}
     conf = []
     for f in files:
-        t = pq.read_table(f, columns=STAT_COLUMNS, filesystem=fs)
+        t = read_shard(fs, f, STAT_COLUMNS)
         ok = t.filter(pc.equal(t.column("status"), OK))
         out["ok"] += ok.num_rows
         out["error"] += t.num_rows - ok.num_rows
@@ -95,7 +94,7 @@ def _sample_rows(fs, files: Sequence[str], n: int) -> list[dict]:
     """The first ``n`` ok rows (by file, then row order) with their mask_png."""
     rows: list[dict] = []
     for f in files:
-        t = pq.read_table(f, columns=["image_uri", "image_id", "status", "mask_png"], filesystem=fs)
+        t = read_shard(fs, f, ["image_uri", "image_id", "status", "mask_png"])
         for r in t.to_pylist():
             if r["status"] == OK:
                 rows.append(r)

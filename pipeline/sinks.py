@@ -116,6 +116,17 @@ def committed_shard_files(output_uri: str, storage_options: Optional[dict]) -> t
     return files, fs
 
 
+def read_shard(fs, path: str, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of a committed shard, and its key-value metadata, in one read. A shard that can't be
+    read was damaged after its commit (a commit is all or nothing): the error says how to redo it."""
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=list(columns))
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"committed shard {path} can't be read ({type(exc).__name__}: {scrub(str(exc))}); it was "
+                         f"damaged after its commit: delete it and run the same command again to redo it") from exc
+
+
 def parse_shard_metadata(metadata: Optional[dict]) -> tuple[dict, Optional[dict]]:
     """``(shard_meta, confusion or None)`` from a shard's key-value metadata (a pyarrow schema's)."""
     meta = metadata or {}

@@ -101,6 +101,17 @@ def test_reducer_order_and_resume_invariant(tmp_path):
     assert math.isclose(ra["mIoU"], direct_scores(maps, K, IGN)[2], rel_tol=1e-12)
 
 
+def test_a_shard_damaged_after_its_commit_says_how_to_redo_it(tmp_path):
+    maps = _random_maps(np.random.default_rng(3), 4)
+    out = str(tmp_path / "run")
+    _write_shards(out, maps, 2)
+    damaged = sorted((tmp_path / "run" / "predictions").glob("shard-*.parquet"))[1]
+    damaged.write_bytes(b"PA")
+    with pytest.raises(ValueError, match=f"committed shard .*{damaged.name} can't be read .*delete it and run the "
+                                         f"same command again"):
+        reduce_confusion(out, class_names=NAMES)
+
+
 def test_reducer_refuses_double_counting_and_empty(tmp_path):
     maps = _random_maps(np.random.default_rng(2), 8)
     out = str(tmp_path / "run")
