@@ -26,7 +26,7 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
 
 
 from pipeline import storage  # noqa: E402
-from rfclip.cli_args import (DefaultsHelpFormatter, add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
+from rfclip.cli_args import (DefaultsHelpFormatter, add_model_arguments, non_negative_float,  # noqa: E402
                              positive_int)
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
 from pipeline.datasets import open_labelled_source  # noqa: E402
@@ -45,13 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", required=True, help="comma-separated method names (rfclip, clearclip, ...)")
     p.add_argument("--output", required=True, help="output folder; pair B x M goes to OUTPUT/B/M")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images of each benchmark")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or a model-config JSON")
-    p.add_argument("--weights", default="openai", help="open_clip tag, local file, or fsspec URL")
-    p.add_argument("--weights-sha256", default=None, help="refuse weights with another digest")
-    add_weights_choices(p)
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: the method's (fp32)")
-    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE", type=parse_setting,
-                   help="extra Segmenter setting for every pair (JSON value), e.g. pamr=true; repeatable")
+    add_model_arguments(p, method=False, device=False)          # --setting applies to every pair
     p.add_argument("--storage-options", default=None,
                    help="fsspec options for --data-root/--output as JSON or @file.json (default: "
                         "$RFCLIP_STORAGE_OPTIONS, else the standard credential chain)")

@@ -25,7 +25,7 @@ from rfclip.decode import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.job import PipelineError, list_input, run  # noqa: E402
 from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
-from rfclip.cli_args import (DefaultsHelpFormatter, add_weights_choices, non_negative_float, parse_setting,  # noqa: E402
+from rfclip.cli_args import (DefaultsHelpFormatter, add_model_arguments, non_negative_float,  # noqa: E402
                              positive_int)
 from rfclip.weights import WeightsError  # noqa: E402
 
@@ -66,18 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--vocabulary", help='"sky, cloud; road; car": ";" between classes, ", " between synonyms')
     v.add_argument("--vocabulary-file", help="cls_*.txt format, local or fsspec URL")
     v.add_argument("--benchmark", help="preset name (rfclip.benchmarks): its vocabulary and the method's settings")
-    m = p.add_argument_group("model")
-    m.add_argument("--method", default="rfclip", help="rfclip, rfclip-release, clip, maskclip, sclip, clearclip, naclip")
-    m.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or a model-config JSON")
-    m.add_argument("--weights", default="openai", help="open_clip tag, local file, or fsspec URL")
-    m.add_argument("--weights-sha256", help="refuse weights with another digest")
-    add_weights_choices(m)
-    m.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the method's (fp32)")
+    m = add_model_arguments(p, device=False)
     for name, typ in SETTING_FLAGS.items():
         m.add_argument("--" + name.replace("_", "-"), type=typ, help="the Segmenter setting; default: the method's")
     m.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None)
-    m.add_argument("--setting", action="append", type=parse_setting, default=[], metavar="KEY=VALUE",
-                   help="any other Segmenter setting (value parsed as JSON when possible); repeatable")
     r = p.add_argument_group("execution")
     r.add_argument("--workers", type=positive_int, help="model actors (default: one per GPU, else 1)")
     r.add_argument("--num-gpus-per-worker", type=non_negative_float, help="default 1 where GPUs exist, else 0")

@@ -212,6 +212,9 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     no connection: ray.init would retry the GCS for minutes. ``auto`` and other forms are left to Ray."""
     import socket
 
+    if address.startswith(("http://", "https://")):
+        raise ValueError(f"--ray-address / $RAY_ADDRESS {address} is a dashboard address (what `ray job submit` "
+                         f"takes); the job connects to the cluster itself: give host:6379, ray://host:10001, or auto")
     hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -260,7 +263,8 @@ def _default_workers(cfg: JobConfig) -> tuple[int, float, float]:
 
 
 def decode_memory(max_pixels: int) -> int:
-    """Bytes a decode task reserves: one worst-case image, its file's bytes plus RGB and float resize buffers."""
+    """Bytes a decode task reserves: one worst-case image, its file's bytes plus RGB and float resize buffers.
+    The task holds the files of its whole batch at once; typical files are far smaller than the worst case."""
     from rfclip.decode import max_file_bytes
     return int(max_pixels) * 3 * 6 + max_file_bytes(max_pixels)
 
@@ -292,7 +296,7 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
 
     blocks = max(1, min(20000, math.ceil(len(rows) / cfg.decode_batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    # The decode tasks reserve heap memory for one worst-case image (RGB + float resize buffers).
+    # The decode tasks reserve heap memory for one worst-case image (its file, RGB + float resize buffers).
     # That also keeps Ray Data from fusing decoding into the model actor (it fuses task->actor
     # maps whose remote args are equal): decoding must stay in CPU tasks so the model never waits
     # on it. summary["rows_decoded_in_model_process"] checks that it did.

@@ -47,10 +47,13 @@ def versions() -> dict:
     return out
 
 
-def _version_changes(old: dict, new: dict) -> list[str]:
-    """``name old -> new`` for each version that differs (a run.json from before the output revision
-    was recorded is revision 1)."""
-    old = {"rfclip_output_revision": 1, **old}
+def _version_changes(previous: dict, new: dict) -> list[str]:
+    """``name old -> new`` for each version that differs between run.json ``previous`` and ``new``. A
+    run.json from before the output revision was recorded is revision 2 if it records the image
+    normalisation (both came with half-up rounding, revision 2's change), else revision 1."""
+    weights = ((previous.get("config") or {}).get("segmenter") or {}).get("weights")
+    inferred = 2 if isinstance(weights, dict) and "image_mean" in weights else 1
+    old = {"rfclip_output_revision": inferred, **previous["versions"]}
     return [f"{k} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k]]
 
 
@@ -152,7 +155,7 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
 
     earlier = list(previous.get("earlier_versions") or []) if previous else []
     if previous and committed and isinstance(previous.get("versions"), dict):
-        changes = _version_changes(previous["versions"], versions())
+        changes = _version_changes(previous, versions())
         if changes:
             log.warning("resuming shards written with other versions (%s): the committed shards are kept, so "
                         "the output mixes both; use --overwrite to redo them all", "; ".join(changes))

@@ -58,7 +58,8 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
 
     Manifests: ``.parquet``, or ``.csv``/``.tsv`` with a header row (column ``image_uri``, or
     ``uri``/``path``/``image``; an optional ``label_uri`` column is carried along), or a text file with
-    one URI per line (blank lines and ``#`` comments skipped; a header row is refused). Relative manifest entries are resolved against the manifest's folder, and
+    one URI per line (``.txt``, ``.lst``, ``.list`` or no suffix: ``MANIFEST_SUFFIXES``; blank lines and ``#``
+    comments skipped; a header row is refused). Relative manifest entries are resolved against the manifest's folder, and
     every entry is spelled one way (``file:///x/a.jpg`` and ``/x/./a.jpg`` are ``/x/a.jpg``), so a file
     listed twice is processed once.
     On a local disk, symlinked folders are followed (see :func:`find_files`).

@@ -101,13 +101,14 @@ _TRANSIENT_WORDS = ("Timeout", "timed out", "Throttl", "SlowDown", "ServiceUnava
                     "Connection reset", "EndpointConnectionError", "IncompleteRead")
 # A 5xx status as botocore ("An error occurred (503)"), aiohttp ("503, message=") and HTTP lines spell it; a
 # bare number is not enough, since messages quote keys such as "frame_0500.png".
-_TRANSIENT_STATUS = re.compile(r"\(50[0234]\)|\b50[0234], message=|\bHTTP(?:/[\d.]+)? 50[0234]\b"
+_TRANSIENT_STATUS = re.compile(r"An error occurred \(50[0234]\)|\b50[0234], message=|\bHTTP(?:/[\d.]+)? 50[0234]\b"
                                r"|\bstatus(?: code)?[ :=]+50[0234]\b", re.IGNORECASE)
 
 
 # errno values s3fs gives the S3 error codes of a busy or failing service (SlowDown, ServiceUnavailable,
 # 503: EBUSY; InternalError, 500: EREMOTEIO), with the server's message as the text.
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET}
+_TRANSIENT_ERRNOS = {errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.EAGAIN, errno.ETIMEDOUT,
+                     errno.ECONNRESET}                                     # EREMOTEIO: Linux only
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -187,6 +188,12 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5
                 v = retry_call(lambda p=p: fs.cat_file(p, **span), f"read {p}", attempts=attempts)
             except Exception as exc:  # noqa: BLE001 - reported per file by the caller
                 v = exc
+        if span and isinstance(v, OSError) and not isinstance(v, (FileNotFoundError, PermissionError)):
+            # An object store answers a range on an empty object with 416 (InvalidRange): say it is empty.
+            try:
+                v = b"" if fs.size(p) == 0 else v
+            except Exception:  # noqa: BLE001 - keep the read's own error
+                pass
         out[p] = v
     return out
 

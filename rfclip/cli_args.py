@@ -7,18 +7,27 @@ import json
 from .settings import SETTING_NAMES, coerce_setting
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_method: str = "rfclip") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_method: str = "rfclip", *, method: bool = True,
+                        device: bool = True):
+    """The model flags every tool shares, in a "model" group (returned, for a tool's own extra flags):
+    ``--model``, ``--weights``, ``--weights-sha256``, the weights choices, ``--method`` (unless
+    ``method=False``), ``--device`` (unless ``device=False``: the jobs place their workers), ``--precision``
+    and ``--setting``. Defaults are shown by :class:`DefaultsHelpFormatter`."""
+    from .methods import available_methods
+
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture or model-config JSON (default ViT-B-16)")
-    g.add_argument("--weights", default="openai",
-                   help="open_clip tag, local .pt/.safetensors file, or fsspec URL (default: openai)")
-    g.add_argument("--weights-sha256", default=None, help="expected sha256 of the weights file")
+    g.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or a model-config JSON")
+    g.add_argument("--weights", default="openai", help="open_clip tag, local .pt/.safetensors file, or fsspec URL")
+    g.add_argument("--weights-sha256", default=None, help="refuse weights with another sha256")
     add_weights_choices(g)
-    g.add_argument("--method", default=default_method, help=f"method (default {default_method})")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    if method:
+        g.add_argument("--method", default=default_method, help=", ".join(available_methods()))
+    if device:
+        g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="default: the method's (fp32)")
     g.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE", type=parse_setting,
                    help=f"any method setting, JSON-parsed value; repeatable. Names: {', '.join(SETTING_NAMES)}")
+    return g
 
 
 def add_weights_choices(group) -> None:

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .cli_args import add_model_arguments, parse_settings, positive_int
+from .cli_args import DefaultsHelpFormatter, add_model_arguments, parse_settings, positive_int
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, max_file_bytes
 from .segmenter import Segmenter
 from .visualize import label_png, overlay
@@ -63,7 +63,8 @@ def output_names(paths: list[str], overlay: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rfclip.segment", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rfclip.segment", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
     voc = p.add_mutually_exclusive_group(required=True)
     voc.add_argument("--vocabulary", help='classes: ";" between classes, ", " between synonyms')
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overlay", action="store_true", help="also write a colour overlay with a legend")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
-                   help=f"larger images are refused from their header (default {DEFAULT_MAX_PIXELS})")
+                   help="larger images are refused from their header")
     add_model_arguments(p)
     args = p.parse_args(argv)
 

@@ -264,7 +264,8 @@ def test_rerun_of_a_run_json_without_the_normalisation_resumes_but_another_norma
 
 def test_a_resume_under_other_versions_warns_and_keeps_their_record(first_run, tiny_model, tmp_path, caplog):
     """Shards written by another output revision or package version are kept, with a warning and a record
-    in run.json; a run.json from before the revision was recorded counts as revision 1."""
+    in run.json; a run.json from before the revision was recorded counts as revision 1 without the image
+    normalisation, 2 with it (both came in one change)."""
     from pipeline.job import run
     from pipeline.run_record import versions
 
@@ -274,9 +275,16 @@ def test_a_resume_under_other_versions_warns_and_keeps_their_record(first_run, t
     doc = json.loads((copy / "run.json").read_text())
     assert doc["versions"] == versions() and doc["earlier_versions"] == []
     older = {k: v for k, v in doc["versions"].items() if k != "rfclip_output_revision"}
-    older["torch"] = "2.0.0"
-    (copy / "run.json").write_text(json.dumps({**doc, "versions": older}))
+    (copy / "run.json").write_text(json.dumps({**doc, "versions": older}))     # revision 2, as its config says
     caplog.set_level(logging.WARNING)
+    run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), save_masks=True))
+    assert not [r for r in caplog.records if "other versions" in r.getMessage()]
+    doc = json.loads((copy / "run.json").read_text())
+    assert doc["earlier_versions"] == []
+    older["torch"] = "2.0.0"
+    del doc["config"]["segmenter"]["weights"]["image_mean"], doc["config"]["segmenter"]["weights"]["image_std"]
+    (copy / "run.json").write_text(json.dumps({**doc, "versions": older}))     # revision 1: no normalisation
+    caplog.clear()
     again = run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), save_masks=True))
     assert again["skipped"] == first["images_total"]
     warned = [r.getMessage() for r in caplog.records if "other versions" in r.getMessage()]

@@ -69,6 +69,39 @@ def test_s3_reads_stop_at_the_limit(seaweedfs_s3):
     assert read_uris(uris, so, limit=1001) == [blob[:1001], blob[:1001]]
     assert read_uris(uris, so, limit=len(blob) + 5) == [blob, blob]
     assert read_uris(uris, so) == [blob, blob]
+    fs.pipe_file(f"{seaweedfs_s3.bucket}/limit/empty.jpg", b"")          # a range on no bytes: 416 on S3
+    assert read_uris([f"s3://{seaweedfs_s3.bucket}/limit/empty.jpg"], so, limit=1001) == [b""]
+
+
+def test_an_empty_object_read_with_a_range_is_an_empty_file_not_a_range_error(tmp_path):
+    """AWS (and moto) answer a ranged GET of a 0-byte object with 416 InvalidRange; the decode stage's
+    error row must still say the file is empty."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import numpy as np
+
+    from conftest import free_ports
+    from pipeline.storage import read_uris
+    from pipeline.workers import decode_stage
+
+    port = free_ports(1)[0]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="bkt")
+        so = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        import s3fs
+        fs = s3fs.S3FileSystem(**so, skip_instance_cache=True)
+        fs.pipe_file("bkt/empty.jpg", b"")
+        fs.pipe_file("bkt/a.bin", b"abc")
+        assert read_uris(["s3://bkt/empty.jpg", "s3://bkt/a.bin"], so, limit=100) == [b"", b"abc"]
+        out = decode_stage({"image_uri": np.array(["s3://bkt/empty.jpg"], dtype=object)}, storage_options=so,
+                           max_pixels=1000, short_side=10, max_long_side=20)
+        assert list(out["error"]) == ["empty file (0 bytes)"]
+    finally:
+        server.stop()
 
 
 def test_s3_missing_prefix_fails_fast(seaweedfs_s3, tiny_model, capsys):

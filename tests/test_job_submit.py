@@ -86,11 +86,11 @@ def test_ray_job_submit_runs_to_completion(ray_head, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("gpus, address, gpw, want", [
-    (0, "ray://head:10001", None, (1, 0.0, True)),      # a cluster with its GPU nodes down: CPU, and a warning
-    (0, None, None, (1, 0.0, False)),                   # a laptop: CPU, nothing to say
-    (0, "local", None, (1, 0.0, False)),                # a local Ray, named: the same
-    (0, "ray://head:10001", 1.0, (3, 1.0, False)),      # asked for GPU actors: the autoscaler's business
-    (4, "ray://head:10001", None, (4, 1.0, False)),     # one actor per GPU
+    (0, "ray://head:10001", None, (1, 0.0, 1.0, True)),      # a cluster with its GPU nodes down: CPU, and a warning
+    (0, None, None, (1, 0.0, 1.0, False)),                   # a laptop: CPU, nothing to say
+    (0, "local", None, (1, 0.0, 1.0, False)),                # a local Ray, named: the same
+    (0, "ray://head:10001", 1.0, (3, 1.0, 1.0, False)),      # asked for GPU actors: the autoscaler's business
+    (4, "ray://head:10001", None, (4, 1.0, 1.0, False)),     # one actor per GPU
 ])
 def test_default_workers_and_the_cpu_warning_on_a_cluster(gpus, address, gpw, want, tiny_model, monkeypatch, caplog):
     import ray
@@ -102,5 +102,5 @@ def test_default_workers_and_the_cpu_warning_on_a_cluster(gpus, address, gpw, wa
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = pipeline_job_config(tiny_model, input="x", output="y", ray_address=address, num_gpus_per_worker=gpw,
                               workers=3 if gpw else None)
-    assert _default_workers(cfg) == want[:2]
-    assert ("--num-gpus-per-worker 1 --workers N" in caplog.text) == want[2]
+    assert _default_workers(cfg) == want[:3]                  # (actors, GPUs each, CPUs each)
+    assert ("--num-gpus-per-worker 1 --workers N" in caplog.text) == want[3]

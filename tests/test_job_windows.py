@@ -53,7 +53,8 @@ def test_a_duplicate_row_of_a_committed_shard_is_dropped_not_fatal(monkeypatch):
 
     committed = []
     monkeypatch.setattr(job, "_build_dataset", lambda *a, **k: Rows())
-    monkeypatch.setattr(job, "_default_workers", lambda cfg: (1, 0.0))
+    monkeypatch.setattr(job, "_default_workers", lambda cfg: (1, 0.0, 1.0))
+    monkeypatch.setattr(job, "_check_decode_memory", lambda cfg: None)     # no Ray here to ask
     monkeypatch.setattr(job, "_commit", lambda cfg, shard, rows, *a: committed.append((shard.name, sorted(rows))))
     counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0}
     job._run_window(JobConfig(output="/unused", progress=False), shards, sources.Inputs(items, None, "x"),

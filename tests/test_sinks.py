@@ -121,6 +121,7 @@ def test_s3_retry_defaults_are_raised_and_user_wins():
 @pytest.mark.parametrize("exc,transient", [
     (OSError("AccessDenied: s3://b/out/masks/frame_0500-1a2b3c.png"), False),      # a 500 in a key is no 5xx
     (OSError("Forbidden: s3://b/img-503.jpg"), False),
+    (OSError(5, "Bad Request: s3://b/scan(500).png"), False),
     (OSError("An error occurred (503) when calling the PutObject operation: Slow"), True),
     (OSError("503, message='Service Unavailable', url='http://x/a.jpg'"), True),
     (OSError("An error occurred (SlowDown) when calling the GetObject operation"), True),
