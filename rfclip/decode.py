@@ -68,3 +68,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             return to_rgb_array(img)
         except Exception as exc:  # noqa: BLE001 - an exotic mode the converter rejects
             raise DecodeError(f"unsupported image mode {img.mode!r} ({img.format}): {exc}") from None
+
+
+def decode_file(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None) -> np.ndarray:
+    """:func:`decode_image` of a file (local path or fsspec URL), read no further than
+    ``max_file_bytes(max_pixels) + 1`` bytes. Raises ``OSError`` when it can't be read."""
+    import fsspec
+
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        data = f.read(max_file_bytes(max_pixels) + 1)
+    return decode_image(data, max_pixels)
+

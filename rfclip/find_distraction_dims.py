@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .cli_args import add_weights_choices, positive_int
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, max_file_bytes
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from .images import IMAGE_SUFFIXES
 from .segmenter import MEAN, STD, pick_device
 from .vit import DenseViT
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             """Each image that decodes, one at a time; the others are named on stderr and skipped."""
             for uri in uris:
                 try:
-                    with fsspec.open(uri, "rb", **(opts or {})) as f:
-                        data = f.read(max_file_bytes(args.max_pixels) + 1)
-                    yield decode_image(data, args.max_pixels)
+                    yield decode_file(uri, args.max_pixels, opts)
                 except (OSError, DecodeError) as exc:
                     print(f"{uri}: skipped, cannot read image: {exc}", file=sys.stderr)
 

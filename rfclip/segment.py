@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .cli_args import DefaultsHelpFormatter, add_model_arguments, parse_settings, positive_int
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, max_file_bytes
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from .segmenter import Segmenter
 from .visualize import label_png, overlay
 from .weights import WeightsError
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, name in zip(args.images, output_names(args.images, args.overlay)):
         t0 = time.perf_counter()
         try:
-            with open(path, "rb") as f:
-                rgb = decode_image(f.read(max_file_bytes(args.max_pixels) + 1), args.max_pixels)
+            rgb = decode_file(path, args.max_pixels)
         except (OSError, DecodeError) as e:
             print(f"{path}: cannot read image: {e}", file=sys.stderr)
             failed += 1
