@@ -48,18 +48,21 @@ import numpy as np
 import torch
 
 import rfclip
-from rfclip import refocus
+from rfclip import kernels, refocus
 from rfclip.segmenter import MEAN, STD
 from rfclip.methods.rfclip import distraction_setup
 from rfclip.settings import DISTRACTION_DIMS, PLANS, base_arch
 from rfclip.testing import distractor_pattern, paint_pattern, random_model, save_checkpoint
 
-# Table 3's rows: label -> (solver, iters, products dtype). float16 products are the squaring cut of fp16 and
-# bf16 models; on CPUs they are slow (no float16 matrix units) and shown for completeness.
-SOLVERS = {"eigh": ("eigh", None, torch.float32), "subspace": ("subspace", None, torch.float32),
-           "squaring (11 squarings)": ("squaring", None, torch.float32),
-           "squaring, 5 squarings (the default before)": ("squaring", 32, torch.float32),
-           "squaring (11), float16 products": ("squaring", None, torch.float16)}
+# Table 3's rows: label -> (solver, iters, products dtype, Triton kernels). float16 products are the squaring
+# cut of fp16 and bf16 models; on CPUs they are slow (no float16 matrix units) and shown for completeness. The
+# Triton row (rfclip.kernels.squaring_cut_half, the default where the attention kernels are Triton's) runs on
+# CUDA devices only.
+SOLVERS = {"eigh": ("eigh", None, torch.float32, False), "subspace": ("subspace", None, torch.float32, False),
+           "squaring (11 squarings)": ("squaring", None, torch.float32, False),
+           "squaring, 5 squarings (the default before)": ("squaring", 32, torch.float32, False),
+           "squaring (11), float16 products": ("squaring", None, torch.float16, False),
+           "squaring (11), float16 products, Triton kernels": ("squaring", None, torch.float16, True)}
 
 
 def default_methods(device: torch.device) -> list[str]:
@@ -70,7 +73,7 @@ def default_methods(device: torch.device) -> list[str]:
         extra = ["rfclip+eigh", "rfclip+subspace", "rfclip+squaring", "rfclip+fused"]
     else:
         extra = ["clip+fused", "rfclip+fused", "rfclip+torch", "rfclip+fused+torch", "rfclip+explicit",
-                 "rfclip+eigh", "rfclip+subspace"]
+                 "rfclip+eigh", "rfclip+subspace", "rfclip+cut-triton", "rfclip+fused+cut-triton"]
     return rfclip.available_methods() + extra
 
 
@@ -131,8 +134,9 @@ def build(model: str, checkpoint: str, method: str, device: str, precision: str,
           vocabulary=None) -> rfclip.Segmenter:
     """``method`` may name variants: ``"rfclip+subspace"`` is rfclip with ``ncut_solver="subspace"``,
     ``"rfclip+fused"`` with ``plan="fused"`` (likewise ``explicit``, ``graphed``), ``"rfclip+triton"``
-    with ``attention_kernels="triton"`` (likewise ``torch``), ``"rfclip+iters256"`` with ``ncut_iters=256``;
-    they combine (``"rfclip+graphed+torch"``)."""
+    with ``attention_kernels="triton"`` (likewise ``torch``), ``"rfclip+cut-triton"`` with
+    ``ncut_kernels="triton"``, ``"rfclip+iters256"`` with ``ncut_iters=256``; they combine
+    (``"rfclip+graphed+torch"``)."""
     method, *variants = method.split("+")
     extra = {}
     for variant in variants:
@@ -140,6 +144,8 @@ def build(model: str, checkpoint: str, method: str, device: str, precision: str,
             extra["plan"] = variant
         elif variant in ("triton", "torch"):
             extra["attention_kernels"] = variant
+        elif variant.startswith("cut-"):
+            extra["ncut_kernels"] = variant[4:]
         elif variant.startswith("iters") and variant[5:].isdigit():
             extra["ncut_iters"] = int(variant[5:])
         else:
@@ -370,9 +376,12 @@ def main() -> None:
     dis = torch.zeros(args.crops, n, dtype=torch.bool, device=device)
     dis[:, 0] = True
     solver_t = {}
-    for label, (solver, iters, products) in SOLVERS.items():
+    for label, (solver, iters, products, triton) in SOLVERS.items():
+        if triton and not (device.type == "cuda" and kernels.available()):
+            continue
+
         def cut():
-            return refocus.defocused_tokens(w, dis, solver, iters, products=products)
+            return refocus.defocused_tokens(w, dis, solver, iters, products=products, triton=triton)
         cut()
         solver_t[label] = statistics.median(timed(cut, device) for _ in range(args.rounds))
     layers = len(any_seg.vit.blocks) - 1

@@ -41,22 +41,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_methods as bm  # noqa: E402  (the workloads, model and timing helpers)
 
 import rfclip  # noqa: E402
-from rfclip import refocus  # noqa: E402
+from rfclip import kernels, refocus  # noqa: E402
 from rfclip.methods import rfclip as rfclip_method  # noqa: E402
 from rfclip.settings import DISTRACTION_DIMS, base_arch  # noqa: E402
 from rfclip.testing import random_model, save_checkpoint  # noqa: E402
 
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
-# (label, solver, iters, products): the configurations compared with eigh.
+# (label, solver, iters, products, Triton kernels): the configurations compared with eigh. The Triton rows
+# (rfclip.kernels.squaring_cut_half) run on CUDA devices only.
 CONFIGS = [
-    ("squaring, 5 squarings (ncut_iters=32; the default before)", "squaring", 32, torch.float32),
-    ("squaring, 8 squarings (ncut_iters=256)", "squaring", 256, torch.float32),
-    ("squaring, 11 squarings (the default)", "squaring", None, torch.float32),
-    ("squaring, 5 squarings, float16 products", "squaring", 32, torch.float16),
+    ("squaring, 5 squarings (ncut_iters=32; the default before)", "squaring", 32, torch.float32, False),
+    ("squaring, 8 squarings (ncut_iters=256)", "squaring", 256, torch.float32, False),
+    ("squaring, 11 squarings (the default)", "squaring", None, torch.float32, False),
+    ("squaring, 5 squarings, float16 products", "squaring", 32, torch.float16, False),
     ("squaring, 11 squarings, float16 products (the default for fp16/bf16 models on GPUs)", "squaring", None,
-     torch.float16),
-    ("subspace (30 steps)", "subspace", None, torch.float32),
-    ("warm (the CPU default): from the previous block's vector, eigh in the first block", "warm", None, torch.float32),
+     torch.float16, False),
+    ("squaring, 11 squarings, float16 products, Triton kernels (ncut_kernels='triton')", "squaring", None,
+     torch.float16, True),
+    ("subspace (30 steps)", "subspace", None, torch.float32, False),
+    ("warm (the CPU default): from the previous block's vector, eigh in the first block", "warm", None, torch.float32,
+     False),
 ]
 
 
@@ -109,7 +113,7 @@ def exact_cuts(graphs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def cut_differences(graphs: list[torch.Tensor], exact: list[torch.Tensor], solver: str, iters, products,
-                    rounds: int) -> tuple[torch.Tensor, float]:
+                    triton: bool, rounds: int) -> tuple[torch.Tensor, float]:
     """Patches whose side differs from the ``exact`` cut, per graph ``(blocks * B,)`` long, and the median
     seconds per call on one block's batch. ``"warm"`` starts each block's cut from its own Fiedler vectors
     of the block before, as the forward does (none in the first block: eigh)."""
@@ -120,7 +124,7 @@ def cut_differences(graphs: list[torch.Tensor], exact: list[torch.Tensor], solve
 
         def cut():
             return refocus.defocused_tokens(w, none, solver, iters, products=products, start=start,
-                                            return_fiedler=True)
+                                            return_fiedler=True, triton=triton)
         got, y = cut()
         times += [bm.timed(cut, w.device) for _ in range(rounds)]
         diffs.append((got ^ reference).sum(-1).cpu())
@@ -180,10 +184,13 @@ def main() -> None:
           f"the {n} patches on the other side; ms per batch of {args.crops} graphs")
     print("| solver | " + " | ".join(f"{w}: differ | mean | max" for w in workloads) + " | ms per batch |")
     print("|---|" + "---|---|---|" * len(workloads) + "---|")
-    for label, solver, iters, products in CONFIGS:
+    can_triton = device.type == "cuda" and kernels.available()
+    for label, solver, iters, products, triton in CONFIGS:
+        if triton and not can_triton:
+            continue
         cells, ms = [], []
         for w in workloads:
-            d, t = cut_differences(graphs[w], exact[w], solver, iters, products, args.rounds)
+            d, t = cut_differences(graphs[w], exact[w], solver, iters, products, triton, args.rounds)
             figures["cuts"][f"{w}/{label}"] = {"differ": int((d > 0).sum()), "graphs": len(d),
                                                "mean": float(d.float().mean()), "max": int(d.max()), "s": t}
             cells.append(f"{int((d > 0).sum())}/{len(d)} | {d.float().mean():.2f} | {int(d.max())}")
@@ -198,10 +205,10 @@ def main() -> None:
     print("|---|" + "---|" * len(workloads))
     with mock.patch.object(rfclip_method, "plan_flags", lambda settings, device: (True, False)), torch.inference_mode():
         reference = {w: exact_seg.method.encode(x).features.float() for w, x in batches.items()}
-        for label, solver, iters, products in CONFIGS:
-            if solver == "squaring" and (products == torch.float16) != half:
+        for label, solver, iters, products, triton in CONFIGS:
+            if (solver == "squaring" and (products == torch.float16) != half) or (triton and not can_triton):
                 continue                         # RF-CLIP picks the products by the model's dtype and device
-            seg = segmenter(ncut_solver=solver, ncut_iters=iters)
+            seg = segmenter(ncut_solver=solver, ncut_iters=iters, ncut_kernels="triton" if triton else "torch")
             cells = []
             for w, x in batches.items():
                 cos = F.cosine_similarity(seg.method.encode(x).features.float(), reference[w], dim=-1)

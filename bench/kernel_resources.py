@@ -30,16 +30,21 @@ TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 
 def example_launches(t: int, dtype: torch.dtype, heads: int = 12, dh: int = 64, crops: int = 2) -> dict:
-    """The two kernels' launches for ``crops`` crops of ``t`` tokens, with the strides of real calls:
-    q, k, v as views of one ``(B, T, 3, H, dh)`` projection (rfclip.vit.DenseViT.qkv), kept keys contiguous."""
+    """The kernels' launches for ``crops`` crops of ``t`` tokens, with the strides of real calls: q, k, v as
+    views of one ``(B, T, 3, H, dh)`` projection (rfclip.vit.DenseViT.qkv), kept keys contiguous; the cut's
+    on ``(B, N, N)`` contiguous matrices."""
     qkv = torch.empty(crops, t, 3, heads, dh, dtype=dtype).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     n = t - 1
     masks = torch.zeros(crops, n, dtype=torch.uint8)
+    rows = torch.empty(crops, n)
+    cut, _ = kernels.squaring_launches(torch.empty(crops, n, n), rows, rows, torch.empty(n), 2, 128.0 ** 2)
     return {
         "kk_head_mean": kernels.kk_head_mean_launch(k.contiguous(), torch.zeros(crops, n, n), dh ** -0.5),
         "redistributed": kernels.redistributed_launch(q, k, v, masks, masks, torch.empty(v.shape, dtype=dtype),
                                                       0.7, dh ** -0.5),
+        # the squaring cut (float16 products whatever the model's dtype): operator, a squaring, the last one
+        "cut_operator": cut[0], "cut_square": cut[1], "cut_square_last": cut[2],
     }
 
 
@@ -98,14 +103,16 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     rows = []
     print(f"# rfclip.kernels compiled for sm_{args.arch}, {args.dtype}, 12 heads of 64")
-    print("| kernel | T | BLOCK_M x BLOCK_T | warps | registers | spill stores (bytes) | shared (KiB) | fits |")
+    print("| kernel | T | tile | warps | registers | spill stores (bytes) | shared (KiB) | fits |")
     print("|---|---|---|---|---|---|---|---|")
     for t in (int(x) for x in args.tokens.split(",")):
         for name, launch in example_launches(t, dtype).items():
             r = compile_for(launch, args.arch)
             c = launch.constexprs
             rows.append({"kernel": name, "tokens": t, **r})
-            print(f"| {name} | {t} | {c['BLOCK_M']} x {c['BLOCK_T']} | {launch.num_warps} | {r['registers']} | "
+            tile = (f"{c['BLOCK_M']} x {c['BLOCK_T']}" if "BLOCK_M" in c
+                    else f"{c['BLOCK']} x {c['BLOCK']}" + (f" (k {c['BLOCK_K']})" if "BLOCK_K" in c else ""))
+            print(f"| {name} | {t} | {tile} | {launch.num_warps} | {r['registers']} | "
                   f"{r['spill_store_bytes']} | {r['shared_bytes'] / 1024:.0f} | {'yes' if r['fits'] else 'NO'} |",
                   flush=True)
     if args.json:

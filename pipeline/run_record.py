@@ -22,7 +22,7 @@ VERSION_PACKAGES = ("rfclip", "torch", "open_clip_torch", "ray", "pyarrow", "pil
 
 # Settings that pick how the forward pass runs, not what it computes (the plans and kernels agree to float
 # rounding, tested): like the device, a resumed run may change them. What ran is recorded per shard.
-EXECUTION_SETTINGS = ("plan", "attention_kernels")
+EXECUTION_SETTINGS = ("plan", "attention_kernels", "ncut_kernels")
 
 
 class ConfigMismatch(RuntimeError):

@@ -132,6 +132,64 @@ def _redistributed_body(Q, K, V, DIS, DFC, O, T, H, scale, lam,
              mask=row_ok[:, None] & ch_ok[None, :])
 
 
+def _deflated_half_body(A, R, U, S, TRACE, N, s_ab, s_ar, s_ac, s_sb, s_sr, s_sc, s_rb, s_tb,
+                        BLOCK: tl.constexpr):
+    # Program (row block, column block, graph): the squaring cut's operator in float16,
+    # S = (D^-1/2 (A + A^T) D^-1/2 + I) / 2 - u u^T, and the partial trace of diagonal tiles.
+    b = tl.program_id(2)
+    pi, pj = tl.program_id(0), tl.program_id(1)
+    rows = pi * BLOCK + tl.arange(0, BLOCK)
+    cols = pj * BLOCK + tl.arange(0, BLOCK)
+    row_ok, col_ok = rows < N, cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    a = tl.load(A + b * s_ab + rows[:, None] * s_ar + cols[None, :] * s_ac, mask=ok, other=0.0)
+    at = tl.load(A + b * s_ab + cols[None, :] * s_ar + rows[:, None] * s_ac, mask=ok, other=0.0)   # A^T's tile
+    r_i = tl.load(R + b * s_rb + rows, mask=row_ok, other=0.0)
+    r_j = tl.load(R + b * s_rb + cols, mask=col_ok, other=0.0)
+    u_i = tl.load(U + b * s_rb + rows, mask=row_ok, other=0.0)
+    u_j = tl.load(U + b * s_rb + cols, mask=col_ok, other=0.0)
+    diag = rows[:, None] == cols[None, :]
+    s = 0.5 * (a + at) * r_i[:, None] * r_j[None, :] - u_i[:, None] * u_j[None, :] + tl.where(diag & ok, 0.5, 0.0)
+    tl.store(S + b * s_sb + rows[:, None] * s_sr + cols[None, :] * s_sc, s.to(tl.float16), mask=ok)
+    if pi == pj:
+        tl.store(TRACE + b * s_tb + pi, tl.sum(tl.sum(tl.where(diag, s, 0.0), axis=1), axis=0))
+
+
+def _square_half_body(S, OUT, TRACE_IN, TRACE_OUT, START, Z, N, target,
+                      s_sb, s_sr, s_sc, s_ob, s_or, s_oc, s_tb, s_zb, s_zp,
+                      PARTS: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (row block, column block, graph): one squaring of the symmetric S, scaled by target / t^2 with
+    # t = trace(S) (from the partial traces of the step before). Not LAST: the product to OUT in float16 and
+    # the partial trace of diagonal tiles. LAST: the product times START, partial over this column block.
+    b = tl.program_id(2)
+    pi, pj = tl.program_id(0), tl.program_id(1)
+    parts = tl.arange(0, PARTS)
+    t = tl.sum(tl.load(TRACE_IN + b * s_tb + parts, mask=parts < (N + BLOCK - 1) // BLOCK, other=0.0), axis=0)
+    t = tl.maximum(t, 1e-30)
+    rows = pi * BLOCK + tl.arange(0, BLOCK)
+    cols = pj * BLOCK + tl.arange(0, BLOCK)
+    row_ok, col_ok = rows < N, cols < N
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < N
+        x = tl.load(S + b * s_sb + rows[:, None] * s_sr + ks[None, :] * s_sc, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        y = tl.load(S + b * s_sb + ks[:, None] * s_sr + cols[None, :] * s_sc, mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(x, y, acc)
+    acc = acc * (target / (t * t))
+    if LAST:
+        v = tl.load(START + cols, mask=col_ok, other=0.0)
+        tl.store(Z + b * s_zb + pj * s_zp + rows, tl.sum(acc * v[None, :], axis=1), mask=row_ok)
+    else:
+        tl.store(OUT + b * s_ob + rows[:, None] * s_or + cols[None, :] * s_oc, acc.to(tl.float16),
+                 mask=row_ok[:, None] & col_ok[None, :])
+        if pi == pj:
+            diag = rows[:, None] == cols[None, :]
+            tl.store(TRACE_OUT + b * s_tb + pi, tl.sum(tl.sum(tl.where(diag, acc, 0.0), axis=1), axis=0))
+
+
 @dataclass
 class Launch:
     """One kernel launch: ``body[grid](*args, **constexprs, num_warps=..., num_stages=...)``.
@@ -177,6 +235,72 @@ def redistributed_launch(q: Tensor, k: Tensor, v: Tensor, dis: Tensor, dfc: Tens
                   num_warps=4 if block_t <= 256 else 8)
 
 
+def cut_tiles(n: int) -> tuple[int, int, int]:
+    """``(BLOCK, BLOCK_K, num_warps)`` of the squaring cut's kernels for ``n`` patches: output tiles of
+    ``BLOCK x BLOCK``, products taken ``BLOCK_K`` columns at a time."""
+    return 64, 32, 4
+
+
+def squaring_launches(affinity: Tensor, r: Tensor, u: Tensor, start: Tensor, squarings: int, target: float,
+                      tiles: Optional[tuple[int, int, int]] = None) -> tuple[list[Launch], Tensor]:
+    """The launches of :func:`squaring_cut_half` and the ``(B, P, N)`` float32 buffer of their result (P
+    column blocks; the result is its sum over P). Arguments as there; ``r``, ``u`` ``(B, N)`` contiguous."""
+    b, n, _ = affinity.shape
+    block, block_k, warps = tiles or cut_tiles(n)
+    parts = triton.cdiv(n, block)
+    grid = (parts, parts, b)
+    dev = affinity.device
+    ping = [torch.empty(b, n, n, device=dev, dtype=torch.float16) for _ in range(min(2, squarings))]
+    traces = torch.empty(squarings, b, parts, device=dev, dtype=torch.float32)
+    z = torch.empty(b, parts, n, device=dev, dtype=torch.float32)
+    launches = [Launch(_deflated_half_body, grid,
+                       (affinity, r, u, ping[0], traces[0], n, *affinity.stride(), *ping[0].stride(), r.stride(0),
+                        traces.stride(1)), dict(BLOCK=block), num_warps=warps)]
+    for i in range(squarings):
+        last = i == squarings - 1
+        src, dst = ping[i % 2], ping[(i + 1) % 2] if not last else ping[i % 2]
+        trace_out = traces[i + 1] if not last else traces[i]
+        launches.append(Launch(_square_half_body, grid,
+                               (src, dst, traces[i], trace_out, start, z, n, float(target), *src.stride(),
+                                *dst.stride(), traces.stride(1), z.stride(0), z.stride(1)),
+                               dict(PARTS=max(2, triton.next_power_of_2(parts)), LAST=last, BLOCK=block,
+                                    BLOCK_K=block_k), num_warps=warps))
+    return launches, z
+
+
+def squaring_cut_half(affinity: Tensor, squarings: int, start: Tensor, trace: float,
+                      tiles: Optional[tuple[int, int, int]] = None) -> Tensor:
+    """The ``"squaring"`` cut's power iteration in float16 (:func:`rfclip.refocus.fiedler_vector`), in
+    ``squarings + 1`` kernels and from the raw affinity: symmetrising, normalising and deflating are one
+    kernel, and each squaring takes its scale from the partial traces that the kernel before wrote, so no
+    pass over the ``(N, N)`` products is left to PyTorch.
+
+    Each squaring multiplies ``S`` scaled to trace ``trace`` by itself (float16 tiles, float32 sums): its
+    eigenvalues lie in ``[0, trace]``, a product's entries below ``trace^2``. The last one multiplies its
+    product by ``start`` instead of storing it.
+
+    Args:
+        affinity: ``(B, N, N)`` float32, non-negative, any strides; need not be symmetric (``A + A^T`` is
+            taken) nor averaged (a positive multiple cuts the same).
+        squarings: p >= 1: ``S^(2^p)`` is applied to ``start``.
+        start: ``(N,)`` float32 contiguous, the power iteration's start vector.
+        trace: the trace each squaring's input is scaled to (``rfclip.refocus._HALF_TRACE``).
+        tiles: ``(BLOCK, BLOCK_K, num_warps)``; None: :func:`cut_tiles`'s (for benchmarks).
+    Returns:
+        ``y = D^-1/2 S^(2^p) start``, ``(B, N)`` float32, up to a positive factor.
+    """
+    if squarings < 1:
+        raise ValueError(f"squarings must be at least 1, got {squarings}")
+    a = affinity.float()
+    d = (a.sum(-1) + a.sum(-2)).clamp_min(1e-12)
+    r = d.rsqrt()
+    u = torch.nn.functional.normalize(d.sqrt(), dim=-1)
+    launches, z = squaring_launches(a, r, u, start, squarings, trace * trace, tiles)
+    for launch in launches:
+        _run(launch, a.device)
+    return z.sum(1) * r
+
+
 def _run(launch: Launch, device: torch.device) -> None:
     if device.type == "cpu" and not interpreted():
         raise RuntimeError("the Triton kernels run on CUDA devices; CPU tensors only in Triton's interpreter "
@@ -187,8 +311,9 @@ def _run(launch: Launch, device: torch.device) -> None:
     try:
         _jit(launch.body)[launch.grid](*launch.args, **launch.constexprs, **options)
     except OutOfResources as e:
-        raise DoesNotFit(f"this GPU cannot hold the Triton kernel's tiles for {launch.constexprs['BLOCK_T']} "
-                         f"keys ({e}); use attention_kernels='torch', or smaller crops") from e
+        tile = launch.constexprs.get("BLOCK_T", launch.constexprs.get("BLOCK"))
+        raise DoesNotFit(f"this GPU cannot hold the Triton kernel's tiles for {tile} keys ({e}); "
+                         f"use attention_kernels='torch', or smaller crops") from e
 
 
 @functools.lru_cache(maxsize=None)

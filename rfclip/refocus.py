@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 Tensor = torch.Tensor
 
 
@@ -82,6 +84,11 @@ def squaring_products(dtype: torch.dtype, device) -> torch.dtype:
     357 ms against 9 ms per batch of 8 graphs of N = 196 here)."""
     reduced = dtype in (torch.float16, torch.bfloat16)
     return torch.float16 if reduced and torch.device(device).type == "cuda" else torch.float32
+
+
+def squaring_count(iters: int) -> int:
+    """The squarings of the ``"squaring"`` cut for ``iters`` power steps: ``ceil(log2(iters))``, at least 1."""
+    return max(1, math.ceil(math.log2(max(iters, 2))))
 
 
 def fiedler_vector(affinity: Tensor, solver: str = "auto", iters: int | None = None, block: int = 6,
@@ -268,7 +275,7 @@ def _second_eigvec_squaring(m: Tensor, top: Tensor, iters: int, products: torch.
     s.diagonal(dim1=1, dim2=2).add_(0.5)
     half = products == torch.float16
     s = s.to(products)
-    squarings = max(1, math.ceil(math.log2(max(iters, 2))))
+    squarings = squaring_count(iters)
     for i in range(squarings):
         s = torch.bmm(s, s)
         if half or (i % 2 == 1 and i < squarings - 1):
@@ -295,7 +302,7 @@ def _start_vector(n: int, device, dtype) -> Tensor:
 
 def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto", iters: int | None = None,
                      start: Tensor | None = None, return_fiedler: bool = False,
-                     products: torch.dtype = torch.float32):
+                     products: torch.dtype = torch.float32, triton: bool = False):
     """Defocused target tokens ``T_def`` from the normalised cut (§3b).
 
     Symmetrises ``affinity``, takes the Fiedler vector, keeps ``y_i > mean(y)``; the sign is chosen so
@@ -310,13 +317,21 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
             :func:`fiedler_vector`).
         return_fiedler: also return the Fiedler vector ``y`` ``(B, N)`` float32 (arbitrary sign and scale).
         iters, products: see :func:`fiedler_vector`.
+        triton: where the solver is ``"squaring"`` with float16 products, run it as the Triton kernels of
+            :func:`rfclip.kernels.squaring_cut_half` (CUDA tensors, or Triton's interpreter): the same
+            iteration, with no PyTorch pass over the ``(N, N)`` matrices. Otherwise ignored.
     Returns:
         ``(B, N)`` bool, or ``(mask, y)`` with ``return_fiedler``.
     """
     # W + W^T, twice the symmetric part: the Fiedler vector's direction and the cut are the same for
     # any positive multiple of W (D^-1/2 W D^-1/2 does not change), so the 1/2 is left out.
-    y = fiedler_vector(affinity + affinity.transpose(1, 2), solver=solver, iters=iters, start=start,
-                       products=products)
+    if triton and products == torch.float16 and resolve_solver(solver, affinity.device) == "squaring":
+        n = affinity.shape[-1]
+        y = kernels.squaring_cut_half(affinity, squaring_count(SQUARING_STEPS if iters is None else iters),
+                                      _start_vector(n, affinity.device, torch.float32).view(-1), _HALF_TRACE)
+    else:
+        y = fiedler_vector(affinity + affinity.transpose(1, 2), solver=solver, iters=iters, start=start,
+                           products=products)
     centred = y - y.mean(dim=-1, keepdim=True)
     # [decision] The solver's sign of y is arbitrary, and the spec's rule picks the side by it whenever
     # neither side holds more than half (an even split, or patches at the mean). So the sign is fixed

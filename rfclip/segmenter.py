@@ -175,8 +175,9 @@ class Segmenter:
         }
 
     def execution(self) -> dict:
-        """How the forward passes run so far, JSON-able: ``device`` (and ``device_name`` on CUDA), ``plan`` and
-        ``attention_kernels`` as resolved (not ``"auto"``; kernels only for methods that use them), and
+        """How the forward passes run so far, JSON-able: ``device`` (and ``device_name`` on CUDA), ``plan``,
+        ``attention_kernels`` as resolved (not ``"auto"``) and ``ncut_kernels`` (kernels only for methods that
+        use them), and
         ``fallbacks``: what ``"auto"`` gave up on, and why (a failed graph capture, kernel tiles this GPU
         cannot hold)."""
         out = {"device": str(self.device), "plan": self.plan}
@@ -184,6 +185,7 @@ class Segmenter:
             out["device_name"] = torch.cuda.get_device_name(self.device)
         if hasattr(self.method, "refused_tiles"):                      # methods with RF-CLIP's kernels
             out["attention_kernels"] = resolve_attention_kernels(self.method.settings, self.device)
+            out["ncut_kernels"] = self.method.settings.ncut_kernels
         refused = getattr(self.method, "refused_tiles", dict)()
         out["fallbacks"] = sorted(self.fallbacks + [f"attention kernels: {why}; ran PyTorch's kernels"
                                                     for why in refused.values()])

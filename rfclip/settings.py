@@ -93,6 +93,14 @@ class Settings:
             not speed); crops whose kernels the GPU cannot hold run on ``"torch"``, with a warning.
             [decision] Measured on an H100 in bf16 at 128 crops, the kernels made RF-CLIP 1.35x faster
             on the graphed plan and 1.23x-1.34x on the fused plan (bench/PERFORMANCE.md).
+        ncut_kernels: who runs the ``"squaring"`` cut of fp16 and bf16 models (float16 products):
+            ``"torch"`` (default; batched matmuls, with trace divisions between them) or ``"triton"``
+            (``rfclip.kernels.squaring_cut_half``: one kernel builds the deflated operator from the raw
+            affinity, one per squaring takes its scale from the partial traces the one before wrote).
+            The same iteration, agreeing to float16 rounding (tested). Needs an fp16 or bf16 model, the
+            ``"squaring"`` solver (``ncut_solver`` ``"squaring"``, or ``"auto"`` on CUDA devices) and a
+            CUDA device (or Triton's interpreter, for tests). [decision] Opt-in: written in a session
+            without a GPU, its speed on one is not measured yet (bench/PERFORMANCE.md says how to).
     NACLIP: naclip_sigma, the Gaussian's sigma in patches.
     RF-CLIP release (§4):
         release_keep: weight of the unfiltered feature in ``F <- keep F + (1 - keep) F_den``.
@@ -129,6 +137,7 @@ class Settings:
     ncut_iters: Optional[int] = None
     plan: str = "auto"
     attention_kernels: str = "auto"
+    ncut_kernels: str = "torch"
     naclip_sigma: float = 5.0
     release_keep: float = 0.6
     release_sim_threshold: float = 0.4
@@ -165,6 +174,7 @@ _RANGES = {
 NCUT_SOLVERS = ("auto", "eigh", "warm", "subspace", "squaring")
 PLANS = ("auto", "explicit", "fused", "graphed")
 ATTENTION_KERNELS = ("auto", "torch", "triton")
+NCUT_KERNELS = ("torch", "triton")
 
 
 def resolve_plan(settings: Settings, device) -> str:
@@ -176,9 +186,13 @@ def resolve_plan(settings: Settings, device) -> str:
 
     kind = getattr(device, "type", str(device))
     plan, triton = settings.plan, settings.attention_kernels == "triton"     # asked for by name
-    if triton and kind != "cuda" and not kernels.interpreted():
-        raise ValueError(f"attention_kernels='triton' needs a CUDA device, not {kind} (CPU tensors run only in "
-                         f"Triton's interpreter, TRITON_INTERPRET=1, which is for tests)")
+    for name in ("attention_kernels", "ncut_kernels"):
+        if getattr(settings, name) == "triton" and kind != "cuda" and not kernels.interpreted():
+            raise ValueError(f"{name}='triton' needs a CUDA device, not {kind} (CPU tensors run only in "
+                             f"Triton's interpreter, TRITON_INTERPRET=1, which is for tests)")
+    if settings.ncut_kernels == "triton" and kind == "cpu" and settings.ncut_solver == "auto":
+        raise ValueError("ncut_kernels='triton' runs the 'squaring' cut; on CPUs ncut_solver 'auto' is 'warm': "
+                         "set ncut_solver='squaring'")
     if plan == "auto":
         if kind == "cpu":
             return "fused" if triton else "explicit"
@@ -307,6 +321,12 @@ def _validate(s: Settings) -> None:
                          f"got {s.attention_kernels!r}")
     if s.attention_kernels == "triton" and s.plan == "explicit":
         raise ValueError("attention_kernels='triton' runs on the fused and graphed plans, not 'explicit'")
+    if s.ncut_kernels not in NCUT_KERNELS:
+        raise ValueError(f"ncut_kernels must be one of {', '.join(NCUT_KERNELS)}; got {s.ncut_kernels!r}")
+    if s.ncut_kernels == "triton" and (s.precision == "fp32" or s.ncut_solver not in ("auto", "squaring")):
+        raise ValueError(f"ncut_kernels='triton' runs the 'squaring' cut with float16 products, that of fp16 and "
+                         f"bf16 models: it needs precision fp16 or bf16 (got {s.precision!r}) and ncut_solver "
+                         f"'squaring' or 'auto' (got {s.ncut_solver!r})")
     if s.plan == "graphed" and s.ncut_solver not in ("auto", "squaring"):
         raise ValueError(f"plan='graphed' needs ncut_solver 'squaring' or 'auto': {s.ncut_solver!r} calls "
                          f"cuSOLVER, which CUDA graphs cannot capture")

@@ -67,6 +67,8 @@ def test_rfclip_dispatches_more_host_work_than_clip(planted_rfclip):
 def test_variant_names_set_the_settings_they_name(tiny_model):
     seg = bench_methods.build(tiny_model[0], tiny_model[1], "clip+fused+iters256", "cpu", "fp32")
     assert seg.settings.plan == "fused" and seg.settings.ncut_iters == 256 and seg.method_name == "clip"
+    seg = bench_methods.build(tiny_model[0], tiny_model[1], "clip+squaring+cut-triton", "cpu", "fp16")
+    assert seg.settings.ncut_kernels == "triton" and seg.settings.ncut_solver == "squaring"
 
 
 def test_paired_ratios_summarise_round_by_round_ratios():

@@ -114,6 +114,19 @@ def test_cuda_triton_kernels_agree_with_torch(planted_files, plan, precision):
     assert cos.min() > (0.9999 if precision == "fp32" else 0.999)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("plan", ["fused", "graphed"])
+def test_cuda_triton_cut_agrees_with_torchs(planted_files, plan, precision):
+    """ncut_kernels='triton' (compiled, captured in graphs on the graphed plan) against PyTorch's float16 cut:
+    the same iteration, so the features agree to float16 rounding of the cut."""
+    x = planted_crops(3, 224, 224, torch.float32)
+    kw = dict(plan=plan, batch_size=4, precision=precision)
+    want = segmenter(planted_files, "rfclip", "cuda", ncut_kernels="torch", **kw).encode_dense(x).float()
+    got = segmenter(planted_files, "rfclip", "cuda", ncut_kernels="triton", **kw).encode_dense(x).float()
+    cos = (F.normalize(got, dim=-1) * F.normalize(want, dim=-1)).sum(-1)
+    assert cos.min() > 0.999
+
+
 def test_cuda_graphed_segmentation_matches_eager(planted_files):
     imgs = [planted_image(250, 330), planted_image(90, 70, seed=2), planted_image(300, 200, seed=3)]
     a = segmenter(planted_files, "rfclip", "cuda", plan="graphed", batch_size=4).segment_batch(imgs)

@@ -117,9 +117,11 @@ def test_run_json_and_summary(first_run):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["ok"] == summary["ok"] and on_disk["images_per_second"] > 0
     # What ran, as resolved on the worker (not "auto"): in summary.json and in every shard's metadata.
-    ran = [{"device": "cpu", "plan": "explicit", "attention_kernels": "torch", "fallbacks": []}]
+    ran = [{"device": "cpu", "plan": "explicit", "attention_kernels": "torch", "ncut_kernels": "torch",
+            "fallbacks": []}]
     assert on_disk["execution"] == summary["execution"] == ran
-    assert run_doc["runtime"]["execution_settings"] == {"plan": "auto", "attention_kernels": "auto"}
+    assert run_doc["runtime"]["execution_settings"] == {"plan": "auto", "attention_kernels": "auto",
+                                                        "ncut_kernels": "torch"}
     assert "plan" not in seg["settings"] and "attention_kernels" not in seg["settings"]
     for shard in (out / "predictions").iterdir():
         meta, _ = sinks.parse_shard_metadata(pq.read_schema(shard).metadata)
@@ -219,7 +221,7 @@ def test_run_json_input_decides_the_image_ids(tmp_path, monkeypatch):
 
 
 def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run, tiny_model, tmp_path):
-    """plan and attention_kernels pick how the forward runs (the results agree to float rounding), like the
+    """plan, attention_kernels and ncut_kernels pick how the forward runs (the results agree to float rounding), like the
     device: a resume may change them, also from a run.json written when they were part of the identity."""
     from pipeline.job import run
     from pipeline.run_record import ConfigMismatch
@@ -235,7 +237,7 @@ def test_rerun_may_change_how_the_model_runs_but_not_what_it_computes(first_run,
                                     settings=settings))
     assert again["skipped"] == first["images_total"] and again["execution"] == []      # nothing ran this time
     assert json.loads((copy / "run.json").read_text())["runtime"]["execution_settings"] == {
-        "plan": "fused", "attention_kernels": "torch"}
+        "plan": "fused", "attention_kernels": "torch", "ncut_kernels": "torch"}
     with pytest.raises(ConfigMismatch, match="lam: 0.7 -> 0.5"):                        # what it computes
         run(pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), settings={**settings, "lam": 0.5}))
 

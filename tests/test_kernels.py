@@ -11,9 +11,9 @@ import torch
 
 import rfclip
 from rfclip import kernels, refocus
-from rfclip.settings import make_settings, resolve_attention_kernels
+from rfclip.settings import make_settings, resolve_attention_kernels, resolve_plan
 
-from _tiny import PLANTED_DIMS, planted_files  # noqa: F401
+from _tiny import PLANTED_DIMS, planted_crops, planted_files  # noqa: F401
 
 if not kernels.available():
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -84,7 +84,7 @@ def test_kernels_refuse_what_they_cannot_hold():
 
 
 def test_kernels_compile_for_an_h100_and_fit(tmp_path):
-    """The compiled path, without a GPU: bench/kernel_resources.py compiles both kernels for sm_90 as a launch
+    """The compiled path, without a GPU: bench/kernel_resources.py compiles the kernels for sm_90 as a launch
     would (same blocks, same argument specialisation) in a process without the interpreter."""
     import json
     import os
@@ -99,9 +99,10 @@ def test_kernels_compile_for_an_h100_and_fit(tmp_path):
     subprocess.run([sys.executable, str(root / "bench" / "kernel_resources.py"), "--arch", "90", "--tokens", "197,577",
                     "--json", str(out)], env=env, check=True, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["kernel"], r["tokens"]) for r in rows} == {(k, t) for k in ("kk_head_mean", "redistributed")
-                                                           for t in (197, 577)}
+    names = ("kk_head_mean", "redistributed", "cut_operator", "cut_square", "cut_square_last")
+    assert {(r["kernel"], r["tokens"]) for r in rows} == {(k, t) for k in names for t in (197, 577)}
     assert all(r["fits"] for r in rows), rows
+    assert all(r["spill_store_bytes"] == 0 for r in rows if r["kernel"].startswith("cut_")), rows
     # At T = 197 the blocks are the fastest measured on an H100, which spill a little (40 and 176 bytes);
     # a spill of a kilobyte would mean a block size the sweep never timed.
     assert all(r["spill_store_bytes"] < 1024 for r in rows if r["tokens"] == 197), rows
@@ -229,3 +230,116 @@ class _Refusing:
 
     def __getitem__(self, grid):
         return self.launch
+
+
+# ---- the squaring cut (rfclip.kernels.squaring_cut_half) --------------------------------------------------
+def _unit(y):
+    """Fiedler vectors ``(B, N)`` with mean removed and unit length (the cut's threshold is the mean)."""
+    return torch.nn.functional.normalize(y.float() - y.float().mean(-1, keepdim=True), dim=-1)
+
+
+@pytest.mark.parametrize("n,squarings", [(16, 1), (49, 3), (70, 11), (130, 5)])
+def test_squaring_cut_kernels_match_pytorchs_float16_iteration(n, squarings):
+    """The kernels run PyTorch's float16 squaring iteration (refocus.fiedler_vector, products=float16) from
+    the raw, unsymmetric affinity, with any strides, and N not a multiple of the tile: the same vectors to
+    float16's rounding, and close to float32 products. The result is positive (no sign flip) up to scale."""
+    g = torch.Generator().manual_seed(n)
+    a = (torch.rand(3, n, n, generator=g) ** 4).transpose(1, 2).to(DEVICE)          # strided, not symmetric
+    start = refocus._start_vector(n, a.device, torch.float32).view(-1)
+    y = kernels.squaring_cut_half(a, squarings, start, refocus._HALF_TRACE)
+    assert y.shape == (3, n) and y.dtype == torch.float32 and torch.isfinite(y).all()
+    sym = a + a.transpose(1, 2)
+    half = refocus.fiedler_vector(sym, "squaring", iters=2 ** squarings, products=torch.float16)
+    full = refocus.fiedler_vector(sym, "squaring", iters=2 ** squarings)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(y, half.float(), dim=-1).min() > 0.9995          # same sign: the same iteration, same start
+    assert cos(y, full, dim=-1).min() > 0.999
+
+
+def test_squaring_cut_kernels_do_not_depend_on_the_affinitys_scale():
+    """The forward hands the kernels the affinity summed over blocks, not averaged: a positive multiple of a
+    graph gives the same vector (D^-1/2 W D^-1/2 does not change), from 1e-3 to 1e3 times it."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 40, 40, generator=g).to(DEVICE)
+    start = refocus._start_vector(40, a.device, torch.float32).view(-1)
+    y = _unit(kernels.squaring_cut_half(a, 6, start, refocus._HALF_TRACE))
+    for scale in (1e-3, 11.0, 1e3):
+        got = _unit(kernels.squaring_cut_half(a * scale, 6, start, refocus._HALF_TRACE))
+        assert (got * y).sum(-1).min() > 0.99999, scale
+
+
+def test_squaring_cut_kernels_cut_like_eigh_on_graphs_with_small_spectral_gaps():
+    """On graphs whose gaps (1+l3)/(1+l2) are 0.972-0.996 (like the planted benchmark graphs), the kernels'
+    11 float16 squarings keep the Fiedler vector within |cos| 0.999 of eigh's, the bound PyTorch's float16
+    products meet (test_cuda.py), and defocused_tokens(triton=True) moves few patches from eigh's cut."""
+    from test_reference import _centred_cosines, _smooth_grid_graphs
+
+    w = _smooth_grid_graphs(count=8, spread=(9, 10, 11, 12, 13)).to(DEVICE)
+    exact = refocus.fiedler_vector(w + w.transpose(1, 2), "eigh")
+    start = refocus._start_vector(w.shape[1], w.device, torch.float32).view(-1)
+    y = kernels.squaring_cut_half(w, refocus.squaring_count(refocus.SQUARING_STEPS), start, refocus._HALF_TRACE)
+    assert _centred_cosines(y.cpu(), exact.cpu()).min() > 0.999
+    dis = torch.zeros(w.shape[:2], dtype=torch.bool, device=DEVICE)
+    got = refocus.defocused_tokens(w, dis, "squaring", products=torch.float16, triton=True)
+    moved = (got ^ refocus.defocused_tokens(w, dis, "eigh")).sum(-1)
+    assert moved.float().mean() <= 1 and moved.max() <= 4, moved
+
+
+def test_defocused_tokens_runs_the_kernels_only_for_the_float16_squaring_cut(monkeypatch):
+    """triton=True sends the cut to the kernels only where it is the squaring solver with float16 products;
+    eigh, the other solvers and float32 products stay in PyTorch."""
+    calls = []
+    real = kernels.squaring_cut_half
+    monkeypatch.setattr(kernels, "squaring_cut_half", lambda a, *r, **k: calls.append(a.shape) or real(a, *r, **k))
+    w = torch.rand(2, 20, 20, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    dis = torch.zeros(2, 20, dtype=torch.bool, device=DEVICE)
+    for solver, products in (("eigh", torch.float16), ("subspace", torch.float16), ("squaring", torch.float32)):
+        refocus.defocused_tokens(w, dis, solver, products=products, triton=True)
+    assert calls == []
+    refocus.defocused_tokens(w, dis, "squaring", products=torch.float16, triton=True)
+    refocus.defocused_tokens(w, dis, "squaring", iters=8, products=torch.float16, triton=True)
+    assert calls == [(2, 20, 20)] * 2
+
+
+def test_the_forward_cuts_with_the_kernels_when_asked(planted_files, monkeypatch):
+    """RF-CLIP with ncut_kernels="triton" (here an fp16 model on the interpreter's CPU, or a real GPU) cuts with
+    the kernels, on the affinity summed over blocks; its cuts are within a few patches of eigh's, and its
+    features match those of PyTorch's cut closely (that cut multiplies in float32 on CPUs, float16 on GPUs)."""
+    real_cut, real_kernel = refocus.defocused_tokens, kernels.squaring_cut_half
+    calls, moved = [], []
+    monkeypatch.setattr(kernels, "squaring_cut_half", lambda a, *r, **k: calls.append(a.shape) or real_kernel(a, *r, **k))
+
+    def compare(affinity, distractors, *a, **k):
+        got = real_cut(affinity, distractors, *a, **k)
+        moved.append(int((got ^ real_cut(affinity.float(), distractors, "eigh")).sum()))
+        return got
+    monkeypatch.setattr(refocus, "defocused_tokens", compare)
+
+    def seg(cut):
+        return rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip",
+                                vocabulary=["a", "b"], device=DEVICE, distraction_dims=PLANTED_DIMS, tau=0.07,
+                                precision="fp16", ncut_solver="squaring", ncut_kernels=cut)
+    x = torch.stack(list(planted_crops(2))).float()
+    triton_cut = seg("triton")
+    assert triton_cut.execution()["ncut_kernels"] == "triton"
+    got = triton_cut.encode_dense(x).float()
+    assert calls and moved and max(moved) <= 3, moved
+    cuts = len(calls)
+    ref = seg("torch").encode_dense(x).float()
+    assert len(calls) == cuts                                            # PyTorch's cut ran there
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() > 0.999
+
+
+def test_ncut_kernels_triton_is_refused_where_it_would_not_run():
+    """The kernels are the float16 squaring cut: an fp32 model, another solver, or a CPU without the
+    interpreter is an error that says so, not a silent PyTorch cut."""
+    with pytest.raises(ValueError, match="precision fp16 or bf16"):
+        make_settings("rfclip", {"ncut_kernels": "triton"})
+    with pytest.raises(ValueError, match="ncut_solver 'squaring' or 'auto'"):
+        make_settings("rfclip", {"ncut_kernels": "triton", "precision": "bf16", "ncut_solver": "eigh"})
+    with pytest.raises(ValueError, match="ncut_kernels must be one of torch, triton"):
+        make_settings("rfclip", {"ncut_kernels": "auto"})
+    with pytest.raises(ValueError, match="on CPUs ncut_solver 'auto' is 'warm'"):
+        resolve_plan(make_settings("rfclip", {"ncut_kernels": "triton", "precision": "bf16"}), "cpu")
+    ok = make_settings("rfclip", {"ncut_kernels": "triton", "precision": "bf16", "ncut_solver": "squaring"})
+    assert resolve_plan(ok, "cpu") == "explicit"                         # interpreted: CPUs are allowed

@@ -64,9 +64,11 @@ class KKAttention:
             kk = self.vit.softmax_attention(k, k)[:, :, 1:, 1:]
             self._head_sum = kk.clone() if self._head_sum is None else self._head_sum.add_(kk)
 
-    def affinity(self, crops: Optional[Tensor] = None) -> Tensor:
+    def affinity(self, crops: Optional[Tensor] = None, mean: bool = True) -> Tensor:
         """Head-mean patch-block kk attention averaged over the blocks added so far, for ``crops``
-        (``(B',)`` long indices; None: all): ``(B', N, N)`` float32."""
+        (``(B',)`` long indices; None: all): ``(B', N, N)`` float32. ``mean=False``: summed over the blocks
+        instead (a positive multiple, which cuts the same; it saves a pass over the matrices, and is the
+        running sum itself, not a copy, when no crops are selected on the fused plan)."""
         total = self._mean_sum if self.fused else self._head_sum
         # The head mean reads all of (B, H, N, N): taken after the selection when it keeps at most half of the
         # crops, before it otherwise (then only the (B', N, N) means are copied).
@@ -77,7 +79,7 @@ class KKAttention:
             total = total.mean(dim=1)
         if crops is not None:
             total = total.index_select(0, crops)
-        return total / self.layers
+        return total / self.layers if mean else total
 
     def last_block(self, tokens: Tensor) -> Tensor:
         """Eq. 14 on ``tokens`` ``(B, T, D)`` (all L-1 blocks added): ``out_proj(A_bar v)``, ``(B, N, D)``.

@@ -124,8 +124,10 @@ class RFCLIP(DenseMethod):
         # that cut it: (B, N) float32, zero rows for crops not cut yet.
         warm = refocus.resolve_solver(s.ncut_solver, x.device) == "warm"
         fiedler = x.new_zeros(b, n, dtype=torch.float32) if warm and kk.need_affinity else None
-        # The squaring cut multiplies in float16 for reduced-precision models on GPUs (tensor cores).
-        products = refocus.squaring_products(tokens.dtype, x.device)
+        # The squaring cut multiplies in float16 for reduced-precision models on GPUs (tensor cores), in the
+        # Triton kernels with ncut_kernels="triton" (fp16/bf16 models only; settings checks).
+        cut_triton = s.ncut_kernels == "triton"
+        products = torch.float16 if cut_triton else refocus.squaring_products(tokens.dtype, x.device)
         for i, block in enumerate(vit.blocks[:-1]):
             q, k, v = vit.qkv(block, tokens)
             kk.add(k)
@@ -141,7 +143,7 @@ class RFCLIP(DenseMethod):
                 some = crops is not None and crops.numel() < b       # only some crops have distractors
                 if some:                                             # the cut on those crops only
                     dc = dis.index_select(0, crops)
-                    rc = self._receivers(kk, dc, crops, fiedler, products)
+                    rc = self._receivers(kk, dc, crops, fiedler, products, cut_triton)
                 if some and attn is None:
                     # Step (c) on the crops with distractors only, written over the block's fused
                     # attention of all crops. That attention is wasted on the crops with distractors,
@@ -151,7 +153,8 @@ class RFCLIP(DenseMethod):
                     heads.index_copy_(0, crops, self._refocused_heads(qc, kc, vc, None, dc, rc, fused, redistributed))
                 else:
                     # Crops without distractors: any receivers do (nothing moves); ~dis is the cheapest.
-                    receivers = (~dis).index_copy(0, crops, rc) if some else self._receivers(kk, dis, None, fiedler, products)
+                    receivers = ((~dis).index_copy(0, crops, rc) if some
+                                 else self._receivers(kk, dis, None, fiedler, products, cut_triton))
                     heads = self._refocused_heads(q, k, v, attn, dis, receivers, fused, redistributed)
                 tokens = vit.finish_block(block, tokens, vit.project(block, heads))
             elif attn is not None:
@@ -206,19 +209,21 @@ class RFCLIP(DenseMethod):
         return torch.matmul(attn.to(v.dtype), v)
 
     def _receivers(self, kk: KKAttention, dis: Tensor, crops: Tensor | None, fiedler: Tensor | None,
-                   products: torch.dtype) -> Tensor:
+                   products: torch.dtype, triton: bool) -> Tensor:
         """Defocused tokens ``(B', N)`` bool of the crops ``crops`` ``(B',)`` long (None: all), whose
         distractors are ``dis`` ``(B', N)`` bool: the cut, or every non-distractor when it is off.
 
         ``fiedler`` ``(B, N)`` float32 (the ``"warm"`` cut; else None) holds each crop's last Fiedler vector:
         the cut starts from it and writes the new one back. ``products``: the dtype of the ``"squaring"``
-        cut's matrix products (float16 for reduced-precision models on GPUs)."""
+        cut's matrix products (float16 for reduced-precision models on GPUs); ``triton``: that cut runs as
+        the Triton kernels (:func:`rfclip.kernels.squaring_cut_half`), on the affinity summed over the
+        blocks (a positive multiple of the mean, which cuts the same)."""
         s = self.settings
         if not kk.need_affinity:                          # the cut is off (or fewer than 3 patches)
             return ~dis
         if fiedler is None:
-            return refocus.defocused_tokens(kk.affinity(crops), dis, s.ncut_solver, s.ncut_iters,
-                                            products=products)
+            return refocus.defocused_tokens(kk.affinity(crops, mean=not triton), dis, s.ncut_solver,
+                                            s.ncut_iters, products=products, triton=triton)
         start = fiedler if crops is None else fiedler.index_select(0, crops)
         receivers, y = refocus.defocused_tokens(kk.affinity(crops), dis, "warm", s.ncut_iters, start=start,
                                                 return_fiedler=True)
