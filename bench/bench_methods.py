@@ -56,8 +56,7 @@ from rfclip.testing import distractor_pattern, paint_pattern, random_model, save
 
 # Table 3's rows: label -> (solver, iters, products dtype, Triton kernels). float16 products are the squaring
 # cut of fp16 and bf16 models; on CPUs they are slow (no float16 matrix units) and shown for completeness. The
-# Triton row (rfclip.kernels.squaring_cut_half, the default where the attention kernels are Triton's) runs on
-# CUDA devices only.
+# Triton row (rfclip.kernels.squaring_cut_half, ncut_kernels="triton") runs on CUDA devices only.
 SOLVERS = {"eigh": ("eigh", None, torch.float32, False), "subspace": ("subspace", None, torch.float32, False),
            "squaring (11 squarings)": ("squaring", None, torch.float32, False),
            "squaring, 5 squarings (the default before)": ("squaring", 32, torch.float32, False),
@@ -65,15 +64,18 @@ SOLVERS = {"eigh": ("eigh", None, torch.float32, False), "subspace": ("subspace"
            "squaring (11), float16 products, Triton kernels": ("squaring", None, torch.float16, True)}
 
 
-def default_methods(device: torch.device) -> list[str]:
+def default_methods(device: torch.device, precision: str = "fp32") -> list[str]:
     """Every method, plus variants that the defaults (``ncut_solver="auto"``, ``plan="auto"``) do
-    not pick on this device: rfclip with the other cut solvers, plans and kernels, and clip eager
-    (``fused``; CUDA devices replay graphs by default)."""
+    not pick on this device: rfclip with the other cut solvers, plans and kernels (the Triton cut for
+    fp16/bf16 models where triton imports), and clip eager (``fused``; CUDA devices replay graphs by
+    default)."""
     if device.type == "cpu":
         extra = ["rfclip+eigh", "rfclip+subspace", "rfclip+squaring", "rfclip+fused"]
     else:
         extra = ["clip+fused", "rfclip+fused", "rfclip+torch", "rfclip+fused+torch", "rfclip+explicit",
-                 "rfclip+eigh", "rfclip+subspace", "rfclip+cut-triton", "rfclip+fused+cut-triton"]
+                 "rfclip+eigh", "rfclip+subspace"]
+        if precision != "fp32" and kernels.available():
+            extra += ["rfclip+cut-triton", "rfclip+fused+cut-triton"]
     return rfclip.available_methods() + extra
 
 
@@ -286,7 +288,7 @@ def main() -> None:
     args = p.parse_args()
     args_batch = max(args.crops, 16)
     device = torch.device(args.device)
-    methods = args.methods.split(",") if args.methods else default_methods(device)
+    methods = args.methods.split(",") if args.methods else default_methods(device, args.precision)
     torch.manual_seed(0)
 
     tmp = tempfile.mkdtemp()

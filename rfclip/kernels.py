@@ -132,11 +132,11 @@ def _redistributed_body(Q, K, V, DIS, DFC, O, T, H, scale, lam,
              mask=row_ok[:, None] & ch_ok[None, :])
 
 
-def _deflated_half_body(A, R, U, S, TRACE, N, s_ab, s_ar, s_ac, s_sb, s_sr, s_sc, s_rb, s_tb,
+def _deflated_half_body(A, R, U, S, NORM, N, s_ab, s_ar, s_ac, s_sb, s_sr, s_sc, s_rb, s_nb,
                         BLOCK: tl.constexpr):
     # Program (row block, column block, graph): the squaring cut's operator in float16,
-    # S = (D^-1/2 (A + A^T) D^-1/2 + I) / 2 - u u^T, and the partial trace of diagonal tiles.
-    b = tl.program_id(2)
+    # S = (D^-1/2 (A + A^T) D^-1/2 + I) / 2 - u u^T, and the tile's sum of squares (a partial of |S|_F^2).
+    b = tl.program_id(2).to(tl.int64)                 # int64 offsets: B N^2 may pass 2^31
     pi, pj = tl.program_id(0), tl.program_id(1)
     rows = pi * BLOCK + tl.arange(0, BLOCK)
     cols = pj * BLOCK + tl.arange(0, BLOCK)
@@ -150,22 +150,24 @@ def _deflated_half_body(A, R, U, S, TRACE, N, s_ab, s_ar, s_ac, s_sb, s_sr, s_sc
     u_j = tl.load(U + b * s_rb + cols, mask=col_ok, other=0.0)
     diag = rows[:, None] == cols[None, :]
     s = 0.5 * (a + at) * r_i[:, None] * r_j[None, :] - u_i[:, None] * u_j[None, :] + tl.where(diag & ok, 0.5, 0.0)
-    tl.store(S + b * s_sb + rows[:, None] * s_sr + cols[None, :] * s_sc, s.to(tl.float16), mask=ok)
-    if pi == pj:
-        tl.store(TRACE + b * s_tb + pi, tl.sum(tl.sum(tl.where(diag, s, 0.0), axis=1), axis=0))
+    s = s.to(tl.float16)
+    tl.store(S + b * s_sb + rows[:, None] * s_sr + cols[None, :] * s_sc, s, mask=ok)
+    f = s.to(tl.float32)
+    tl.store(NORM + b * s_nb + pi * tl.num_programs(1) + pj, tl.sum(tl.sum(f * f, axis=1), axis=0))
 
 
-def _square_half_body(S, OUT, TRACE_IN, TRACE_OUT, START, Z, N, target,
-                      s_sb, s_sr, s_sc, s_ob, s_or, s_oc, s_tb, s_zb, s_zp,
-                      PARTS: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Program (row block, column block, graph): one squaring of the symmetric S, scaled by target / t^2 with
-    # t = trace(S) (from the partial traces of the step before). Not LAST: the product to OUT in float16 and
-    # the partial trace of diagonal tiles. LAST: the product times START, partial over this column block.
-    b = tl.program_id(2)
+def _square_half_body(S, OUT, NORM_IN, NORM_OUT, START, Z, N, target,
+                      s_sb, s_sr, s_sc, s_ob, s_or, s_oc, s_nb, s_zb, s_zp,
+                      TILES: tl.constexpr, LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (row block, column block, graph): one squaring of the symmetric S, scaled to trace `target`:
+    # trace(S S) = |S|_F^2, the sum of the step before's per-tile partials. Not LAST: the product to OUT in
+    # float16 and its tile's sum of squares. LAST: the product times START, partial over this column block.
+    b = tl.program_id(2).to(tl.int64)                 # int64 offsets: B N^2 may pass 2^31
     pi, pj = tl.program_id(0), tl.program_id(1)
-    parts = tl.arange(0, PARTS)
-    t = tl.sum(tl.load(TRACE_IN + b * s_tb + parts, mask=parts < (N + BLOCK - 1) // BLOCK, other=0.0), axis=0)
-    t = tl.maximum(t, 1e-30)
+    grid = tl.num_programs(1)
+    tiles = tl.arange(0, TILES)
+    norm = tl.sum(tl.load(NORM_IN + b * s_nb + tiles, mask=tiles < grid * grid, other=0.0), axis=0)
+    scale = target / tl.maximum(norm, 1e-30)
     rows = pi * BLOCK + tl.arange(0, BLOCK)
     cols = pj * BLOCK + tl.arange(0, BLOCK)
     row_ok, col_ok = rows < N, cols < N
@@ -178,16 +180,15 @@ def _square_half_body(S, OUT, TRACE_IN, TRACE_OUT, START, Z, N, target,
         y = tl.load(S + b * s_sb + ks[:, None] * s_sr + cols[None, :] * s_sc, mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc = tl.dot(x, y, acc)
-    acc = acc * (target / (t * t))
+    acc = acc * scale
     if LAST:
         v = tl.load(START + cols, mask=col_ok, other=0.0)
         tl.store(Z + b * s_zb + pj * s_zp + rows, tl.sum(acc * v[None, :], axis=1), mask=row_ok)
     else:
-        tl.store(OUT + b * s_ob + rows[:, None] * s_or + cols[None, :] * s_oc, acc.to(tl.float16),
-                 mask=row_ok[:, None] & col_ok[None, :])
-        if pi == pj:
-            diag = rows[:, None] == cols[None, :]
-            tl.store(TRACE_OUT + b * s_tb + pi, tl.sum(tl.sum(tl.where(diag, acc, 0.0), axis=1), axis=0))
+        p = acc.to(tl.float16)
+        tl.store(OUT + b * s_ob + rows[:, None] * s_or + cols[None, :] * s_oc, p, mask=row_ok[:, None] & col_ok[None, :])
+        f = p.to(tl.float32)
+        tl.store(NORM_OUT + b * s_nb + pi * grid + pj, tl.sum(tl.sum(f * f, axis=1), axis=0))
 
 
 @dataclass
@@ -241,7 +242,7 @@ def cut_tiles(n: int) -> tuple[int, int, int]:
     return 64, 32, 4
 
 
-def squaring_launches(affinity: Tensor, r: Tensor, u: Tensor, start: Tensor, squarings: int, target: float,
+def squaring_launches(affinity: Tensor, r: Tensor, u: Tensor, start: Tensor, squarings: int, trace: float,
                       tiles: Optional[tuple[int, int, int]] = None) -> tuple[list[Launch], Tensor]:
     """The launches of :func:`squaring_cut_half` and the ``(B, P, N)`` float32 buffer of their result (P
     column blocks; the result is its sum over P). Arguments as there; ``r``, ``u`` ``(B, N)`` contiguous."""
@@ -251,40 +252,41 @@ def squaring_launches(affinity: Tensor, r: Tensor, u: Tensor, start: Tensor, squ
     grid = (parts, parts, b)
     dev = affinity.device
     ping = [torch.empty(b, n, n, device=dev, dtype=torch.float16) for _ in range(min(2, squarings))]
-    traces = torch.empty(squarings, b, parts, device=dev, dtype=torch.float32)
+    norms = torch.empty(squarings, b, parts * parts, device=dev, dtype=torch.float32)   # per-tile |S|_F^2
     z = torch.empty(b, parts, n, device=dev, dtype=torch.float32)
     launches = [Launch(_deflated_half_body, grid,
-                       (affinity, r, u, ping[0], traces[0], n, *affinity.stride(), *ping[0].stride(), r.stride(0),
-                        traces.stride(1)), dict(BLOCK=block), num_warps=warps)]
+                       (affinity, r, u, ping[0], norms[0], n, *affinity.stride(), *ping[0].stride(), r.stride(0),
+                        norms.stride(1)), dict(BLOCK=block), num_warps=warps)]
     for i in range(squarings):
         last = i == squarings - 1
-        src, dst = ping[i % 2], ping[(i + 1) % 2] if not last else ping[i % 2]
-        trace_out = traces[i + 1] if not last else traces[i]
+        src, dst = ping[i % 2], ping[(i + 1) % 2] if not last else ping[i % 2]    # the last stores no product
+        norm_out = norms[i + 1] if not last else norms[i]                           # nor norms
         launches.append(Launch(_square_half_body, grid,
-                               (src, dst, traces[i], trace_out, start, z, n, float(target), *src.stride(),
-                                *dst.stride(), traces.stride(1), z.stride(0), z.stride(1)),
-                               dict(PARTS=max(2, triton.next_power_of_2(parts)), LAST=last, BLOCK=block,
+                               (src, dst, norms[i], norm_out, start, z, n, float(trace), *src.stride(),
+                                *dst.stride(), norms.stride(1), z.stride(0), z.stride(1)),
+                               dict(TILES=max(2, triton.next_power_of_2(parts * parts)), LAST=last, BLOCK=block,
                                     BLOCK_K=block_k), num_warps=warps))
     return launches, z
 
 
 def squaring_cut_half(affinity: Tensor, squarings: int, start: Tensor, trace: float,
                       tiles: Optional[tuple[int, int, int]] = None) -> Tensor:
-    """The ``"squaring"`` cut's power iteration in float16 (:func:`rfclip.refocus.fiedler_vector`), in
-    ``squarings + 1`` kernels and from the raw affinity: symmetrising, normalising and deflating are one
-    kernel, and each squaring takes its scale from the partial traces that the kernel before wrote, so no
-    pass over the ``(N, N)`` products is left to PyTorch.
+    """The ``"squaring"`` cut's power iteration in float16, as :func:`rfclip.refocus.fiedler_vector` runs
+    it with float16 products, in ``squarings + 1`` kernels from the raw affinity: one kernel symmetrises,
+    normalises and deflates, and each squaring takes its scale from the sums of squares that the kernel
+    before wrote (``trace(S S) = |S|_F^2`` for a symmetric ``S``), so PyTorch makes no pass over the
+    ``(N, N)`` matrices but the affinity's row and column sums.
 
-    Each squaring multiplies ``S`` scaled to trace ``trace`` by itself (float16 tiles, float32 sums): its
-    eigenvalues lie in ``[0, trace]``, a product's entries below ``trace^2``. The last one multiplies its
-    product by ``start`` instead of storing it.
+    Each product (float16 tiles, float32 sums) is scaled to trace ``trace``, as PyTorch's float16 path
+    divides it: its eigenvalues lie in ``[0, trace]``, its entries below ``trace``. The last squaring
+    multiplies its product by ``start`` instead of storing it.
 
     Args:
         affinity: ``(B, N, N)`` float32, non-negative, any strides; need not be symmetric (``A + A^T`` is
             taken) nor averaged (a positive multiple cuts the same).
         squarings: p >= 1: ``S^(2^p)`` is applied to ``start``.
         start: ``(N,)`` float32 contiguous, the power iteration's start vector.
-        trace: the trace each squaring's input is scaled to (``rfclip.refocus._HALF_TRACE``).
+        trace: each product's trace (``rfclip.refocus._HALF_TRACE``).
         tiles: ``(BLOCK, BLOCK_K, num_warps)``; None: :func:`cut_tiles`'s (for benchmarks).
     Returns:
         ``y = D^-1/2 S^(2^p) start``, ``(B, N)`` float32, up to a positive factor.
@@ -295,7 +297,7 @@ def squaring_cut_half(affinity: Tensor, squarings: int, start: Tensor, trace: fl
     d = (a.sum(-1) + a.sum(-2)).clamp_min(1e-12)
     r = d.rsqrt()
     u = torch.nn.functional.normalize(d.sqrt(), dim=-1)
-    launches, z = squaring_launches(a, r, u, start, squarings, trace * trace, tiles)
+    launches, z = squaring_launches(a, r, u, start, squarings, trace, tiles)
     for launch in launches:
         _run(launch, a.device)
     return z.sum(1) * r
@@ -311,9 +313,10 @@ def _run(launch: Launch, device: torch.device) -> None:
     try:
         _jit(launch.body)[launch.grid](*launch.args, **launch.constexprs, **options)
     except OutOfResources as e:
-        tile = launch.constexprs.get("BLOCK_T", launch.constexprs.get("BLOCK"))
-        raise DoesNotFit(f"this GPU cannot hold the Triton kernel's tiles for {tile} keys ({e}); "
-                         f"use attention_kernels='torch', or smaller crops") from e
+        if "BLOCK_T" not in launch.constexprs:        # the cut's kernels: not a matter of crop size
+            raise RuntimeError(f"this GPU cannot hold the Triton cut's tiles ({e}); use ncut_kernels='torch'") from e
+        raise DoesNotFit(f"this GPU cannot hold the Triton kernel's tiles for {launch.constexprs['BLOCK_T']} "
+                         f"keys ({e}); use attention_kernels='torch', or smaller crops") from e
 
 
 @functools.lru_cache(maxsize=None)

@@ -317,15 +317,18 @@ def defocused_tokens(affinity: Tensor, distractors: Tensor, solver: str = "auto"
             :func:`fiedler_vector`).
         return_fiedler: also return the Fiedler vector ``y`` ``(B, N)`` float32 (arbitrary sign and scale).
         iters, products: see :func:`fiedler_vector`.
-        triton: where the solver is ``"squaring"`` with float16 products, run it as the Triton kernels of
-            :func:`rfclip.kernels.squaring_cut_half` (CUDA tensors, or Triton's interpreter): the same
-            iteration, with no PyTorch pass over the ``(N, N)`` matrices. Otherwise ignored.
+        triton: run the cut as the Triton kernels of :func:`rfclip.kernels.squaring_cut_half` (CUDA tensors,
+            or Triton's interpreter): the same iteration, in fewer launches and passes. Only for the
+            ``"squaring"`` solver with float16 products (a ValueError otherwise).
     Returns:
         ``(B, N)`` bool, or ``(mask, y)`` with ``return_fiedler``.
     """
     # W + W^T, twice the symmetric part: the Fiedler vector's direction and the cut are the same for
     # any positive multiple of W (D^-1/2 W D^-1/2 does not change), so the 1/2 is left out.
-    if triton and products == torch.float16 and resolve_solver(solver, affinity.device) == "squaring":
+    if triton:
+        if products != torch.float16 or resolve_solver(solver, affinity.device) != "squaring":
+            raise ValueError(f"the Triton cut is the 'squaring' solver with float16 products, not {solver!r} "
+                             f"with {products}")
         n = affinity.shape[-1]
         y = kernels.squaring_cut_half(affinity, squaring_count(SQUARING_STEPS if iters is None else iters),
                                       _start_vector(n, affinity.device, torch.float32).view(-1), _HALF_TRACE)

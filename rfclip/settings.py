@@ -96,7 +96,7 @@ class Settings:
         ncut_kernels: who runs the ``"squaring"`` cut of fp16 and bf16 models (float16 products):
             ``"torch"`` (default; batched matmuls, with trace divisions between them) or ``"triton"``
             (``rfclip.kernels.squaring_cut_half``: one kernel builds the deflated operator from the raw
-            affinity, one per squaring takes its scale from the partial traces the one before wrote).
+            affinity, one per squaring scales its product from the sums of squares the one before wrote).
             The same iteration, agreeing to float16 rounding (tested). Needs an fp16 or bf16 model, the
             ``"squaring"`` solver (``ncut_solver`` ``"squaring"``, or ``"auto"`` on CUDA devices) and a
             CUDA device (or Triton's interpreter, for tests). [decision] Opt-in: written in a session
@@ -190,6 +190,9 @@ def resolve_plan(settings: Settings, device) -> str:
         if getattr(settings, name) == "triton" and kind != "cuda" and not kernels.interpreted():
             raise ValueError(f"{name}='triton' needs a CUDA device, not {kind} (CPU tensors run only in "
                              f"Triton's interpreter, TRITON_INTERPRET=1, which is for tests)")
+    if settings.ncut_kernels == "triton" and not kernels.available():
+        raise ValueError("ncut_kernels='triton' needs the triton package, 3.0 or later (it comes with torch's "
+                         "CUDA builds on Linux); use ncut_kernels='torch'")
     if settings.ncut_kernels == "triton" and kind == "cpu" and settings.ncut_solver == "auto":
         raise ValueError("ncut_kernels='triton' runs the 'squaring' cut; on CPUs ncut_solver 'auto' is 'warm': "
                          "set ncut_solver='squaring'")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rfclip
+from rfclip import kernels
 from rfclip.testing import make_tiny_model_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -67,6 +68,10 @@ def test_rfclip_dispatches_more_host_work_than_clip(planted_rfclip):
 def test_variant_names_set_the_settings_they_name(tiny_model):
     seg = bench_methods.build(tiny_model[0], tiny_model[1], "clip+fused+iters256", "cpu", "fp32")
     assert seg.settings.plan == "fused" and seg.settings.ncut_iters == 256 and seg.method_name == "clip"
+
+
+@pytest.mark.skipif(not kernels.interpreted(), reason="the Triton cut on a CPU needs Triton's interpreter")
+def test_the_cut_triton_variant_sets_ncut_kernels(tiny_model):
     seg = bench_methods.build(tiny_model[0], tiny_model[1], "clip+squaring+cut-triton", "cpu", "fp16")
     assert seg.settings.ncut_kernels == "triton" and seg.settings.ncut_solver == "squaring"
 

@@ -285,16 +285,17 @@ def test_squaring_cut_kernels_cut_like_eigh_on_graphs_with_small_spectral_gaps()
     assert moved.float().mean() <= 1 and moved.max() <= 4, moved
 
 
-def test_defocused_tokens_runs_the_kernels_only_for_the_float16_squaring_cut(monkeypatch):
-    """triton=True sends the cut to the kernels only where it is the squaring solver with float16 products;
-    eigh, the other solvers and float32 products stay in PyTorch."""
+def test_defocused_tokens_runs_the_kernels_for_the_float16_squaring_cut_and_refuses_others(monkeypatch):
+    """triton=True is the squaring solver with float16 products; asked of another solver or of float32
+    products it is an error, not a silent PyTorch cut."""
     calls = []
     real = kernels.squaring_cut_half
     monkeypatch.setattr(kernels, "squaring_cut_half", lambda a, *r, **k: calls.append(a.shape) or real(a, *r, **k))
     w = torch.rand(2, 20, 20, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     dis = torch.zeros(2, 20, dtype=torch.bool, device=DEVICE)
     for solver, products in (("eigh", torch.float16), ("subspace", torch.float16), ("squaring", torch.float32)):
-        refocus.defocused_tokens(w, dis, solver, products=products, triton=True)
+        with pytest.raises(ValueError, match="the Triton cut is the 'squaring' solver with float16 products"):
+            refocus.defocused_tokens(w, dis, solver, products=products, triton=True)
     assert calls == []
     refocus.defocused_tokens(w, dis, "squaring", products=torch.float16, triton=True)
     refocus.defocused_tokens(w, dis, "squaring", iters=8, products=torch.float16, triton=True)
@@ -306,8 +307,9 @@ def test_the_forward_cuts_with_the_kernels_when_asked(planted_files, monkeypatch
     the kernels, on the affinity summed over blocks; its cuts are within a few patches of eigh's, and its
     features match those of PyTorch's cut closely (that cut multiplies in float32 on CPUs, float16 on GPUs)."""
     real_cut, real_kernel = refocus.defocused_tokens, kernels.squaring_cut_half
-    calls, moved = [], []
-    monkeypatch.setattr(kernels, "squaring_cut_half", lambda a, *r, **k: calls.append(a.shape) or real_kernel(a, *r, **k))
+    calls, moved = [], []          # calls: the largest row sum of each affinity the kernels got
+    monkeypatch.setattr(kernels, "squaring_cut_half",
+                        lambda a, *r, **k: calls.append(float(a.sum(-1).max())) or real_kernel(a, *r, **k))
 
     def compare(affinity, distractors, *a, **k):
         got = real_cut(affinity, distractors, *a, **k)
@@ -324,6 +326,8 @@ def test_the_forward_cuts_with_the_kernels_when_asked(planted_files, monkeypatch
     assert triton_cut.execution()["ncut_kernels"] == "triton"
     got = triton_cut.encode_dense(x).float()
     assert calls and moved and max(moved) <= 3, moved
+    # Summed over blocks, not averaged: a block's head-mean rows sum to at most 1, their sum over blocks more.
+    assert calls[0] <= 1 + 1e-5 < max(calls), calls
     cuts = len(calls)
     ref = seg("torch").encode_dense(x).float()
     assert len(calls) == cuts                                            # PyTorch's cut ran there
@@ -339,7 +343,11 @@ def test_ncut_kernels_triton_is_refused_where_it_would_not_run():
         make_settings("rfclip", {"ncut_kernels": "triton", "precision": "bf16", "ncut_solver": "eigh"})
     with pytest.raises(ValueError, match="ncut_kernels must be one of torch, triton"):
         make_settings("rfclip", {"ncut_kernels": "auto"})
-    with pytest.raises(ValueError, match="on CPUs ncut_solver 'auto' is 'warm'"):
-        resolve_plan(make_settings("rfclip", {"ncut_kernels": "triton", "precision": "bf16"}), "cpu")
     ok = make_settings("rfclip", {"ncut_kernels": "triton", "precision": "bf16", "ncut_solver": "squaring"})
-    assert resolve_plan(ok, "cpu") == "explicit"                         # interpreted: CPUs are allowed
+    if kernels.interpreted():                                            # CPUs are allowed, for tests
+        with pytest.raises(ValueError, match="on CPUs ncut_solver 'auto' is 'warm'"):
+            resolve_plan(make_settings("rfclip", {"ncut_kernels": "triton", "precision": "bf16"}), "cpu")
+        assert resolve_plan(ok, "cpu") == "explicit"
+    else:
+        with pytest.raises(ValueError, match="ncut_kernels='triton' needs a CUDA device"):
+            resolve_plan(ok, "cpu")
