@@ -38,7 +38,7 @@ def example_launches(t: int, dtype: torch.dtype, heads: int = 12, dh: int = 64, 
     n = t - 1
     masks = torch.zeros(crops, n, dtype=torch.uint8)
     rows = torch.empty(crops, n)
-    cut, _ = kernels.squaring_launches(torch.empty(crops, n, n), rows, rows, torch.empty(n), 2, 128.0 ** 2)
+    cut, _ = kernels.squaring_launches(torch.empty(crops, n, n), rows, rows, torch.empty(n), 2, 128.0)
     return {
         "kk_head_mean": kernels.kk_head_mean_launch(k.contiguous(), torch.zeros(crops, n, n), dh ** -0.5),
         "redistributed": kernels.redistributed_launch(q, k, v, masks, masks, torch.empty(v.shape, dtype=dtype),

@@ -11,7 +11,11 @@ step is one kernel here: a program holds ``BLOCK_M`` query rows against all T ke
 in float32, and writes only what the step needs: the ``(N, N)`` head-mean added to the running sum,
 or the redistributed ``A' v``. Rows of at most :data:`MAX_TOKENS` keys.
 
-The numbers match the PyTorch steps (tested; float32 within 1e-5). On CPU tensors the kernels run in
+With ``Settings.ncut_kernels="triton"`` the cut's float16 ``"squaring"`` power iteration is Triton's
+too (:func:`squaring_cut_half`): one kernel builds the deflated operator from the raw affinity, one per
+squaring multiplies tiles and scales the product from the sums of squares that the kernel before wrote.
+
+The numbers match the PyTorch steps (tested; float32 within 1e-5; the cut to float16 rounding). On CPU tensors the kernels run in
 Triton's interpreter, which is how the test suite checks them without a GPU; it is slow and meant for
 tests only (the setting refuses CPUs unless ``TRITON_INTERPRET=1``).
 """

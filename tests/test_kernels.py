@@ -320,7 +320,7 @@ def test_the_forward_cuts_with_the_kernels_when_asked(planted_files, monkeypatch
     def seg(cut):
         return rfclip.Segmenter(model=planted_files[0], weights=planted_files[1], method="rfclip",
                                 vocabulary=["a", "b"], device=DEVICE, distraction_dims=PLANTED_DIMS, tau=0.07,
-                                precision="fp16", ncut_solver="squaring", ncut_kernels=cut)
+                                precision="fp16", ncut_solver="squaring", ncut_kernels=cut, plan="fused")
     x = torch.stack(list(planted_crops(2))).float()
     triton_cut = seg("triton")
     assert triton_cut.execution()["ncut_kernels"] == "triton"
