@@ -15,9 +15,9 @@ With ``Settings.ncut_kernels="triton"`` the cut's float16 ``"squaring"`` power i
 too (:func:`squaring_cut_half`): one kernel builds the deflated operator from the raw affinity, one per
 squaring multiplies tiles and scales the product from the sums of squares that the kernel before wrote.
 
-The numbers match the PyTorch steps (tested; float32 within 1e-5; the cut to float16 rounding). On CPU tensors the kernels run in
-Triton's interpreter, which is how the test suite checks them without a GPU; it is slow and meant for
-tests only (the setting refuses CPUs unless ``TRITON_INTERPRET=1``).
+The numbers match the PyTorch steps (tested; float32 within 1e-5; the cut to float16 rounding). On
+CPU tensors the kernels run in Triton's interpreter, which is how the test suite checks them without a
+GPU; it is slow and meant for tests only (the settings refuse CPUs unless ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 

@@ -176,10 +176,9 @@ class Segmenter:
 
     def execution(self) -> dict:
         """How the forward passes run so far, JSON-able: ``device`` (and ``device_name`` on CUDA), ``plan``,
-        ``attention_kernels`` as resolved (not ``"auto"``) and ``ncut_kernels`` (kernels only for methods that
-        use them), and
-        ``fallbacks``: what ``"auto"`` gave up on, and why (a failed graph capture, kernel tiles this GPU
-        cannot hold)."""
+        ``attention_kernels`` as resolved (not ``"auto"``) and ``ncut_kernels`` (kernels only for methods
+        that use them), and ``fallbacks``: what ``"auto"`` gave up on, and why (a failed graph capture,
+        kernel tiles this GPU cannot hold)."""
         out = {"device": str(self.device), "plan": self.plan}
         if self.device.type == "cuda":
             out["device_name"] = torch.cuda.get_device_name(self.device)
