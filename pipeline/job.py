@@ -65,7 +65,8 @@ def run(cfg: JobConfig) -> dict:
         seg_kw["weights_sha256"] = sha  # every worker must load exactly the weights recorded in run.json
     identity = run_record.identity(cfg, inputs, probe["config"])
 
-    pending = run_record.start_or_resume(cfg, shards, identity, probe)
+    resume = run_record.start_or_resume(cfg, shards, identity, probe)
+    pending = resume.pending
     skipped = sum(len(s.items) for s in shards) - sum(len(s.items) for s in pending)
     log.info("%d shards already committed (%d images skipped), %d to do", len(shards) - len(pending), skipped, len(pending))
 
@@ -93,6 +94,12 @@ def run(cfg: JobConfig) -> dict:
         "images_total": len(inputs.items), "ok": counts["ok"], "error": counts["error"], "skipped": skipped,
         "shards_total": len(shards), "shards_committed_this_run": len(pending),
         "shards_skipped": len(shards) - len(pending),
+        "shards_redone_damaged": sorted(resume.redone),
+        # The whole output, committed before this run or by it: a resume that had nothing to do still says
+        # what the output holds.
+        "output": {"images": skipped + done,
+                   "ok": counts["ok"] + sum(int(m.get("ok", 0)) for m in resume.committed.values()),
+                   "error": counts["error"] + sum(int(m.get("error", 0)) for m in resume.committed.values())},
         "duplicate_rows_dropped": counts["duplicates_dropped"],
         "duplicate_inputs_dropped": inputs.duplicates_dropped,
         "rows_decoded_in_model_process": counts["decoded_in_model_process"],

@@ -7,6 +7,7 @@ writes run.json, and says which shards are left to do.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -112,21 +113,37 @@ def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
     }
 
 
-def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
-    """Check ``cfg.output`` against ``ident``, write run.json, and return the shards still to commit.
+@dataclasses.dataclass
+class Resume:
+    """What :func:`start_or_resume` found under the output.
+
+    ``pending``: the shards still to commit, in order. ``committed``: name -> the metadata of each shard
+    already committed and kept (its footer's ``rfclip.shard``). ``redone``: name -> why, for each
+    committed shard whose file was damaged after its commit, and is pending again.
+    """
+    pending: list
+    committed: dict
+    redone: dict
+
+
+def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> Resume:
+    """Check ``cfg.output`` against ``ident``, write run.json, and say which shards are still to commit.
 
     ``--overwrite`` clears the job's outputs first, once: ``cfg.overwrite`` is then set to False, so the
     config describes a resume from there on (and the CLI knows the old outputs are gone).
     Raises :class:`ConfigMismatch` when run.json's identity differs (the differing keys listed) and shards were committed under it, when committed shards exist without a run.json, or
-    when committed shards are not among ``shards``. A finished run's summary.json is removed, so a
-    crash from here on never leaves an old "finished" summary behind.
+    when committed shards are not among ``shards`` or hold other images than the shard of that name.
+    A committed shard whose footer can't be read (truncated after its commit) is redone, with a warning.
+    A finished run's summary.json is removed, so a crash from here on never leaves an old "finished"
+    summary behind.
     """
     so = cfg.storage_options
     if cfg.overwrite:
         sinks.clear_outputs(cfg.output, so)
         cfg.overwrite = False
     previous = sinks.read_json(cfg.output, so, sinks.RUN_JSON)
-    committed = sinks.committed_shard_names(cfg.output, so)
+    metas, damaged = sinks.read_committed_footers(cfg.output, so)
+    committed = set(metas) | set(damaged)
     if previous is not None:
         old = dict(previous.get("config", {}))
         if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
@@ -149,9 +166,17 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
     elif committed:
         raise ConfigMismatch(f"{storage.scrub(cfg.output)!r} holds {len(committed)} committed shards but no run.json; "
                              "use --overwrite to start over")
-    stray = committed - {s.name for s in shards}
+    by_name = {s.name: s for s in shards}
+    stray = committed - set(by_name)
     if stray:
         raise ConfigMismatch(f"output holds shards that this input does not produce: {sorted(stray)[:5]}")
+    other = [n for n, m in sorted(metas.items()) if m.get("digest") != by_name[n].digest]
+    if other:
+        raise ConfigMismatch(f"committed shards hold other images than this input puts in them: {other[:5]}; "
+                             f"use --overwrite to start over")
+    for name, why in sorted(damaged.items()):
+        log.warning("%s was committed but can't be read now (%s): it was damaged after its commit, and is "
+                    "redone", name, why)
 
     earlier = list(previous.get("earlier_versions") or []) if previous else []
     if previous and committed and isinstance(previous.get("versions"), dict):
@@ -173,4 +198,4 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> list:
                                           if previous else now(),
                            "resumed_at": now() if previous else None}}
     sinks.write_json(cfg.output, so, sinks.RUN_JSON, run_doc)
-    return [s for s in shards if s.name not in committed]
+    return Resume(pending=[s for s in shards if s.name not in metas], committed=metas, redone=damaged)

@@ -106,6 +106,49 @@ def committed_shard_names(output_uri: str, storage_options: Optional[dict]) -> s
     return names
 
 
+# Threads that read shard footers at once on a resume: each read is a round trip or two to the store.
+FOOTER_READERS = 16
+
+
+def read_committed_footers(output_uri: str, storage_options: Optional[dict]) -> tuple[dict, dict]:
+    """``(metas, damaged)`` of the shards committed under ``output_uri``, from their Parquet footers.
+
+    ``metas``: name -> the shard's metadata (``rfclip.shard``: digest, num_rows, ok, error, ...), with
+    ``num_rows`` checked against the footer's row count. ``damaged``: name -> why the footer can't be
+    read (a file truncated or overwritten after its commit, as by an interrupted copy). A commit is all
+    or nothing, so a damaged shard was harmed afterwards, and a resume redoes it.
+
+    Only footers are read (the tail of each file). A thread pool reads them, as fsspec has no batched
+    footer read; local files and object stores both take small ranged reads.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, root = get_fs(output_uri, storage_options)
+    names = sorted(committed_shard_names(output_uri, storage_options))
+
+    def footer(name: str):
+        path = posixpath.join(root, shard_path(name))
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                rows, metadata = pf.metadata.num_rows, pf.schema_arrow.metadata
+            meta, _ = parse_shard_metadata(metadata)
+            if int(meta.get("num_rows", -1)) != rows:
+                raise ValueError(f"its metadata says {meta.get('num_rows')} rows and the file holds {rows}")
+            return meta, None
+        except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as exc:
+            return None, f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
+
+    metas, damaged = {}, {}
+    with ThreadPoolExecutor(max_workers=min(FOOTER_READERS, max(1, len(names)))) as pool:
+        for name, (meta, why) in zip(names, pool.map(footer, names)):
+            if meta is None:
+                damaged[name] = why
+            else:
+                metas[name] = meta
+    return metas, damaged
+
+
 def committed_shard_files(output_uri: str, storage_options: Optional[dict]) -> tuple[list[str], object]:
     """The committed shards' paths, sorted (``predictions/shard-*.parquet``, not the temp files a crashed
     commit may leave), and their filesystem. Raises ``FileNotFoundError`` when there are none."""

@@ -333,6 +333,6 @@ def test_overwrite_is_spent_once_the_outputs_are_cleared(tiny_model, tmp_path):
     (out / "predictions" / "shard-00000.parquet").write_bytes(b"old")
     cfg = pipeline_job_config(tiny_model, input="x", output=str(out), overwrite=True)
     probe = {"config": {"settings": {k: None for k in run_record.EXECUTION_SETTINGS}}, "class_names": ["a"]}
-    assert run_record.start_or_resume(cfg, [], {"input": "x"}, probe) == []
+    assert run_record.start_or_resume(cfg, [], {"input": "x"}, probe).pending == []
     assert cfg.overwrite is False and not (out / "predictions" / "shard-00000.parquet").exists()
     assert sinks.read_json(str(out), None, sinks.RUN_JSON)["config"] == {"input": "x"}

@@ -1,6 +1,7 @@
 """End to end on local files: rows, masks, bad files, run.json/summary.json, resume rules, fail-fast."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -139,6 +140,10 @@ def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, ti
     assert again["skipped"] == first["images_total"] and again["ok"] == 0 and again["shards_committed_this_run"] == 0
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "predictions").iterdir()}
     assert after == before
+    # summary.json still says what the output holds, read from the shards' footers
+    whole = {"images": first["images_total"], "ok": first["ok"], "error": first["error"]}
+    assert first["output"] == again["output"] == whole and again["shards_redone_damaged"] == []
+    assert json.loads((out / "summary.json").read_text())["output"] == whole
     changed = pipeline_job_config(tiny_model, input=cfg.input, output=cfg.output, save_masks=True,
                                   vocabulary="sky; road; car")
     with pytest.raises(ConfigMismatch, match=r"(?s)vocabulary.*--overwrite"):
@@ -146,6 +151,51 @@ def test_rerun_skips_committed_shards_and_refuses_a_changed_config(first_run, ti
     smaller = pipeline_job_config(tiny_model, input=cfg.input, output=cfg.output, save_masks=True, shard_size=3)
     with pytest.raises(ConfigMismatch, match="shard_size: 4 -> 3"):
         run(smaller)
+
+
+def test_a_shard_damaged_after_its_commit_is_redone_and_the_others_are_kept(first_run, tmp_path, caplog):
+    """A committed shard cut short afterwards (an interrupted copy, a full disk) is not counted as done: a
+    re-run warns, redoes that shard alone, and the output is whole again."""
+    from pipeline.job import run
+
+    cfg, out, first = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shards = sorted((copy / "predictions").iterdir())
+    assert len(shards) >= 2
+    want = pq.read_table(shards[0]).to_pylist()
+    damaged = shards[0].read_bytes()
+    shards[0].write_bytes(damaged[: len(damaged) // 2])                 # truncated: no footer
+    kept = {p.name: p.read_bytes() for p in shards[1:]}
+    caplog.set_level(logging.WARNING)
+    again = run(dataclasses.replace(cfg, output=str(copy)))
+    name = shards[0].stem
+    assert again["shards_redone_damaged"] == [name] and again["shards_committed_this_run"] == 1
+    assert again["ok"] + again["error"] == len(want) and again["skipped"] == first["images_total"] - len(want)
+    assert again["output"] == first["output"]
+    assert any(name in r.getMessage() and "damaged after its commit" in r.getMessage() for r in caplog.records)
+    redone = pq.read_table(shards[0]).to_pylist()
+    assert [r["image_uri"] for r in redone] == [r["image_uri"] for r in want]
+    assert [r["status"] for r in redone] == [r["status"] for r in want]
+    assert {p.name: p.read_bytes() for p in shards[1:]} == kept
+    assert read_predictions(str(copy)).num_rows == first["images_total"]
+
+
+def test_shards_that_hold_other_images_than_their_name_says_are_refused(first_run, tmp_path):
+    """Each committed shard's footer records the digest of its images: shard files swapped or copied in from
+    another run are refused, not counted as this input's."""
+    from pipeline.job import run
+    from pipeline.run_record import ConfigMismatch
+
+    cfg, out, _ = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    a, b = sorted((copy / "predictions").iterdir())[:2]
+    data_a = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(data_a)
+    with pytest.raises(ConfigMismatch, match=rf"other images.*{a.stem}"):
+        run(dataclasses.replace(cfg, output=str(copy)))
 
 
 def test_rerun_with_the_input_spelled_another_way_resumes(first_run, tiny_model, tmp_path, monkeypatch):

@@ -54,6 +54,16 @@ def test_s3_to_s3_rows_masks_statuses_and_no_secret_leaks(seaweedfs_s3, ray_loca
     for secret in (seaweedfs_s3.secret, seaweedfs_s3.key):
         assert all(secret.encode() not in b for b in blobs)
         assert secret not in text
+    # A re-run reads the shards' footers from the store: one cut short after its commit is redone, alone.
+    shards = sorted(fs.find(f"{seaweedfs_s3.bucket}/out/predictions"))
+    fs.pipe_file(shards[0], fs.cat_file(shards[0])[:100])
+    kept = {p: fs.cat_file(p) for p in shards[1:]}
+    again = run(pipeline_job_config(tiny_model, input=f"s3://{prefix}", output=out, storage_options=so,
+                                    save_masks=True))
+    assert again["shards_redone_damaged"] == [shards[0].rsplit("/", 1)[1][: -len(".parquet")]]
+    assert again["shards_committed_this_run"] == 1 and again["output"] == summary["output"]
+    fs.invalidate_cache()
+    assert {p: fs.cat_file(p) for p in shards[1:]} == kept and read_predictions(out, so).num_rows == n
 
 
 def test_s3_reads_stop_at_the_limit(seaweedfs_s3):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 
 from pipeline.metrics import load_shard_confusions
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,6 +47,26 @@ def test_commit_shard_is_atomic_readable_and_carries_confusion(tmp_path):
     meta, c = sinks.parse_shard_metadata(t.schema.metadata)              # the footer, read with the rows
     assert meta["digest"] == "d" and c["matrix"] == [[5, 1], [0, 6]]
     np.testing.assert_array_equal(load_shard_confusions(out)["confusion"], [[10, 2], [0, 12]])
+
+
+def test_committed_footers_are_read_and_damaged_shards_named(tmp_path):
+    """read_committed_footers gives each readable shard's metadata (row count checked against the file) and
+    names the shards whose footer can't be read: truncated, not Parquet, or not a shard of this job."""
+    out = str(tmp_path / "out")
+    sinks.commit_shard(out, None, "shard-00000", [_row(0), _row(1, ok=False)],
+                       {"name": "shard-00000", "digest": "d0", "num_rows": 2, "ok": 1, "error": 1})
+    sinks.commit_shard(out, None, "shard-00001", [_row(2)], {"name": "shard-00001", "digest": "d1", "num_rows": 1})
+    sinks.commit_shard(out, None, "shard-00002", [_row(3)], {"name": "shard-00002", "num_rows": 2})  # rows differ
+    folder = tmp_path / "out" / "predictions"
+    whole = (folder / "shard-00001.parquet").read_bytes()
+    (folder / "shard-00001.parquet").write_bytes(whole[:-9])                 # cut short
+    (folder / "shard-00003.parquet").write_bytes(b"not parquet")
+    pq.write_table(pa.table({"x": [1]}), folder / "shard-00004.parquet")     # Parquet, no shard metadata
+    metas, damaged = sinks.read_committed_footers(out, None)
+    assert metas == {"shard-00000": {"name": "shard-00000", "digest": "d0", "num_rows": 2, "ok": 1, "error": 1}}
+    assert sorted(damaged) == ["shard-00001", "shard-00002", "shard-00003", "shard-00004"]
+    assert "says 2 rows and the file holds 1" in damaged["shard-00002"]
+    assert sinks.read_committed_footers(str(tmp_path / "none"), None) == ({}, {})
 
 
 def test_config_differences_names_the_changed_keys():
