@@ -76,14 +76,7 @@ def resolve_inputs(uri: str, storage_options: Optional[dict] = None, exclude: Op
     if not found:
         raise FileNotFoundError(f"input {uri!r} does not exist")
     if fs.isdir(path):
-        inner = _inner_output(fs, path, exclude, storage_options)
-        if is_local(fs):          # the output's folder is pruned by its real path, however it is reached
-            out = canonical_uri(exclude, storage_options) if exclude else None
-            files = find_files(fs, path, skip=out if out and "://" not in out else None)
-        else:
-            files = fs.find(path)
-            if inner is not None:
-                files = [f for f in files if not f.startswith(inner + "/")]
+        files = find_files(fs, path, skip=_output_to_skip(fs, path, exclude, storage_options))
         items = [_item(full_uri(fs, f)) for f in files if is_image_path(f)]
         root, kind = full_uri(fs, path), "folder"
         if not items:
@@ -124,13 +117,22 @@ def _item(uri: str) -> dict:
 
 
 def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
-    """Every file below ``folder``. On a local disk symlinked folders are followed, each real folder once:
-    a link to a folder inside ``folder``, to ``folder`` or one holding it, or to a folder already listed
-    (a cycle, a second link, a real folder reached by a link before) is not followed, and a warning
-    names it; so does a folder that can't be read. The folder whose real path is ``skip``'s (the job's
-    output) is left out."""
+    """Every file below ``folder``, but none below ``skip`` (the job's output: see :func:`_output_to_skip`).
+
+    On a local disk symlinked folders are followed, each real folder once: a link to a folder inside
+    ``folder``, to ``folder`` or one holding it, or to a folder already listed (a cycle, a second link, a
+    real folder reached by a link before) is not followed, and a warning names it; so does a folder that
+    can't be read. There ``skip`` is matched by real path, however the walk reaches it; on an object store,
+    by prefix.
+    """
     if not is_local(fs):
-        return fs.find(folder)
+        files = fs.find(folder)
+        if skip is None:
+            return files
+        kept = [f for f in files if not f.startswith(skip.rstrip("/") + "/")]
+        if len(kept) < len(files):
+            log.info("the output %s lies inside the input folder: its files are not listed as inputs", skip)
+        return kept
     real_root = os.path.realpath(folder)
     real_skip = os.path.realpath(skip) if skip else None
     seen = {real_root}
@@ -162,20 +164,24 @@ def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
     return files
 
 
-def _inner_output(fs, folder: str, output: Optional[str], storage_options: Optional[dict]) -> Optional[str]:
-    """The path on ``fs`` of ``output`` when it lies inside the input ``folder``, else None.
+def _output_to_skip(fs, folder: str, output: Optional[str], storage_options: Optional[dict]) -> Optional[str]:
+    """What :func:`find_files` leaves out of the input ``folder`` for the job's ``output``: its path on ``fs``,
+    or None when it can't lie inside ``folder``. On a local disk that is any local output (a symlink may put
+    it inside); on an object store, an output under ``folder``'s prefix.
 
     Raises ``ValueError`` when ``output`` is ``folder`` itself.
     """
     if output is None:
         return None
     out, root = canonical_uri(output, storage_options), full_uri(fs, folder)
-    if out == root or (is_local(fs) and "://" not in out and os.path.realpath(out) == os.path.realpath(root)):
+    local_out = is_local(fs) and "://" not in out
+    if out == root or (local_out and os.path.realpath(out) == os.path.realpath(root)):
         raise ValueError(f"the output {output!r} is the input folder; write to another folder (a sub-folder of "
                          f"the input is fine: its files are not listed as inputs)")
-    if not out.startswith(root.rstrip("/") + "/"):
+    if local_out:
+        return out
+    if is_local(fs) or not out.startswith(root.rstrip("/") + "/"):
         return None
-    log.info("the output %s lies inside the input folder: the files under it are not listed as inputs", out)
     return canonical_path(fs, out)
 
 

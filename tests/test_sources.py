@@ -1,9 +1,13 @@
 """Listing, manifests, image ids and deterministic shards (pipeline/sources.py)."""
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from PIL import Image
 
 from pipeline import sources
 
@@ -111,6 +115,28 @@ def test_an_output_inside_the_input_folder_is_not_listed(pipeline_images):
     assert len(sources.resolve_inputs(str(pipeline_images), exclude="/elsewhere/out").items) == 14
     with pytest.raises(ValueError, match="is the input folder"):
         sources.resolve_inputs(str(pipeline_images), exclude=f"{pipeline_images}/")
+
+
+def test_an_output_inside_an_object_store_input_is_not_listed(tmp_path):
+    """On a filesystem that is not local (fsspec's in-memory one stands for S3), the output is left out by
+    prefix: its files are not inputs, a sibling that shares the prefix's first letters is."""
+    import uuid
+
+    import fsspec
+
+    fs, root = fsspec.filesystem("memory"), f"/in-{uuid.uuid4().hex[:8]}"
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    for rel in ("a.png", "sub/b.png", "out/masks/c.png", "outside.png"):
+        fs.pipe_file(f"{root}/{rel}", png.getvalue())
+    try:
+        uris = [it["image_uri"] for it in sources.resolve_inputs(f"memory://{root}", exclude=f"memory://{root}/out").items]
+        assert [u.rsplit("/", 1)[1] for u in uris] == ["a.png", "outside.png", "b.png"]
+        assert len(sources.resolve_inputs(f"memory://{root}", exclude=f"memory://{root}/ou").items) == 4
+        with pytest.raises(ValueError, match="is the input folder"):
+            sources.resolve_inputs(f"memory://{root}", exclude=f"memory://{root}/")
+    finally:
+        fs.rm(root, recursive=True)
 
 
 def test_an_output_reached_through_a_symlink_is_not_listed(pipeline_images, tmp_path):
