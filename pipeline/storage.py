@@ -215,11 +215,14 @@ def read_uris(uris: list[str], storage_options: Optional[dict] = None, limit: Op
     return out
 
 
-def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, attempts: int = 5) -> None:
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, attempts: int = 5,
+                       durable: bool = True) -> None:
     """Make ``path`` hold exactly ``data``, all at once or not at all.
 
     Object stores: one ``pipe_file`` (a single PUT or one completed multipart upload is atomic).
     Other filesystems: write ``.tmp-<uuid>-<name>`` in the same folder, then rename over ``path``.
+    ``durable``: on a local disk, flush the data to the disk before the rename (``fsync``), so that even
+    a power loss can't leave the name over no data. A killed process can't either way.
     """
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     parent = posixpath.dirname(path)
@@ -234,8 +237,9 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, at
             return
         with open(tmp, "wb") as f:      # on disk before the rename, so a power loss can't leave the name over no data
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     try:
         retry_call(write, f"write {tmp}", attempts=attempts)
         if is_local(fs):

@@ -226,7 +226,10 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
         class_pixels[i] = np.bincount(lab.ravel(), minlength=num_classes).astype(np.int64).tobytes()
         if save_masks:
             path = posixpath.join(out_root, MASKS_DIR, f"{batch['image_id'][i]}.png")
-            atomic_write_bytes(out_fs, path, palette_png(lab, num_classes))
+            # Not flushed to disk one by one: an fsync per mask costs ten times the write on a local disk
+            # (0.44 against 0.04 ms here) and far more on network ones. A mask is a copy of its row's
+            # mask_png, whose shard commit is flushed; a killed process still never leaves a partial mask.
+            atomic_write_bytes(out_fs, path, palette_png(lab, num_classes), durable=False)
     out.update(mask_png=mask_png, class_pixels=class_pixels, confusion=confusion, status=status,
                error=error, elapsed_ms=elapsed)
     return out

@@ -244,3 +244,20 @@ def test_an_atomic_write_over_a_folder_fails_and_leaves_nothing_inside_it(tmp_pa
     assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mask.png"]
     storage.atomic_write_bytes(fs, str(tmp_path / "ok.png"), b"data")
     assert (tmp_path / "ok.png").read_bytes() == b"data"
+
+
+def test_atomic_writes_flush_to_disk_unless_told_not_to(tmp_path, monkeypatch):
+    """Shards (durable, the default) are fsynced before their rename; masks (durable=False) are not. Both
+    land whole, under their name, with no temp file left."""
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    fs, _ = storage.get_fs(str(tmp_path))
+    storage.atomic_write_bytes(fs, str(tmp_path / "shard.parquet"), b"shard")
+    assert len(synced) == 1
+    storage.atomic_write_bytes(fs, str(tmp_path / "m" / "mask.png"), b"mask", durable=False)
+    assert len(synced) == 1
+    assert (tmp_path / "shard.parquet").read_bytes() == b"shard" and (tmp_path / "m" / "mask.png").read_bytes() == b"mask"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["m", "mask.png", "shard.parquet"]
