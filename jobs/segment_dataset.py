@@ -206,8 +206,8 @@ def finish(cfg: JobConfig, src) -> dict:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """CLI entry point; returns the process exit status: 0 when done, 1 when every image this run processed
-    is an error row or a stage failed (committed shards kept), 2 for a clear user-facing error, 130 after
+    """CLI entry point; returns the process exit status: 0 when done, 1 when every image in the output is an
+    error row, or a stage or the storage failed (committed shards kept), 2 for a clear user-facing error, 130 after
     Ctrl-C."""
     args = build_parser().parse_args(argv)
     storage.setup_logging()
@@ -220,7 +220,7 @@ def main(argv: Optional[list] = None) -> int:
     except (FileNotFoundError, ValueError, PermissionError, ConfigMismatch, WeightsError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 2
-    except PipelineError as exc:
+    except (PipelineError, storage.StorageError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -242,8 +242,8 @@ def main(argv: Optional[list] = None) -> int:
     if summary["error"] and src is None:
         print(f"warning: {summary['error']} of {summary['ok'] + summary['error']} images segmented in this run are "
               f"error rows (the predictions' error column says why)", file=sys.stderr)
-    if summary["error"] and not summary["ok"]:
-        print("error: no image could be segmented", file=sys.stderr)
+    if summary["output"]["error"] and not summary["output"]["ok"]:
+        print("error: no image in the output could be segmented", file=sys.stderr)
         return 1
     return 0
 

@@ -6,7 +6,7 @@
 3. Resume or start (``run_record.start_or_resume``): run.json, and the shards left to do.
 4. Run the pending shards through Ray Data in windows: read + decode (CPU tasks), segment (an actor
    pool of ``pipeline.workers.SegmentWorker``), encode (CPU tasks). The driver buffers each shard's rows
-   and commits the shard, whole, once all of them arrived (``sinks.commit_shard``).
+   and commits the shard, whole, once all of them arrived (``pipeline.shard_commits.ShardAssembler``).
 5. Write summary.json.
 
 Why the driver writes, not ``Dataset.write_parquet``: Ray Data writes a file per block under names of
@@ -14,7 +14,7 @@ its own, and a failed task may leave a partial one. A shard here is a unit of re
 whole, once, under a fixed name, with its confusion matrix in its footer, so a re-run can skip exactly
 the shards that are done. The rows that reach the driver hold label PNGs and statistics, not pixels.
 
-``jobs/segment_dataset.py`` is the CLI over this; ``jobs/evaluate.py`` calls :func:`run` in-process.
+``pipeline.cluster`` connects to Ray and sizes the actors and tasks. ``jobs/segment_dataset.py`` is the CLI over this; ``jobs/evaluate.py`` calls :func:`run` in-process.
 """
 from __future__ import annotations
 
@@ -22,21 +22,19 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from . import run_record, sinks, sources, storage
-from .job_config import JobConfig, probe_segmenter, segmenter_kwargs
+from . import cluster
+from .job_config import JobConfig, LabelError, probe_segmenter, segmenter_kwargs
+from .shard_commits import ShardAssembler, lost_row
 
 log = logging.getLogger("segment_dataset")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Retries of a model batch whose actor died (Ray Data's default is to retry forever, so one image that
 # always kills its process would stall the job).
 MODEL_TASK_RETRIES = 2
@@ -50,7 +48,18 @@ def run(cfg: JobConfig) -> dict:
         storage.register_secrets(cfg.labels.storage_options)
 
     inputs = _resolve_inputs(cfg)
-    storage.check_writable(cfg.output, cfg.storage_options)
+    created = storage.check_writable(cfg.output, cfg.storage_options)
+    try:
+        return _run(cfg, inputs, t_start)
+    except BaseException:
+        # A run refused before it wrote anything (a bad model or setting, a label check, Ctrl-C) leaves no
+        # empty output folder behind.
+        storage.remove_empty_folders(storage.get_fs(cfg.output, cfg.storage_options)[0], created)
+        raise
+
+
+def _run(cfg: JobConfig, inputs: sources.Inputs, t_start: float) -> dict:
+    """:func:`run` once the inputs are listed and the output is known to be writable."""
     shards = sources.make_shards(inputs.items, cfg.shard_size)
     log.info("%d images in %d shards of up to %d", len(inputs.items), len(shards), cfg.shard_size)
 
@@ -79,7 +88,7 @@ def run(cfg: JobConfig) -> dict:
         # each, so the driver and the object store hold one window's rows, not the whole corpus.
         config_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         total_images = skipped + sum(len(s.items) for s in pending)
-        started_ray = _init_ray(cfg.ray_address)
+        started_ray = cluster.init_ray(cfg.ray_address)
         try:
             for window in shard_windows(pending, cfg.window_images):
                 _run_window(cfg, window, inputs, probe, seg_kw, config_sha256, counts, executions,
@@ -116,10 +125,6 @@ def run(cfg: JobConfig) -> dict:
 
 class PipelineError(RuntimeError):
     """A stage of the pipeline failed for a reason other than bad input; committed shards are kept."""
-
-
-class LabelError(ValueError):
-    """A ground-truth label that can't be scored: an evaluation stops rather than score fewer images."""
 
 
 def check_first_label(labels, items: list[dict], storage_options: Optional[dict] = None) -> None:
@@ -190,110 +195,6 @@ def shard_windows(pending: list, window_images: int) -> list[list]:
     return windows
 
 
-def _ray_address(address: Optional[str]) -> Optional[str]:
-    """The cluster to connect to: ``address`` (``--ray-address``), else ``$RAY_ADDRESS``; None: none."""
-    return address or os.environ.get("RAY_ADDRESS") or None
-
-
-def _init_ray(address: Optional[str]) -> bool:
-    """Connect to ``address`` / ``$RAY_ADDRESS`` (``ray job submit`` sets it), else start an in-process
-    local Ray. Returns True if this call started Ray (so the job shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = _ray_address(address)
-    if address:
-        _check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": never attach to some other cluster found in /tmp/ray by accident. The workers
-        # import this repository's packages; the user's own PYTHONPATH entries follow.
-        path = os.pathsep.join([str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}})
-    return True
-
-
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Fail in seconds, naming the flag, when a ``host:port`` (or ``ray://host:port``) cluster address takes
-    no connection: ray.init would retry the GCS for minutes. ``auto`` and other forms are left to Ray."""
-    import socket
-
-    if address.startswith(("http://", "https://")):
-        raise ValueError(f"--ray-address / $RAY_ADDRESS {address} is a dashboard address (what `ray job submit` "
-                         f"takes); the job connects to the cluster itself: give host:6379, ray://host:10001, or auto")
-    hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ValueError(f"can't reach the Ray cluster at {address} (--ray-address, else $RAY_ADDRESS): "
-                              f"{exc.strerror or exc}") from None
-
-
-def _default_workers(cfg: JobConfig) -> tuple[int, float, float]:
-    """``(model actors, GPUs per actor, CPUs per actor)``: by default one actor per GPU, else one CPU actor;
-    each reserves 1 CPU, or on a local Ray too small for that, what leaves one CPU to decode and encode."""
-    import ray
-
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    gpw = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker is not None else (1.0 if gpus > 0 else 0.0)
-    address = _ray_address(cfg.ray_address)
-    if gpus == 0 and cfg.num_gpus_per_worker is None and address and address != "local":
-        # The defaults count the GPUs up now; an autoscaler starts GPU nodes only for actors that ask.
-        log.warning("the cluster has no GPU now, so the model runs on CPU; on an autoscaling cluster pass "
-                    "--num-gpus-per-worker 1 --workers N to ask for N GPU nodes")
-    workers = int(cfg.workers) if cfg.workers is not None else (max(1, int(gpus // gpw)) if gpw > 0 else 1)
-    cpw = 1.0 if cfg.cpus_per_worker is None else float(cfg.cpus_per_worker)
-    if address and address != "local":
-        return workers, gpw, cpw
-    # A local Ray has no autoscaler: actors asking for more than the machine has would wait forever, and
-    # so would the decode and encode tasks (1 CPU each) if the actors held every CPU.
-    cpus = float(ray.cluster_resources().get("CPU", 0))
-    if workers * gpw > gpus:
-        raise ValueError(f"{workers} workers x --num-gpus-per-worker {gpw:g} ask for {workers * gpw:g} GPUs, "
-                         f"and this machine's Ray has {gpus:g}; pass fewer --workers, or "
-                         f"--num-gpus-per-worker 0 to run the model on CPU")
-    if cpus < 1:
-        raise ValueError(f"this machine's Ray has {cpus:g} CPUs, and the decode and encode tasks need 1")
-    if cfg.cpus_per_worker is None and workers * cpw > cpus - 1:
-        cpw = (cpus - 1) / workers
-        log.info("%d model workers reserve %.3g CPUs each, leaving one of this machine's %g to decode and encode",
-                 workers, cpw, cpus)
-    if workers * cpw > cpus - 1:
-        raise ValueError(f"{workers} workers x --cpus-per-worker {cpw:g} ask for {workers * cpw:g} CPUs, and this "
-                         f"machine's Ray has {cpus:g}, of which the decode and encode tasks need 1; pass fewer "
-                         f"--workers or a smaller --cpus-per-worker (0 lets the actors share the CPUs)")
-    return workers, gpw, cpw
-
-
-def decode_memory(max_pixels: int) -> int:
-    """Bytes a decode task reserves: one worst-case image, its file's bytes plus RGB and float resize buffers.
-    The task holds the files of its whole batch at once; typical files are far smaller than the worst case."""
-    from rfclip.decode import max_file_bytes
-    return int(max_pixels) * 3 * 6 + max_file_bytes(max_pixels)
-
-
-def _check_decode_memory(cfg: JobConfig) -> None:
-    """Refuse, on a local Ray, a ``--max-pixels`` whose decode tasks no node could hold: they would wait
-    forever. A cluster's autoscaler may still start a bigger node, so there it is a warning."""
-    import ray
-
-    need = decode_memory(cfg.max_pixels)
-    biggest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    if need <= biggest:
-        return
-    message = (f"--max-pixels {cfg.max_pixels} makes each decode task reserve {need / 2**30:.1f} GiB, and the "
-               f"largest node has {biggest / 2**30:.1f} GiB for tasks; lower --max-pixels")
-    address = _ray_address(cfg.ray_address)
-    if address and address != "local":
-        log.warning("%s, or the tasks wait for a node that large", message)
-    else:
-        raise ValueError(message)
-
-
 def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, workers: int, gpw: float,
                    cpw: float):
     """The Ray Data chain over ``rows``: decode (CPU tasks) -> segment (actor pool) -> encode (CPU tasks)."""
@@ -308,7 +209,7 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
     # maps whose remote args are equal): decoding must stay in CPU tasks so the model never waits
     # on it. summary["rows_decoded_in_model_process"] checks that it did.
     ds = ds.map_batches(decode_stage, batch_size=cfg.decode_batch_size, num_cpus=1,
-                        memory=decode_memory(cfg.max_pixels),
+                        memory=cluster.decode_memory(cfg.max_pixels),
                         fn_kwargs=dict(storage_options=cfg.storage_options, max_pixels=cfg.max_pixels,
                                        short_side=probe["short_side"], max_long_side=probe["max_long_side"]))
     with warnings.catch_warnings():
@@ -346,8 +247,8 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.progress
-    workers, gpw, cpw = _default_workers(cfg)
-    _check_decode_memory(cfg)
+    workers, gpw, cpw = cluster.model_workers(cfg)
+    cluster.check_decode_memory(cfg)
     rows = [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
              "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
              "listing_error": it.get("error") or ""}
@@ -355,33 +256,18 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     log.info("pipeline: %d images, %d model workers (%g GPU, %g CPU each, batch %d)", len(rows), workers, gpw, cpw,
              cfg.batch_size)
 
-    by_index = {s.index: s for s in pending}
-    buffers: dict[int, dict[int, dict]] = {}
-    done_shards: set[int] = set()
     bar = tqdm(total=total, initial=done_before, unit="img", desc="segmented", disable=not cfg.progress,
                mininterval=1.0 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
     t0 = time.time()
     processed_at_start = counts["ok"] + counts["error"]
 
-    def take(r: dict) -> None:
-        """Buffer one row; commit its shard when the shard is whole."""
-        si, pos = int(r["shard"]), int(r["pos"])
-        if si in done_shards or pos in buffers.get(si, {}):
-            counts["duplicates_dropped"] += 1
-            log.warning("duplicate row for %s (shard %d) dropped", r["image_uri"], si)
-            return
-        buf = buffers.setdefault(si, {})
-        buf[pos] = r
-        bar.update(1)
-        if int(r["decode_pid"]) == int(r["model_pid"]):
-            counts["decoded_in_model_process"] += 1
-        shard = by_index[si]
-        if len(buf) == len(shard.items):
-            _commit(cfg, shard, buffers.pop(si), config_sha256, probe["num_classes"], counts, executions)
-            done_shards.add(si)
-            in_window = counts["ok"] + counts["error"] - processed_at_start
-            log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
-                     total, in_window / max(time.time() - t0, 1e-9))
+    def committed(shard) -> None:
+        in_window = counts["ok"] + counts["error"] - processed_at_start
+        log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
+                 total, in_window / max(time.time() - t0, 1e-9))
+
+    shards = ShardAssembler(cfg, pending, config_sha256, probe["num_classes"], counts, executions,
+                            on_row=lambda: bar.update(1), on_commit=committed)
 
     def consume(run_cfg: JobConfig, run_rows: list) -> None:
         ds = _build_dataset(run_cfg, run_rows, probe, seg_kw, workers, gpw, cpw)
@@ -393,13 +279,10 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
             for batch in batches:
                 keys = list(batch)
                 for j in range(len(batch["image_uri"])):
-                    take({k: batch[k][j] for k in keys})
+                    shards.take({k: batch[k][j] for k in keys})
                 causes.raise_on_exceptions()     # a stage's own exception stops the window now, not at its end
         finally:
             batches.close()
-
-    def missing() -> list:
-        return [r for r in rows if r["shard"] not in done_shards and r["pos"] not in buffers.get(r["shard"], {})]
 
     # A block whose task failed for good is skipped, and Ray Data logs why: `causes` reads those records.
     # Only a process that died (OOM killer, native crash) makes images "lost"; any other exception (a bug,
@@ -411,27 +294,27 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     ray_data_log.addHandler(causes)
     try:
         consume(cfg, rows)
-        lost = missing()
+        lost = shards.missing(rows)
         causes.check(len(lost))
-        if lost and not buffers and not done_shards:
+        if lost and not shards.any_arrived():
             raise PipelineError(f"every batch of this window lost its process ({causes.deaths[0]}): the model "
                                f"may not fit the workers' memory; the shards committed so far are kept")
         if lost:
             log.warning("%d images were in batches whose process died on every try (out of memory? a crash?); "
                         "running them again one image per batch", len(lost))
             consume(dataclasses.replace(cfg, batch_size=1, decode_batch_size=1), lost)
-            causes.check(len(missing()))
-        for r in missing():
+            causes.check(len(shards.missing(lost)))
+        for r in shards.missing(lost):
             log.error("%s: its process died on every try, alone in its batch; written as an error row",
                       r["image_uri"])
             counts["images_that_killed_a_worker"] += 1
-            take(_lost_row(r, causes.deaths[-1]))
+            shards.take(lost_row(r, causes.deaths[-1]))
     finally:
         ray_data_log.removeHandler(causes)
         context.max_errored_blocks = errored_blocks
         bar.close()
-    if buffers or len(done_shards) != len(pending):          # take() commits every shard that is whole
-        raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(set(by_index) - done_shards)[:10]}")
+    if shards.incomplete():                                  # take() commits every shard that is whole
+        raise RuntimeError(f"pipeline ended with incomplete shards: {shards.incomplete()[:10]}")
 
 
 # What a process that died looks like in Ray: the OOM killer, a segfault, a lost node.
@@ -471,71 +354,3 @@ class _BlockFailures(logging.Handler):
         if missing and not self.deaths:
             raise PipelineError(f"the pipeline ended with {missing} images missing and no failure recorded; the "
                                f"shards committed so far are kept, and running the same command again redoes the rest")
-
-
-def _lost_row(r: dict, cause: str) -> dict:
-    """The error row of an image whose process died every time it was segmented, alone or not."""
-    reason = (f"failed: the process handling this image died on every try, with it alone in its batch (killed "
-              f"for memory? a native crash?), last as {cause}; see the Ray worker logs")
-    return {**r, "width": 0, "height": 0, "status": "error", "error": r["listing_error"] or reason,
-            "mask_png": b"", "class_pixels": b"", "confusion": b"", "mean_confidence": np.nan, "elapsed_ms": 0.0,
-            "decode_pid": -1, "model_pid": -2, "execution": ""}
-
-
-def _to_parquet_row(r: dict) -> dict:
-    """A row of ``sinks.PREDICTION_SCHEMA`` from one row of the encode stage (numpy scalars and bytes)."""
-    ok = r["status"] == "ok"
-    cp = r["class_pixels"]
-    return {
-        "image_uri": str(r["image_uri"]),
-        "image_id": str(r["image_id"]),
-        "width": int(r["width"]) if int(r["width"]) > 0 else None,
-        "height": int(r["height"]) if int(r["height"]) > 0 else None,
-        "status": "ok" if ok else "error",
-        "error": None if ok else str(r["error"]),
-        "mask_png": bytes(r["mask_png"]) if ok else None,
-        "class_pixels": np.frombuffer(bytes(cp), np.int64).tolist() if ok else None,
-        "mean_confidence": float(r["mean_confidence"]) if ok else None,
-        "elapsed_ms": float(r["elapsed_ms"]),
-    }
-
-
-def _commit(cfg: JobConfig, shard, rows_by_pos: dict, config_sha256: str, num_classes: int, counts: dict,
-            executions: set) -> None:
-    """Write one shard whole (its rows in input order, its metadata, and its confusion matrix when labelled)."""
-    rows = [rows_by_pos[p] for p in range(len(shard.items))]
-    for p, r in enumerate(rows):  # the row must be the image the shard expects at that position
-        if str(r["image_uri"]) != shard.items[p]["image_uri"]:
-            raise RuntimeError(f"{shard.name}[{p}]: got {r['image_uri']!r}, expected {shard.items[p]['image_uri']!r}")
-    if cfg.labels is not None:
-        for r in rows:
-            if r["status"] != "ok" and str(r["error"]).startswith("label failed"):
-                raise LabelError(
-                    f"label {storage.scrub(str(r.get('label_uri')))} of {storage.scrub(str(r['image_uri']))}: "
-                    f"{r['error']}. An evaluation stops here rather than leave the image out of the metrics. "
-                    f"Fix the label file and run the same command again (the shards committed so far are "
-                    f"kept, this one is not); a different --ignore-index needs --overwrite once shards are "
-                    f"committed")
-    out_rows = [_to_parquet_row(r) for r in rows]
-    ran = sorted({str(r["execution"]) for r in rows if str(r["execution"])})   # "": a row no worker returned
-    executions.update(ran)
-    ok = sum(r["status"] == "ok" for r in out_rows)
-    confusion = None
-    if cfg.labels is not None:
-        m = np.zeros((num_classes, num_classes), np.int64)
-        for r in rows:
-            if r["status"] == "ok" and len(r["confusion"]):
-                m += np.frombuffer(bytes(r["confusion"]), np.int64).reshape(num_classes, num_classes)
-        confusion = {"num_classes": num_classes, "ignore_index": cfg.labels.ignore_index,
-                     "images": int(sum(1 for r in rows if r["status"] == "ok" and len(r["confusion"]))),
-                     "matrix": m.tolist()}
-    meta = {"name": shard.name, "index": shard.index, "digest": shard.digest, "num_rows": len(rows),
-            "ok": ok, "error": len(rows) - ok,
-            "config_sha256": config_sha256,
-            # how the model ran for these rows: device, plan, kernels, and the fallbacks their worker had taken
-            # so far (one entry per distinct state)
-            "execution": [json.loads(e) for e in ran],
-            "committed_at": run_record.now()}
-    sinks.commit_shard(cfg.output, cfg.storage_options, shard.name, out_rows, meta, confusion)
-    counts["ok"] += ok
-    counts["error"] += len(rows) - ok

@@ -1,7 +1,7 @@
 """What the segmentation job is asked to do, and the Segmenter that follows from it.
 
 - :class:`JobConfig`: every option of ``jobs/segment_dataset.py`` (one CLI flag, one field);
-- :class:`LabelSpec`: the ground truth of an evaluation run;
+- :class:`LabelSpec`: the ground truth of an evaluation run (:class:`LabelError`: a label that can't be scored);
 - :func:`segmenter_kwargs`: the ``rfclip.Segmenter`` keyword arguments a config asks for;
 - :func:`probe_segmenter`: builds that Segmenter once, on CPU, in the driver, to fail fast and to
   learn its identity (``seg.config()``) before any cluster work.
@@ -17,6 +17,10 @@ import numpy as np
 from rfclip.cli_args import parse_settings
 
 from rfclip.decode import DEFAULT_MAX_PIXELS
+
+
+class LabelError(ValueError):
+    """A ground-truth label that can't be scored: an evaluation stops rather than score fewer images."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 import platform
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 from . import sinks, sources, storage
 
@@ -131,53 +132,20 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> Resume:
 
     ``--overwrite`` clears the job's outputs first, once: ``cfg.overwrite`` is then set to False, so the
     config describes a resume from there on (and the CLI knows the old outputs are gone).
-    Raises :class:`ConfigMismatch` when run.json's identity differs (the differing keys listed) and shards were committed under it, when committed shards exist without a run.json, or
-    when committed shards are not among ``shards`` or hold other images than the shard of that name.
-    A committed shard whose footer can't be read (truncated after its commit) is redone, with a warning.
-    A finished run's summary.json is removed, so a crash from here on never leaves an old "finished"
-    summary behind.
+    Raises :class:`ConfigMismatch` when run.json's identity differs (the differing keys listed) and shards
+    were committed under it, when committed shards exist without a run.json, or when committed shards are
+    not among ``shards`` or hold other images than the shard of that name. A committed shard whose footer
+    can't be parsed (cut short after its commit) is redone, with a warning. A finished run's summary.json
+    is removed, so a crash from here on never leaves an old "finished" summary behind.
     """
     so = cfg.storage_options
     if cfg.overwrite:
         sinks.clear_outputs(cfg.output, so)
         cfg.overwrite = False
     previous = sinks.read_json(cfg.output, so, sinks.RUN_JSON)
-    metas, damaged = sinks.read_committed_footers(cfg.output, so)
-    committed = set(metas) | set(damaged)
-    if previous is not None:
-        old = dict(previous.get("config", {}))
-        if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
-            old["segmenter"] = _respelled(_with_normalisation(without_execution(old["segmenter"])),
-                                          ident["segmenter"])
-        old_input = old.get("input")
-        if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
-            old["input"] = storage.canonical_uri(old_input, so)
-        diffs = sinks.config_differences(old, ident)
-        if diffs and not committed:     # nothing was done under the old configuration: nothing to protect
-            log.info("run.json of a run that committed no shard is replaced (%s)", "; ".join(diffs))
-            diffs = []
-        if diffs:
-            note = ("\nthis run.json is older than image ids relative to the input root for --labels, --limit "
-                    "and --data-root runs (it records the input as \"<items>\"): their ids differ now"
-                    if old_input == "<items>" != ident["input"] else "")
-            raise ConfigMismatch(
-                f"refusing to resume into {storage.scrub(cfg.output)!r}: the configuration differs from its run.json:\n  "
-                + "\n  ".join(diffs) + note + "\nuse --overwrite to start over, or write to another --output")
-    elif committed:
-        raise ConfigMismatch(f"{storage.scrub(cfg.output)!r} holds {len(committed)} committed shards but no run.json; "
-                             "use --overwrite to start over")
-    by_name = {s.name: s for s in shards}
-    stray = committed - set(by_name)
-    if stray:
-        raise ConfigMismatch(f"output holds shards that this input does not produce: {sorted(stray)[:5]}")
-    other = [n for n, m in sorted(metas.items()) if m.get("digest") != by_name[n].digest]
-    if other:
-        raise ConfigMismatch(f"committed shards hold other images than this input puts in them: {other[:5]}; "
-                             f"use --overwrite to start over")
-    for name, why in sorted(damaged.items()):
-        log.warning("%s was committed but can't be read now (%s): it was damaged after its commit, and is "
-                    "redone", name, why)
-
+    committed = sinks.committed_shard_names(cfg.output, so)
+    _check_identity(cfg, previous, ident, committed)
+    metas, damaged = _check_committed(cfg, shards, committed)
     earlier = list(previous.get("earlier_versions") or []) if previous else []
     if previous and committed and isinstance(previous.get("versions"), dict):
         changes = _version_changes(previous, versions())
@@ -199,3 +167,52 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> Resume:
                            "resumed_at": now() if previous else None}}
     sinks.write_json(cfg.output, so, sinks.RUN_JSON, run_doc)
     return Resume(pending=[s for s in shards if s.name not in metas], committed=metas, redone=damaged)
+
+
+def _check_identity(cfg, previous: Optional[dict], ident: dict, committed: set) -> None:
+    """Raise :class:`ConfigMismatch` unless run.json (``previous``) describes the run ``ident`` does, or no
+    shard was committed under it. Older run.json files are read as the identity they meant."""
+    so = cfg.storage_options
+    if previous is None:
+        if committed:
+            raise ConfigMismatch(f"{storage.scrub(cfg.output)!r} holds {len(committed)} committed shards but no "
+                                 f"run.json; use --overwrite to start over")
+        return
+    old = dict(previous.get("config", {}))
+    if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
+        old["segmenter"] = _respelled(_with_normalisation(without_execution(old["segmenter"])), ident["segmenter"])
+    old_input = old.get("input")
+    if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
+        old["input"] = storage.canonical_uri(old_input, so)
+    diffs = sinks.config_differences(old, ident)
+    if diffs and not committed:     # nothing was done under the old configuration: nothing to protect
+        log.info("run.json of a run that committed no shard is replaced (%s)", "; ".join(diffs))
+        return
+    if diffs:
+        note = ("\nthis run.json is older than image ids relative to the input root for --labels, --limit "
+                "and --data-root runs (it records the input as \"<items>\"): their ids differ now"
+                if old_input == "<items>" != ident["input"] else "")
+        if {"num_inputs", "inputs_sha256"} & {d.split(":", 1)[0] for d in diffs} and not note:
+            note = ("\nthe input lists other images than the committed shards were made from (another --limit, "
+                    "or files added or removed)")
+        raise ConfigMismatch(
+            f"refusing to resume into {storage.scrub(cfg.output)!r}: the configuration differs from its run.json:\n  "
+            + "\n  ".join(diffs) + note + "\nuse --overwrite to start over, or write to another --output")
+
+
+def _check_committed(cfg, shards: list, committed: set) -> tuple[dict, dict]:
+    """``(metas, damaged)`` of the ``committed`` shard names (:func:`~pipeline.sinks.read_committed_footers`),
+    after checking each is a shard of this input, holding the images this input puts in it."""
+    by_name = {s.name: s for s in shards}
+    stray = committed - set(by_name)
+    if stray:
+        raise ConfigMismatch(f"output holds shards that this input does not produce: {sorted(stray)[:5]}")
+    metas, damaged = sinks.read_committed_footers(cfg.output, cfg.storage_options, committed)
+    other = [n for n, m in sorted(metas.items()) if m.get("digest") != by_name[n].digest]
+    if other:
+        raise ConfigMismatch(f"committed shards hold other images than this input puts in them: {other[:5]}; "
+                             f"use --overwrite to start over")
+    for name, why in sorted(damaged.items()):
+        log.warning("%s was committed but can't be read now (%s): it was damaged after its commit, and is "
+                    "redone", name, why)
+    return metas, damaged

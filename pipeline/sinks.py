@@ -106,46 +106,114 @@ def committed_shard_names(output_uri: str, storage_options: Optional[dict]) -> s
     return names
 
 
-# Threads that read shard footers at once on a resume: each read is a round trip or two to the store.
-FOOTER_READERS = 16
+# Threads that read shard footers at once on a resume: each read is a round trip or two to the store
+# (s3fs pools 10 connections by default).
+FOOTER_READERS = 8
 
 
-def read_committed_footers(output_uri: str, storage_options: Optional[dict]) -> tuple[dict, dict]:
-    """``(metas, damaged)`` of the shards committed under ``output_uri``, from their Parquet footers.
+class _ReadRecorder:
+    """A file object over ``f`` that remembers the first exception a read raised: a footer that can't be
+    parsed (the file is damaged) is told from one that can't be read (access, an outage), which pyarrow
+    reports alike (``OSError``)."""
 
-    ``metas``: name -> the shard's metadata (``rfclip.shard``: digest, num_rows, ok, error, ...), with
-    ``num_rows`` checked against the footer's row count. ``damaged``: name -> why the footer can't be
-    read (a file truncated or overwritten after its commit, as by an interrupted copy). A commit is all
-    or nothing, so a damaged shard was harmed afterwards, and a resume redoes it.
+    def __init__(self, f):
+        self._f, self.error = f, None
 
-    Only footers are read (the tail of each file). A thread pool reads them, as fsspec has no batched
-    footer read; local files and object stores both take small ranged reads.
+    def _call(self, name: str, *args):
+        try:
+            return getattr(self._f, name)(*args)
+        except Exception as exc:  # noqa: BLE001 - recorded, and raised on
+            self.error = self.error or exc
+            raise
+
+    def read(self, *args):
+        return self._call("read", *args)
+
+    def seek(self, *args):
+        return self._call("seek", *args)
+
+    def tell(self):
+        return self._call("tell")
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+class _Damaged(Exception):
+    """A shard's footer was read and can't be parsed."""
+
+
+def read_committed_footers(output_uri: str, storage_options: Optional[dict], names: Optional[set] = None
+                           ) -> tuple[dict, dict]:
+    """``(metas, damaged)`` of the shards committed under ``output_uri`` (or of ``names`` among them), from
+    their Parquet footers.
+
+    ``metas``: name -> the shard's metadata (``rfclip.shard``: digest, num_rows, ok, error, ...), its
+    ``num_rows`` checked against the footer's row count. ``damaged``: name -> why its footer can't be
+    parsed (the file was cut short or overwritten after its commit, as by an interrupted copy, or is gone
+    since the listing). A commit is all or nothing, so such a shard was harmed afterwards.
+
+    Only footers are read, not the data pages, in a thread pool (fsspec has no batched footer read), with
+    transient storage errors retried (:func:`~pipeline.storage.retry_call`). A footer that can't be read
+    (no access, an outage that outlasts the retries) raises: ``PermissionError``, else
+    :class:`~pipeline.storage.StorageError`; a shard is never counted as damaged for it.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from .storage import StorageError, retry_call
+
     fs, root = get_fs(output_uri, storage_options)
-    names = sorted(committed_shard_names(output_uri, storage_options))
+    names = sorted(committed_shard_names(output_uri, storage_options) if names is None else names)
+
+    def read(path: str):
+        with fs.open(path, "rb") as f:
+            src = _ReadRecorder(f)
+            try:
+                pf = pq.ParquetFile(src)
+                return pf.metadata.num_rows, pf.schema_arrow.metadata
+            except Exception as exc:  # noqa: BLE001 - a read error is raised as it is, a parse error is damage
+                if src.error is not None:
+                    raise src.error from None
+                raise _Damaged(f"{type(exc).__name__}: {scrub(str(exc))[:200]}") from None
 
     def footer(name: str):
         path = posixpath.join(root, shard_path(name))
         try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                rows, metadata = pf.metadata.num_rows, pf.schema_arrow.metadata
+            rows, metadata = retry_call(lambda: read(path), f"read the footer of {path}")
             meta, _ = parse_shard_metadata(metadata)
             if int(meta.get("num_rows", -1)) != rows:
-                raise ValueError(f"its metadata says {meta.get('num_rows')} rows and the file holds {rows}")
-            return meta, None
-        except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as exc:
-            return None, f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
+                raise _Damaged(f"its metadata says {meta.get('num_rows')} rows and the file holds {rows}")
+            return meta, None, None
+        except FileNotFoundError:
+            return None, "the file is gone since it was listed", None
+        except _Damaged as exc:
+            return None, str(exc), None
+        except (ValueError, KeyError, TypeError) as exc:          # rfclip.shard missing or not what it should be
+            return None, f"{type(exc).__name__}: {scrub(str(exc))[:200]}", None
+        except Exception as exc:  # noqa: BLE001 - storage: raised below, with the file's name
+            return None, None, (path, exc)
 
     metas, damaged = {}, {}
     with ThreadPoolExecutor(max_workers=min(FOOTER_READERS, max(1, len(names)))) as pool:
-        for name, (meta, why) in zip(names, pool.map(footer, names)):
-            if meta is None:
-                damaged[name] = why
-            else:
-                metas[name] = meta
+        results = list(pool.map(footer, names))
+    for name, (meta, why, failure) in zip(names, results):
+        if failure is not None:
+            path, exc = failure
+            message = (f"can't read the footer of committed shard {scrub(path)} ({type(exc).__name__}: "
+                       f"{scrub(str(exc))[:300]}); nothing was changed: check access to the output and run the "
+                       f"same command again")
+            raise (PermissionError(message) if isinstance(exc, PermissionError) else StorageError(message)) from exc
+        if meta is None:
+            damaged[name] = why
+        else:
+            metas[name] = meta
     return metas, damaged
 
 
@@ -174,7 +242,10 @@ def parse_shard_metadata(metadata: Optional[dict]) -> tuple[dict, Optional[dict]
     """``(shard_meta, confusion or None)`` from a shard's key-value metadata (a pyarrow schema's)."""
     meta = metadata or {}
     conf = json.loads(meta[META_CONFUSION]) if META_CONFUSION in meta else None
-    return json.loads(meta[META_SHARD]), conf
+    shard = json.loads(meta[META_SHARD])
+    if not isinstance(shard, dict):
+        raise ValueError(f"the shard metadata is not a JSON object: {str(shard)[:80]}")
+    return shard, conf
 
 
 def write_json(output_uri: str, storage_options: Optional[dict], name: str, obj: dict) -> None:

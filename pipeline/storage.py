@@ -138,6 +138,10 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class StorageError(OSError):
+    """Storage that could not be read or written, retries spent: the job changed nothing it can't redo."""
+
+
 def retry_call(fn: Callable[[], T], what: str, attempts: int = 5, base_delay_s: float = 0.5,
                max_delay_s: float = 30.0) -> T:
     """Call ``fn()``; retry transient failures (:func:`is_transient`) with jittered exponential backoff.
@@ -251,17 +255,40 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, at
             fs.rm(tmp)
 
 
-def check_writable(uri: str, storage_options: Optional[dict] = None) -> None:
-    """Fail fast (``PermissionError`` with a clear message) if ``uri`` can't take a small write."""
+def check_writable(uri: str, storage_options: Optional[dict] = None) -> list[str]:
+    """Fail fast (``PermissionError`` with a clear message) if ``uri`` can't take a small write.
+
+    Returns the folders this made on the way (outermost first; none on object stores), for
+    :func:`remove_empty_folders` to take back if the run stops before writing anything.
+    """
     fs, path = get_fs(uri, storage_options)
     probe = posixpath.join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
+    created: list[str] = []
     try:
         if protocol_of(uri) not in OBJECT_STORE_PROTOCOLS:
+            folder = path.rstrip("/")
+            while folder and not fs.exists(folder):
+                created.insert(0, folder)
+                parent = posixpath.dirname(folder)
+                folder = "" if parent == folder else parent
             fs.makedirs(path, exist_ok=True)
         fs.pipe_file(probe, b"ok")
         fs.rm(probe)
     except Exception as exc:  # noqa: BLE001 - re-raised with a clear message
+        remove_empty_folders(fs, created)
         raise PermissionError(f"output {uri!r} is not writable: {type(exc).__name__}: {scrub(str(exc))}") from exc
+    return created
+
+
+def remove_empty_folders(fs: fsspec.AbstractFileSystem, folders: list[str]) -> None:
+    """Remove those of ``folders`` (outermost first) that are still empty, innermost first: a run that
+    stopped before writing anything leaves no empty output folder behind."""
+    for folder in reversed(folders):
+        try:
+            if fs.isdir(folder) and not fs.ls(folder, detail=False):
+                fs.rmdir(folder)
+        except OSError:
+            return          # not empty after all, or gone: leave the rest
 
 
 # --------------------------------------------------------------------------------------- secrets

@@ -137,9 +137,18 @@ def test_job_with_unreachable_default_weights_fails_fast(tmp_path, monkeypatch, 
     src = tmp_path / "imgs"
     src.mkdir()
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(src / "a.png")
-    rc = main(["--input", str(src), "--output", str(tmp_path / "out"), "--vocabulary", "sky; road", "--no-progress"])
+    rc = main(["--input", str(src), "--output", str(tmp_path / "out" / "run"), "--vocabulary", "sky; road",
+               "--no-progress"])
     assert rc == 2
     assert "weights=PATH" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()               # refused before writing anything: no empty folders left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")    # a folder that was there stays, with its files
+    assert main(["--input", str(src), "--output", str(tmp_path / "mine"), "--vocabulary", "sky; road"]) == 2
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert main(["--input", str(src), "--output", str(tmp_path / "empty"), "--vocabulary", "sky; road"]) == 2
+    assert (tmp_path / "empty").is_dir()
 
 
 def _labelled_folder(tmp_path, n=4, shape=(40, 60)):
@@ -163,8 +172,7 @@ def test_labels_outside_the_classes_fail_before_the_run(ray_local, tiny_model, t
               + model_flags(tiny_model))
     err = capsys.readouterr().err
     assert rc == 2 and "can't be scored" in err and "[11] are outside [0, 11)" in err and "--ignore-index" in err
-    assert not (out / "predictions").exists() or not list((out / "predictions").iterdir())
-    assert not (out / "metrics.json").exists()
+    assert not out.exists()                              # nothing written, no empty folder left
 
 
 def test_a_bad_label_mid_run_stops_it_and_failed_images_are_counted_across_reruns(ray_local, tiny_model, tmp_path,

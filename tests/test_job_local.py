@@ -446,7 +446,7 @@ def test_a_run_whose_every_image_fails_exits_1_and_failures_are_counted_on_stder
     (inp / "text.png").write_text("not a PNG\n")
     assert main(["--input", str(inp), "--output", str(tmp_path / "out")] + pipeline_cli_args(tiny_model)) == 1
     err = capsys.readouterr().err
-    assert "2 of 2 images segmented in this run are error rows" in err and "no image could be segmented" in err
+    assert "2 of 2 images segmented in this run are error rows" in err and "no image in the output could be segmented" in err
     write_images(inp, 1)                                           # one good image: done, with a warning
     assert main(["--input", str(inp), "--output", str(tmp_path / "out2")] + pipeline_cli_args(tiny_model)) == 0
     assert "2 of 3 images segmented in this run are error rows" in capsys.readouterr().err

@@ -274,7 +274,7 @@ def test_an_interrupted_run_ends_ray_data_iteration_before_ray_shuts_down(tiny_m
     import ray
     from ray.data.iterator import DataIterator
 
-    from pipeline import job
+    from pipeline import job, shard_commits
 
     ended_with_ray_up = []
     end = DataIterator._on_iteration_end
@@ -287,7 +287,7 @@ def test_an_interrupted_run_ends_ray_data_iteration_before_ray_shuts_down(tiny_m
         raise KeyboardInterrupt
 
     monkeypatch.setattr(DataIterator, "_on_iteration_end", spy)
-    monkeypatch.setattr(job, "_commit", interrupt)
+    monkeypatch.setattr(shard_commits, "commit_rows", interrupt)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     inputs = tmp_path / "in"
     write_images(inputs, 4, seed=8)

@@ -96,11 +96,11 @@ def test_default_workers_and_the_cpu_warning_on_a_cluster(gpus, address, gpw, wa
     import ray
 
     from conftest import pipeline_job_config
-    from pipeline.job import _default_workers
+    from pipeline.cluster import model_workers
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)} if gpus else {"CPU": 8.0})
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = pipeline_job_config(tiny_model, input="x", output="y", ray_address=address, num_gpus_per_worker=gpw,
                               workers=3 if gpw else None)
-    assert _default_workers(cfg) == want[:3]                  # (actors, GPUs each, CPUs each)
+    assert model_workers(cfg) == want[:3]                  # (actors, GPUs each, CPUs each)
     assert ("--num-gpus-per-worker 1 --workers N" in caplog.text) == want[3]

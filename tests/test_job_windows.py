@@ -37,7 +37,7 @@ def test_a_duplicate_row_of_a_committed_shard_is_dropped_not_fatal(monkeypatch):
     """An actor restart can deliver a row again after its shard was committed: it is counted and dropped."""
     import numpy as np
 
-    from pipeline import job, sources
+    from pipeline import cluster, job, shard_commits, sources
     from pipeline.job_config import JobConfig
 
     items = [{"image_uri": f"/x/{i}.png", "label_uri": None} for i in range(2)]
@@ -53,9 +53,10 @@ def test_a_duplicate_row_of_a_committed_shard_is_dropped_not_fatal(monkeypatch):
 
     committed = []
     monkeypatch.setattr(job, "_build_dataset", lambda *a, **k: Rows())
-    monkeypatch.setattr(job, "_default_workers", lambda cfg: (1, 0.0, 1.0))
-    monkeypatch.setattr(job, "_check_decode_memory", lambda cfg: None)     # no Ray here to ask
-    monkeypatch.setattr(job, "_commit", lambda cfg, shard, rows, *a: committed.append((shard.name, sorted(rows))))
+    monkeypatch.setattr(cluster, "model_workers", lambda cfg: (1, 0.0, 1.0))
+    monkeypatch.setattr(cluster, "check_decode_memory", lambda cfg: None)     # no Ray here to ask
+    monkeypatch.setattr(shard_commits, "commit_rows",
+                        lambda cfg, shard, rows, *a: committed.append((shard.name, sorted(rows))))
     counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0}
     job._run_window(JobConfig(output="/unused", progress=False), shards, sources.Inputs(items, None, "x"),
                     {"num_classes": 2}, {}, "sha", counts, set(), 0, 2)

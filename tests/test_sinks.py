@@ -261,3 +261,33 @@ def test_atomic_writes_flush_to_disk_unless_told_not_to(tmp_path, monkeypatch):
     assert len(synced) == 1
     assert (tmp_path / "shard.parquet").read_bytes() == b"shard" and (tmp_path / "m" / "mask.png").read_bytes() == b"mask"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["m", "mask.png", "shard.parquet"]
+
+
+def test_a_footer_that_cant_be_read_is_retried_or_raised_never_counted_as_damage(tmp_path, monkeypatch):
+    """Storage errors while reading footers are not damage: a transient one is retried, a lasting one or a
+    refused access raises, naming the shard, and no shard is marked for redoing."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    out = str(tmp_path / "out")
+    for i in range(3):
+        sinks.commit_shard(out, None, f"shard-{i:05d}", [_row(i)], {"name": f"shard-{i:05d}", "num_rows": 1})
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    real_read, failures = LocalFileOpener.read, {}
+
+    def read(self, *args):
+        for name, left in failures.items():
+            if name in self.path and left:
+                failures[name] = left - 1 if isinstance(left, int) else left
+                raise (left if isinstance(left, BaseException) else ConnectionResetError("connection reset by peer"))
+        return real_read(self, *args)
+
+    monkeypatch.setattr(LocalFileOpener, "read", read)
+    failures["shard-00001"] = 2                                   # two resets, then it reads
+    metas, damaged = sinks.read_committed_footers(out, None)
+    assert sorted(metas) == ["shard-00000", "shard-00001", "shard-00002"] and damaged == {}
+    failures["shard-00001"] = 99                                  # an outage that outlasts the retries
+    with pytest.raises(storage.StorageError, match=r"shard-00001\.parquet.*nothing was changed"):
+        sinks.read_committed_footers(out, None)
+    failures["shard-00001"] = PermissionError(13, "Access Denied")
+    with pytest.raises(PermissionError, match=r"shard-00001\.parquet.*Access Denied"):
+        sinks.read_committed_footers(out, None)
