@@ -28,9 +28,9 @@ import warnings
 from typing import Optional
 
 import numpy as np
+from rfclip.visualize import first_is_background
 
-from . import run_record, sinks, sources, storage
-from . import cluster
+from . import cluster, run_record, sinks, sources, storage
 from .job_config import JobConfig, LabelError, probe_segmenter, segmenter_kwargs
 from .shard_commits import ShardAssembler, lost_row
 
@@ -225,7 +225,8 @@ def _build_dataset(cfg: JobConfig, rows: list[dict], probe: dict, seg_kw: dict, 
                                          storage_options=cfg.storage_options, save_masks=cfg.save_masks,
                                          decode_label=lab.decode_label if lab else None,
                                          label_storage_options=_label_storage_options(cfg),
-                                         ignore_index=lab.ignore_index if lab else 255))
+                                         ignore_index=lab.ignore_index if lab else 255,
+                                         background_first=first_is_background(probe["class_names"])))
 
 
 def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: dict, seg_kw: dict,

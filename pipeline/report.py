@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from rfclip.visualize import decode_label_png, palette  # noqa: E402
+from rfclip.visualize import class_palette, decode_label_png  # noqa: E402
 
 from .metrics import _fmt, md_cell  # noqa: E402
 from .sinks import committed_shard_files, read_shard  # noqa: E402
@@ -159,7 +159,7 @@ def sample_grid(samples: list[tuple[str, np.ndarray, np.ndarray, Optional[np.nda
     With ground truth: image | prediction | ground truth. Without and ``overlay``: image | overlay.
     One legend for every class shown, and for ignored pixels.
     """
-    pal = palette(len(class_names))
+    pal = class_palette(class_names)
     ncol = 3 if samples and samples[0][3] is not None else 2
     shown: set[int] = set()
     fig, axes = plt.subplots(len(samples), ncol, figsize=(3.2 * ncol, 2.6 * len(samples)), squeeze=False)

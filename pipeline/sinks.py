@@ -65,9 +65,10 @@ def encode_label_png(labels: np.ndarray, num_classes: int) -> bytes:
     return label_png(labels, num_classes, colours=False)
 
 
-def palette_png(labels: np.ndarray, num_classes: int) -> bytes:
-    """A viewable mask for ``masks/``: VOC-palette PNG (16-bit gray beyond 256 classes)."""
-    return label_png(labels, num_classes, colours=True)
+def palette_png(labels: np.ndarray, num_classes: int, background: bool = True) -> bytes:
+    """A viewable mask for ``masks/``: VOC-palette PNG (16-bit gray beyond 256 classes); ``background``:
+    whether class 0 is drawn black (``rfclip.visualize.first_is_background``)."""
+    return label_png(labels, num_classes, colours=True, background=background)
 
 
 def rows_to_table(rows: Sequence[dict], shard_meta: dict, confusion: Optional[dict] = None) -> pa.Table:

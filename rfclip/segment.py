@@ -20,7 +20,7 @@ from pathlib import Path
 from .cli_args import DefaultsHelpFormatter, add_model_arguments, parse_settings, positive_int
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from .segmenter import Segmenter
-from .visualize import label_png, overlay
+from .visualize import first_is_background, label_png, overlay
 from .weights import WeightsError
 from .vocabulary import load_vocabulary, parse_vocabulary
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = seg.predict(rgb)
         target = out / f"{name}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(label_png(labels, seg.num_classes))
+        target.write_bytes(label_png(labels, seg.num_classes, background=first_is_background(seg.class_names)))
         if args.overlay:
             overlay(rgb, labels, seg.class_names).save(out / f"{name}_overlay.png")
         print(f"{path}: {labels.shape[1]}x{labels.shape[0]}, {len(set(labels.flatten().tolist()))} classes, "

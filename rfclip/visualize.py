@@ -7,10 +7,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-def palette(n: int) -> np.ndarray:
-    """``(n, 3) uint8`` distinct colours; VOC's colours (index 0 black, 255 the cream of ignored pixels)."""
-    cmap = np.zeros((max(n, 1), 3), dtype=np.uint8)
-    for i in range(max(n, 1)):
+def palette(n: int, background: bool = True) -> np.ndarray:
+    """``(n, 3) uint8`` distinct colours: VOC's (index 0 black, 255 the cream of ignored pixels).
+
+    ``background=False``: VOC's colours from its index 1, for a vocabulary whose class 0 is a class like
+    any other (``"sky; road; car"``), which black would hide in an overlay.
+    """
+    first = 0 if background else 1
+    cmap = np.zeros((max(n, 1) + first, 3), dtype=np.uint8)
+    for i in range(len(cmap)):
         c, r, g, b = i, 0, 0, 0
         for j in range(8):
             r |= ((c >> 0) & 1) << (7 - j)
@@ -18,14 +23,25 @@ def palette(n: int) -> np.ndarray:
             b |= ((c >> 2) & 1) << (7 - j)
             c >>= 3
         cmap[i] = (r, g, b)
-    return cmap[:n]
+    return cmap[first:first + n]
 
 
-def label_png(labels: np.ndarray, num_classes: int, colours: bool = True) -> bytes:
+def first_is_background(class_names) -> bool:
+    """Whether class 0 is a background class (VOC's and PASCAL Context's ``background``), drawn black."""
+    return bool(len(class_names)) and str(class_names[0]).split(",")[0].strip().lower() == "background"
+
+
+def class_palette(class_names) -> np.ndarray:
+    """``(K, 3) uint8``: the colours of ``class_names`` in masks, overlays and figures (black for class 0
+    only when it is a background class)."""
+    return palette(len(class_names), background=first_is_background(class_names))
+
+
+def label_png(labels: np.ndarray, num_classes: int, colours: bool = True, background: bool = True) -> bytes:
     """Encode ``(H, W)`` integer labels as PNG; pixel values are class indices.
 
-    ``num_classes <= 256``: 8-bit, with the VOC palette when ``colours`` (mode P, viewable) or plain
-    gray (mode L). More classes: 16-bit gray (a palette cannot hold them).
+    ``num_classes <= 256``: 8-bit, with the VOC palette (``palette(256, background)``) when ``colours``
+    (mode P, viewable) or plain gray (mode L). More classes: 16-bit gray (a palette cannot hold them).
     """
     labels = np.asarray(labels)
     top = 255 if num_classes <= 256 else 65535
@@ -35,7 +51,7 @@ def label_png(labels: np.ndarray, num_classes: int, colours: bool = True) -> byt
         img = Image.fromarray(labels.astype(np.uint16))
     elif colours:
         img = Image.fromarray(labels.astype(np.uint8), mode="P")
-        img.putpalette(palette(256).flatten().tolist())
+        img.putpalette(palette(256, background).flatten().tolist())
     else:
         img = Image.fromarray(labels.astype(np.uint8), mode="L")
     buf = io.BytesIO()
@@ -55,7 +71,7 @@ def decode_label_png(data: bytes) -> np.ndarray:
 
 def overlay(rgb: np.ndarray, labels: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
     """Blend a colour label map over ``rgb`` ``(H, W, 3) uint8`` and add a legend of the classes present."""
-    colours = palette(len(class_names))
+    colours = class_palette(class_names)
     blended = (rgb.astype(np.float32) * (1 - alpha) + colours[labels].astype(np.float32) * alpha).astype(np.uint8)
     present = [int(c) for c in np.unique(labels)]
     font = ImageFont.load_default()

@@ -87,6 +87,7 @@ def test_masks_decode_to_image_size_and_class_pixels_add_up(first_run):
         saved = np.asarray(Image.open(out / "masks" / f"{r['image_id']}.png"))
         np.testing.assert_array_equal(saved, lab)                      # --save-masks: palette PNG, same labels
         assert Image.open(out / "masks" / f"{r['image_id']}.png").mode == "P"
+        assert Image.open(out / "masks" / f"{r['image_id']}.png").getpalette()[:3] != [0, 0, 0]   # sky is not black
     assert len(list((out / "masks").iterdir())) == len(ok)
 
 

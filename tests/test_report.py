@@ -107,6 +107,26 @@ def test_palette_and_colorize():
         assert (np.asarray(im.convert("RGB")) == colorize(np.array([[0, 1], [7, 2]]), pal)).all()
 
 
+def test_class_zero_is_black_only_when_it_is_a_background_class():
+    """VOC and PASCAL Context draw class 0, background, black; a user's "sky; road; car" gets VOC's colours
+    from index 1, so sky is not drawn as if unlabelled. Masks, overlays and figures agree."""
+    from rfclip.visualize import class_palette, first_is_background, overlay
+
+    assert first_is_background(["background", "aeroplane"]) and first_is_background(["Background, bg"])
+    assert not first_is_background(["sky", "road"]) and not first_is_background([])
+    voc = palette(4)
+    np.testing.assert_array_equal(class_palette(["background", "a", "b"]), voc[:3])
+    mine = class_palette(["sky", "road", "car"])
+    np.testing.assert_array_equal(mine, voc[1:])
+    assert (mine != 0).any(axis=1).all()                       # no class black
+    lab = np.array([[0, 1], [2, 0]])
+    with Image.open(io.BytesIO(label_png(lab, 3, background=False))) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), mine[lab])
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    drawn = np.asarray(overlay(rgb, lab, ["sky", "road", "car"], alpha=1.0))[:2, :2]
+    np.testing.assert_array_equal(drawn, mine[lab])
+
+
 def test_report_needs_predictions(tmp_path):
     with pytest.raises(FileNotFoundError, match="predictions"):
         write_report(str(tmp_path), ["a", "b"])
