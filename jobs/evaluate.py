@@ -32,7 +32,9 @@ from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E
 from pipeline.datasets import open_labelled_source  # noqa: E402
 from pipeline.evaluation import finish_evaluation  # noqa: E402
 from pipeline.job import run  # noqa: E402
-from pipeline.job_config import JobConfig, labelled_job_inputs  # noqa: E402
+from pipeline.job_config import JobConfig, LabelError, labelled_job_inputs  # noqa: E402
+from pipeline.run_record import ConfigMismatch  # noqa: E402
+from rfclip.weights import WeightsError  # noqa: E402
 from pipeline.published import TABLE_ORDER  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -90,6 +92,13 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
     return result
 
 
+def _earlier(fs, root: str, benchmark: str, method: str) -> str:
+    """A note for a failed pair whose folder still holds an earlier run's metrics (this table leaves them out:
+    they were made under another configuration, or the run that failed would have resumed them)."""
+    rel = posixpath.join(benchmark, method, "metrics.md")
+    return f" (an earlier run's metrics are kept in {rel})" if fs.exists(posixpath.join(root, rel)) else ""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     storage.setup_logging()                               # secrets scrubbed, as in the segmentation job
     args = parse_args(argv)
@@ -114,7 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 results[(b, m)] = evaluate_pair(args, b, m, so)
             except Exception as exc:  # noqa: BLE001 - one failed pair must not lose the others
-                log.error("%s x %s failed: %s", b, m, exc, exc_info=True)
+                # A refusal (a changed configuration, a bad label, no weights) is said in one line; anything
+                # else comes with its traceback.
+                expected = isinstance(exc, (ConfigMismatch, LabelError, WeightsError, OSError, ValueError))
+                log.error("%s x %s failed: %s", b, m, storage.scrub(str(exc)), exc_info=not expected)
                 errors[(b, m)] = storage.scrub(f"{type(exc).__name__}: {exc}")
     val_images = {b: rb.BENCHMARKS[b].val_images for b in args.benchmarks}
     table = build_comparison(results, args.benchmarks, args.methods, val_images,
@@ -129,7 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
     md = comparison_markdown(table, f"mIoU comparison ({args.model}, {args.weights})")
     if errors:
-        md += "\nFailed pairs:\n\n" + "\n".join(f"- {b} x {m}: {e}" for (b, m), e in errors.items()) + "\n"
+        md += "\nFailed pairs:\n\n" + "\n".join(f"- {b} x {m}: {e}{_earlier(fs, root, b, m)}"
+                                                 for (b, m), e in errors.items()) + "\n"
     storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.md"), md.encode())
     print(md)
     return 1 if errors else 0

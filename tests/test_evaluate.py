@@ -49,7 +49,7 @@ def test_comparison_table_layout():
 
 
 @pytest.mark.timeout(600)
-def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
+def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model, capsys):
     """voc20 + ade20k x clip + clearclip, random tiny model, 2 real images each: mechanics only.
 
     Checks: counts, per-pair metrics.json equal a direct NumPy mIoU from the stored predictions
@@ -92,6 +92,15 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model):
             assert "figures/confusion.png" in text and (run / "figures/samples.png").is_file()
     md = (out / "comparison.md").read_text()
     assert re.search(r"\| clip \| \*\*[0-9.]+\*\* \(49\.1\) n=2/1449 \| \*\*[0-9.]+\*\* \(3\.2\) n=2/2000 \|", md)
+    # Another --limit into the same output is a refusal: said in one line, naming the cause, no traceback;
+    # the table marks the pair failed and points at the metrics the earlier run left.
+    capsys.readouterr()
+    rc = evaluate.main(["--data-root", str(root), "--benchmarks", "voc20", "--methods", "clip", "--limit", "3",
+                        "--model", str(cfg), "--weights", str(weights), "--output", str(out), "--shard-size", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "another --limit" in err
+    md = (out / "comparison.md").read_text()
+    assert "| clip | failed (49.1) |" in md and "an earlier run's metrics are kept in voc20/clip/metrics.md" in md
 
 
 @pytest.mark.parametrize("how", ["@file", "env"])
