@@ -264,8 +264,8 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
 
     def committed(shard) -> None:
         in_window = counts["ok"] + counts["error"] - processed_at_start
-        log.info("%s committed; %d/%d images done, %.2f img/s", shard.name, done_before + in_window,
-                 total, in_window / max(time.time() - t0, 1e-9))
+        log.info("%s committed; %d/%d images done, %.2f img/s since this window started", shard.name,
+                 done_before + in_window, total, in_window / max(time.time() - t0, 1e-9))
 
     shards = ShardAssembler(cfg, pending, config_sha256, probe["num_classes"], counts, executions,
                             on_row=lambda: bar.update(1), on_commit=committed)

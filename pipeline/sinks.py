@@ -15,6 +15,7 @@ key-value metadata, so predictions and metrics are committed by one atomic write
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import re
 from typing import Optional, Sequence
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 from rfclip.visualize import label_png
 
 from .storage import atomic_write_bytes, get_fs, is_local, redact, scrub
+
+log = logging.getLogger("segment_dataset")
 
 PREDICTIONS_DIR = "predictions"
 MASKS_DIR = "masks"
@@ -307,6 +310,7 @@ def clear_outputs(output_uri: str, storage_options: Optional[dict]) -> None:
     ours = [p for p in fs.find(root, maxdepth=2) if written_by_job(p[len(root):].lstrip("/"))]
     if ours:
         fs.rm(ours)
+    log.info("--overwrite: removed %d files the job wrote under %s; other files are kept", len(ours), scrub(output_uri))
     for folder in (*JOB_FOLDERS, "metrics"):
         p = posixpath.join(root, folder)
         if is_local(fs) and fs.isdir(p) and not fs.ls(p):

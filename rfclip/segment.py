@@ -1,7 +1,9 @@
 """Segment images from the command line.
 
-    python -m rfclip.segment IMAGE... --vocabulary "sky, cloud; road; car" --weights PATH --out DIR \
+    rfclip-segment IMAGE_OR_FOLDER... --vocabulary "sky, cloud; road; car" --weights PATH --out DIR \
         [--method M] [--overlay]
+
+(also ``python -m rfclip.segment``). A folder stands for the images below it (recursively, sorted).
 
 Writes ``DIR/<stem>.png``, a palette PNG whose pixel values are class indices, and with ``--overlay``
 ``DIR/<stem>_overlay.png``, the image with coloured classes and a legend. No output overwrites
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from .cli_args import DefaultsHelpFormatter, add_model_arguments, parse_settings, positive_int
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
+from .images import IMAGE_SUFFIXES
 from .segmenter import Segmenter
 from .visualize import first_is_background, label_png, overlay
 from .weights import WeightsError
@@ -62,10 +65,27 @@ def output_names(paths: list[str], overlay: bool = False) -> list[str]:
     return [names[a] for a in absolute]
 
 
+def image_files(args: list[str]) -> list[str]:
+    """``args`` with each folder replaced by the image files below it (``rfclip.images.IMAGE_SUFFIXES``,
+    recursively, sorted); files are kept as given, images or not (a bad file is reported, not skipped)."""
+    out = []
+    for a in args:
+        if os.path.isdir(a):
+            found = sorted(os.path.join(d, f) for d, _, files in os.walk(a, followlinks=True) for f in files
+                           if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                print(f"{a}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+            out += found
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rfclip.segment", description=__doc__.split("\n\n")[0],
+    prog = "rfclip-segment" if os.path.basename(sys.argv[0]) == "rfclip-segment" else "python -m rfclip.segment"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
     voc = p.add_mutually_exclusive_group(required=True)
     voc.add_argument("--vocabulary", help='classes: ";" between classes, ", " between synonyms')
     voc.add_argument("--vocabulary-file", help="a cls_*.txt file: one class per line")
@@ -78,10 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     out = Path(args.out)                     # before the model loads: a bad folder fails at once
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {args.out} is a file, not a folder: can't make the output folder there", file=sys.stderr)
+        return 2
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         print(f"error: --out {args.out}: can't make the output folder: {e.strerror or e}", file=sys.stderr)
+        return 2
+    images = image_files(args.images)
+    if not images:
+        print("error: no images to segment", file=sys.stderr)
         return 2
 
     try:
@@ -95,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = 0
-    for path, name in zip(args.images, output_names(args.images, args.overlay)):
+    for path, name in zip(images, output_names(images, args.overlay)):
         t0 = time.perf_counter()
         try:
             rgb = decode_file(path, args.max_pixels)
@@ -109,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         target.write_bytes(label_png(labels, seg.num_classes, background=first_is_background(seg.class_names)))
         if args.overlay:
             overlay(rgb, labels, seg.class_names).save(out / f"{name}_overlay.png")
-        print(f"{path}: {labels.shape[1]}x{labels.shape[0]}, {len(set(labels.flatten().tolist()))} classes, "
+        present = len(set(labels.flatten().tolist()))
+        print(f"{path}: {labels.shape[1]}x{labels.shape[0]}, {present} class{'' if present == 1 else 'es'}, "
               f"{(time.perf_counter() - t0) * 1000:.0f} ms -> {target}")
     return 1 if failed else 0
 

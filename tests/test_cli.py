@@ -86,6 +86,25 @@ def test_segment_keeps_outputs_of_same_stem_images_apart(tiny_model, tmp_path):
             assert mask.size == im.size                         # each output is its own image's
 
 
+def test_segment_takes_a_folder_as_the_images_below_it(tiny_model, tmp_path, capsys):
+    from rfclip.segment import main
+
+    cfg, weights = tiny_model
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for i, rel in enumerate(["b.png", "sub/c.jpg"]):
+        Image.fromarray(planted_image(40, 50, seed=i)).save(tmp_path / "in" / rel)
+    (tmp_path / "in" / "notes.txt").write_text("not an image")             # not an image suffix: not listed
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    common = ["--vocabulary", "sky; road", "--model", cfg, "--weights", weights, "--out", str(out), "--method", "clip"]
+    assert main([str(tmp_path / "in"), str(tmp_path / "empty")] + common) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["b.png", "c.png"]
+    assert "empty: no images in this folder" in captured.err and "class" in captured.out
+    assert main([str(tmp_path / "empty")] + common) == 2
+    assert "no images to segment" in capsys.readouterr().err
+
+
 def test_output_names_are_stems_unless_they_clash():
     from rfclip.segment import output_names
 
@@ -112,7 +131,7 @@ def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
     if not torch.cuda.is_available():
         cases.append((["--vocabulary", "sky", "--device", "cuda"], "CUDA is not available"))
     (tmp_path / "afile").write_text("")
-    cases.append((["--vocabulary", "sky", "--out", str(tmp_path / "afile")], "can't make the output folder"))
+    cases.append((["--vocabulary", "sky", "--out", str(tmp_path / "afile")], "is a file, not a folder"))
     for extra, message in cases:
         assert segment.main(common + extra) == 2
         err = capsys.readouterr().err
