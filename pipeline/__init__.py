@@ -9,6 +9,7 @@ Modules, one idea each:
 - ``sources``: listing folders / prefixes / manifests, image ids, deterministic shards;
 - ``workers``: the Ray Data stage callables (CPU decode with ``rfclip.decode``, model actor, CPU encode);
 - ``sinks``:   Parquet shard schema and atomic commits, run.json, summary.json, masks;
+- ``outputs``: reading a job's output back (class names, the predictions table, label maps);
 - ``datasets`` / ``metrics`` / ``report``: labelled data and evaluation (see those modules).
 
 Importing the package loads neither Ray nor torch. Its modules use ``rfclip``, and so torch: the CPU

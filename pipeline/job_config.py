@@ -49,7 +49,7 @@ class JobConfig:
     model: str = "ViT-B-16"
     weights: str = "openai"
     weights_sha256: Optional[str] = None
-    quick_gelu: Optional[bool] = None           # None: inferred from the weights (rfclip.weights.load_clip)
+    quick_gelu: Optional[bool] = None           # None: inferred from the weights (rfclip.model_factory.load_clip)
     image_mean: Optional[tuple] = None
     image_std: Optional[tuple] = None
     precision: Optional[str] = None

@@ -147,11 +147,12 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
 
 
 def _class_names_from_run(output_uri: str, so: dict) -> Optional[list]:
-    from .sinks import RUN_JSON, read_json
+    from .outputs import class_names
 
-    run = read_json(output_uri, so, RUN_JSON) or {}
-    labels = (run.get("config") or {}).get("labels") or {}
-    return labels.get("class_names") or (run.get("runtime") or {}).get("class_names")
+    try:
+        return class_names(output_uri, so)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def reduce_confusion(output_uri: str, storage_options: Optional[dict] = None,

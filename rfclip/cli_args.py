@@ -32,7 +32,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_method: str = "
 
 def add_weights_choices(group) -> None:
     """``--quick-gelu/--no-quick-gelu``, ``--image-mean``, ``--image-std``: what a weights file does not
-    say about itself (a tag's open_clip config and OpenAI's files do; see ``rfclip.weights.load_clip``)."""
+    say about itself (a tag's open_clip config and OpenAI's files do; see ``rfclip.model_factory.load_clip``)."""
     group.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                        help="build the model with QuickGELU (default: inferred from the weights)")
     group.add_argument("--image-mean", type=rgb_triple, default=None, metavar="R,G,B",
@@ -66,7 +66,7 @@ def non_negative_float(text: str) -> float:
 def rgb_triple(text: str) -> tuple[float, float, float]:
     """``"0.5,0.5,0.5"`` -> ``(0.5, 0.5, 0.5)``; an argparse ``type=`` (positivity is checked where the
     value is used, as for the library's arguments)."""
-    from .weights import rgb_values
+    from .model_factory import rgb_values
 
     try:
         return rgb_values("the value", text)

@@ -26,7 +26,8 @@ from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from .images import IMAGE_SUFFIXES
 from .segmenter import MEAN, STD, pick_device
 from .vit import DenseViT
-from .weights import WeightsError, load_clip
+from .model_factory import load_clip
+from .weights import WeightsError
 
 
 def list_images(uri: str, storage_options: dict | None = None, limit: int | None = None) -> list[str]:

@@ -23,13 +23,14 @@ from .graphs import CaptureFailed, GraphedEncoder
 from .images import ImageLike, bilinear_row_bands, resize_short_side_tensor, to_rgb_array
 from .methods import build_method
 from .methods.base import DenseOutput
+from .model_factory import load_clip
 from .pamr import pamr_row_bands
 from .settings import make_settings, resolve_attention_kernels, resolve_plan
 from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
 from .warn import warn
-from .weights import OPENAI_MEAN, OPENAI_STD, load_clip
+from .weights import OPENAI_MEAN, OPENAI_STD
 
 MEAN, STD = OPENAI_MEAN, OPENAI_STD        # the default normalisation; a Segmenter uses its weights' own
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -16,7 +16,7 @@ import numpy as np
 import open_clip
 import torch
 
-from .weights import register_model
+from .model_factory import register_model
 
 
 def tiny_config(width: int = 64, layers: int = 2, heads: int = 4, patch: int = 16, embed_dim: int = 32) -> dict:

@@ -1,4 +1,7 @@
-"""Finding, verifying and loading CLIP weights into an open_clip model.
+"""Finding and verifying CLIP weights: a local file, a cached copy of a URL, or an open_clip tag.
+
+``rfclip.model_factory`` reads them into the open_clip model; this module says where they are, checks
+their sha256, and what they were trained with (QuickGELU, image mean/std).
 
 ``weights`` may be:
 
@@ -10,35 +13,22 @@
 - any fsspec URL (``s3://bucket/ViT-B-16.pt``, ``gs://``, ``https://``...): streamed once into a
   local cache, then loaded as a local file.
 
-State dicts are read with ``torch.load(weights_only=True)`` or safetensors: no arbitrary objects are
-unpickled. OpenAI's TorchScript archives are read with ``torch.jit.load``, which deserialises
-TorchScript code and tensors in C++ (no Python pickle of arbitrary classes), and only their
-``state_dict`` is kept.
-
-Why not ``open_clip.load_checkpoint`` and fsspec's ``filecache::``: open_clip's loader reads the open_clip
-layout but not OpenAI's TorchScript archives (its ``load_openai_model`` builds its own model around them),
-and the file cache verifies no sha256 and can't tell an unreachable host from a missing file. Here one
-path reads all three formats into the model open_clip built, checks the digest, and says what failed.
+Why not fsspec's ``filecache::``: it verifies no sha256 and can't tell an unreachable host from a
+missing file; here a URL is streamed once into the cache, its digest checked, and a failure says which.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import math
 import os
 import socket
 import urllib.request
-import warnings
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
 import fsspec
-import open_clip
-import torch
 
 # sha256 of OpenAI's released checkpoints (METHODS.md §6). A file with one of these digests is an
 # OpenAI model, which was trained with QuickGELU.
@@ -51,7 +41,6 @@ LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # The image normalisation OpenAI's models were trained with, and most open_clip tags keep.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 class WeightsError(RuntimeError):
@@ -100,37 +89,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-_BUILT_IN_ARCHS = frozenset(open_clip.list_models())       # before any config of ours is registered
-
-
-def register_model(model: str) -> str:
-    """Return an open_clip architecture name for ``model``.
-
-    ``model`` is a built-in name (``"ViT-B-16"``; ``"ViT-B/16"`` is accepted) or the path of an
-    open_clip model-config JSON (``{"embed_dim", "vision_cfg", "text_cfg"}``), which is registered
-    under the file's stem. The JSON form serves custom and tiny test architectures.
-    """
-    if model.endswith(".json"):
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"model config {model} does not exist")
-        cfg = json.loads(path.read_text())
-        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-            raise ValueError(f"{model} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
-        if path.stem in _BUILT_IN_ARCHS and open_clip.get_model_config(path.stem) != cfg:
-            # open_clip registers a config under its file's stem: this one would replace the built-in
-            # architecture for the whole process, and its distraction dims and tags would name the wrong model.
-            raise ValueError(f"model config {model} is named like open_clip's built-in {path.stem} but differs "
-                             f"from it; rename the file")
-        open_clip.add_model_config(path)
-        return path.stem
-    name = model.replace("/", "-")
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {model!r}; known ViTs include "
-                         f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} ...")
-    return name
-
-
 def _is_url(spec: str) -> bool:
     scheme = urlparse(spec).scheme
     return len(scheme) > 1 and scheme != "file"
@@ -145,7 +103,7 @@ def _local_path(spec: str) -> str:
 
 def _is_tag(model: str, spec: str) -> bool:
     """True if ``spec`` is an open_clip pretrained tag of ``model``."""
-    return bool(_tag_cfg(model, spec))
+    return bool(tag_config(model, spec))
 
 
 def _unreachable(host: str, scheme: str = "https", port: Optional[int] = None, use_proxy: bool = True,
@@ -187,7 +145,7 @@ def _resolve_tag(model: str, tag: str, cache_dir: Optional[str]) -> str:
     """Local path of an open_clip pretrained tag's file, downloading it if online."""
     from open_clip.pretrained import download_pretrained, list_pretrained_tags_by_model
 
-    cfg = _tag_cfg(model, tag)
+    cfg = tag_config(model, tag)
     if not cfg:
         raise WeightsError(f"{tag!r} is neither a file nor an open_clip pretrained tag for {model}; "
                            f"tags for {model}: {list_pretrained_tags_by_model(model)}")
@@ -301,152 +259,23 @@ def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = No
         raise WeightsError(f"sha256 mismatch for {weights}: expected {weights_sha256}, file has {digest}")
     # A tag's pretrained config says what its weights were trained with; a file says nothing, unless it
     # is one of OpenAI's (by digest or by its TorchScript format).
-    tag_cfg = _tag_cfg(model, weights) if kind == "tag" else {}
+    tag_cfg = tag_config(model, weights) if kind == "tag" else {}
     quick_gelu = (model.endswith("-quickgelu") or bool(tag_cfg.get("quick_gelu", False))
-                  or digest in OPENAI_SHA256 or _is_torchscript(path))
+                  or digest in OPENAI_SHA256 or is_torchscript(path))
     return ResolvedWeights(spec=weights, kind=kind, path=path, sha256=digest, quick_gelu=quick_gelu,
                            mean=tuple(tag_cfg.get("mean", OPENAI_MEAN)), std=tuple(tag_cfg.get("std", OPENAI_STD)))
 
 
-def _tag_cfg(model: str, tag: str) -> dict:
+def tag_config(model: str, tag: str) -> dict:
+    """open_clip's pretrained config of ``model``'s tag ``tag`` (``quick_gelu``, ``mean``, ``std``, ...), or {}."""
     from open_clip.pretrained import get_pretrained_cfg
 
     return get_pretrained_cfg(model, tag) or {}
 
 
-def _unstated_choices(arch: str, resolved: ResolvedWeights) -> Optional[str]:
-    """For a file that is not a known OpenAI checkpoint: a warning naming the open_clip tags of ``arch``
-    whose weights need QuickGELU or another image normalisation than the one assumed, else None."""
-    from open_clip.pretrained import list_pretrained_tags_by_model
-
-    if resolved.kind == "tag" or resolved.sha256 in OPENAI_SHA256 or resolved.quick_gelu:
-        return None
-    cfgs = {t: _tag_cfg(arch, t) for t in list_pretrained_tags_by_model(arch)}
-    quick = [t for t, c in cfgs.items() if c.get("quick_gelu") and t != "openai"]
-    other_norm = [t for t, c in cfgs.items() if tuple(c.get("mean", OPENAI_MEAN)) != tuple(resolved.mean)]
-    if not quick and not other_norm:
-        return None
-    said = [f"weights {resolved.spec} are not a known OpenAI checkpoint, so the model assumes GELU and the "
-            f"image mean/std {resolved.mean}/{resolved.std}."]
-    if quick:
-        said.append(f"Weights trained with QuickGELU (OpenAI's, and {arch} tags {quick}) need quick_gelu=True "
-                    f"(CLI: --quick-gelu).")
-    if other_norm:
-        said.append(f"The {arch} tags {other_norm} were trained with another mean/std: pass image_mean= and "
-                    f"image_std= (CLI: --image-mean R,G,B --image-std R,G,B).")
-    said.append("Passing quick_gelu (True or False), image_mean or image_std silences this warning.")
-    return " ".join(said)
-
-
-def rgb_values(name: str, value, default: tuple = (), positive: bool = False) -> tuple:
-    """``value`` (3 numbers, or a ``"R,G,B"`` string) as 3 finite floats, one per RGB channel; ``default``
-    when None. ``ValueError`` names ``name`` otherwise."""
-    if value is None:
-        return tuple(float(v) for v in default)
-    try:
-        out = tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be 3 numbers (R, G, B), got {value!r}") from None
-    if len(out) != 3 or not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
-        raise ValueError(f"{name} must be 3 finite numbers (R, G, B){', all > 0' if positive else ''}, got {value!r}")
-    return out
-
-
-def _is_torchscript(path: str) -> bool:
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with a ``code/`` folder), as OpenAI's files are."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
-
-
-def _torch_load_reason(exc: Exception) -> str:
-    """The cause in torch.load's error, without its advice to unpickle with weights_only=False."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return line.split(". ", 1)[0].rstrip(".")
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, without unpickling arbitrary objects (module docstring)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            sd = load_file(path, device="cpu")
-        except Exception as e:  # noqa: BLE001 - SafetensorError and friends, said with the file's name
-            raise WeightsError(f"{path} is not a readable .safetensors file: {type(e).__name__}: {e}") from e
-    elif _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, the files are not
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
-        sd = {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise WeightsError(f"{path} is not a readable checkpoint: {_torch_load_reason(e)}. rfclip reads "
-                               f"tensors only (torch.load with weights_only=True) and never unpickles code; "
-                               f"re-save the state dict (or use .safetensors)") from e
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        if not isinstance(sd, dict):
-            raise WeightsError(f"{path} does not hold a state dict")
-        sd = {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
-              storage_options: Optional[dict] = None, cache_dir: Optional[str] = None,
-              quick_gelu: Optional[bool] = None, image_mean: Optional[tuple] = None,
-              image_std: Optional[tuple] = None):
-    """Build the open_clip model and load verified weights into it.
-
-    Returns ``(clip_model, tokenizer, arch_name, ResolvedWeights)``; the model is float32, on the
-    CPU, in eval mode. ``ResolvedWeights.quick_gelu`` is the activation the model was built with and
-    ``mean``/``std`` the image normalisation to use: each as given here, else inferred from the weights.
-    A file that could need other choices than the inferred ones (its architecture has open_clip tags
-    trained with QuickGELU or another normalisation) gets a warning that names them, unless the
-    caller gave any of the three.
-    """
-    from .warn import warn
-    from open_clip.factory import resize_pos_embed
-
-    arch = register_model(model)
-    resolved = resolve_weights(arch, weights, weights_sha256, storage_options, cache_dir)
-    # The activation the model is built with is what config() and the text cache key record. An
-    # architecture whose config says QuickGELU (``*-quickgelu``) has it whatever force_quick_gelu says.
-    built_in = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
-    if built_in and quick_gelu is False:
-        raise ValueError(f"{arch} is built with QuickGELU; quick_gelu=False can't turn it off (use the "
-                         f"architecture without -quickgelu)")
-    if quick_gelu is None and image_mean is None and image_std is None and not built_in:
-        message = _unstated_choices(arch, resolved)
-        if message:
-            warn(message, UserWarning)
-    use_quick_gelu = built_in or (resolved.quick_gelu if quick_gelu is None else bool(quick_gelu))
-    resolved = replace(resolved, quick_gelu=use_quick_gelu,
-                       mean=rgb_values("image_mean", image_mean, resolved.mean),
-                       std=rgb_values("image_std", image_std, resolved.std, positive=True))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" here; we load them next
-    try:
-        clip = open_clip.create_model(arch, pretrained=None, force_quick_gelu=use_quick_gelu)
-    finally:
-        root.setLevel(level)
-    sd = read_state_dict(resolved.path)
-    if "logit_scale" in sd and sd["logit_scale"].ndim != clip.logit_scale.ndim:
-        sd["logit_scale"] = sd["logit_scale"].reshape(clip.logit_scale.shape)
-    if getattr(clip, "logit_bias", None) is None:
-        sd.pop("logit_bias", None)
-    resize_pos_embed(sd, clip)
-    try:
-        clip.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"{weights} does not fit architecture {arch}: {str(e)[:600]}") from e
-    clip.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
-    return clip, tokenizer, arch, resolved

@@ -91,6 +91,42 @@ def test_masks_decode_to_image_size_and_class_pixels_add_up(first_run):
     assert len(list((out / "masks").iterdir())) == len(ok)
 
 
+def test_reading_the_output_back_gives_the_class_names_rows_and_label_maps(first_run, tmp_path):
+    from pipeline.outputs import class_names, iter_labels, read_predictions as read_back
+
+    cfg, out, summary = first_run
+    assert class_names(str(out)) == ["sky", "road", "car"]               # "sky, cloud": the first synonym names it
+    want = read_predictions(str(out))
+    got = read_back(str(out), columns=["image_uri", "status", "width", "height"])
+    assert got.column_names == ["image_uri", "status", "width", "height"]
+    assert got.to_pylist() == want.select(got.column_names).to_pylist()
+    assert read_back(str(out)).column_names == sinks.PREDICTION_SCHEMA.names
+    with pytest.raises(ValueError, match="unknown columns"):
+        read_back(str(out), columns=["image_uri", "labels"])
+    ok = {r["image_id"]: r for r in want.to_pylist() if r["status"] == "ok"}
+    seen = []
+    for image_id, uri, labels in iter_labels(str(out)):
+        r = ok[image_id]
+        assert uri == r["image_uri"] and labels.shape == (r["height"], r["width"]) and labels.dtype == np.int64
+        np.testing.assert_array_equal(np.bincount(labels.ravel(), minlength=3), r["class_pixels"])
+        seen.append(image_id)
+    assert sorted(seen) == sorted(ok) and len(seen) == summary["ok"]   # every ok image once, no error row
+
+    partial = tmp_path / "partial"                                       # a run cut short: what is committed
+    shutil.copytree(out, partial)
+    shards = sorted((partial / "predictions").glob("shard-*.parquet"))
+    shards[-1].rename(partial / "predictions" / f".tmp-0123456789ab-{shards[-1].name}")
+    assert read_back(str(partial)).num_rows == want.num_rows - pq.read_metadata(shards[-1].with_name(
+        f".tmp-0123456789ab-{shards[-1].name}")).num_rows
+    for f in partial.glob("predictions/shard-*.parquet"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="no committed shards"):
+        read_back(str(partial))
+    (partial / "run.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not the output of"):
+        class_names(str(partial))
+
+
 def test_mask_matches_an_in_process_segmenter(first_run, tiny_model):
     """The pipeline's label map equals Segmenter.segment_batch on the same decoded, resized image."""
     import rfclip

@@ -12,7 +12,8 @@ import torch
 
 import rfclip
 from rfclip.testing import random_model, save_checkpoint, save_torchscript_archive
-from rfclip.weights import WeightsError, WeightsUnavailableError, load_clip, resolve_weights
+from rfclip.model_factory import load_clip
+from rfclip.weights import WeightsError, WeightsUnavailableError, resolve_weights
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +307,7 @@ def test_weights_url_through_a_proxy_when_fsspec_is_told_to_use_it(fake_proxy, t
 def test_a_model_config_named_like_a_built_in_architecture_is_refused(tiny_model, tmp_path):
     """open_clip registers a config under its file's stem: ViT-B-16.json holding a tiny model would replace
     the real ViT-B-16 for the whole process."""
-    from rfclip.weights import register_model
+    from rfclip.model_factory import register_model
 
     before = open_clip.get_model_config("ViT-B-16")
     clash = tmp_path / "ViT-B-16.json"
@@ -322,7 +323,7 @@ def test_a_model_config_named_like_a_built_in_architecture_is_refused(tiny_model
 
 def test_two_custom_configs_of_one_name_load_one_after_the_other(tmp_path):
     """A custom name (not built in) may be registered again with other contents: the later file wins."""
-    from rfclip.weights import register_model
+    from rfclip.model_factory import register_model
 
     for width in (32, 64):
         cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": width, "patch_size": 16},
