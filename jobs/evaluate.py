@@ -92,11 +92,12 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
     return result
 
 
-def _earlier(fs, root: str, benchmark: str, method: str) -> str:
-    """A note for a failed pair whose folder still holds an earlier run's metrics (this table leaves them out:
-    they were made under another configuration, or the run that failed would have resumed them)."""
-    rel = posixpath.join(benchmark, method, "metrics.md")
-    return f" (an earlier run's metrics are kept in {rel})" if fs.exists(posixpath.join(root, rel)) else ""
+def _has_metrics(fs, root: str, benchmark: str, method: str) -> bool:
+    """Whether the pair's folder holds metrics.md (False where the store can't say: the note is a hint)."""
+    try:
+        return fs.exists(posixpath.join(root, benchmark, method, "metrics.md"))
+    except OSError:
+        return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -116,18 +117,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
             return 2
-    results, errors = {}, {}
+    fs, root = storage.get_fs(args.output.rstrip("/"), so)
+    results, errors, kept = {}, {}, set()
     for b in args.benchmarks:
         for m in args.methods:
             log.info("evaluating %s x %s", b, m)
+            had_metrics = _has_metrics(fs, root, b, m)          # before this run: a failed run may write them
             try:
                 results[(b, m)] = evaluate_pair(args, b, m, so)
             except Exception as exc:  # noqa: BLE001 - one failed pair must not lose the others
-                # A refusal (a changed configuration, a bad label, no weights) is said in one line; anything
-                # else comes with its traceback.
+                # A refusal (a changed configuration, a bad label, no weights) is said without a traceback
+                # (at DEBUG level it is logged); anything else comes with its traceback.
                 expected = isinstance(exc, (ConfigMismatch, LabelError, WeightsError, OSError, ValueError))
-                log.error("%s x %s failed: %s", b, m, storage.scrub(str(exc)), exc_info=not expected)
                 errors[(b, m)] = storage.scrub(f"{type(exc).__name__}: {exc}")
+                log.error("%s x %s failed: %s", b, m, errors[(b, m)], exc_info=not expected)
+                if expected:
+                    log.debug("%s x %s: the traceback", b, m, exc_info=True)
+                if had_metrics:
+                    kept.add((b, m))
     val_images = {b: rb.BENCHMARKS[b].val_images for b in args.benchmarks}
     table = build_comparison(results, args.benchmarks, args.methods, val_images,
                              pamr=bool(args.settings.get("pamr", False)))
@@ -137,12 +144,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             r = results.get((b, row["method"]))
             cell["failed_images"] = None if r is None else r.get("images_failed")
     table.update(limit=args.limit, model=args.model, weights=args.weights, settings=args.settings)
-    fs, root = storage.get_fs(args.output.rstrip("/"), so)
     storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
     md = comparison_markdown(table, f"mIoU comparison ({args.model}, {args.weights})")
     if errors:
-        md += "\nFailed pairs:\n\n" + "\n".join(f"- {b} x {m}: {e}{_earlier(fs, root, b, m)}"
-                                                 for (b, m), e in errors.items()) + "\n"
+        # A failed pair's earlier metrics are left out of the table: they were made under another
+        # configuration, or the run that failed would have resumed them.
+        md += "\nFailed pairs:\n\n" + "\n".join(
+            f"- {b} x {m}: {e}" + (f"\n  (an earlier run's metrics are kept in {b}/{m}/metrics.md)"
+                                   if (b, m) in kept else "")
+            for (b, m), e in errors.items()) + "\n"
     storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.md"), md.encode())
     print(md)
     return 1 if errors else 0

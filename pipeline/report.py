@@ -291,7 +291,7 @@ def _write_report(output_uri: str, class_names: Sequence[str], source, storage_o
         md += ["", "## Confusion matrix", "",
                f"![confusion matrix]({put('confusion.png', confusion_heatmap(cm, list(class_names)))})", ""]
         if samples:
-            md += ["## Samples", "", "Image, prediction, ground truth (black: ignored pixels).", "",
+            md += ["## Samples", "", "Image, prediction, ground truth (cream: ignored pixels; the legend names the colours).", "",
                    f"![samples]({put('samples.png', sample_grid(samples, class_names, source.ignore_index))})", ""]
     else:
         pixels, images_with, conf = stats["pixels"], stats["images_with"], stats["confidence"]

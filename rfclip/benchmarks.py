@@ -59,10 +59,12 @@ BENCHMARKS: dict[str, BenchmarkPreset] = {p.name: p for p in (
 def class_names(vocabulary: list, benchmark: str | None = None) -> list[str]:
     """Each class's first name, in label order. Class 0 of a benchmark with a background class, given its
     own vocabulary, is called "background": VOC21, Context60 and COCO-Object list stuff words (``sky,
-    wall, tree, ...``) on that line, and naming the class after the first would mislabel it."""
+    wall, tree, ...``) on that line, and naming the class after the first would mislabel it. Without
+    ``benchmark`` that holds for a vocabulary equal to such a benchmark's (its class file, say)."""
     names = [c[0] if isinstance(c, (list, tuple)) else str(c) for c in vocabulary]
-    preset = BENCHMARKS.get(benchmark) if benchmark else None
-    if preset is not None and preset.has_background and [list(c) for c in vocabulary] == preset.vocabulary:
+    given = [[str(s) for s in c] if isinstance(c, (list, tuple)) else [str(c)] for c in vocabulary]
+    presets = [BENCHMARKS[benchmark]] if benchmark in BENCHMARKS else [] if benchmark else list(BENCHMARKS.values())
+    if any(p.has_background and given == p.vocabulary for p in presets):
         names[0] = "background"
     return names
 

@@ -65,20 +65,93 @@ def output_names(paths: list[str], overlay: bool = False) -> list[str]:
     return [names[a] for a in absolute]
 
 
-def image_files(args: list[str]) -> list[str]:
+def image_files(args: list[str], out: str | None = None) -> list[str]:
     """``args`` with each folder replaced by the image files below it (``rfclip.images.IMAGE_SUFFIXES``,
-    recursively, sorted); files are kept as given, images or not (a bad file is reported, not skipped)."""
-    out = []
+    recursively, sorted); files are kept as given, images or not (a bad file is reported, not skipped).
+
+    Links to folders are followed, each real folder once (a cycle is not walked round), a file given
+    twice (or reached twice) is listed once, and the folder ``out`` is left out, so a second run does not
+    segment the first one's masks. ``ValueError`` when a folder given is ``out`` or lies inside it."""
+    skip = _folder_key(out) if out is not None and os.path.isdir(out) else None
+    listed: list[str] = []
     for a in args:
-        if os.path.isdir(a):
-            found = sorted(os.path.join(d, f) for d, _, files in os.walk(a, followlinks=True) for f in files
-                           if f.lower().endswith(IMAGE_SUFFIXES))
-            if not found:
-                print(f"{a}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
-            out += found
-        else:
-            out.append(a)
-    return out
+        if not os.path.isdir(a):
+            listed.append(a)
+            continue
+        if out is not None and _inside(a, out):
+            raise ValueError(f"the input folder {a} is, or is inside, --out {out}: its masks would overwrite "
+                             f"or join the images; give another --out")
+        found, seen = [], set()
+        for d, dirs, files in os.walk(a, followlinks=True):
+            key = _folder_key(d)
+            if key in seen or key == skip:
+                dirs[:] = []                      # a cycle, a second link to a folder, or the output
+                continue
+            seen.add(key)
+            found += [os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+        if not found:
+            print(f"{a}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+        listed += sorted(found)
+    unique: dict[str, str] = {}
+    for p in listed:
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())
+
+
+def _folder_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _inside(folder: str, out: str) -> bool:
+    """Whether ``folder`` is ``out`` or lies below it (real paths)."""
+    folder, out = os.path.realpath(folder), os.path.realpath(out)
+    return folder == out or folder.startswith(out.rstrip(os.sep) + os.sep)
+
+
+def _overwritten_input(images: list[str], targets: list[Path]) -> str | None:
+    """The first input that one of ``targets`` would overwrite, else None."""
+    inputs = {os.path.realpath(p): p for p in images}
+    return next((inputs[os.path.realpath(t)] for t in targets if os.path.realpath(t) in inputs), None)
+
+
+class _Refused(Exception):
+    """A command line that can't run; the message says why."""
+
+
+def _plan(args) -> tuple[list[str], list[str], list[Path]]:
+    """The images, their output names, and the folders made for ``--out`` (to remove if the model fails)."""
+    out = Path(args.out)
+    if out.is_symlink() and not out.exists():
+        raise _Refused(f"--out {args.out} is a link to nothing: can't make the output folder there")
+    if out.exists() and not out.is_dir():
+        raise _Refused(f"--out {args.out} is a file, not a folder: can't make the output folder there")
+    try:
+        images = image_files(args.images, args.out)
+    except ValueError as e:
+        raise _Refused(str(e)) from None
+    if not images:
+        raise _Refused("no images to segment")
+    names = output_names(images, args.overlay)
+    targets = [out / f"{n}{end}.png" for n in names for end in (("", "_overlay") if args.overlay else ("",))]
+    clash = _overwritten_input(images, targets)
+    if clash is not None:
+        raise _Refused(f"an output in --out {args.out} would overwrite the input {clash}; give another --out")
+    made = [d for d in [out, *out.parents] if not d.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _Refused(f"--out {args.out}: can't make the output folder: {e.strerror or e}") from None
+    return images, names, made
+
+
+def _segmenter(args) -> Segmenter:
+    vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary
+                  else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
+    return Segmenter(model=args.model, weights=args.weights, method=args.method, vocabulary=vocabulary,
+                     device=args.device, weights_sha256=args.weights_sha256, benchmark=args.benchmark,
+                     quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std,
+                     **parse_settings(args.setting, args.precision))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,32 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(p)
     args = p.parse_args(argv)
 
-    out = Path(args.out)                     # before the model loads: a bad folder fails at once
-    if out.exists() and not out.is_dir():
-        print(f"error: --out {args.out} is a file, not a folder: can't make the output folder there", file=sys.stderr)
-        return 2
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"error: --out {args.out}: can't make the output folder: {e.strerror or e}", file=sys.stderr)
-        return 2
-    images = image_files(args.images)
-    if not images:
-        print("error: no images to segment", file=sys.stderr)
-        return 2
-
-    try:
-        vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary
-                      else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
-        seg = Segmenter(model=args.model, weights=args.weights, method=args.method, vocabulary=vocabulary,
-                        device=args.device, weights_sha256=args.weights_sha256, benchmark=args.benchmark,
-                        quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std,
-                        **parse_settings(args.setting, args.precision))
-    except (WeightsError, FileNotFoundError, ValueError, TypeError) as e:
+        images, names, made = _plan(args)    # before the model loads: a bad folder fails at once
+    except _Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        seg = _segmenter(args)
+    except (WeightsError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        for d in reversed(made):                 # leave no empty folder behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        return 2
+    out = Path(args.out)
     failed = 0
-    for path, name in zip(images, output_names(images, args.overlay)):
+    for path, name in zip(images, names):
         t0 = time.perf_counter()
         try:
             rgb = decode_file(path, args.max_pixels)

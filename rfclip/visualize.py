@@ -10,8 +10,9 @@ from PIL import Image, ImageDraw, ImageFont
 def palette(n: int, background: bool = True) -> np.ndarray:
     """``(n, 3) uint8`` distinct colours: VOC's (index 0 black, 255 the cream of ignored pixels).
 
-    ``background=False``: VOC's colours from its index 1, for a vocabulary whose class 0 is a class like
-    any other (``"sky; road; car"``), which black would hide in an overlay.
+    ``background=False``: VOC's colours from its index 1 (so index ``i`` has VOC's colour ``i + 1``, and
+    254 the cream), for a vocabulary whose class 0 is a class like any other (``"sky; road; car"``), which
+    black would hide in an overlay.
     """
     first = 0 if background else 1
     cmap = np.zeros((max(n, 1) + first, 3), dtype=np.uint8)

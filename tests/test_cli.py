@@ -105,6 +105,45 @@ def test_segment_takes_a_folder_as_the_images_below_it(tiny_model, tmp_path, cap
     assert "no images to segment" in capsys.readouterr().err
 
 
+def test_segment_never_overwrites_or_rereads_its_inputs(tiny_model, tmp_path, capsys):
+    import hashlib
+    import os
+
+    from rfclip.segment import image_files, main
+
+    cfg, weights = tiny_model
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.png"]):
+        Image.fromarray(planted_image(40, 50, seed=i)).save(photos / name)
+    os.symlink("..", photos / "sub" / "up")                              # a cycle: photos/sub/up -> photos
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.glob("*.png")}
+    common = ["--vocabulary", "sky; road", "--model", cfg, "--weights", weights, "--method", "clip", "--overlay"]
+
+    assert main([str(photos), "--out", str(photos)] + common) == 2       # the output is the input folder
+    assert "is, or is inside, --out" in capsys.readouterr().err
+    assert main([str(photos / "a.png"), "--out", str(photos)] + common) == 2   # a.png -> photos/a.png
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.glob("*.png")} == digest
+
+    masks = photos / "masks"                                             # the output inside the input folder
+    for _ in range(2):                                                   # the second run reads no mask as an image
+        assert main([str(photos), str(photos / "a.png"), "--out", str(masks)] + common) == 0
+        printed = capsys.readouterr().out
+        assert printed.count(" -> ") == 2, printed                       # a.png once: the cycle and the repeat
+        assert sorted(p.name for p in masks.iterdir()) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.glob("*.png")} == digest
+    assert [os.path.basename(p) for p in image_files([str(photos)], str(masks))] == ["a.png", "b.png"]
+
+    gone = tmp_path / "new" / "deeper"                                   # a failed model load leaves no folder
+    assert main([str(photos / "a.png"), "--out", str(gone), "--vocabulary", "sky", "--model", cfg,
+                 "--weights", str(tmp_path / "missing.pt")]) == 2
+    assert not (tmp_path / "new").exists()
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    assert main([str(photos / "a.png"), "--out", str(tmp_path / "dangling")] + common) == 2
+    assert "is a link to nothing" in capsys.readouterr().err
+
+
 def test_output_names_are_stems_unless_they_clash():
     from rfclip.segment import output_names
 

@@ -98,7 +98,7 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model, capsys):
     rc = evaluate.main(["--data-root", str(root), "--benchmarks", "voc20", "--methods", "clip", "--limit", "3",
                         "--model", str(cfg), "--weights", str(weights), "--output", str(out), "--shard-size", "1"])
     err = capsys.readouterr().err
-    assert rc == 1 and "Traceback" not in err and "another --limit" in err
+    assert rc == 1 and "Traceback" not in err and "another --limit" in err and "failed: ConfigMismatch:" in err
     md = (out / "comparison.md").read_text()
     assert "| clip | failed (49.1) |" in md and "an earlier run's metrics are kept in voc20/clip/metrics.md" in md
 

@@ -142,6 +142,10 @@ def test_settings_resolve_from_method_benchmark_and_user(tiny_model):
         rfclip.Segmenter(model=tiny_model[0], weights=tiny_model[1], method="clip", vocabulary="a", quick_gelu="false")
     assert class_names(BENCHMARKS["context60"].vocabulary, "context60")[0] == "background"
     assert class_names(BENCHMARKS["coco_object"].vocabulary, "coco_object")[0] == "background"
+    voc = BENCHMARKS["voc21"].vocabulary                              # the class file given as a plain vocabulary
+    assert class_names(voc)[:2] == ["background", "aeroplane"]
+    assert class_names([tuple(c) for c in voc])[0] == "background"
+    assert class_names(voc[:-1])[0] == "sky" and class_names(BENCHMARKS["ade20k"].vocabulary)[0] == "wall"
     assert seg.settings.logit_scale == 65.0 and seg.settings.area_thd == 0.1 and seg.settings.batch_size == 3
     assert method_settings("clearclip", "cityscapes")["slide_crop"] == 224
     assert method_settings("rfclip", "voc21")["slide_crop"] == 0
