@@ -223,6 +223,10 @@ def main(argv: Optional[list] = None) -> int:
     except (PipelineError, storage.StorageError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:          # storage past its retries (a write, a listing), a full disk, ...
+        print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}; the shards committed so far are kept: "
+              f"run the same command again to finish", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # --overwrite is spent once the old outputs are cleared (cfg.overwrite is False from then on)
         cleared = args.overwrite and cfg is not None and not cfg.overwrite

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rfclip.visualize import label_png
 
-from .storage import atomic_write_bytes, get_fs, is_local, redact, scrub
+from .storage import StorageError, atomic_write_bytes, get_fs, is_local, redact, retry_call, scrub
 
 log = logging.getLogger("segment_dataset")
 
@@ -99,11 +99,13 @@ def committed_shard_names(output_uri: str, storage_options: Optional[dict]) -> s
     """Names (``shard-XXXXX``) of the shards already committed under ``output_uri``."""
     fs, root = get_fs(output_uri, storage_options)
     folder = posixpath.join(root, PREDICTIONS_DIR)
-    if not fs.exists(folder):
-        return set()
+
+    def listing() -> list[str]:
+        fs.invalidate_cache(folder)  # listings are cached by s3fs; a resume must see the latest commits
+        return fs.ls(folder, detail=False) if fs.exists(folder) else []
+
     names = set()
-    fs.invalidate_cache(folder)  # listings are cached by s3fs; a resume must see the latest commits
-    for p in fs.ls(folder, detail=False):
+    for p in retry_call(listing, f"list {folder}"):
         base = posixpath.basename(p)
         if base.startswith("shard-") and base.endswith(".parquet"):
             names.add(base[: -len(".parquet")])
@@ -171,7 +173,6 @@ def read_committed_footers(output_uri: str, storage_options: Optional[dict], nam
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .storage import StorageError, retry_call
 
     fs, root = get_fs(output_uri, storage_options)
     names = sorted(committed_shard_names(output_uri, storage_options) if names is None else names)
@@ -187,37 +188,40 @@ def read_committed_footers(output_uri: str, storage_options: Optional[dict], nam
                     raise src.error from None
                 raise _Damaged(f"{type(exc).__name__}: {scrub(str(exc))[:200]}") from None
 
-    def footer(name: str):
+    def unreadable(path: str, exc: Exception) -> OSError:
+        message = (f"can't read the footer of committed shard {scrub(path)} ({type(exc).__name__}: "
+                   f"{scrub(str(exc))[:300]}); nothing was changed: check access to the output and run the "
+                   f"same command again")
+        return PermissionError(message) if isinstance(exc, PermissionError) else StorageError(message)
+
+    def footer(name: str) -> tuple[Optional[dict], Optional[str]]:
+        """``(meta, None)``, or ``(None, why it is damaged)``; raises where the footer can't be read."""
         path = posixpath.join(root, shard_path(name))
         try:
             rows, metadata = retry_call(lambda: read(path), f"read the footer of {path}")
+        except FileNotFoundError:
+            return None, "the file is gone since it was listed"
+        except _Damaged as exc:
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - storage: raised with the file's name
+            raise unreadable(path, exc) from exc
+        try:
             meta, _ = parse_shard_metadata(metadata)
             if int(meta.get("num_rows", -1)) != rows:
-                raise _Damaged(f"its metadata says {meta.get('num_rows')} rows and the file holds {rows}")
-            return meta, None, None
-        except FileNotFoundError:
-            return None, "the file is gone since it was listed", None
-        except _Damaged as exc:
-            return None, str(exc), None
+                return None, f"its metadata says {meta.get('num_rows')} rows and the file holds {rows}"
         except (ValueError, KeyError, TypeError) as exc:          # rfclip.shard missing or not what it should be
-            return None, f"{type(exc).__name__}: {scrub(str(exc))[:200]}", None
-        except Exception as exc:  # noqa: BLE001 - storage: raised below, with the file's name
-            return None, None, (path, exc)
+            return None, f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
+        return meta, None
 
     metas, damaged = {}, {}
+    # pool.map raises the first failure in order and cancels the reads not yet started, so an outage
+    # costs one shard's retries, not every shard's.
     with ThreadPoolExecutor(max_workers=min(FOOTER_READERS, max(1, len(names)))) as pool:
-        results = list(pool.map(footer, names))
-    for name, (meta, why, failure) in zip(names, results):
-        if failure is not None:
-            path, exc = failure
-            message = (f"can't read the footer of committed shard {scrub(path)} ({type(exc).__name__}: "
-                       f"{scrub(str(exc))[:300]}); nothing was changed: check access to the output and run the "
-                       f"same command again")
-            raise (PermissionError(message) if isinstance(exc, PermissionError) else StorageError(message)) from exc
-        if meta is None:
-            damaged[name] = why
-        else:
-            metas[name] = meta
+        for name, (meta, why) in zip(names, pool.map(footer, names)):
+            if meta is None:
+                damaged[name] = why
+            else:
+                metas[name] = meta
     return metas, damaged
 
 
@@ -263,10 +267,11 @@ def read_json(output_uri: str, storage_options: Optional[dict], name: str) -> Op
     """``<output>/<name>`` parsed, or None if absent."""
     fs, root = get_fs(output_uri, storage_options)
     path = posixpath.join(root, name)
-    if not fs.exists(path):
+    data = retry_call(lambda: fs.cat_file(path) if fs.exists(path) else None, f"read {path}")
+    if data is None:
         return None
     try:
-        doc = json.loads(fs.cat_file(path))
+        doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{scrub(path)} is damaged ({exc}); run with --overwrite to start over") from None
     if not isinstance(doc, dict):

@@ -147,8 +147,8 @@ def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
             sub = os.path.join(parent, name)
             real = os.path.realpath(sub)
             link = os.path.islink(sub)
-            why = ("it is the input folder or holds it" if real == real_root or real_root.startswith(real + os.sep)
-                   else "it is inside the input folder" if link and real.startswith(real_root + os.sep)
+            why = ("it is the input folder or holds it" if _within(real_root, real)
+                   else "it is inside the input folder" if link and _within(real, real_root)
                    else "that folder is listed already (a cycle, or a second link to it)" if real in seen
                    else None)
             if real == real_skip:
@@ -162,6 +162,11 @@ def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
         folders[:] = followed
         files += [fs._strip_protocol(os.path.join(parent, n)) for n in names]
     return files
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether the real path ``path`` is ``folder`` or lies below it (``/`` holds everything)."""
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _output_to_skip(fs, folder: str, output: Optional[str], storage_options: Optional[dict]) -> Optional[str]:

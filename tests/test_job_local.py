@@ -588,3 +588,20 @@ def test_an_unreachable_ray_address_fails_in_seconds_naming_the_flag(tiny_model,
     err = capsys.readouterr().err
     assert rc == 2 and "can't reach the Ray cluster at 127.0.0.1:1 (--ray-address" in err, err
     assert time.time() - t0 < 60
+
+
+def test_a_storage_failure_past_the_retries_is_one_line_and_exit_1(tiny_model, tmp_path, capsys, monkeypatch):
+    """A write or listing that outlasts the retries (here: every shard commit resets) is said in one line,
+    with exit status 1 and the way on; no traceback."""
+    import jobs.segment_dataset as job_cli
+
+    def run(cfg):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(job_cli, "run", run)
+    inp = tmp_path / "in"
+    write_images(inp, 1)
+    rc = job_cli.main(["--input", str(inp), "--output", str(tmp_path / "out")] + pipeline_cli_args(tiny_model))
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert "error: ConnectionResetError: [Errno 104] Connection reset by peer" in err and "run the same command again" in err

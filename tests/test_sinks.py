@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 
 import numpy as np
 
@@ -291,3 +292,30 @@ def test_a_footer_that_cant_be_read_is_retried_or_raised_never_counted_as_damage
     failures["shard-00001"] = PermissionError(13, "Access Denied")
     with pytest.raises(PermissionError, match=r"shard-00001\.parquet.*Access Denied"):
         sinks.read_committed_footers(out, None)
+    failures["shard-00001"] = ValueError("InvalidURL")                # the storage stack's, not a parse error
+    with pytest.raises(storage.StorageError, match=r"shard-00001\.parquet.*ValueError: InvalidURL"):
+        sinks.read_committed_footers(out, None)
+
+
+def test_an_outage_stops_the_footer_reads_after_one_shards_retries(tmp_path, monkeypatch):
+    """Not every shard's retries: the reads not yet started are cancelled at the first lasting failure."""
+    import time
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    out = str(tmp_path / "out")
+    for i in range(40):
+        sinks.commit_shard(out, None, f"shard-{i:05d}", [_row(i)], {"name": f"shard-{i:05d}", "num_rows": 1})
+    real_sleep = time.sleep                                    # storage.time is the time module: patched for all
+    monkeypatch.setattr(storage.time, "sleep", lambda s: real_sleep(0.01))
+    reads = []
+
+    def read(self, *args):
+        reads.append(self.path)
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(LocalFileOpener, "read", read)
+    with pytest.raises(storage.StorageError, match=r"shard-00000\.parquet \(ConnectionResetError"):
+        sinks.read_committed_footers(out, None)
+    shards = {posixpath.basename(p) for p in reads}
+    assert len(shards) <= 2 * sinks.FOOTER_READERS and len(reads) < 40 * 5 / 2, (len(shards), len(reads))

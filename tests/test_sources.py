@@ -171,13 +171,14 @@ def test_symlinked_folders_are_followed_once(pipeline_images, tmp_path, caplog):
     (elsewhere / "sub" / "s.png").write_bytes(b"s")
     (pipeline_images / "sub-again").symlink_to(elsewhere / "sub")     # a real folder also reached via "again"
     (pipeline_images / "up").symlink_to(tmp_path)                    # an ancestor: would list the input twice
+    (pipeline_images / "root").symlink_to("/")                       # the filesystem's root holds it too
     with caplog.at_level("WARNING", logger="pipeline.sources"):
         uris = [it["image_uri"] for it in sources.resolve_inputs(str(pipeline_images)).items]
     assert len(uris) == 13 and len({u.rsplit("/", 1)[1] for u in uris if u.endswith("s.png")}) == 1
     assert f"{pipeline_images}/again/x.png" in uris and f"{pipeline_images}/file.png" in uris
     assert not any("/up/" in u for u in uris)
     warned = caplog.text
-    for name in ("linked", "again/loop", "again/back", "self", "up"):
+    for name in ("linked", "again/loop", "again/back", "self", "up", "root"):
         assert f"{pipeline_images}/{name} ->" in warned, name
 
 
