@@ -211,10 +211,11 @@ def main(argv: Optional[list] = None) -> int:
     Ctrl-C."""
     args = build_parser().parse_args(argv)
     storage.setup_logging()
-    cfg = None
+    cfg, started = None, False
     try:
         cfg = config_from_args(args)
         src = attach_inputs(cfg, args)
+        started = True
         summary = run(cfg)
         result = finish(cfg, src)
     except (FileNotFoundError, ValueError, PermissionError, ConfigMismatch, WeightsError) as exc:
@@ -223,7 +224,10 @@ def main(argv: Optional[list] = None) -> int:
     except (PipelineError, storage.StorageError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 1
-    except OSError as exc:          # storage past its retries (a write, a listing), a full disk, ...
+    except OSError as exc:          # storage past its retries (a write, a listing), a full disk, a folder as a file
+        if not started:             # reading the command's own files: the command must change
+            print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}", file=sys.stderr)
+            return 2
         print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}; the shards committed so far are kept: "
               f"run the same command again to finish", file=sys.stderr)
         return 1

@@ -147,12 +147,12 @@ def load_shard_confusions(output_uri: str, storage_options: Optional[dict] = Non
 
 
 def _class_names_from_run(output_uri: str, so: dict) -> Optional[list]:
-    from .outputs import class_names
+    """run.json's class names, or None without a run.json; a damaged one raises, saying so."""
+    from .outputs import names_in_run
+    from .sinks import RUN_JSON, read_json
 
-    try:
-        return class_names(output_uri, so)
-    except (FileNotFoundError, ValueError):
-        return None
+    run = read_json(output_uri, so, RUN_JSON)
+    return None if run is None else names_in_run(run)
 
 
 def reduce_confusion(output_uri: str, storage_options: Optional[dict] = None,

@@ -21,6 +21,7 @@ import pyarrow as pa
 from rfclip.visualize import decode_label_png
 
 from .sinks import PREDICTION_SCHEMA, RUN_JSON, committed_shard_files, read_json, read_shard
+from .storage import scrub
 
 OK = "ok"
 
@@ -28,24 +29,32 @@ OK = "ok"
 def class_names(output_uri: str, storage_options: Optional[dict] = None) -> list[str]:
     """The names of the classes that the label maps index, in order, from ``run.json``: a labelled run's
     class names (its benchmark's or its labels'), else the vocabulary's (each class's first synonym).
-    ``FileNotFoundError`` when the output has no run.json (not a job's output)."""
+    ``FileNotFoundError`` when the output has no run.json (not a job's output); ``ValueError`` when it is
+    damaged or names no classes."""
     run = read_json(output_uri, storage_options or {}, RUN_JSON)
     if run is None:
-        raise FileNotFoundError(f"no {RUN_JSON} under {output_uri}: not the output of jobs/segment_dataset.py")
+        raise FileNotFoundError(f"no {RUN_JSON} under {scrub(output_uri)}: not the output of jobs/segment_dataset.py")
+    names = names_in_run(run)
+    if not names:
+        raise ValueError(f"{RUN_JSON} under {scrub(output_uri)} names no classes (runtime.class_names)")
+    return names
+
+
+def names_in_run(run: dict) -> Optional[list[str]]:
+    """The class names a parsed run.json records (:func:`class_names`), or None."""
     labels = (run.get("config") or {}).get("labels") or {}
     names = labels.get("class_names") or (run.get("runtime") or {}).get("class_names")
-    if not names:
-        raise ValueError(f"{RUN_JSON} under {output_uri} names no classes (runtime.class_names)")
-    return list(names)
+    return list(names) if names else None
 
 
 def read_predictions(output_uri: str, storage_options: Optional[dict] = None,
                      columns: Optional[Sequence[str]] = None) -> pa.Table:
     """The committed rows of every shard, in shard order, as one table (``PREDICTION_SCHEMA``; ``columns``
-    picks some). Leave ``mask_png`` out where it is not needed: it is most of the bytes.
+    picks some, or one by its name). Leave ``mask_png`` out where it is not needed: it is most of the bytes.
     ``FileNotFoundError`` when no shard is committed; ``ValueError`` for an unknown column or a shard
-    damaged after its commit."""
-    cols = list(columns) if columns is not None else PREDICTION_SCHEMA.names
+    damaged after its commit; ``PermissionError`` or ``pipeline.storage.StorageError`` where a shard can't
+    be read (access, an outage past the retries)."""
+    cols = [columns] if isinstance(columns, str) else list(columns) if columns is not None else PREDICTION_SCHEMA.names
     unknown = [c for c in cols if c not in PREDICTION_SCHEMA.names]
     if unknown:
         raise ValueError(f"unknown columns {unknown}; the predictions have {PREDICTION_SCHEMA.names}")

@@ -94,6 +94,19 @@ def _respelled(old: dict, new: dict) -> dict:
     return old
 
 
+def _with_background_name(old, new):
+    """``old`` (run.json's labels) with class 0 named "background" where ``new`` names it so and nothing
+    else differs. A benchmark's class file given as the vocabulary names its background line so
+    (``rfclip.benchmarks.class_names``); older run.json files name it after its first word (``sky``), for
+    the same labels and scores."""
+    on = (old or {}).get("class_names") if isinstance(old, dict) else None
+    nn = (new or {}).get("class_names") if isinstance(new, dict) else None
+    if (isinstance(on, list) and isinstance(nn, list) and on and len(on) == len(nn) and on[0] != nn[0]
+            and nn[0] == "background" and on[1:] == nn[1:]):
+        return {**old, "class_names": ["background", *on[1:]]}
+    return old
+
+
 def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
     """The part of a :class:`~pipeline.job_config.JobConfig` run that a resumed run must match.
 
@@ -181,6 +194,7 @@ def _check_identity(cfg, previous: Optional[dict], ident: dict, committed: set) 
     old = dict(previous.get("config", {}))
     if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
         old["segmenter"] = _respelled(_with_normalisation(without_execution(old["segmenter"])), ident["segmenter"])
+    old["labels"] = _with_background_name(old.get("labels"), ident.get("labels"))
     old_input = old.get("input")
     if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
         old["input"] = storage.canonical_uri(old_input, so)

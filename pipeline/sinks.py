@@ -236,14 +236,32 @@ def committed_shard_files(output_uri: str, storage_options: Optional[dict]) -> t
 
 
 def read_shard(fs, path: str, columns: Sequence[str]) -> pa.Table:
-    """``columns`` of a committed shard, and its key-value metadata, in one read. A shard that can't be
-    read was damaged after its commit (a commit is all or nothing): the error says how to redo it."""
-    try:
+    """``columns`` of a committed shard, and its key-value metadata, in one read, with transient storage
+    errors retried. A shard whose file can't be parsed was damaged after its commit (a commit is all or
+    nothing): ``ValueError`` says how to redo it. One that can't be *read* (no access, an outage past the
+    retries) raises ``PermissionError`` or :class:`~pipeline.storage.StorageError`: nothing is wrong with
+    the file, so nothing says to delete it."""
+    def read() -> pa.Table:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=list(columns))
-    except (OSError, pa.ArrowException) as exc:
-        raise ValueError(f"committed shard {path} can't be read ({type(exc).__name__}: {scrub(str(exc))}); it was "
-                         f"damaged after its commit: delete it and run the same command again to redo it") from exc
+            src = _ReadRecorder(f)
+            try:
+                return pq.read_table(src, columns=list(columns))
+            except Exception as exc:  # noqa: BLE001 - a read error is raised as it is, a parse error is damage
+                if src.error is not None:
+                    raise src.error from None
+                raise _Damaged(f"{type(exc).__name__}: {scrub(str(exc))[:300]}") from None
+
+    try:
+        return retry_call(read, f"read {path}")
+    except _Damaged as exc:
+        raise ValueError(f"committed shard {scrub(path)} can't be read ({exc}); it was damaged after its commit: "
+                         f"delete it and run the same command again to redo it") from None
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - storage, said with the file's name
+        message = (f"can't read committed shard {scrub(path)} ({type(exc).__name__}: {scrub(str(exc))[:300]}); "
+                   f"check access to the output and try again")
+        raise (PermissionError(message) if isinstance(exc, PermissionError) else StorageError(message)) from exc
 
 
 def parse_shard_metadata(metadata: Optional[dict]) -> tuple[dict, Optional[dict]]:

@@ -69,26 +69,20 @@ def image_files(args: list[str], out: str | None = None) -> list[str]:
     """``args`` with each folder replaced by the image files below it (``rfclip.images.IMAGE_SUFFIXES``,
     recursively, sorted); files are kept as given, images or not (a bad file is reported, not skipped).
 
-    Links to folders are followed, each real folder once (a cycle is not walked round), a file given
-    twice (or reached twice) is listed once, and the folder ``out`` is left out, so a second run does not
-    segment the first one's masks. ``ValueError`` when a folder given is ``out`` or lies inside it."""
-    skip = _folder_key(out) if out is not None and os.path.isdir(out) else None
+    Links to folders are followed, each real folder once: not a cycle, not a link to the folder walked or
+    above it, not a link to a folder inside it (it is listed by its own path). A file given twice (or
+    reached twice) is listed once, and the folder ``out`` is left out, so a second run does not segment
+    the first one's masks. ``ValueError`` when a folder given is ``out``."""
+    out_real = os.path.realpath(out) if out is not None else None
     listed: list[str] = []
     for a in args:
         if not os.path.isdir(a):
             listed.append(a)
             continue
-        if out is not None and _inside(a, out):
-            raise ValueError(f"the input folder {a} is, or is inside, --out {out}: its masks would overwrite "
-                             f"or join the images; give another --out")
-        found, seen = [], set()
-        for d, dirs, files in os.walk(a, followlinks=True):
-            key = _folder_key(d)
-            if key in seen or key == skip:
-                dirs[:] = []                      # a cycle, a second link to a folder, or the output
-                continue
-            seen.add(key)
-            found += [os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+        if os.path.realpath(a) == out_real:
+            raise ValueError(f"the input folder {a} is --out: the masks would overwrite or join the images; "
+                             f"give another --out")
+        found = _images_below(a, out_real)
         if not found:
             print(f"{a}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
         listed += sorted(found)
@@ -98,21 +92,44 @@ def image_files(args: list[str], out: str | None = None) -> list[str]:
     return list(unique.values())
 
 
-def _folder_key(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
+def _images_below(folder: str, skip: str | None) -> list[str]:
+    """The image files below ``folder``, leaving out the real folder ``skip`` (rules: :func:`image_files`)."""
+    root = os.path.realpath(folder)
+    seen, found = {root}, []
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            sub = os.path.join(d, name)
+            real = os.path.realpath(sub)
+            if (real in seen or real == skip or _within(root, real)
+                    or (os.path.islink(sub) and _within(real, root))):
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirs[:] = keep
+        found += [os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    return found
 
 
-def _inside(folder: str, out: str) -> bool:
-    """Whether ``folder`` is ``out`` or lies below it (real paths)."""
-    folder, out = os.path.realpath(folder), os.path.realpath(out)
-    return folder == out or folder.startswith(out.rstrip(os.sep) + os.sep)
+def _within(path: str, folder: str) -> bool:
+    """Whether the real path ``path`` is ``folder`` or lies below it."""
+    return os.path.commonpath([path, folder]) == folder
 
 
-def _overwritten_input(images: list[str], targets: list[Path]) -> str | None:
-    """The first input that one of ``targets`` would overwrite, else None."""
+def _overwritten_input(images: list[str], folders: list[str], out: str, targets: list[Path]) -> str | None:
+    """Why one of ``targets`` can't be written: it would overwrite an input image, or land inside an input
+    folder (a later run would take it for an image) that does not hold ``out``; else None."""
     inputs = {os.path.realpath(p): p for p in images}
-    return next((inputs[os.path.realpath(t)] for t in targets if os.path.realpath(t) in inputs), None)
+    out_real = os.path.realpath(out)
+    holding = [(os.path.realpath(f), f) for f in folders if not _within(out_real, os.path.realpath(f))]
+    for t in targets:
+        real = os.path.realpath(t)
+        if real in inputs:
+            return f"an output in --out {out} would overwrite the input {inputs[real]}"
+        inside = next((f for rf, f in holding if _within(real, rf)), None)
+        if inside is not None:
+            return f"an output in --out {out}, {t}, would land inside the input folder {inside}"
+    return None
 
 
 class _Refused(Exception):
@@ -134,9 +151,10 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
         raise _Refused("no images to segment")
     names = output_names(images, args.overlay)
     targets = [out / f"{n}{end}.png" for n in names for end in (("", "_overlay") if args.overlay else ("",))]
-    clash = _overwritten_input(images, targets)
+    folders = [a for a in args.images if os.path.isdir(a)]
+    clash = _overwritten_input(images, folders, args.out, targets)
     if clash is not None:
-        raise _Refused(f"an output in --out {args.out} would overwrite the input {clash}; give another --out")
+        raise _Refused(f"{clash}; give another --out")
     made = [d for d in [out, *out.parents] if not d.exists()][::-1]
     try:
         out.mkdir(parents=True, exist_ok=True)

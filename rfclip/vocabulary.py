@@ -34,8 +34,13 @@ def parse_vocabulary(text: str) -> list[list[str]]:
 def load_vocabulary(path: str, storage_options: dict | None = None) -> list[list[str]]:
     """Read a ``cls_*.txt`` file (local path or fsspec URL): one class per line, ", " synonyms. Blank
     lines at the end are ignored; one between classes is an error (label indices follow the lines)."""
-    with fsspec.open(path, "r", encoding="utf-8-sig", **(storage_options or {})) as f:   # -sig: drop a BOM
-        lines = f.read().splitlines()
+    try:
+        with fsspec.open(path, "r", encoding="utf-8-sig", **(storage_options or {})) as f:   # -sig: drop a BOM
+            lines = f.read().splitlines()
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a class file (one class per line)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a UTF-8 text file of class names ({e.reason} at byte {e.start})") from None
     classes = [_split_names(line) for line in lines]
     while classes and not classes[-1]:
         classes.pop()

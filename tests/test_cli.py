@@ -121,7 +121,7 @@ def test_segment_never_overwrites_or_rereads_its_inputs(tiny_model, tmp_path, ca
     common = ["--vocabulary", "sky; road", "--model", cfg, "--weights", weights, "--method", "clip", "--overlay"]
 
     assert main([str(photos), "--out", str(photos)] + common) == 2       # the output is the input folder
-    assert "is, or is inside, --out" in capsys.readouterr().err
+    assert "is --out" in capsys.readouterr().err
     assert main([str(photos / "a.png"), "--out", str(photos)] + common) == 2   # a.png -> photos/a.png
     assert "would overwrite the input" in capsys.readouterr().err
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.glob("*.png")} == digest
@@ -134,6 +134,19 @@ def test_segment_never_overwrites_or_rereads_its_inputs(tiny_model, tmp_path, ca
         assert sorted(p.name for p in masks.iterdir()) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.glob("*.png")} == digest
     assert [os.path.basename(p) for p in image_files([str(photos)], str(masks))] == ["a.png", "b.png"]
+
+    (photos / "sub" / "top").symlink_to("/")                             # links to above the input: not walked
+    (photos / "sub" / "inner").symlink_to(photos / "sub")                # a link inside it: listed by its own path
+    assert [os.path.relpath(p, photos) for p in image_files([str(photos)], str(masks))] == ["a.png", "b.png"]
+    data = tmp_path / "data"                                             # --out holding the input folders:
+    for sub in ("images", "other"):                                      # fine, unless an output lands in one
+        (data / sub).mkdir(parents=True)
+        Image.fromarray(planted_image(40, 50, seed=3)).save(data / sub / "c.png")
+    assert main([str(data / "images"), "--out", str(data)] + common) == 0
+    assert sorted(p.name for p in data.iterdir()) == ["c.png", "c_overlay.png", "images", "other"]
+    capsys.readouterr()
+    assert main([str(data / "images"), str(data / "other"), "--out", str(data)] + common) == 2
+    assert "would land inside the input folder" in capsys.readouterr().err    # data/images/c.png.png
 
     gone = tmp_path / "new" / "deeper"                                   # a failed model load leaves no folder
     assert main([str(photos / "a.png"), "--out", str(gone), "--vocabulary", "sky", "--model", cfg,

@@ -591,17 +591,40 @@ def test_an_unreachable_ray_address_fails_in_seconds_naming_the_flag(tiny_model,
 
 
 def test_a_storage_failure_past_the_retries_is_one_line_and_exit_1(tiny_model, tmp_path, capsys, monkeypatch):
-    """A write or listing that outlasts the retries (here: every shard commit resets) is said in one line,
-    with exit status 1 and the way on; no traceback."""
+    """A write or listing that outlasts the retries (here: the run resets) is said in one line, with exit
+    status 1 and the way on; no traceback. A file of the command's own that can't be read is exit 2."""
     import jobs.segment_dataset as job_cli
+
+    inp = tmp_path / "in"
+    write_images(inp, 1)
+    rc = job_cli.main(["--input", str(inp), "--output", str(tmp_path / "out"), "--vocabulary-file", str(inp)]
+                      + pipeline_cli_args(tiny_model)[2:])                 # a folder as the vocabulary file
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a folder, not a class file" in err and "run the same command again" not in err, err
 
     def run(cfg):
         raise ConnectionResetError(104, "Connection reset by peer")
 
     monkeypatch.setattr(job_cli, "run", run)
-    inp = tmp_path / "in"
-    write_images(inp, 1)
     rc = job_cli.main(["--input", str(inp), "--output", str(tmp_path / "out")] + pipeline_cli_args(tiny_model))
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
     assert "error: ConnectionResetError: [Errno 104] Connection reset by peer" in err and "run the same command again" in err
+
+
+def test_labels_naming_a_class_files_background_line_sky_resume_as_background(tmp_path):
+    """A labelled run with VOC's class file as its vocabulary recorded class 0 as "sky" before it was named
+    "background": the same labels, so it resumes; any other difference in the names is still refused."""
+    from types import SimpleNamespace
+
+    from pipeline.run_record import ConfigMismatch, _check_identity
+
+    cfg = SimpleNamespace(storage_options=None, output=str(tmp_path))
+    labels = {"num_classes": 3, "ignore_index": 255, "class_names": ["background", "aeroplane", "bicycle"]}
+    ident = {"input": str(tmp_path), "num_inputs": 2, "labels": labels, "segmenter": None}
+    old = {**ident, "labels": {**labels, "class_names": ["sky", "aeroplane", "bicycle"]}}
+    _check_identity(cfg, {"config": old}, ident, {"shard-00000"})
+    for names in (["sky", "plane", "bicycle"], ["sky", "aeroplane"]):
+        old = {**ident, "labels": {**labels, "class_names": names}}
+        with pytest.raises(ConfigMismatch, match="labels.class_names"):
+            _check_identity(cfg, {"config": old}, ident, {"shard-00000"})

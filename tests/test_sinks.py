@@ -319,3 +319,38 @@ def test_an_outage_stops_the_footer_reads_after_one_shards_retries(tmp_path, mon
         sinks.read_committed_footers(out, None)
     shards = {posixpath.basename(p) for p in reads}
     assert len(shards) <= 2 * sinks.FOOTER_READERS and len(reads) < 40 * 5 / 2, (len(shards), len(reads))
+
+
+def test_reading_a_shard_tells_an_unreadable_one_from_a_damaged_one(tmp_path, monkeypatch):
+    """read_shard (the metrics, the report, pipeline.outputs) retries transient errors; access or an outage
+    is a storage error that never says to delete the file; only a file that can't be parsed is damage."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    from pipeline.outputs import read_predictions
+
+    out = str(tmp_path / "out")
+    for i in range(2):
+        sinks.commit_shard(out, None, f"shard-{i:05d}", [_row(i)], {"name": f"shard-{i:05d}", "num_rows": 1})
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    real_read, fail = LocalFileOpener.read, {"times": 0, "with": None}
+
+    def read(self, *args):
+        if fail["times"] and "shard-00001" in self.path:
+            fail["times"] -= 1
+            raise fail["with"]("x")
+        return real_read(self, *args)
+
+    monkeypatch.setattr(LocalFileOpener, "read", read)
+    fail.update({"times": 2, "with": ConnectionResetError})                  # two resets: retried
+    assert read_predictions(out, columns="image_id").column("image_id").to_pylist() == ["0-abc", "1-abc"]
+    fail.update({"times": 99, "with": PermissionError})
+    with pytest.raises(PermissionError, match=r"can't read committed shard .*shard-00001.*check access") as e:
+        read_predictions(out, columns=["image_id"])
+    assert "delete" not in str(e.value)
+    fail.update({"times": 99, "with": ConnectionResetError})                 # an outage past the retries
+    with pytest.raises(storage.StorageError, match="ConnectionResetError"):
+        read_predictions(out)
+    fail["times"] = 0
+    (tmp_path / "out" / "predictions" / "shard-00001.parquet").write_bytes(b"PAR1 not a footer")
+    with pytest.raises(ValueError, match="damaged after its commit: delete it"):
+        read_predictions(out)
