@@ -93,10 +93,10 @@ def job_vocabulary(cfg: JobConfig) -> tuple[Optional[list], dict]:
     from rfclip.benchmarks import BENCHMARKS
 
     given = [n for n, v in (("--vocabulary", cfg.vocabulary), ("--vocabulary-file", cfg.vocabulary_file),
-                            ("--benchmark", cfg.benchmark)) if v]
+                            ("--benchmark", cfg.benchmark)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of --vocabulary, --vocabulary-file, --benchmark (got {given or 'none'})")
-    if cfg.vocabulary:
+    if cfg.vocabulary is not None:
         return rfclip.parse_vocabulary(cfg.vocabulary), {}
     if cfg.vocabulary_file:
         return rfclip.load_vocabulary(cfg.vocabulary_file, storage_options=cfg.storage_options), {}

@@ -26,7 +26,8 @@ from typing import Optional
 import open_clip
 import torch
 
-from .weights import OPENAI_MEAN, OPENAI_SHA256, ResolvedWeights, WeightsError, is_torchscript, tag_config, resolve_weights
+from .weights import (OPENAI_MEAN, OPENAI_SHA256, OPENAI_STD, ResolvedWeights, WeightsError, is_torchscript,
+                      resolve_weights, tag_config)
 
 # Extra entries of OpenAI's TorchScript state dicts that are not parameters of the model.
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -179,6 +180,9 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
     resolved = replace(resolved, quick_gelu=use_quick_gelu,
                        mean=rgb_values("image_mean", image_mean, resolved.mean),
                        std=rgb_values("image_std", image_std, resolved.std, positive=True))
+    if max(resolved.mean) > 1 or min(resolved.mean) < 0 or max(resolved.std) > 1:
+        raise ValueError(f"image_mean {resolved.mean} and image_std {resolved.std} are on a 0-1 scale (OpenAI's: "
+                         f"{OPENAI_MEAN}, {OPENAI_STD}); values on a 0-255 scale divided by 255 give them")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights" here; we load them next

@@ -164,8 +164,8 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
 
 
 def _segmenter(args) -> Segmenter:
-    vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary
-                  else load_vocabulary(args.vocabulary_file) if args.vocabulary_file else None)
+    vocabulary = (parse_vocabulary(args.vocabulary) if args.vocabulary is not None
+                  else load_vocabulary(args.vocabulary_file) if args.vocabulary_file is not None else None)
     return Segmenter(model=args.model, weights=args.weights, method=args.method, vocabulary=vocabulary,
                      device=args.device, weights_sha256=args.weights_sha256, benchmark=args.benchmark,
                      quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std,

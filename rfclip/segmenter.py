@@ -25,7 +25,7 @@ from .methods import build_method
 from .methods.base import DenseOutput
 from .model_factory import load_clip
 from .pamr import pamr_row_bands
-from .settings import make_settings, resolve_attention_kernels, resolve_plan
+from .settings import make_settings, resolve_attention_kernels, resolve_plan, unused_settings
 from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
@@ -76,11 +76,39 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
 def pick_device(device: Optional[str] = None) -> torch.device:
     """``device`` as a ``torch.device``; None picks CUDA when available. A CUDA device where CUDA is not
     available is an error now, not at the first tensor."""
-    picked = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"device is a string ('cpu', 'cuda', 'cuda:1'), a torch.device or None, not {device!r}")
+    try:
+        picked = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N' (None picks CUDA when "
+                         f"available)") from None
+    if picked.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: rfclip runs on 'cpu' and 'cuda' devices")
     if picked.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch "
                          f"{torch.__version__}); leave device unset or pass 'cpu'")
     return picked
+
+
+def _original_sizes(sizes, n: int) -> list[tuple[int, int]]:
+    """``sizes`` as ``n`` ``(H, W)`` pairs of positive ints; ``ValueError`` naming the first that is not."""
+    sizes = list(sizes)
+    if len(sizes) != n:
+        raise ValueError(f"original_sizes must have one (H, W) per image: {len(sizes)} for {n} images")
+    out = []
+    for i, hw in enumerate(sizes):
+        try:
+            h, w = hw
+            ok = all(float(v) == int(v) > 0 for v in (h, w))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"original_sizes[{i}] must be (H, W), two positive whole numbers, got {hw!r}")
+        out.append((int(h), int(w)))
+    return out
 
 
 class Segmenter:
@@ -117,6 +145,9 @@ class Segmenter:
             raise TypeError(f"quick_gelu is True, False or None (inferred from the weights), not {quick_gelu!r}")
         layers = [method_settings(method, benchmark)] if benchmark else []
         self.settings = make_settings(method, *layers, settings)
+        unused = unused_settings(method, settings)
+        if unused:
+            warn(f"method {method!r} does not read the setting(s) {unused}: they change nothing here", UserWarning)
         if vocabulary is None:
             if benchmark is None:
                 raise ValueError("give a vocabulary (or a benchmark whose classes to use)")
@@ -135,6 +166,9 @@ class Segmenter:
         side = self.settings.global_input_size
         if side is not None and side % self.vit.patch:
             raise ValueError(f"global_input_size must be a multiple of the patch size {self.vit.patch}, got {side}")
+        if 0 < self.settings.slide_crop < self.vit.patch:
+            raise ValueError(f"slide_crop must be 0 (the whole image) or at least the patch size {self.vit.patch}, "
+                             f"got {self.settings.slide_crop}")
         self.method = build_method(method, self.vit, self.settings, arch)
         self.plan = resolve_plan(self.settings, self.device)           # the plan running now (see execution())
         self.fallbacks: list[str] = []
@@ -171,7 +205,8 @@ class Segmenter:
             "weights": {"spec": self.weights.spec, "kind": self.weights.kind, "sha256": self.weights.sha256,
                         "quick_gelu": self.weights.quick_gelu, "image_mean": list(self.weights.mean),
                         "image_std": list(self.weights.std)},
-            "benchmark": self.benchmark, "vocabulary": self.vocabulary, "settings": self.settings.to_dict(),
+            "benchmark": self.benchmark, "vocabulary": [list(c) for c in self.vocabulary],
+            "settings": self.settings.to_dict(),
             "device": str(self.device),
         }
 
@@ -218,10 +253,17 @@ class Segmenter:
 
         After ``ln_post`` and ``proj``, before L2 normalisation; in the model's precision.
         """
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
-            shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-            raise ValueError(f"encode_dense takes a non-empty (B, 3, H, W) tensor, got {shape}"
-                             f"{'; add a batch dimension: x[None]' if getattr(x, 'ndim', 0) == 3 else ''}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"encode_dense takes a torch tensor (B, 3, H, W), not a {type(x).__name__}"
+                            f"{': torch.from_numpy(x)' if isinstance(x, np.ndarray) else ''}")
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+            raise ValueError(f"encode_dense takes a non-empty (B, 3, H, W) tensor, got {tuple(x.shape)}"
+                             f"{'; add a batch dimension: x[None]' if x.ndim == 3 else ''}")
+        if not x.is_floating_point():
+            raise TypeError(f"encode_dense takes normalised float images ((x / 255 - mean) / std), not {x.dtype}")
+        p = self.vit.patch
+        if x.shape[2] < p or x.shape[3] < p:
+            raise ValueError(f"encode_dense: images of {x.shape[2]}x{x.shape[3]} hold no {p}x{p} patch")
         return self._encode_crops(x.to(self.device, self.dtype)).features
 
     def _normalise(self, image: torch.Tensor) -> torch.Tensor:
@@ -265,7 +307,8 @@ class Segmenter:
         acc = torch.zeros(q, int(offsets[-1]), device=self.device)
         cnt = torch.zeros(int(offsets[-1]), device=self.device)
         # One window per image (slide_crop 0) means the crop is the whole image: its CLS is the global one.
-        from_crop = s.global_from_crop or s.slide_crop <= 0
+        # (Read only by the methods that use a global embedding: METHOD_SPECIFIC_SETTINGS.)
+        from_crop = self.method.needs_global_embedding and (s.global_from_crop or s.slide_crop <= 0)
         use_global = self.method.needs_global_embedding and not from_crop and (
             s.global_semantics_weight > 0 or s.mean_vector_weight > 0)
         global_embs = self._global_embeddings(images) if use_global else None
@@ -376,19 +419,24 @@ class Segmenter:
         Returns:
             one :class:`Prediction` per image, at its original size.
         """
+        if isinstance(images, (np.ndarray, torch.Tensor, str, bytes)) or hasattr(images, "getpixel"):
+            raise TypeError(f"segment_batch takes a list of images, not one {type(images).__name__}: "
+                            f"segment_batch([image]), or predict(image)")
+        images = list(images)
         if len(images) == 0:
             return []
         rgbs = [to_rgb_array(im) for im in images]
         # uint8 goes to the device, and is resized there (4x less to copy than float32, and fast).
-        uint8 = [torch.from_numpy(np.ascontiguousarray(r)).to(self.device).permute(2, 0, 1) for r in rgbs]
+        # np.require: contiguous and writable (an array over a PIL image's buffer is read-only, and
+        # torch.from_numpy warns of those), copied only where it is not.
+        uint8 = [torch.from_numpy(np.require(r, requirements=["C", "W"])).to(self.device).permute(2, 0, 1)
+                 for r in rgbs]
         if original_sizes is None:
             sizes = [tuple(r.shape[:2]) for r in rgbs]
             uint8 = [resize_short_side_tensor(t, self.settings.short_side, self.settings.max_long_side)
                      for t in uint8]
         else:
-            if len(original_sizes) != len(rgbs):
-                raise ValueError("original_sizes must have one (H, W) per image")
-            sizes = [(int(h), int(w)) for h, w in original_sizes]
+            sizes = _original_sizes(original_sizes, len(rgbs))
         tensors = [self._normalise(t) for t in uint8]
         logits = self._image_logits(tensors)
         return [self._labels(l, size, t) for l, size, t in zip(logits, sizes, tensors)]

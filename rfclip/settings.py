@@ -171,6 +171,26 @@ _RANGES = {
     "mean_vector_weight": (0, 1, False), "tau": (0, None, False), "min_received_attention": (0, 1, False),
     "ncut_iters": (1, None, False), "global_input_size": (1, None, False),
 }
+# The settings only some methods read; every other setting (labels, windows, precision, plan, ...) is read
+# by all of them. A method given one it does not read computes the same thing as without it
+# (Segmenter warns).
+METHOD_SPECIFIC_SETTINGS: dict[str, frozenset] = {
+    "naclip": frozenset({"naclip_sigma"}),
+    "rfclip": frozenset({"tau", "distraction_dims", "min_received_attention", "lam", "distractor_attention",
+                         "defocus_ncut", "embedding_redistribution", "ncut_solver", "ncut_iters",
+                         "attention_kernels", "ncut_kernels"}),
+    "rfclip-release": frozenset({"tau", "distraction_dims", "release_keep", "release_sim_threshold",
+                                 "h_threshold", "global_semantics_weight", "mean_vector_weight",
+                                 "global_from_crop", "global_input_size"}),
+}
+
+
+def unused_settings(method: str, names) -> list[str]:
+    """Those of ``names`` that ``method`` does not read (:data:`METHOD_SPECIFIC_SETTINGS`), sorted."""
+    specific = frozenset().union(*METHOD_SPECIFIC_SETTINGS.values())
+    return sorted(n for n in names if n in specific and n not in METHOD_SPECIFIC_SETTINGS.get(method, ()))
+
+
 NCUT_SOLVERS = ("auto", "eigh", "warm", "subspace", "squaring")
 PLANS = ("auto", "explicit", "fused", "graphed")
 ATTENTION_KERNELS = ("auto", "torch", "triton")

@@ -63,6 +63,8 @@ def normalize_vocabulary(vocabulary: VocabularyLike) -> list[list[str]]:
     """
     if isinstance(vocabulary, str):
         return parse_vocabulary(vocabulary)
+    if vocabulary is None:
+        raise TypeError("the vocabulary is None: give the class names, e.g. \"sky; road; car\" or [\"sky\", \"road\"]")
     if isinstance(vocabulary, (set, frozenset, Mapping)):
         raise TypeError(f"a vocabulary is a list of classes in label order, not a {type(vocabulary).__name__} "
                         f"(a set's order changes between runs; a dict's synonyms are ambiguous): pass "

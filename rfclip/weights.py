@@ -238,6 +238,10 @@ def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Option
 def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = None,
                     storage_options: Optional[dict] = None, cache_dir: Optional[str] = None) -> ResolvedWeights:
     """Find the weights file for ``weights`` and verify it; see the module docstring."""
+    if isinstance(weights, os.PathLike):
+        weights = os.fspath(weights)
+    if not isinstance(weights, str) or not weights:
+        raise TypeError(f"weights is an open_clip tag, a file path or a URL, not {weights!r}")
     if weights_sha256 is not None:
         weights_sha256 = weights_sha256.strip().lower()
         if len(weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in weights_sha256):

@@ -1,5 +1,6 @@
 """Every method end to end on a tiny random model: shapes, determinism, label range, odd inputs."""
 import argparse
+import contextlib
 import io
 
 import numpy as np
@@ -196,6 +197,49 @@ def test_settings_are_checked_against_their_types_and_ranges(tiny_model):
             make_settings("rfclip", kw)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         make_segmenter(tiny_model, "rfclip-release", distraction_dims=[0, 1], global_input_size=20)
+
+
+def test_api_misuse_is_a_clear_error_not_a_wrong_result(tiny_model):
+    import warnings
+
+    seg = make_segmenter(tiny_model, "clip", short_side=64)
+    img = np.zeros((48, 64, 3), np.uint8)
+    for one in (img, Image.fromarray(img), "street.jpg", torch.zeros(3, 8, 8)):   # one image, not a list
+        with pytest.raises(TypeError, match=r"takes a list of images.*segment_batch\(\[image\]\)"):
+            seg.segment_batch(one)
+    assert len(seg.segment_batch(iter([img, img]))) == 2                           # any iterable of images
+    for sizes, msg in [([(0, 0)], "two positive whole numbers"), ([(-1, 5)], "positive"), ([(10, 4, 3)], r"\(H, W\)"),
+                       ([(10.7, 4)], "whole"), ([(4, 4), (4, 4)], "one \\(H, W\\) per image: 2 for 1")]:
+        with pytest.raises(ValueError, match=msg):
+            seg.segment_batch([img], original_sizes=sizes)
+    assert seg.segment_batch([img], original_sizes=[(np.int64(24), 32.0)])[0].labels.shape == (24, 32)
+    with pytest.raises(TypeError, match="torch tensor"):
+        seg.encode_dense(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(TypeError, match="normalised float images"):
+        seg.encode_dense(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="hold no 16x16 patch"):
+        seg.encode_dense(torch.zeros(1, 3, 0, 32))
+    read_only = np.asarray(Image.fromarray(img))                                    # PIL's buffer: not writable
+    assert not read_only.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                              # torch's non-writable warning
+        seg.predict(read_only)
+    cfg = seg.config()
+    cfg["vocabulary"].append(["c"])
+    cfg["vocabulary"][0].append("x")
+    assert seg.config()["vocabulary"] == seg.vocabulary == VOCAB and seg.num_classes == 4
+    with pytest.raises(TypeError, match="vocabulary is None"):
+        seg.set_vocabulary(None)
+    model, weights = tiny_model
+    for kw, error, msg in [({"device": "gpu"}, ValueError, "unknown device 'gpu'"),
+                           ({"device": "mps"}, ValueError, "runs on 'cpu' and 'cuda'"),
+                           ({"device": True}, TypeError, "device is a string"),
+                           ({"image_mean": (123.7, 116.3, 103.5), "image_std": (58.4, 57.1, 57.4)}, ValueError,
+                            "0-1 scale"),
+                           ({"slide_crop": 8, "slide_stride": 4}, ValueError, "at least the patch size 16"),
+                           ({"weights": None}, TypeError, "weights is an open_clip tag")]:
+        with pytest.raises(error, match=msg):
+            rfclip.Segmenter(**{"model": model, "weights": weights, "method": "clip", "vocabulary": VOCAB, **kw})
 
 
 def test_sclip_area_rule_drops_small_and_zero_area_classes(tiny_model):
@@ -459,3 +503,44 @@ def test_pamr_labels_in_row_bands_match_the_whole_image(planted_files, monkeypat
     assert (banded.labels == whole.labels).mean() > 0.9999
     np.testing.assert_allclose(banded.confidence, whole.confidence, atol=1e-4)
     assert len(np.unique(whole.labels)) >= 2
+
+
+class _ReadRecorder:
+    """Settings that remember which fields were read."""
+
+    def __init__(self, settings):
+        object.__setattr__(self, "_s", settings)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name):
+        if name in rfclip.settings.SETTING_NAMES:
+            self.read.add(name)
+        return getattr(self._s, name)
+
+
+@pytest.mark.parametrize("method", rfclip.available_methods())
+def test_a_method_reads_no_other_methods_setting_and_a_given_one_warns(planted_files, method, monkeypatch):
+    """METHOD_SPECIFIC_SETTINGS is what the code reads: a forward (RF-CLIP's steps running, PAMR on) reads
+    no specific setting outside its method's set, so the warning for one never says so wrongly."""
+    from rfclip.settings import METHOD_SPECIFIC_SETTINGS, unused_settings
+
+    seg = make_segmenter(planted_files, method, short_side=224, pamr=True, global_semantics_weight=0.25,
+                         mean_vector_weight=0.03) if method == "rfclip-release" else \
+        make_segmenter(planted_files, method, short_side=224, pamr=True)
+    recorder = _ReadRecorder(seg.settings)
+    seg.settings = seg.method.settings = recorder
+    # The plan (how a forward runs, not what it computes) is resolved from the kernel and solver settings
+    # for every method: not counted.
+    import rfclip.methods.rfclip as rf
+    plan = rf.resolve_plan
+    monkeypatch.setattr(rf, "resolve_plan", lambda st, device: plan(getattr(st, "_s", st), device))
+    seg.method.__dict__.pop("_distraction_setup", None)
+    seg.predict(planted_image())
+    specific = frozenset().union(*METHOD_SPECIFIC_SETTINGS.values())
+    assert recorder.read & specific <= METHOD_SPECIFIC_SETTINGS.get(method, frozenset()), recorder.read & specific
+    if method in ("rfclip", "rfclip-release"):                  # its steps ran: its own settings were read
+        assert {"tau", "distraction_dims"} <= recorder.read
+    with pytest.warns(UserWarning, match=r"does not read the setting\(s\) \['lam'\]") if method != "rfclip" else \
+            contextlib.nullcontext():
+        make_segmenter(planted_files, method, lam=0.5)
+    assert unused_settings("clip", ["lam", "logit_scale", "naclip_sigma"]) == ["lam", "naclip_sigma"]

@@ -31,11 +31,13 @@ def distraction_setup(method: DenseMethod, device) -> tuple[Tensor, float, float
     cache = method.__dict__.setdefault("_distraction_setup", {})
     key = str(device)
     if key not in cache:
-        cache[key] = _distraction_setup(method.settings, method.arch, method.vit.width, device)
+        cache[key] = _distraction_setup(method.settings, method.arch, method.vit.width, device,
+                                        getattr(method, "uses_received_attention", False))
     return cache[key]
 
 
-def _distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor, float, float | None]:
+def _distraction_setup(settings, arch: str, width: int, device, received: bool = True
+                       ) -> tuple[Tensor, float, float | None]:
     dims = settings.distraction_dims
     if dims is None:
         dims = DISTRACTION_DIMS.get(base_arch(arch))
@@ -47,6 +49,8 @@ def _distraction_setup(settings, arch: str, width: int, device) -> tuple[Tensor,
     if max(dims) >= width or min(dims) < 0:
         raise ValueError(f"distraction_dims {list(dims)} out of range for width {width}")
     tau = settings.tau if settings.tau is not None else 5.0 / width
+    if not received:                   # a method without the attention condition (rfclip-release)
+        return torch.tensor(list(dims), dtype=torch.long, device=device), tau, None
     min_recv = settings.min_received_attention
     if min_recv is None:
         min_recv = MIN_RECEIVED_ATTENTION.get(base_arch(arch))
@@ -71,6 +75,7 @@ def plan_flags(settings, device: torch.device) -> tuple[bool, bool]:
 
 class RFCLIP(DenseMethod):
     name = "rfclip"
+    uses_received_attention = True          # the distractor condition on received attention (§3a)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
