@@ -247,13 +247,25 @@ def _write_report(output_uri: str, class_names: Sequence[str], source, storage_o
         atomic_write_bytes(fs, posixpath.join(root, "figures", name), data)
         return f"figures/{name}"
 
-    n_ok, n_err = stats["ok"], stats["error"]
-    rows = _sample_rows(fs, files, num_samples)
-    samples = []
+    samples = _load_samples(_sample_rows(fs, files, num_samples), source, so)
+    md = [f"# {title or ('Evaluation report' if source is not None else 'Pseudo-labelling report')}", "",
+          f"{stats['ok']} images segmented, {stats['error']} failed (see `status`/`error` in predictions/*.parquet).",
+          ""]
+    if source is not None:
+        md += _evaluation_sections(fs, root, class_names, source, samples, put)
+    else:
+        md += _pseudo_label_sections(stats, class_names, samples, put)
+    atomic_write_bytes(fs, posixpath.join(root, "report.md"), "\n".join(md).encode())
+    return posixpath.join(output_uri.rstrip("/"), "report.md")
+
+
+def _load_samples(rows: list[dict], source, so: dict) -> list[tuple]:
+    """``(image_id, rgb, prediction, label or None)`` of the sample ``rows`` that can be shown. One that can't
+    (its file gone or changed since the run) is left out, with a warning: the predictions and metrics stand
+    without it."""
     gt_of = dict(source.pairs) if source is not None else {}
+    samples = []
     for r in rows:
-        # A sample that can't be shown (its file gone or changed since the run) is left out of the figures,
-        # with a warning: the predictions and metrics stand without it.
         try:
             img = _read_image(r["image_uri"], so)
             pred = decode_label_png(r["mask_png"])
@@ -270,41 +282,45 @@ def _write_report(output_uri: str, class_names: Sequence[str], source, storage_o
             log.warning("report: sample %s left out: %s: %s", r["image_id"], type(exc).__name__, scrub(str(exc)))
             continue
         samples.append((str(r["image_id"]), img, pred, gt))
+    return samples
 
-    md = [f"# {title or ('Evaluation report' if source is not None else 'Pseudo-labelling report')}", "",
-          f"{n_ok} images segmented, {n_err} failed (see `status`/`error` in predictions/*.parquet).", ""]
-    if source is not None:
-        with fs.open(posixpath.join(root, "metrics.json"), "rb") as f:
-            result = json.load(f)
-        with fs.open(posixpath.join(root, "metrics", "confusion.npy"), "rb") as f:
-            cm = np.load(io.BytesIO(f.read()))
-        md += [f"Evaluated on {result['images']} images, {result['num_classes']} classes "
-               f"(full table: [metrics.md](metrics.md)).", "",
-               "| aAcc | mIoU | mAcc |", "|---|---|---|",
-               f"| {_fmt(result['aAcc'])} | {_fmt(result['mIoU'])} | {_fmt(result['mAcc'])} |", "",
-               "## Per-class IoU", "", f"![per-class IoU]({put('iou.png', iou_bar_chart(result))})", "",
-               "## Worst classes", "", "| class | IoU | Acc | most often predicted as |", "|---|---|---|---|"]
-        for w in worst_classes(result, cm):
-            conf = (f"{md_cell(w['confused_with'])} ({w['confused_share']:.0f}% of its pixels)"
-                    if w["confused_with"] else "–")
-            md.append(f"| {md_cell(w['name'])} | {w['iou']:.2f} | {w['acc']:.2f} | {conf} |")
-        md += ["", "## Confusion matrix", "",
-               f"![confusion matrix]({put('confusion.png', confusion_heatmap(cm, list(class_names)))})", ""]
-        if samples:
-            md += ["## Samples", "", "Image, prediction, ground truth (cream: ignored pixels; the legend names the colours).", "",
-                   f"![samples]({put('samples.png', sample_grid(samples, class_names, source.ignore_index))})", ""]
-    else:
-        pixels, images_with, conf = stats["pixels"], stats["images_with"], stats["confidence"]
-        md += ["## Class distribution", "",
-               f"![class distribution]({put('class_distribution.png', class_distribution_chart(pixels, class_names, n_ok))})",
-               "", "| class | share of pixels (%) | images |", "|---|---|---|"]
-        for i in np.argsort(-pixels):
-            if pixels[i] > 0:
-                md.append(f"| {md_cell(class_names[i])} | {pixels[i] / pixels.sum() * 100:.2f} | {images_with[i]} |")
-        md += ["", "## Confidence", "", f"![confidence]({put('confidence.png', confidence_histogram(conf))})", ""]
-        if samples:
-            md += ["## Samples", "", "Image and prediction overlaid (50%).", "",
-                   f"![samples]({put('samples.png', sample_grid(samples, class_names, overlay=True))})", ""]
-    uri = posixpath.join(output_uri.rstrip("/"), "report.md")
-    atomic_write_bytes(fs, posixpath.join(root, "report.md"), "\n".join(md).encode())
-    return uri
+
+def _evaluation_sections(fs, root: str, class_names: Sequence[str], source, samples: list, put) -> list[str]:
+    """The report's lines for a labelled run: scores, per-class IoU, worst classes, confusion, samples."""
+    with fs.open(posixpath.join(root, "metrics.json"), "rb") as f:
+        result = json.load(f)
+    with fs.open(posixpath.join(root, "metrics", "confusion.npy"), "rb") as f:
+        cm = np.load(io.BytesIO(f.read()))
+    md = [f"Evaluated on {result['images']} images, {result['num_classes']} classes "
+          f"(full table: [metrics.md](metrics.md)).", "",
+          "| aAcc | mIoU | mAcc |", "|---|---|---|",
+          f"| {_fmt(result['aAcc'])} | {_fmt(result['mIoU'])} | {_fmt(result['mAcc'])} |", "",
+          "## Per-class IoU", "", f"![per-class IoU]({put('iou.png', iou_bar_chart(result))})", "",
+          "## Worst classes", "", "| class | IoU | Acc | most often predicted as |", "|---|---|---|---|"]
+    for w in worst_classes(result, cm):
+        conf = (f"{md_cell(w['confused_with'])} ({w['confused_share']:.0f}% of its pixels)"
+                if w["confused_with"] else "–")
+        md.append(f"| {md_cell(w['name'])} | {w['iou']:.2f} | {w['acc']:.2f} | {conf} |")
+    md += ["", "## Confusion matrix", "",
+           f"![confusion matrix]({put('confusion.png', confusion_heatmap(cm, list(class_names)))})", ""]
+    if samples:
+        md += ["## Samples", "", "Image, prediction, ground truth (cream: ignored pixels; the legend names the "
+               "colours).", "",
+               f"![samples]({put('samples.png', sample_grid(samples, class_names, source.ignore_index))})", ""]
+    return md
+
+
+def _pseudo_label_sections(stats: dict, class_names: Sequence[str], samples: list, put) -> list[str]:
+    """The report's lines for an unlabelled run: class distribution, confidence, samples."""
+    pixels, images_with, conf = stats["pixels"], stats["images_with"], stats["confidence"]
+    chart = put("class_distribution.png", class_distribution_chart(pixels, class_names, stats["ok"]))
+    md = ["## Class distribution", "", f"![class distribution]({chart})", "",
+          "| class | share of pixels (%) | images |", "|---|---|---|"]
+    for i in np.argsort(-pixels):
+        if pixels[i] > 0:
+            md.append(f"| {md_cell(class_names[i])} | {pixels[i] / pixels.sum() * 100:.2f} | {images_with[i]} |")
+    md += ["", "## Confidence", "", f"![confidence]({put('confidence.png', confidence_histogram(conf))})", ""]
+    if samples:
+        md += ["## Samples", "", "Image and prediction overlaid (50%).", "",
+               f"![samples]({put('samples.png', sample_grid(samples, class_names, overlay=True))})", ""]
+    return md

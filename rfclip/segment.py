@@ -5,10 +5,10 @@
 
 (also ``python -m rfclip.segment``). A folder stands for the images below it (recursively, sorted).
 
-Writes ``DIR/<stem>.png``, a palette PNG whose pixel values are class indices, and with ``--overlay``
-``DIR/<stem>_overlay.png``, the image with coloured classes and a legend. No output overwrites
-another: images whose stems clash keep their suffix (``a.jpg.png``, ``a.png.png``), then their folder
-(``x/a.jpg.png``); see :func:`output_names`.
+Writes ``DIR/<stem>.png``, a palette PNG whose pixel values are class indices (a 16-bit grey PNG above
+256 classes, which no palette holds), and with ``--overlay`` ``DIR/<stem>_overlay.png``, the image with
+coloured classes and a legend. No output overwrites another: images whose stems clash keep their suffix
+(``a.jpg.png``, ``a.png.png``), then their folder (``x/a.jpg.png``); see :func:`output_names`.
 """
 from __future__ import annotations
 
