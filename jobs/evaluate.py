@@ -94,8 +94,13 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
 
 def _has_metrics(fs, root: str, benchmark: str, method: str) -> bool:
     """Whether the pair's folder holds metrics.md (False where the store can't say: the note is a hint)."""
+    return _exists(fs, posixpath.join(root, benchmark, method, "metrics.md"))
+
+
+def _exists(fs, path: str) -> bool:
+    """``fs.exists(path)``, False where the store can't say."""
     try:
-        return fs.exists(posixpath.join(root, benchmark, method, "metrics.md"))
+        return fs.exists(path)
     except OSError:
         return False
 
@@ -135,6 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     log.debug("%s x %s: the traceback", b, m, exc_info=True)
                 if had_metrics:
                     kept.add((b, m))
+    if not results and _exists(fs, posixpath.join(root, "comparison.json")):
+        # Every pair failed (a changed --limit, say): the comparison an earlier run wrote stays as it was.
+        log.error("every pair failed; the earlier comparison.md and comparison.json under %s are kept",
+                  storage.scrub(args.output))
+        return 1
     val_images = {b: rb.BENCHMARKS[b].val_images for b in args.benchmarks}
     table = build_comparison(results, args.benchmarks, args.methods, val_images,
                              pamr=bool(args.settings.get("pamr", False)))

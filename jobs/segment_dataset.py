@@ -141,13 +141,19 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         if len(images) < len(listed.items):
             log.info("%d files under --labels %s are labels, not input images", len(listed.items) - len(images),
                      args.labels)
-        unreadable = [it for it in images if it.get("error")]     # error rows: no label to pair
+        images = sorted(images, key=lambda it: it["image_uri"])
+        chosen = images[:args.limit]                               # only these need a label
+        unreadable = [it for it in chosen if it.get("error")]     # error rows: no label to pair
+        if chosen and len(unreadable) == len(chosen):
+            raise ValueError(f"none of the {len(chosen)} images to score can be read, e.g. "
+                             f"{storage.scrub(unreadable[0]['image_uri'])}: {unreadable[0]['error']}")
         src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in images
                                                                    if not it.get("error")],
                                    class_names=_class_names(cfg), ignore_index=args.ignore_index,
-                                   storage_options=so, image_root=listed.root)
+                                   storage_options=so, image_root=listed.root, transform=_label_transform(cfg, args),
+                                   limit=len(chosen) - len(unreadable))
         cfg.items, cfg.labels = labelled_job_inputs(src)
-        cfg.items = sorted(cfg.items + unreadable, key=lambda it: it["image_uri"])[:args.limit]
+        cfg.items = sorted(cfg.items + unreadable, key=lambda it: it["image_uri"])
         cfg.input_root = listed.root
         return src
     else:
@@ -188,8 +194,23 @@ def _manifest_labels(cfg: JobConfig, args: argparse.Namespace):
         raise FileNotFoundError(f"{len(unlabelled)} of {len(items)} manifest entries have no label_uri, "
                                 f"e.g. {[storage.scrub(u) for u in unlabelled[:3]]}")
     pairs = [(it["image_uri"], it["label_uri"]) for it in items]
-    return LabelledSource("manifest", pairs, _class_names(cfg), args.ignore_index, "identity",
+    return LabelledSource("manifest", pairs, _class_names(cfg), args.ignore_index, _label_transform(cfg, args),
                           cfg.storage_options or {})
+
+
+def _label_transform(cfg: JobConfig, args: argparse.Namespace) -> str:
+    """How ``--labels`` / manifest labels are decoded: as class indices, or with ``--benchmark``, as that
+    benchmark decodes its own annotation files (ADE20K's and VOC20's reduce_zero_label, COCO-Object's
+    mapping from COCO-Stuff), so its files score as they do under ``--data-root``."""
+    from pipeline.datasets import BENCHMARK_LAYOUTS
+
+    transform = BENCHMARK_LAYOUTS[cfg.benchmark].transform if cfg.benchmark in BENCHMARK_LAYOUTS else "identity"
+    if transform != "identity":
+        if args.ignore_index != 255:
+            raise ValueError(f"--benchmark {cfg.benchmark} decodes the labels as its own ({transform}), which "
+                             f"ignores 255; --ignore-index {args.ignore_index} does not apply")
+        log.info("labels decoded as %s's annotation files are (%s)", cfg.benchmark, transform)
+    return transform
 
 
 def finish(cfg: JobConfig, src) -> dict:

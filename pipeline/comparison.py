@@ -68,7 +68,7 @@ def comparison_markdown(table: dict, title: str = "mIoU comparison") -> str:
     cols = table["benchmarks"]
     head = [COLUMN_TITLES.get(b, b) for b in cols] + ["avg"]
     lines = [f"# {title}", "",
-             "Cells: **measured mIoU** (published, ViT-B/16 OpenAI weights, METHODS.md §2) "
+             "Cells: **measured mIoU** (published, ViT-B/16 OpenAI weights, docs/METHODS.md §2) "
              "n=images evaluated[/full val split]. – : not run or failed. A partial split is not "
              "comparable to the published number.", "",
              "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]

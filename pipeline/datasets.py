@@ -182,9 +182,11 @@ def open_labelled_source(
     storage_options: Optional[dict] = None,
     limit: Optional[int] = None,
     image_root: Optional[str] = None,
+    transform: str = "identity",
 ) -> LabelledSource:
     """Open a benchmark (``benchmark`` + ``data_root``) or custom labels (``labels`` + ``image_uris``
-    + ``class_names``); see the module docstring."""
+    + ``class_names``, decoded with ``transform``: a benchmark's, for labels in its encoding); see the
+    module docstring."""
     so = dict(storage_options or {})
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -193,11 +195,14 @@ def open_labelled_source(
             raise ValueError("give either benchmark= or labels=, not both")
         if data_root is None:
             raise ValueError("benchmark= needs data_root=")
-        src = _open_benchmark(benchmark, data_root, so)
+        src = _open_benchmark(benchmark, data_root, so, limit)
     else:
         if labels is None or image_uris is None or class_names is None:
             raise ValueError("custom labels need labels=, image_uris= and class_names=")
-        src = _open_custom(labels, list(image_uris), list(class_names), int(ignore_index), so, image_root)
+        if transform not in _TRANSFORMS:
+            raise ValueError(f"unknown label transform {transform!r}; known: {sorted(_TRANSFORMS)}")
+        src = _open_custom(labels, list(image_uris), list(class_names), int(ignore_index), so, image_root, limit)
+        src.transform = transform
     if limit is not None:
         src.pairs = src.pairs[:limit]
     return src
@@ -227,7 +232,9 @@ def _find_dataset_dir(fs, root: str, layout: Layout, benchmark: str) -> str:
         f"{benchmark}: no prepared dataset under {root!r}; looked for: {', '.join(tried)}")
 
 
-def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
+def _open_benchmark(benchmark: str, data_root: str, so: dict, limit: Optional[int] = None) -> LabelledSource:
+    """The benchmark's split under ``data_root``: its first ``limit`` images (in the split file's order, else
+    sorted), each checked for its image and label file; the images past ``limit`` are not checked."""
     import rfclip.benchmarks as rb  # the presets: class names, reduce_zero_label
 
     if benchmark not in BENCHMARK_LAYOUTS:
@@ -246,7 +253,7 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
         split = posixpath.join(ds, layout.split_file)
         if not fs.isfile(split):
             raise FileNotFoundError(f"{benchmark}: split file {split} not found")
-        ids = [ln.strip() for ln in fs.cat_file(split).decode().splitlines() if ln.strip()]
+        ids = [ln.strip() for ln in fs.cat_file(split).decode().splitlines() if ln.strip()][:limit]
         images_present = set(_list_files(fs, img_dir, layout.image_suffix))
         images = [posixpath.join(img_dir, i + layout.image_suffix) for i in ids]
         missing_img = [p for p in images if p not in images_present]
@@ -254,7 +261,7 @@ def _open_benchmark(benchmark: str, data_root: str, so: dict) -> LabelledSource:
             raise FileNotFoundError(f"{benchmark}: {len(missing_img)} images listed in {split} are "
                                     f"missing, e.g. {missing_img[:3]}")
     else:
-        images = _list_files(fs, img_dir, layout.image_suffix)
+        images = sorted(_list_files(fs, img_dir, layout.image_suffix))[:limit]
     pairs, missing = [], []
     for img in images:
         rel = posixpath.relpath(img, img_dir)
@@ -278,12 +285,13 @@ def _relative_stem(path: str, root: Optional[str]) -> Optional[str]:
 
 
 def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ignore_index: int,
-                 so: dict, image_root: Optional[str] = None) -> LabelledSource:
+                 so: dict, image_root: Optional[str] = None, limit: Optional[int] = None) -> LabelledSource:
     """Pair each image with ``<labels>/<sub>/<stem>.png`` where it lies at ``<image_root>/<sub>/<stem>.*``
     (labels laid out as the images are). An image without one takes the label file of its stem anywhere
     under ``labels``, as long as neither that stem nor that file could belong to another image: a
     flat folder of labels serves nested images with distinct stems. Anything else is an error, never a
-    guess."""
+    guess. With ``limit``, only the first ``limit`` images are paired (and need a label), but a stem is
+    still shared with every image given, so a ``--limit`` run pairs as the full run does."""
     if not image_uris:
         raise ValueError("custom labels: no images given")
     if not class_names:
@@ -299,7 +307,7 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
     rels = [_relative_stem(img, image_root) for img in image_uris]
     image_stems, image_rels = Counter(image_stem(img) for img in image_uris), Counter(rels)
     pairs, missing, ambiguous = [], [], []
-    for img, rel in zip(image_uris, rels):
+    for img, rel in list(zip(image_uris, rels))[:limit]:
         lab = by_rel.get(rel) if rel is not None else None
         if lab is not None and image_rels[rel] > 1:           # a/0.jpg and a/0.png: one label, two images
             ambiguous.append(f"{img} ({image_rels[rel]} images are {rel!r} with another extension)")
@@ -322,6 +330,6 @@ def _open_custom(labels: str, image_uris: list[str], class_names: list[str], ign
                          f"{ambiguous[:2]}. Lay the labels out as the images are (<labels>/<sub>/<stem>.png for "
                          f"<input>/<sub>/<stem>.jpg), or pair them in a Parquet manifest (--labels-from-manifest)")
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(image_uris)} images have no label "
+        raise FileNotFoundError(f"{len(missing)} of {len(image_uris[:limit])} images have no label "
                                 f"<stem>.png in {labels}, e.g. {missing[:3]}")
     return LabelledSource("custom", pairs, class_names, ignore_index, "identity", so)

@@ -75,11 +75,17 @@ class JobConfig:
 
 def labelled_job_inputs(src) -> tuple[list[dict], LabelSpec]:
     """``(items, LabelSpec)`` from a ``pipeline.datasets.LabelledSource`` (``pairs``, ``decode_label``...)."""
+    from .datasets import BENCHMARK_LAYOUTS
+
     items = [{"image_uri": i, "label_uri": l} for i, l in src.pairs]
+    identity = {"num_classes": int(src.num_classes), "ignore_index": int(src.ignore_index),
+                "class_names": list(src.class_names)}
+    if src.name not in BENCHMARK_LAYOUTS and src.transform != "identity":
+        # Your labels decoded as a benchmark's (--benchmark with --labels): recorded, so a run that read
+        # them as class indices does not resume. A benchmark's own source implies its decoding by its name.
+        identity["label_transform"] = src.transform
     spec = LabelSpec(decode_label=src.decode_label, num_classes=int(src.num_classes),
-                     ignore_index=int(src.ignore_index),
-                     identity={"num_classes": int(src.num_classes), "ignore_index": int(src.ignore_index),
-                               "class_names": list(src.class_names)})
+                     ignore_index=int(src.ignore_index), identity=identity)
     return items, spec
 
 

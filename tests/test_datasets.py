@@ -267,3 +267,35 @@ def test_an_ignore_index_that_is_also_a_class_is_refused():
     with pytest.raises(ValueError, match=r"ignore index 255 is also class 255 \('c255'\).*--ignore-index"):
         LabelledSource("custom", [], names, 255)
     assert LabelledSource("custom", [], names, 65535).num_classes == 300
+
+
+def test_limit_checks_only_the_images_it_takes(tmp_path):
+    """A --limit run is not stopped by a missing label past the limit; a flat label folder pairs a --limit
+    run as the full run does (a stem shared with an image past the limit is still ambiguous)."""
+    import shutil
+
+    data = shared_data_dir() / "voc2012-mini"
+    copy = tmp_path / "voc"
+    shutil.copytree(data, copy)
+    last = (copy / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[-1]
+    (copy / "SegmentationClass" / f"{last}.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 images have no label file"):
+        open_labelled_source("voc21", data_root=str(copy))
+    assert len(open_labelled_source("voc21", data_root=str(copy), limit=3).pairs) == 3
+
+    images, labels = tmp_path / "img", tmp_path / "lab"
+    for sub in ("a", "b"):
+        (images / sub).mkdir(parents=True)
+    labels.mkdir()
+    for rel in ("a/x.jpg", "a/y.jpg", "b/x.jpg", "b/z.jpg"):
+        (images / rel).write_bytes(b"")
+    for stem in ("x", "y"):                                          # flat labels; none for z
+        (labels / f"{stem}.png").write_bytes(b"")
+    uris = sorted(str(p) for p in images.rglob("*.jpg"))             # a/x, a/y, b/x, b/z
+    kw = dict(labels=str(labels), class_names=["a", "b"], image_root=str(images))
+    src = open_labelled_source(image_uris=uris[1:], limit=1, **kw)   # a/y alone: its label is y.png
+    assert [posixpath.basename(l) for _, l in src.pairs] == ["y.png"]
+    with pytest.raises(ValueError, match="can't be paired"):         # a/x: x.png could be b/x's too
+        open_labelled_source(image_uris=uris, limit=1, **kw)
+    with pytest.raises(FileNotFoundError, match="have no label"):    # b/z, within the limit
+        open_labelled_source(image_uris=uris[1:2] + uris[3:], limit=2, **kw)

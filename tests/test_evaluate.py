@@ -92,15 +92,22 @@ def test_evaluate_end_to_end(tmp_path, ray_local, tiny_model, capsys):
             assert "figures/confusion.png" in text and (run / "figures/samples.png").is_file()
     md = (out / "comparison.md").read_text()
     assert re.search(r"\| clip \| \*\*[0-9.]+\*\* \(49\.1\) n=2/1449 \| \*\*[0-9.]+\*\* \(3\.2\) n=2/2000 \|", md)
-    # Another --limit into the same output is a refusal: said in one line, naming the cause, no traceback;
-    # the table marks the pair failed and points at the metrics the earlier run left.
+    # Another --limit into the same output is a refusal: said in one line, naming the cause, no traceback.
+    # Where every pair is refused, the earlier comparison stays as it was.
     capsys.readouterr()
-    rc = evaluate.main(["--data-root", str(root), "--benchmarks", "voc20", "--methods", "clip", "--limit", "3",
-                        "--model", str(cfg), "--weights", str(weights), "--output", str(out), "--shard-size", "1"])
+    before = {n: (out / n).read_bytes() for n in ("comparison.md", "comparison.json")}
+    again = ["--data-root", str(root), "--benchmarks", "voc20", "--limit", "3", "--model", str(cfg),
+             "--weights", str(weights), "--output", str(out), "--shard-size", "1"]
+    rc = evaluate.main(again + ["--methods", "clip"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and "another --limit" in err and "failed: ConfigMismatch:" in err
+    assert "earlier comparison.md and comparison.json" in err
+    assert {n: (out / n).read_bytes() for n in before} == before
+    # Where another pair runs, the table marks the refused one failed and points at the metrics it left.
+    rc = evaluate.main(again + ["--methods", "clip,maskclip"])
     md = (out / "comparison.md").read_text()
-    assert "| clip | failed (49.1) |" in md and "an earlier run's metrics are kept in voc20/clip/metrics.md" in md
+    assert rc == 1 and "| clip | failed (49.1) |" in md
+    assert "\n  (an earlier run's metrics are kept in voc20/clip/metrics.md)" in md
 
 
 @pytest.mark.parametrize("how", ["@file", "env"])

@@ -344,3 +344,27 @@ def test_overwrite_is_spent_once_the_outputs_are_cleared(tiny_model, tmp_path):
     assert run_record.start_or_resume(cfg, [], {"input": "x"}, probe).pending == []
     assert cfg.overwrite is False and not (out / "predictions" / "shard-00000.parquet").exists()
     assert sinks.read_json(str(out), None, sinks.RUN_JSON)["config"] == {"input": "x"}
+
+
+def test_a_benchmarks_own_label_files_given_with_labels_score_as_under_data_root(ray_local, tiny_model, tmp_path,
+                                                                                 caplog):
+    """--benchmark ade20k --labels <ADE20K's annotations> decodes them as ADE20K does (reduce_zero_label):
+    the same confusion matrix as --data-root. Read as class indices, 'other' (0) would be scored as 'wall'."""
+    from jobs.segment_dataset import main
+
+    data = shared_data_dir() / "ade20k-mini"
+    common = ["--limit", "2"] + model_flags(tiny_model)
+    assert main(["--benchmark", "ade20k", "--data-root", str(data), "--output", str(tmp_path / "root")] + common) == 0
+    with caplog.at_level("INFO", logger="segment_dataset"):
+        assert main(["--benchmark", "ade20k", "--input", str(data / "images" / "validation"), "--labels",
+                     str(data / "annotations" / "validation"), "--output", str(tmp_path / "labels")] + common) == 0
+    assert "decoded as ade20k's annotation files are (reduce_zero_label)" in caplog.text
+    root, labels = (np.load(tmp_path / d / "metrics" / "confusion.npy") for d in ("root", "labels"))
+    np.testing.assert_array_equal(root, labels)
+    raw = np.asarray(Image.open(sorted((data / "annotations" / "validation").iterdir())[0]))
+    assert (raw == 0).any()                                    # 'other' pixels exist and were ignored, not scored
+    assert json.loads((tmp_path / "labels" / "run.json").read_text())["config"]["labels"]["label_transform"] == \
+        "reduce_zero_label"
+    assert main(["--benchmark", "ade20k", "--input", str(data / "images" / "validation"), "--labels",
+                 str(data / "annotations" / "validation"), "--ignore-index", "0", "--output",
+                 str(tmp_path / "other")] + common) == 2
