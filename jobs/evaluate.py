@@ -79,7 +79,7 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
     cfg = JobConfig(output=out, storage_options=so or None, benchmark=benchmark, method=method,
                     model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
                     quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std,
-                    precision=args.precision, settings=dict(args.settings), shard_size=args.shard_size,
+                    precision=args.precision, settings=_settings_for(method, args.settings), shard_size=args.shard_size,
                     batch_size=args.batch_size, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
                     ray_address=args.ray_address,
                     overwrite=args.overwrite, items=items, input_root=src.root, labels=labels)
@@ -90,6 +90,16 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
         log.warning("%s x %s: %d images could not be segmented and are not scored (see %s/metrics.md)",
                     benchmark, method, result["images_failed"], out)
     return result
+
+
+def _settings_for(method: str, settings: dict) -> dict:
+    """``--setting`` values for ``method``: those only other methods use (``distraction_dims`` for ``clip``)
+    are left out, so one command can set them for the methods that use them, without a warning per
+    worker of the others (main logs them once)."""
+    from rfclip.settings import unused_settings
+
+    unused = set(unused_settings(method, settings))
+    return {k: v for k, v in settings.items() if k not in unused}
 
 
 def _has_metrics(fs, root: str, benchmark: str, method: str) -> bool:
@@ -123,6 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
             return 2
     fs, root = storage.get_fs(args.output.rstrip("/"), so)
+    from rfclip.settings import unused_settings
+    for m in args.methods:
+        unused = unused_settings(m, args.settings)
+        if unused:
+            log.info("--setting %s: not used by %s, left out of its runs", ", ".join(unused), m)
     results, errors, kept = {}, {}, set()
     for b in args.benchmarks:
         for m in args.methods:
@@ -140,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     log.debug("%s x %s: the traceback", b, m, exc_info=True)
                 if had_metrics:
                     kept.add((b, m))
-    if not results and _exists(fs, posixpath.join(root, "comparison.json")):
+    if not results and not args.overwrite and _exists(fs, posixpath.join(root, "comparison.json")):
         # Every pair failed (a changed --limit, say): the comparison an earlier run wrote stays as it was.
         log.error("every pair failed; the earlier comparison.md and comparison.json under %s are kept",
                   storage.scrub(args.output))

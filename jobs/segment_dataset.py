@@ -55,12 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation (optional): labelled data -> metrics.json, metrics.md, report.md")
     e.add_argument("--data-root", help="with --benchmark: the MMSegmentation-style data/ folder (local or fsspec)")
     e.add_argument("--labels", help="folder of label PNGs laid out as the images (<labels>/<sub>/<stem>.png), or "
-                                    "named by unique stems (class index = vocabulary order)")
+                                    "named by unique stems (values: see --label-encoding)")
     e.add_argument("--labels-from-manifest", action="store_true",
-                   help="score against the label_uri column of a Parquet/CSV/TSV --input manifest (label PNGs, "
-                        "class index = vocabulary order)")
+                   help="score against the label_uri column of a Parquet/CSV/TSV --input manifest (label PNGs; "
+                        "values: see --label-encoding)")
     e.add_argument("--ignore-index", type=int, default=255,
                    help="label value ignored with --labels or --labels-from-manifest")
+    e.add_argument("--label-encoding", choices=("indices", "benchmark"),
+                   help="what --labels / manifest label values are: class indices in vocabulary order, or, with "
+                        "--benchmark, that benchmark's own annotation encoding (ADE20K, VOC20, Context59: 0 "
+                        "ignored and the rest shifted down; COCO-Object: COCO-Stuff trainIds). Needed with a "
+                        "--benchmark whose encoding differs from class indices")
     e.add_argument("--limit", type=positive_int, help="use only the first N images (sorted / split-file order)")
     v = p.add_argument_group("vocabulary (exactly one)")
     v.add_argument("--vocabulary", help='"sky, cloud; road; car": ";" between classes, ", " between synonyms')
@@ -114,6 +119,9 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
     from pipeline.datasets import open_labelled_source
 
     so = cfg.storage_options
+    if args.label_encoding and not (args.labels or args.labels_from_manifest):
+        raise ValueError("--label-encoding says how --labels or --labels-from-manifest labels are encoded; "
+                         "give one of those (--data-root reads a benchmark's own files as it encodes them)")
     if args.data_root and (args.labels or args.labels_from_manifest):
         raise ValueError("--data-root reads the benchmark's own labels: drop --labels / --labels-from-manifest")
     if args.data_root:
@@ -144,7 +152,9 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         images = sorted(images, key=lambda it: it["image_uri"])
         chosen = images[:args.limit]                               # only these need a label
         unreadable = [it for it in chosen if it.get("error")]     # error rows: no label to pair
-        if chosen and len(unreadable) == len(chosen):
+        if not chosen:
+            raise ValueError(f"no input images under {args.input} beside the labels")
+        if len(unreadable) == len(chosen):
             raise ValueError(f"none of the {len(chosen)} images to score can be read, e.g. "
                              f"{storage.scrub(unreadable[0]['image_uri'])}: {unreadable[0]['error']}")
         src = open_labelled_source(labels=args.labels, image_uris=[it["image_uri"] for it in images
@@ -199,18 +209,30 @@ def _manifest_labels(cfg: JobConfig, args: argparse.Namespace):
 
 
 def _label_transform(cfg: JobConfig, args: argparse.Namespace) -> str:
-    """How ``--labels`` / manifest labels are decoded: as class indices, or with ``--benchmark``, as that
-    benchmark decodes its own annotation files (ADE20K's and VOC20's reduce_zero_label, COCO-Object's
-    mapping from COCO-Stuff), so its files score as they do under ``--data-root``."""
+    """How ``--labels`` / manifest labels are decoded (``--label-encoding``): as class indices, or as
+    ``--benchmark`` decodes its own annotation files (ADE20K's and VOC20's reduce_zero_label, COCO-Object's
+    mapping from COCO-Stuff), so its files score as they do under ``--data-root``. Where the two differ,
+    the flag is required: either guess would score the other kind of file wrong, with no error."""
     from pipeline.datasets import BENCHMARK_LAYOUTS
 
-    transform = BENCHMARK_LAYOUTS[cfg.benchmark].transform if cfg.benchmark in BENCHMARK_LAYOUTS else "identity"
-    if transform != "identity":
-        if args.ignore_index != 255:
-            raise ValueError(f"--benchmark {cfg.benchmark} decodes the labels as its own ({transform}), which "
-                             f"ignores 255; --ignore-index {args.ignore_index} does not apply")
-        log.info("labels decoded as %s's annotation files are (%s)", cfg.benchmark, transform)
-    return transform
+    encoding = args.label_encoding
+    if encoding == "benchmark" and not cfg.benchmark:
+        raise ValueError("--label-encoding benchmark needs --benchmark NAME (whose encoding to read)")
+    own = BENCHMARK_LAYOUTS[cfg.benchmark].transform if cfg.benchmark in BENCHMARK_LAYOUTS else "identity"
+    if own == "identity":
+        return "identity"                     # the benchmark's files hold class indices: both read alike
+    if encoding is None:
+        raise ValueError(f"--benchmark {cfg.benchmark} encodes its own label files otherwise than as class "
+                         f"indices ({own}): say which your labels are, --label-encoding benchmark (copies of "
+                         f"{cfg.benchmark}'s annotation files) or --label-encoding indices (values are indices "
+                         f"into its classes)")
+    if encoding == "indices":
+        return "identity"
+    if args.ignore_index != 255:
+        raise ValueError(f"--label-encoding benchmark reads {cfg.benchmark}'s own encoding, which ignores 255; "
+                         f"--ignore-index {args.ignore_index} does not apply")
+    log.info("labels decoded as %s's annotation files are (%s)", cfg.benchmark, own)
+    return own
 
 
 def finish(cfg: JobConfig, src) -> dict:

@@ -67,6 +67,19 @@ def without_execution(seg_config: dict) -> dict:
     return out
 
 
+def _used_settings(seg: dict) -> dict:
+    """``seg`` (a segmenter config) without the settings its method does not use
+    (``rfclip.settings.METHOD_SPECIFIC_SETTINGS``): they leave its results alone, so a run that set one
+    (``distraction_dims`` for ``clip``, as an evaluation over several methods did) resumes without it."""
+    from rfclip.settings import unused_settings
+
+    settings = seg.get("settings") if isinstance(seg, dict) else None
+    if not isinstance(settings, dict) or not isinstance(seg.get("method"), str):
+        return seg
+    drop = set(unused_settings(seg["method"], settings))
+    return {**seg, "settings": {k: v for k, v in settings.items() if k not in drop}}
+
+
 def _with_normalisation(old: dict) -> dict:
     """run.json files from before the image normalisation was recorded: the one they used, OpenAI's."""
     from rfclip.weights import OPENAI_MEAN, OPENAI_STD
@@ -194,6 +207,8 @@ def _check_identity(cfg, previous: Optional[dict], ident: dict, committed: set) 
     old = dict(previous.get("config", {}))
     if isinstance(old.get("segmenter"), dict):     # run.json files before EXECUTION_SETTINGS held them
         old["segmenter"] = _respelled(_with_normalisation(without_execution(old["segmenter"])), ident["segmenter"])
+        old["segmenter"] = _used_settings(old["segmenter"])
+        ident = {**ident, "segmenter": _used_settings(ident["segmenter"])}
     old["labels"] = _with_background_name(old.get("labels"), ident.get("labels"))
     old_input = old.get("input")
     if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed

@@ -9,6 +9,7 @@ per image.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
@@ -78,8 +79,14 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     available is an error now, not at the first tensor."""
     if device is None or device == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
-        raise TypeError(f"device is a string ('cpu', 'cuda', 'cuda:1'), a torch.device or None, not {device!r}")
+    if not isinstance(device, (str, torch.device)):
+        try:
+            if isinstance(device, bool):
+                raise TypeError
+            device = operator.index(device)                          # a CUDA index (numpy ints too)
+        except TypeError:
+            raise TypeError(f"device is a string ('cpu', 'cuda', 'cuda:1'), a CUDA index, a torch.device or "
+                            f"None, not {device!r}") from None
     try:
         picked = torch.device(device)
     except RuntimeError:
@@ -147,7 +154,8 @@ class Segmenter:
         self.settings = make_settings(method, *layers, settings)
         unused = unused_settings(method, settings)
         if unused:
-            warn(f"method {method!r} does not read the setting(s) {unused}: they change nothing here", UserWarning)
+            warn(f"method {method!r} does not use the setting(s) {unused}: its results do not depend on them",
+                 UserWarning)
         if vocabulary is None:
             if benchmark is None:
                 raise ValueError("give a vocabulary (or a benchmark whose classes to use)")
@@ -412,13 +420,16 @@ class Segmenter:
         """Segment several images at once; crops of all of them share forward batches.
 
         Args:
-            images: PIL images or ``(H, W[, C])`` arrays (converted with ``to_rgb_array``).
+            images: a list (any iterable) of PIL images or ``(H, W[, C])`` arrays (converted with
+                ``to_rgb_array``), or one ``(B, H, W, C)`` array.
             original_sizes: if given, ``images`` are already resized with
                 ``resize_short_side(img, settings.short_side, settings.max_long_side)`` (for example in a
                 CPU task) and each prediction comes back at ``original_sizes[i]`` ``(H, W)``.
         Returns:
             one :class:`Prediction` per image, at its original size.
         """
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)                                    # (B, H, W, C): a batch of arrays
         if isinstance(images, (np.ndarray, torch.Tensor, str, bytes)) or hasattr(images, "getpixel"):
             raise TypeError(f"segment_batch takes a list of images, not one {type(images).__name__}: "
                             f"segment_batch([image]), or predict(image)")

@@ -171,9 +171,10 @@ _RANGES = {
     "mean_vector_weight": (0, 1, False), "tau": (0, None, False), "min_received_attention": (0, 1, False),
     "ncut_iters": (1, None, False), "global_input_size": (1, None, False),
 }
-# The settings only some methods read; every other setting (labels, windows, precision, plan, ...) is read
-# by all of them. A method given one it does not read computes the same thing as without it
-# (Segmenter warns).
+# The settings only some methods use; every other setting (labels, windows, precision, plan, ...) is used
+# by all of them. A method given one it does not use computes the same thing as without it (Segmenter
+# warns). The kernel and solver settings also pick every method's plan (resolve_plan), which changes how
+# a forward runs, not what it computes.
 METHOD_SPECIFIC_SETTINGS: dict[str, frozenset] = {
     "naclip": frozenset({"naclip_sigma"}),
     "rfclip": frozenset({"tau", "distraction_dims", "min_received_attention", "lam", "distractor_attention",

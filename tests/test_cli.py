@@ -227,3 +227,12 @@ def test_job_help_gives_each_flag_its_default_once(capsys):
             main(["--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "default: None" not in text and "(default: 1000)" in text and "(default: ViT-B-16)" in text
+
+
+def test_evaluate_passes_each_method_only_the_settings_it_uses():
+    from jobs import evaluate
+
+    given = {"distraction_dims": [1, 2], "lam": 0.5, "logit_scale": 40.0}
+    assert evaluate._settings_for("clip", given) == {"logit_scale": 40.0}
+    assert evaluate._settings_for("rfclip", given) == given
+    assert evaluate._settings_for("rfclip-release", given) == {"distraction_dims": [1, 2], "logit_scale": 40.0}

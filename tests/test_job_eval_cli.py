@@ -347,17 +347,22 @@ def test_overwrite_is_spent_once_the_outputs_are_cleared(tiny_model, tmp_path):
 
 
 def test_a_benchmarks_own_label_files_given_with_labels_score_as_under_data_root(ray_local, tiny_model, tmp_path,
-                                                                                 caplog):
-    """--benchmark ade20k --labels <ADE20K's annotations> decodes them as ADE20K does (reduce_zero_label):
-    the same confusion matrix as --data-root. Read as class indices, 'other' (0) would be scored as 'wall'."""
+                                                                                 caplog, capsys):
+    """--benchmark ade20k --labels <ADE20K's annotations> --label-encoding benchmark decodes them as ADE20K
+    does (reduce_zero_label): the same confusion matrix as --data-root. Read as class indices, 'other' (0)
+    would be scored as 'wall'; as the two readings differ, the flag is required."""
     from jobs.segment_dataset import main
 
     data = shared_data_dir() / "ade20k-mini"
     common = ["--limit", "2"] + model_flags(tiny_model)
+    labelled = ["--benchmark", "ade20k", "--input", str(data / "images" / "validation"), "--labels",
+                str(data / "annotations" / "validation")]
+    assert main(labelled + ["--output", str(tmp_path / "unsaid")] + common) == 2
+    assert "say which your labels are, --label-encoding benchmark" in capsys.readouterr().err
+    assert not (tmp_path / "unsaid").exists()
     assert main(["--benchmark", "ade20k", "--data-root", str(data), "--output", str(tmp_path / "root")] + common) == 0
     with caplog.at_level("INFO", logger="segment_dataset"):
-        assert main(["--benchmark", "ade20k", "--input", str(data / "images" / "validation"), "--labels",
-                     str(data / "annotations" / "validation"), "--output", str(tmp_path / "labels")] + common) == 0
+        assert main(labelled + ["--label-encoding", "benchmark", "--output", str(tmp_path / "labels")] + common) == 0
     assert "decoded as ade20k's annotation files are (reduce_zero_label)" in caplog.text
     root, labels = (np.load(tmp_path / d / "metrics" / "confusion.npy") for d in ("root", "labels"))
     np.testing.assert_array_equal(root, labels)
@@ -365,6 +370,12 @@ def test_a_benchmarks_own_label_files_given_with_labels_score_as_under_data_root
     assert (raw == 0).any()                                    # 'other' pixels exist and were ignored, not scored
     assert json.loads((tmp_path / "labels" / "run.json").read_text())["config"]["labels"]["label_transform"] == \
         "reduce_zero_label"
-    assert main(["--benchmark", "ade20k", "--input", str(data / "images" / "validation"), "--labels",
-                 str(data / "annotations" / "validation"), "--ignore-index", "0", "--output",
+    assert main(labelled + ["--label-encoding", "indices", "--output", str(tmp_path / "indices")] + common) == 0
+    assert not np.array_equal(np.load(tmp_path / "indices" / "metrics" / "confusion.npy"), root)   # raw values
+    capsys.readouterr()
+    assert main(labelled + ["--label-encoding", "benchmark", "--ignore-index", "0", "--output",
+                            str(tmp_path / "other")] + common) == 2
+    assert "does not apply" in capsys.readouterr().err
+    assert main(["--benchmark", "ade20k", "--data-root", str(data), "--label-encoding", "indices", "--output",
                  str(tmp_path / "other")] + common) == 2
+    assert "--label-encoding says how --labels" in capsys.readouterr().err

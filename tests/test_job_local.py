@@ -628,3 +628,25 @@ def test_labels_naming_a_class_files_background_line_sky_resume_as_background(tm
         old = {**ident, "labels": {**labels, "class_names": names}}
         with pytest.raises(ConfigMismatch, match="labels.class_names"):
             _check_identity(cfg, {"config": old}, ident, {"shard-00000"})
+
+
+def test_a_setting_the_method_does_not_use_is_no_reason_to_refuse_a_resume(tmp_path):
+    """An evaluation over several methods once passed distraction_dims to clip too: its clip outputs
+    resume without it (clip's results never depended on it); for rfclip the same change is refused."""
+    from types import SimpleNamespace
+
+    from pipeline.run_record import ConfigMismatch, _check_identity
+
+    cfg = SimpleNamespace(storage_options=None, output=str(tmp_path))
+
+    def ident(method, dims):
+        seg = {"method": method, "settings": {"distraction_dims": dims, "lam": 0.7, "logit_scale": 40.0}}
+        return {"input": str(tmp_path), "labels": None, "segmenter": seg}
+
+    _check_identity(cfg, {"config": ident("clip", [1, 2])}, ident("clip", None), {"shard-00000"})
+    with pytest.raises(ConfigMismatch, match="segmenter.settings.distraction_dims"):
+        _check_identity(cfg, {"config": ident("rfclip", [1, 2])}, ident("rfclip", None), {"shard-00000"})
+    old = ident("clip", [1, 2])
+    old["segmenter"]["settings"]["logit_scale"] = 50.0                  # a setting clip uses: refused
+    with pytest.raises(ConfigMismatch, match="logit_scale"):
+        _check_identity(cfg, {"config": old}, ident("clip", None), {"shard-00000"})

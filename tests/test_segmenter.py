@@ -208,6 +208,7 @@ def test_api_misuse_is_a_clear_error_not_a_wrong_result(tiny_model):
         with pytest.raises(TypeError, match=r"takes a list of images.*segment_batch\(\[image\]\)"):
             seg.segment_batch(one)
     assert len(seg.segment_batch(iter([img, img]))) == 2                           # any iterable of images
+    assert len(seg.segment_batch(np.stack([img, img]))) == 2                       # or a (B, H, W, C) array
     for sizes, msg in [([(0, 0)], "two positive whole numbers"), ([(-1, 5)], "positive"), ([(10, 4, 3)], r"\(H, W\)"),
                        ([(10.7, 4)], "whole"), ([(4, 4), (4, 4)], "one \\(H, W\\) per image: 2 for 1")]:
         with pytest.raises(ValueError, match=msg):
@@ -234,6 +235,8 @@ def test_api_misuse_is_a_clear_error_not_a_wrong_result(tiny_model):
     for kw, error, msg in [({"device": "gpu"}, ValueError, "unknown device 'gpu'"),
                            ({"device": "mps"}, ValueError, "runs on 'cpu' and 'cuda'"),
                            ({"device": True}, TypeError, "device is a string"),
+                           ({"device": np.int64(0)}, ValueError, "CUDA is not available") if not
+                           torch.cuda.is_available() else ({"device": "tpu"}, ValueError, "unknown device"),
                            ({"image_mean": (123.7, 116.3, 103.5), "image_std": (58.4, 57.1, 57.4)}, ValueError,
                             "0-1 scale"),
                            ({"slide_crop": 8, "slide_stride": 4}, ValueError, "at least the patch size 16"),
@@ -540,7 +543,7 @@ def test_a_method_reads_no_other_methods_setting_and_a_given_one_warns(planted_f
     assert recorder.read & specific <= METHOD_SPECIFIC_SETTINGS.get(method, frozenset()), recorder.read & specific
     if method in ("rfclip", "rfclip-release"):                  # its steps ran: its own settings were read
         assert {"tau", "distraction_dims"} <= recorder.read
-    with pytest.warns(UserWarning, match=r"does not read the setting\(s\) \['lam'\]") if method != "rfclip" else \
+    with pytest.warns(UserWarning, match=r"does not use the setting\(s\) \['lam'\]") if method != "rfclip" else \
             contextlib.nullcontext():
         make_segmenter(planted_files, method, lam=0.5)
     assert unused_settings("clip", ["lam", "logit_scale", "naclip_sigma"]) == ["lam", "naclip_sigma"]
