@@ -153,7 +153,7 @@ def attach_inputs(cfg: JobConfig, args: argparse.Namespace):
         chosen = images[:args.limit]                               # only these need a label
         unreadable = [it for it in chosen if it.get("error")]     # error rows: no label to pair
         if not chosen:
-            raise ValueError(f"no input images under {args.input} beside the labels")
+            raise ValueError(f"no input images under {storage.scrub(args.input)} beside the labels")
         if len(unreadable) == len(chosen):
             raise ValueError(f"none of the {len(chosen)} images to score can be read, e.g. "
                              f"{storage.scrub(unreadable[0]['image_uri'])}: {unreadable[0]['error']}")

@@ -110,7 +110,7 @@ def _original_sizes(sizes, n: int) -> list[tuple[int, int]]:
         try:
             h, w = hw
             ok = all(float(v) == int(v) > 0 for v in (h, w))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
             raise ValueError(f"original_sizes[{i}] must be (H, W), two positive whole numbers, got {hw!r}")
