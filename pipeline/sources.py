@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rfclip import folders
 from rfclip.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # one list for every tool
 
 from .storage import canonical_path, canonical_uri, full_uri, get_fs, is_local, protocol_of, scrub
@@ -119,11 +120,9 @@ def _item(uri: str) -> dict:
 def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
     """Every file below ``folder``, but none below ``skip`` (the job's output: see :func:`_output_to_skip`).
 
-    On a local disk symlinked folders are followed, each real folder once: a link to a folder inside
-    ``folder``, to ``folder`` or one holding it, or to a folder already listed (a cycle, a second link, a
-    real folder reached by a link before) is not followed, and a warning names it; so does a folder that
-    can't be read. There ``skip`` is matched by real path, however the walk reaches it; on an object store,
-    by prefix.
+    On a local disk symlinked folders are followed as ``rfclip.folders.local_files`` says (each real folder
+    once), and a warning names each link not followed, and each folder that can't be read. There ``skip``
+    is matched by real path, however the walk reaches it; on an object store, by prefix.
     """
     if not is_local(fs):
         files = fs.find(folder)
@@ -133,40 +132,17 @@ def find_files(fs, folder: str, skip: Optional[str] = None) -> list[str]:
         if len(kept) < len(files):
             log.info("the output %s lies inside the input folder: its files are not listed as inputs", skip)
         return kept
-    real_root = os.path.realpath(folder)
-    real_skip = os.path.realpath(skip) if skip else None
-    seen = {real_root}
-    files = []
+
+    def skipped(sub: str, real: str, why: str) -> None:
+        if why == folders.OUTPUT:
+            log.info("%s is the output: its files are not listed as inputs", sub)
+        else:
+            log.warning("folder %s -> %s not followed: %s", sub, real, why)
 
     def unreadable(exc: OSError) -> None:
         log.warning("can't list %s, its files are left out: %s", exc.filename, exc.strerror or exc)
 
-    for parent, folders, names in os.walk(folder, followlinks=True, onerror=unreadable):
-        followed = []
-        for name in sorted(folders):
-            sub = os.path.join(parent, name)
-            real = os.path.realpath(sub)
-            link = os.path.islink(sub)
-            why = ("it is the input folder or holds it" if _within(real_root, real)
-                   else "it is inside the input folder" if link and _within(real, real_root)
-                   else "that folder is listed already (a cycle, or a second link to it)" if real in seen
-                   else None)
-            if real == real_skip:
-                log.info("%s is the output: its files are not listed as inputs", sub)
-                continue
-            if why:
-                log.warning("folder %s -> %s not followed: %s", sub, real, why)
-                continue
-            seen.add(real)
-            followed.append(name)
-        folders[:] = followed
-        files += [fs._strip_protocol(os.path.join(parent, n)) for n in names]
-    return files
-
-
-def _within(path: str, folder: str) -> bool:
-    """Whether the real path ``path`` is ``folder`` or lies below it (``/`` holds everything)."""
-    return os.path.commonpath([path, folder]) == folder
+    return [fs._strip_protocol(p) for p in folders.local_files(folder, skip, skipped, unreadable)]
 
 
 def _output_to_skip(fs, folder: str, output: Optional[str], storage_options: Optional[dict]) -> Optional[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .cli_args import DefaultsHelpFormatter, add_model_arguments, parse_settings, positive_int
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
+from .folders import local_files, within
 from .images import IMAGE_SUFFIXES
 from .segmenter import Segmenter
 from .visualize import first_is_background, label_png, overlay
@@ -94,26 +95,7 @@ def image_files(args: list[str], out: str | None = None) -> list[str]:
 
 def _images_below(folder: str, skip: str | None) -> list[str]:
     """The image files below ``folder``, leaving out the real folder ``skip`` (rules: :func:`image_files`)."""
-    root = os.path.realpath(folder)
-    seen, found = {root}, []
-    for d, dirs, files in os.walk(folder, followlinks=True):
-        keep = []
-        for name in sorted(dirs):
-            sub = os.path.join(d, name)
-            real = os.path.realpath(sub)
-            if (real in seen or real == skip or _within(root, real)
-                    or (os.path.islink(sub) and _within(real, root))):
-                continue
-            seen.add(real)
-            keep.append(name)
-        dirs[:] = keep
-        found += [os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    return found
-
-
-def _within(path: str, folder: str) -> bool:
-    """Whether the real path ``path`` is ``folder`` or lies below it."""
-    return os.path.commonpath([path, folder]) == folder
+    return [f for f in local_files(folder, skip) if os.path.basename(f).lower().endswith(IMAGE_SUFFIXES)]
 
 
 def _overwritten_input(images: list[str], folders: list[str], out: str, targets: list[Path]) -> str | None:
@@ -121,12 +103,12 @@ def _overwritten_input(images: list[str], folders: list[str], out: str, targets:
     folder (a later run would take it for an image) that does not hold ``out``; else None."""
     inputs = {os.path.realpath(p): p for p in images}
     out_real = os.path.realpath(out)
-    holding = [(os.path.realpath(f), f) for f in folders if not _within(out_real, os.path.realpath(f))]
+    holding = [(os.path.realpath(f), f) for f in folders if not within(out_real, os.path.realpath(f))]
     for t in targets:
         real = os.path.realpath(t)
         if real in inputs:
             return f"an output in --out {out} would overwrite the input {inputs[real]}"
-        inside = next((f for rf, f in holding if _within(real, rf)), None)
+        inside = next((f for rf, f in holding if within(real, rf)), None)
         if inside is not None:
             return f"an output in --out {out}, {t}, would land inside the input folder {inside}"
     return None

@@ -508,7 +508,7 @@ def test_pamr_labels_in_row_bands_match_the_whole_image(planted_files, monkeypat
     assert len(np.unique(whole.labels)) >= 2
 
 
-class _ReadRecorder:
+class _SettingsRecorder:
     """Settings that remember which fields were read."""
 
     def __init__(self, settings):
@@ -530,7 +530,7 @@ def test_a_method_reads_no_other_methods_setting_and_a_given_one_warns(planted_f
     seg = make_segmenter(planted_files, method, short_side=224, pamr=True, global_semantics_weight=0.25,
                          mean_vector_weight=0.03) if method == "rfclip-release" else \
         make_segmenter(planted_files, method, short_side=224, pamr=True)
-    recorder = _ReadRecorder(seg.settings)
+    recorder = _SettingsRecorder(seg.settings)
     seg.settings = seg.method.settings = recorder
     # The plan (how a forward runs, not what it computes) is resolved from the kernel and solver settings
     # for every method: not counted.
