@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log.error("%s x %s failed: %s", b, m, errors[(b, m)], exc_info=not expected)
                 if expected:
                     log.debug("%s x %s: the traceback", b, m, exc_info=True)
-                if had_metrics:
+                if had_metrics and _has_metrics(fs, root, b, m):      # not cleared by an --overwrite
                     kept.add((b, m))
     if not results and not args.overwrite and _exists(fs, posixpath.join(root, "comparison.json")):
         # Every pair failed (a changed --limit, say): the comparison an earlier run wrote stays as it was.

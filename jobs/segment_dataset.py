@@ -218,6 +218,9 @@ def _label_transform(cfg: JobConfig, args: argparse.Namespace) -> str:
     encoding = args.label_encoding
     if encoding == "benchmark" and not cfg.benchmark:
         raise ValueError("--label-encoding benchmark needs --benchmark NAME (whose encoding to read)")
+    if encoding == "benchmark" and args.ignore_index != 255:
+        raise ValueError(f"--label-encoding benchmark reads {cfg.benchmark}'s own encoding, which ignores 255; "
+                         f"--ignore-index {args.ignore_index} does not apply")
     own = BENCHMARK_LAYOUTS[cfg.benchmark].transform if cfg.benchmark in BENCHMARK_LAYOUTS else "identity"
     if own == "identity":
         return "identity"                     # the benchmark's files hold class indices: both read alike
@@ -228,9 +231,6 @@ def _label_transform(cfg: JobConfig, args: argparse.Namespace) -> str:
                          f"into its classes)")
     if encoding == "indices":
         return "identity"
-    if args.ignore_index != 255:
-        raise ValueError(f"--label-encoding benchmark reads {cfg.benchmark}'s own encoding, which ignores 255; "
-                         f"--ignore-index {args.ignore_index} does not apply")
     log.info("labels decoded as %s's annotation files are (%s)", cfg.benchmark, own)
     return own
 

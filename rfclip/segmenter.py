@@ -77,7 +77,7 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
 def pick_device(device: Optional[str] = None) -> torch.device:
     """``device`` as a ``torch.device``; None picks CUDA when available. A CUDA device where CUDA is not
     available is an error now, not at the first tensor."""
-    if device is None or device == "":
+    if device is None or (isinstance(device, str) and device == ""):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(device, (str, torch.device)):
         try:

@@ -236,3 +236,24 @@ def test_evaluate_passes_each_method_only_the_settings_it_uses():
     assert evaluate._settings_for("clip", given) == {"logit_scale": 40.0}
     assert evaluate._settings_for("rfclip", given) == given
     assert evaluate._settings_for("rfclip-release", given) == {"distraction_dims": [1, 2], "logit_scale": 40.0}
+
+
+def test_label_encoding_is_checked_before_any_model_work():
+    from types import SimpleNamespace as N
+
+    import pytest
+
+    from jobs.segment_dataset import _label_transform
+
+    def transform(benchmark, encoding, ignore=255):
+        return _label_transform(N(benchmark=benchmark), N(label_encoding=encoding, ignore_index=ignore))
+
+    assert transform("voc21", None) == transform("voc21", "benchmark") == transform(None, "indices") == "identity"
+    assert transform("ade20k", "benchmark") == "reduce_zero_label" and transform("ade20k", "indices") == "identity"
+    assert transform("coco_object", "benchmark") == "coco_object"
+    for args, message in [(("ade20k", None), "say which your labels are"),
+                          ((None, "benchmark"), "needs --benchmark NAME"),
+                          (("voc21", "benchmark", 300), "does not apply"),
+                          (("ade20k", "benchmark", 0), "does not apply")]:
+        with pytest.raises(ValueError, match=message):
+            transform(*args)
