@@ -133,9 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
             return 2
     fs, root = storage.get_fs(args.output.rstrip("/"), so)
-    from rfclip.settings import unused_settings
     for m in args.methods:
-        unused = unused_settings(m, args.settings)
+        unused = sorted(set(args.settings) - set(_settings_for(m, args.settings)))
         if unused:
             log.info("--setting %s: not used by %s, left out of its runs", ", ".join(unused), m)
     results, errors, kept = {}, {}, set()

@@ -153,7 +153,32 @@ class _ReadRecorder:
 
 
 class _Damaged(Exception):
-    """A shard's footer was read and can't be parsed."""
+    """A shard's file was read and can't be parsed."""
+
+
+def _read_parquet(fs, path: str, parse, what: str, advice: str):
+    """``parse(file)`` of the Parquet file ``path``, with transient storage errors retried
+    (:func:`~pipeline.storage.retry_call`). Raises :class:`_Damaged` where the file was read and can't be
+    parsed, ``FileNotFoundError`` as it is, and for any other failure to read (no access, an outage past
+    the retries) ``PermissionError`` or :class:`~pipeline.storage.StorageError`, saying
+    ``can't read {what} {path} (...); {advice}``: pyarrow reports both kinds alike (``OSError``)."""
+    def read():
+        with fs.open(path, "rb") as f:
+            src = _ReadRecorder(f)
+            try:
+                return parse(src)
+            except Exception as exc:  # noqa: BLE001 - a read error is raised as it is, a parse error is damage
+                if src.error is not None:
+                    raise src.error from None
+                raise _Damaged(f"{type(exc).__name__}: {scrub(str(exc))[:300]}") from None
+
+    try:
+        return retry_call(read, f"read {path}")
+    except (_Damaged, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - storage, said with the file's name
+        message = f"can't read {what} {scrub(path)} ({type(exc).__name__}: {scrub(str(exc))[:300]}); {advice}"
+        raise (PermissionError(message) if isinstance(exc, PermissionError) else StorageError(message)) from exc
 
 
 def read_committed_footers(output_uri: str, storage_options: Optional[dict], names: Optional[set] = None
@@ -173,38 +198,24 @@ def read_committed_footers(output_uri: str, storage_options: Optional[dict], nam
     """
     from concurrent.futures import ThreadPoolExecutor
 
-
     fs, root = get_fs(output_uri, storage_options)
     names = sorted(committed_shard_names(output_uri, storage_options) if names is None else names)
 
-    def read(path: str):
-        with fs.open(path, "rb") as f:
-            src = _ReadRecorder(f)
-            try:
-                pf = pq.ParquetFile(src)
-                return pf.metadata.num_rows, pf.schema_arrow.metadata
-            except Exception as exc:  # noqa: BLE001 - a read error is raised as it is, a parse error is damage
-                if src.error is not None:
-                    raise src.error from None
-                raise _Damaged(f"{type(exc).__name__}: {scrub(str(exc))[:200]}") from None
-
-    def unreadable(path: str, exc: Exception) -> OSError:
-        message = (f"can't read the footer of committed shard {scrub(path)} ({type(exc).__name__}: "
-                   f"{scrub(str(exc))[:300]}); nothing was changed: check access to the output and run the "
-                   f"same command again")
-        return PermissionError(message) if isinstance(exc, PermissionError) else StorageError(message)
+    def parse(f) -> tuple[int, Optional[dict]]:
+        pf = pq.ParquetFile(f)
+        return pf.metadata.num_rows, pf.schema_arrow.metadata
 
     def footer(name: str) -> tuple[Optional[dict], Optional[str]]:
         """``(meta, None)``, or ``(None, why it is damaged)``; raises where the footer can't be read."""
         path = posixpath.join(root, shard_path(name))
         try:
-            rows, metadata = retry_call(lambda: read(path), f"read the footer of {path}")
+            rows, metadata = _read_parquet(fs, path, parse, "the footer of committed shard",
+                                           "nothing was changed: check access to the output and run the same "
+                                           "command again")
         except FileNotFoundError:
             return None, "the file is gone since it was listed"
         except _Damaged as exc:
             return None, str(exc)
-        except Exception as exc:  # noqa: BLE001 - storage: raised with the file's name
-            raise unreadable(path, exc) from exc
         try:
             meta, _ = parse_shard_metadata(metadata)
             if int(meta.get("num_rows", -1)) != rows:
@@ -241,27 +252,12 @@ def read_shard(fs, path: str, columns: Sequence[str]) -> pa.Table:
     nothing): ``ValueError`` says how to redo it. One that can't be *read* (no access, an outage past the
     retries) raises ``PermissionError`` or :class:`~pipeline.storage.StorageError`: nothing is wrong with
     the file, so nothing says to delete it."""
-    def read() -> pa.Table:
-        with fs.open(path, "rb") as f:
-            src = _ReadRecorder(f)
-            try:
-                return pq.read_table(src, columns=list(columns))
-            except Exception as exc:  # noqa: BLE001 - a read error is raised as it is, a parse error is damage
-                if src.error is not None:
-                    raise src.error from None
-                raise _Damaged(f"{type(exc).__name__}: {scrub(str(exc))[:300]}") from None
-
     try:
-        return retry_call(read, f"read {path}")
+        return _read_parquet(fs, path, lambda f: pq.read_table(f, columns=list(columns)), "committed shard",
+                             "check access to the output and try again")
     except _Damaged as exc:
         raise ValueError(f"committed shard {scrub(path)} can't be read ({exc}); it was damaged after its commit: "
                          f"delete it and run the same command again to redo it") from None
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - storage, said with the file's name
-        message = (f"can't read committed shard {scrub(path)} ({type(exc).__name__}: {scrub(str(exc))[:300]}); "
-                   f"check access to the output and try again")
-        raise (PermissionError(message) if isinstance(exc, PermissionError) else StorageError(message)) from exc
 
 
 def parse_shard_metadata(metadata: Optional[dict]) -> tuple[dict, Optional[dict]]:
