@@ -26,7 +26,8 @@ from .methods import build_method
 from .methods.base import DenseOutput
 from .model_factory import load_clip
 from .pamr import pamr_row_bands
-from .settings import make_settings, resolve_attention_kernels, resolve_plan, unused_settings
+from .plans import resolve_attention_kernels, resolve_plan
+from .settings import make_settings, unused_settings
 from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary

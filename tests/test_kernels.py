@@ -11,7 +11,8 @@ import torch
 
 import rfclip
 from rfclip import kernels, refocus
-from rfclip.settings import make_settings, resolve_attention_kernels, resolve_plan
+from rfclip.plans import resolve_attention_kernels, resolve_plan
+from rfclip.settings import make_settings
 
 from _tiny import PLANTED_DIMS, planted_crops, planted_files  # noqa: F401
 

@@ -328,7 +328,8 @@ def test_reduced_precision_on_cpu_is_close_to_fp32(planted_files, precision, mon
 
 
 def test_auto_plan_is_explicit_on_cpus_and_graphed_on_cuda_where_a_graph_can_hold_the_forward():
-    from rfclip.settings import make_settings, resolve_plan
+    from rfclip.plans import resolve_plan
+    from rfclip.settings import make_settings
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")        # resolving a plan touches no device
     assert resolve_plan(make_settings("rfclip"), cpu) == "explicit"

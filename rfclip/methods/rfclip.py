@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels, refocus
-from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch, resolve_attention_kernels, resolve_plan
+from ..plans import resolve_attention_kernels, resolve_plan
+from ..settings import DISTRACTION_DIMS, MIN_RECEIVED_ATTENTION, base_arch
 from ..warn import warn
 from .base import DenseMethod, DenseOutput
 from .kk_attention import KKAttention
