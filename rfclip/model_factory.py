@@ -26,7 +26,7 @@ from typing import Optional
 import open_clip
 import torch
 
-from .weights import (OPENAI_MEAN, OPENAI_SHA256, OPENAI_STD, ResolvedWeights, WeightsError, is_torchscript,
+from .weights import (OPENAI_MEAN, OPENAI_STD, ResolvedWeights, WeightsError, is_torchscript,
                       resolve_weights, tag_config)
 
 # Extra entries of OpenAI's TorchScript state dicts that are not parameters of the model.
@@ -70,7 +70,7 @@ def _unstated_choices(arch: str, resolved: ResolvedWeights) -> Optional[str]:
     whose weights need QuickGELU or another image normalisation than the one assumed, else None."""
     from open_clip.pretrained import list_pretrained_tags_by_model
 
-    if resolved.kind == "tag" or resolved.sha256 in OPENAI_SHA256 or resolved.quick_gelu:
+    if resolved.kind == "tag" or resolved.openai or resolved.quick_gelu:
         return None
     cfgs = {t: tag_config(arch, t) for t in list_pretrained_tags_by_model(arch)}
     quick = [t for t, c in cfgs.items() if c.get("quick_gelu") and t != "openai"]

@@ -27,7 +27,7 @@ from .methods.base import DenseOutput
 from .model_factory import load_clip
 from .pamr import pamr_row_bands
 from .plans import resolve_attention_kernels, resolve_plan
-from .settings import make_settings, unused_settings
+from .settings import DISTRACTION_DIMS, base_arch, make_settings, unused_settings
 from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
@@ -179,6 +179,15 @@ class Segmenter:
             raise ValueError(f"slide_crop must be 0 (the whole image) or at least the patch size {self.vit.patch}, "
                              f"got {self.settings.slide_crop}")
         self.method = build_method(method, self.vit, self.settings, arch)
+        known_dims = DISTRACTION_DIMS.get(base_arch(arch))
+        if (self.settings.distraction_dims is None and known_dims is not None and not resolved.openai
+                and not unused_settings(method, ["distraction_dims"])):
+            warn(f"method {method!r} uses the distraction dimensions {list(known_dims)}, which "
+                 f"were found on OpenAI's {base_arch(arch)} weights (METHODS.md §3a); {resolved.spec} is not a known "
+                 f"OpenAI checkpoint, and other weights put their over-active channels elsewhere. Find theirs with "
+                 f"`python -m rfclip.find_distraction_dims --model {model} --weights {resolved.spec} --images DIR` and "
+                 f"pass distraction_dims=[...] (CLI: --setting distraction_dims=[...]); passing them, these "
+                 f"included, silences this warning", UserWarning)
         self.plan = resolve_plan(self.settings, self.device)           # the plan running now (see execution())
         self.fallbacks: list[str] = []
         # The crops' forward pass is replayed from CUDA graphs on the graphed plan (see rfclip.graphs).

@@ -64,6 +64,9 @@ class ResolvedWeights:
             whose pretrained config says so: MetaCLIP, DFN, ...).
         mean, std: the per-channel image normalisation the weights were trained with (RGB, 0-1 scale):
             the tag's pretrained config, else OpenAI's.
+        openai: whether these are OpenAI's weights: the tag ``"openai"``, a file with one of
+            :data:`OPENAI_SHA256`'s digests, or a file in OpenAI's TorchScript format. RF-CLIP's known
+            distraction dimensions were found on them (METHODS.md §3a).
     """
 
     spec: str
@@ -73,6 +76,7 @@ class ResolvedWeights:
     quick_gelu: bool
     mean: tuple = OPENAI_MEAN
     std: tuple = OPENAI_STD
+    openai: bool = False
 
 
 def cache_root() -> Path:
@@ -264,10 +268,11 @@ def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = No
     # A tag's pretrained config says what its weights were trained with; a file says nothing, unless it
     # is one of OpenAI's (by digest or by its TorchScript format).
     tag_cfg = tag_config(model, weights) if kind == "tag" else {}
-    quick_gelu = (model.endswith("-quickgelu") or bool(tag_cfg.get("quick_gelu", False))
-                  or digest in OPENAI_SHA256 or is_torchscript(path))
+    openai = (kind == "tag" and weights == "openai") or digest in OPENAI_SHA256 or is_torchscript(path)
+    quick_gelu = model.endswith("-quickgelu") or bool(tag_cfg.get("quick_gelu", False)) or openai
     return ResolvedWeights(spec=weights, kind=kind, path=path, sha256=digest, quick_gelu=quick_gelu,
-                           mean=tuple(tag_cfg.get("mean", OPENAI_MEAN)), std=tuple(tag_cfg.get("std", OPENAI_STD)))
+                           mean=tuple(tag_cfg.get("mean", OPENAI_MEAN)), std=tuple(tag_cfg.get("std", OPENAI_STD)),
+                           openai=openai)
 
 
 def tag_config(model: str, tag: str) -> dict:

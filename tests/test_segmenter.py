@@ -548,3 +548,30 @@ def test_a_method_reads_no_other_methods_setting_and_a_given_one_warns(planted_f
             contextlib.nullcontext():
         make_segmenter(planted_files, method, lam=0.5)
     assert unused_settings("clip", ["lam", "logit_scale", "naclip_sigma"]) == ["lam", "naclip_sigma"]
+
+
+def test_known_distraction_dims_on_other_weights_warn(planted_files, monkeypatch):
+    """The known channels were found on OpenAI's weights (§3a): with other weights the dimensions left
+    at their default warn and name the tool that finds theirs; passed dimensions, OpenAI's weights and
+    methods that do not use them stay quiet."""
+    import warnings
+
+    import rfclip.settings
+    import rfclip.weights
+    from rfclip.model_factory import register_model
+
+    cfg, weights = planted_files
+    arch = register_model(cfg)
+    monkeypatch.setitem(rfclip.settings.DISTRACTION_DIMS, arch, tuple(PLANTED_DIMS))
+    make = lambda method, **kw: rfclip.Segmenter(model=cfg, weights=weights, method=method,  # noqa: E731
+                                                 vocabulary=VOCAB, device="cpu", **kw)
+    for method in ("rfclip", "rfclip-release"):
+        with pytest.warns(UserWarning, match=r"found on OpenAI's .*rfclip.find_distraction_dims"):
+            make(method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make("rfclip", distraction_dims=PLANTED_DIMS)
+        make("clip")
+        monkeypatch.setitem(rfclip.weights.OPENAI_SHA256, rfclip.weights.file_sha256(weights), arch)
+        seg = make("rfclip", quick_gelu=True)
+    assert seg.weights.openai and seg.method.settings.distraction_dims is None
