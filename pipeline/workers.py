@@ -200,7 +200,6 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
         out_fs, out_root = get_fs(output_uri, storage_options)
     labelled = decode_label is not None and "label_uri" in batch
     if labelled:
-        from .metrics import confusion_matrix  # provided by the evaluation side (pipeline/metrics.py)
         label_uris = [batch["label_uri"][i] for i in range(n)]
         want = [i for i in range(n) if status[i] == "ok" and label_uris[i]]
         label_bytes = dict(zip(want, read_uris([str(label_uris[i]) for i in want], label_storage_options)))
@@ -214,14 +213,7 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
         lab = np.frombuffer(batch["labels"][i], dt).reshape(h, w)
         if labelled and batch["label_uri"][i]:
             try:
-                data = label_bytes[i]
-                if isinstance(data, BaseException):
-                    raise data
-                gt = np.asarray(decode_label(data))
-                if gt.shape != lab.shape:
-                    raise ValueError(f"label size {gt.shape[::-1]} != image size {(w, h)}")
-                confusion[i] = np.asarray(confusion_matrix(lab.astype(np.int64), gt, num_classes, ignore_index),
-                                          dtype=np.int64).tobytes()
+                confusion[i] = _confusion_bytes(label_bytes[i], decode_label, lab, num_classes, ignore_index)
             except Exception as exc:  # noqa: BLE001 - the row records why it can't be scored
                 status[i], error[i] = "error", f"label failed: {type(exc).__name__}: {scrub(str(exc))}"
                 continue
@@ -236,3 +228,17 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
     out.update(mask_png=mask_png, class_pixels=class_pixels, confusion=confusion, status=status,
                error=error, elapsed_ms=elapsed)
     return out
+
+
+def _confusion_bytes(data, decode_label: Callable, pred: np.ndarray, num_classes: int, ignore_index: int) -> bytes:
+    """The ``(K, K) int64`` confusion matrix of ``pred`` ``(H, W)`` against the label file's ``data`` (its
+    bytes, or the exception reading it raised), as bytes; raises if the label can't be read or its size
+    is not the image's."""
+    from .metrics import confusion_matrix  # provided by the evaluation side (pipeline/metrics.py)
+
+    if isinstance(data, BaseException):
+        raise data
+    gt = np.asarray(decode_label(data))
+    if gt.shape != pred.shape:
+        raise ValueError(f"label size {gt.shape[::-1]} != image size {pred.shape[::-1]}")
+    return np.asarray(confusion_matrix(pred.astype(np.int64), gt, num_classes, ignore_index), dtype=np.int64).tobytes()

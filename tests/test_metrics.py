@@ -147,3 +147,33 @@ def test_summarize_matches_mmseg_formula_on_small_case():
     assert math.isclose(r["classes"][0]["iou"], 60.0) and math.isclose(r["classes"][1]["iou"], 50.0)
     assert math.isclose(r["mIoU"], 55.0) and math.isclose(r["aAcc"], 5 / 7 * 100)
     assert math.isclose(r["mAcc"], (3 / 4 + 2 / 3) / 2 * 100)
+
+
+def test_encode_stage_scores_each_row_and_turns_bad_labels_into_error_rows(tmp_path):
+    """The workers' CPU stage: a row whose label reads and fits gets its confusion matrix; a label of
+    another size, a missing label file and an undecodable one each make that row an error row with the
+    reason, and the other rows are scored."""
+    from pipeline.workers import encode_stage
+
+    rng = np.random.default_rng(0)
+    preds = [rng.integers(0, K, size=(4, 5)).astype(np.uint8) for _ in range(4)]
+    gt = rng.integers(0, K, size=(4, 5))
+    (tmp_path / "good.npy").write_bytes(gt.astype(np.int64).tobytes())
+    (tmp_path / "small.npy").write_bytes(gt[:3].astype(np.int64).tobytes())
+    (tmp_path / "odd.npy").write_bytes(b"\x00" * 7)
+    decode = lambda data: np.frombuffer(data, np.int64).reshape(-1, 5)  # noqa: E731
+    uris = [str(tmp_path / n) for n in ("good.npy", "small.npy", "missing.npy", "odd.npy")]
+    batch = {"image_uri": np.array([f"i{j}" for j in range(4)], dtype=object),
+             "label_uri": np.array(uris, dtype=object), "status": np.array(["ok"] * 4, dtype=object),
+             "error": np.array([""] * 4, dtype=object), "height": np.full(4, 4), "width": np.full(4, 5),
+             "labels": np.array([p.tobytes() for p in preds], dtype=object),
+             "decode_ms": np.zeros(4), "segment_ms": np.zeros(4)}
+    out = encode_stage(batch, num_classes=K, output_uri=str(tmp_path / "out"), storage_options=None,
+                       save_masks=False, decode_label=decode, ignore_index=IGN)
+    assert list(out["status"]) == ["ok", "error", "error", "error"]
+    got = np.frombuffer(out["confusion"][0], np.int64).reshape(K, K)
+    assert np.array_equal(got, confusion_matrix(preds[0].astype(np.int64), gt, K, IGN)) and got.sum() == 20
+    assert "label failed: ValueError: label size (5, 3) != image size (5, 4)" in out["error"][1]
+    assert out["error"][2].startswith("label failed: FileNotFoundError") and "label failed: " in out["error"][3]
+    assert all(out["confusion"][j] == b"" and out["mask_png"][j] == b"" for j in (1, 2, 3))
+    assert np.frombuffer(out["class_pixels"][0], np.int64).sum() == 20
