@@ -25,7 +25,7 @@ if str(_REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(_REPO))
 
 
-from pipeline import storage  # noqa: E402
+from pipeline import cluster, storage  # noqa: E402
 from rfclip.cli_args import (DefaultsHelpFormatter, add_model_arguments, non_negative_float,  # noqa: E402
                              positive_int)
 from pipeline.comparison import build_comparison, comparison_markdown  # noqa: E402
@@ -118,8 +118,6 @@ def _exists(fs, path: str) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     storage.setup_logging()                               # secrets scrubbed, as in the segmentation job
     args = parse_args(argv)
-    import rfclip.benchmarks as rb
-
     try:
         so = storage.storage_options_arg(args.storage_options) or {}
     except (OSError, ValueError) as exc:
@@ -132,11 +130,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
             return 2
+    try:                                   # the weights and the output are checked once, not once per pair
+        _check_weights(args, so)
+        storage.check_writable(args.output, so)
+    except (OSError, ValueError, WeightsError) as exc:     # PermissionError: an output it can't write
+        print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
+        return 2
     fs, root = storage.get_fs(args.output.rstrip("/"), so)
     for m in args.methods:
         unused = sorted(set(args.settings) - set(_settings_for(m, args.settings)))
         if unused:
             log.info("--setting %s: not used by %s, left out of its runs", ", ".join(unused), m)
+    import ray
+
+    had_ray = ray.is_initialized()
+    try:
+        try:
+            # One Ray for every pair (a local one takes seconds to start), shut down at the end.
+            cluster.init_ray(args.ray_address)
+        except ValueError as exc:
+            print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
+            return 2
+        return _evaluate_all(args, so, fs, root)
+    except KeyboardInterrupt:
+        print("interrupted: the shards committed so far are kept; run the same command again to finish the rest "
+              "(pairs already done are not redone)", file=sys.stderr)
+        return 130
+    except OSError as exc:                 # writing the comparison past the storage's retries, a full disk
+        print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}; the pairs' results are kept: run the same "
+              f"command again to write the comparison", file=sys.stderr)
+        return 1
+    finally:
+        if not had_ray and ray.is_initialized():     # also a Ray that Ctrl-C stopped half-way through starting
+            ray.shutdown()
+
+
+def _check_weights(args, so: dict) -> None:
+    """Load the model once before any pair runs, so weights that are missing, unreachable or of another
+    architecture are one error, not one per pair (the pairs' warnings about the weights come later)."""
+    import warnings
+
+    from rfclip.model_factory import load_clip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_clip(args.model, args.weights, args.weights_sha256, so or None, quick_gelu=args.quick_gelu,
+                  image_mean=args.image_mean, image_std=args.image_std)
+
+
+def _evaluate_all(args, so: dict, fs, root: str) -> int:
+    """Every pair, then OUT/comparison.md and .json; the exit status."""
+    import rfclip.benchmarks as rb
+
     results, errors, kept = {}, {}, set()
     for b in args.benchmarks:
         for m in args.methods:

@@ -142,7 +142,9 @@ def _offline_message(model: str, tag: str, reason: str) -> str:
     return (f"pretrained weights {model}/{tag!r} are not cached and cannot be downloaded ({reason}). "
             f"Pass weights=PATH (CLI: --weights PATH) with a local .pt/.safetensors file or an fsspec URL "
             f"such as s3://bucket/ViT-B-16.pt; OpenAI's ViT-B/16 file has sha256 "
-            f"5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f.")
+            f"5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f. To try the tools without "
+            f"weights, `python -m rfclip.random_model DIR` writes a random model (its masks mean nothing) "
+            f"and prints the flags to use.")
 
 
 def _resolve_tag(model: str, tag: str, cache_dir: Optional[str]) -> str:

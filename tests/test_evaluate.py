@@ -148,3 +148,53 @@ def test_evaluate_refuses_unreadable_storage_options(tmp_path, capsys):
     rc = main(["--data-root", "x", "--benchmarks", "voc20", "--methods", "clip", "--output", str(tmp_path),
                "--storage-options", "{not json"])
     assert rc == 2 and "error: --storage-options" in capsys.readouterr().err
+
+
+def _voc_root(tmp_path):
+    root = tmp_path / "data"
+    (root / "VOCdevkit").mkdir(parents=True)
+    os.symlink(shared_data_dir() / "voc2012-mini", root / "VOCdevkit" / "VOC2012")
+    return root
+
+
+def test_evaluate_checks_the_weights_and_the_output_once_before_any_pair(tiny_model, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Weights it can't get, or an output it can't write, are one error line and exit 2 before any pair
+    runs: not one failure per pair, a traceback, or a table of failed cells."""
+    from jobs import evaluate
+
+    ran = []
+    monkeypatch.setattr(evaluate, "evaluate_pair", lambda *a: ran.append(a))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")           # deterministic with or without a network
+    base = ["--data-root", str(_voc_root(tmp_path)), "--benchmarks", "voc20,voc21", "--methods", "clip,maskclip",
+            "--limit", "1"]
+    assert evaluate.main(base + ["--output", str(tmp_path / "e1")]) == 2          # default weights: 'openai'
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--weights PATH" in err and "rfclip.random_model" in err
+    assert "Traceback" not in err and not (tmp_path / "e1").exists()
+    cfg, weights = tiny_model
+    (tmp_path / "a-file").write_text("not a folder")
+    model = ["--model", str(cfg), "--weights", str(weights)]
+    assert evaluate.main(base + model + ["--output", str(tmp_path / "a-file" / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "is not writable" in err and "Traceback" not in err
+    assert not ran
+
+
+def test_evaluate_ctrl_c_says_how_to_finish(tiny_model, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a pair: exit status 130 and one line that says the committed shards are kept and the
+    same command finishes the rest, as the segmentation job says; no traceback."""
+    from jobs import evaluate
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_pair", interrupt)
+    monkeypatch.setattr(evaluate.cluster, "init_ray", lambda address: False)      # no Ray needed
+    cfg, weights = tiny_model
+    rc = evaluate.main(["--data-root", str(_voc_root(tmp_path)), "--benchmarks", "voc20", "--methods", "clip",
+                        "--model", str(cfg), "--weights", str(weights), "--output", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted: the shards committed so far are kept; run the same command again" in err
+    assert "Traceback" not in err
