@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -129,6 +130,10 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
         images = image_files(args.images, args.out)
     except ValueError as e:
         raise _Refused(str(e)) from None
+    missing = [a for a in images if not os.path.exists(a)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _Refused(f"no such file or folder: {missing[0]}{more}")
     if not images:
         raise _Refused("no images to segment")
     names = output_names(images, args.overlay)
@@ -142,7 +147,22 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _Refused(f"--out {args.out}: can't make the output folder: {e.strerror or e}") from None
+    try:                      # a write, not os.access: permissions, read-only mounts and immutable folders
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        _remove(made)
+        raise _Refused(f"--out {args.out}: can't write in this folder: {e.strerror or e}") from None
     return images, names, made
+
+
+def _remove(made: list[Path]) -> None:
+    """Remove the folders ``made`` (outermost first) while they are empty: a run that wrote nothing
+    leaves none behind."""
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _segmenter(args) -> Segmenter:
@@ -179,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         seg = _segmenter(args)
     except (WeightsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        for d in reversed(made):                 # leave no empty folder behind
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove(made)
         return 2
     out = Path(args.out)
     failed = 0
@@ -197,13 +213,21 @@ def main(argv: list[str] | None = None) -> int:
             continue
         labels = seg.predict(rgb)
         target = out / f"{name}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(label_png(labels, seg.num_classes, background=first_is_background(seg.class_names)))
-        if args.overlay:
-            overlay(rgb, labels, seg.class_names).save(out / f"{name}_overlay.png")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(label_png(labels, seg.num_classes, background=first_is_background(seg.class_names)))
+            if args.overlay:
+                overlay(rgb, labels, seg.class_names).save(out / f"{name}_overlay.png")
+        except OSError as e:                     # a full disk, a folder where the file goes: the rest would fail too
+            print(f"error: can't write {target}: {e.strerror or e}; the masks written so far are kept",
+                  file=sys.stderr)
+            return 1
         present = len(set(labels.flatten().tolist()))
         print(f"{path}: {labels.shape[1]}x{labels.shape[0]}, {present} class{'' if present == 1 else 'es'}, "
               f"{(time.perf_counter() - t0) * 1000:.0f} ms -> {target}")
+    if failed:
+        print(f"{failed} of {len(images)} images could not be read (reasons above); the other masks are in "
+              f"{args.out}", file=sys.stderr)
     return 1 if failed else 0
 
 

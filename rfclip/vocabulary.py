@@ -39,6 +39,9 @@ def load_vocabulary(path: str, storage_options: dict | None = None) -> list[list
             lines = f.read().splitlines()
     except IsADirectoryError:
         raise ValueError(f"{path} is a folder, not a class file (one class per line)") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"vocabulary file {path} does not exist (a cls_*.txt file: one class per "
+                                f"line)") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not a UTF-8 text file of class names ({e.reason} at byte {e.start})") from None
     classes = [_split_names(line) for line in lines]

@@ -178,7 +178,8 @@ def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
     img = tmp_path / "a.png"
     Image.fromarray(planted_image(40, 50)).save(img)
     common = [str(img), "--model", cfg, "--weights", weights, "--out", str(tmp_path / "o"), "--method", "clip"]
-    cases = [(["--vocabulary-file", str(tmp_path / "missing.txt")], "missing.txt"),
+    cases = [(["--vocabulary-file", str(tmp_path / "missing.txt")], "vocabulary file " + str(tmp_path / "missing.txt")
+              + " does not exist"),
              (["--vocabulary", " ; "], "vocabulary is empty")]
     if not torch.cuda.is_available():
         cases.append((["--vocabulary", "sky", "--device", "cuda"], "CUDA is not available"))
@@ -188,6 +189,8 @@ def test_tool_errors_are_one_line_not_tracebacks(tiny_model, tmp_path, capsys):
         assert segment.main(common + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and message in err, err
+    assert segment.main([str(tmp_path / "typo.png")] + common[1:] + ["--vocabulary", "sky"]) == 2   # before the model
+    assert capsys.readouterr().err == f"error: no such file or folder: {tmp_path / 'typo.png'}\n"
     with pytest.raises(SystemExit) as e:                       # a setting of the wrong type: a usage error
         segment.main(common + ["--vocabulary", "sky", "--setting", "pamr=maybe"])
     assert e.value.code == 2 and "pamr must be true or false" in capsys.readouterr().err
@@ -257,3 +260,45 @@ def test_label_encoding_is_checked_before_any_model_work():
                           (("ade20k", "benchmark", 0), "does not apply")]:
         with pytest.raises(ValueError, match=message):
             transform(*args)
+
+
+def test_segment_checks_out_is_writable_before_the_model_and_stops_at_a_failed_write(tiny_model, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """An --out it can't write in is refused before the model loads (exit 2); a mask that can't be written
+    (here a folder holds its name) stops the run with one line (exit 1), the masks before it kept; an
+    image that can't be read is reported, the others segmented, and a last line counts the failures."""
+    import pytest
+
+    from rfclip import segment
+
+    cfg, weights = tiny_model
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(planted_image(40, 50, seed=ord(name))).save(images / f"{name}.png")
+    common = ["--model", cfg, "--weights", weights, "--method", "clip", "--vocabulary", "sky; road"]
+
+    def no_write(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(segment.tempfile, "TemporaryFile", no_write)
+        m.setattr(segment, "Segmenter", lambda *a, **k: pytest.fail("the model loaded"))
+        assert segment.main([str(images), "--out", str(out)] + common) == 2
+        assert f"--out {out}: can't write in this folder: Permission denied" in capsys.readouterr().err
+        assert segment.main([str(images), "--out", str(tmp_path / "new" / "o")] + common) == 2
+        assert not (tmp_path / "new").exists()                  # the folders it made are taken back
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)
+    assert segment.main([str(images), "--out", str(out)] + common) == 1
+    err = capsys.readouterr().err
+    assert f"error: can't write {out / 'b.png'}" in err and "the masks written so far are kept" in err
+    assert (out / "a.png").is_file() and not (out / "c.png").exists()
+    (out / "b.png").rmdir()
+    (images / "b.png").write_bytes(b"not a png")
+    assert segment.main([str(images), "--out", str(out)] + common) == 1
+    err = capsys.readouterr().err
+    assert "b.png: cannot read image" in err and f"1 of 3 images could not be read (reasons above)" in err
+    assert (out / "c.png").is_file()
