@@ -28,6 +28,7 @@ from .segmenter import MEAN, STD, pick_device
 from .vit import DenseViT
 from .model_factory import load_clip
 from .weights import WeightsError
+from .warn import as_cli_lines
 
 
 def list_images(uri: str, storage_options: dict | None = None, limit: int | None = None) -> list[str]:
@@ -90,6 +91,11 @@ def peak_dimensions(weights: torch.Tensor, top: int = 16, z_threshold: float = 8
 
 def main(argv: list[str] | None = None) -> int:
     """CLI; exit status 0 with peaks found, 1 when none clears the threshold, 2 on bad input."""
+    with as_cli_lines():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m rfclip.find_distraction_dims", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--weights", required=True)

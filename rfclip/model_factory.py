@@ -91,6 +91,22 @@ def _unstated_choices(arch: str, resolved: ResolvedWeights) -> Optional[str]:
 
 
 
+def _misfit(weights: dict, model: dict, examples: int = 2) -> str:
+    """What keeps the state dict ``weights`` from loading into one shaped like ``model`` (name -> tensor
+    both): counts of the tensors missing, left over and of other shapes, with a few names; "" if none."""
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
+
+    missing = [k for k in model if k not in weights]
+    extra = [k for k in weights if k not in model]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(model[k].shape)}" for k in model
+              if k in weights and weights[k].shape != model[k].shape]
+    said = [f"{len(missing)} of the model's tensors missing: {some(missing)}" if missing else "",
+            f"{len(extra)} tensors it has no place for: {some(extra)}" if extra else "",
+            f"{len(shapes)} of other shapes: {some(shapes)}" if shapes else ""]
+    return "; ".join(x for x in said if x)
+
+
 def rgb_values(name: str, value, default: tuple = (), positive: bool = False) -> tuple:
     """``value`` (3 numbers, or a ``"R,G,B"`` string) as 3 finite floats, one per RGB channel; ``default``
     when None. ``ValueError`` names ``name`` otherwise."""
@@ -196,10 +212,12 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
     if getattr(clip, "logit_bias", None) is None:
         sd.pop("logit_bias", None)
     resize_pos_embed(sd, clip)
-    try:
-        clip.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"{weights} does not fit architecture {arch}: {str(e)[:600]}") from e
+    misfit = _misfit(sd, clip.state_dict())
+    if misfit:
+        raise WeightsError(f"{weights} does not fit architecture {arch} ({misfit}). Weights saved from another "
+                           f"architecture need that one: pass model= (CLI: --model) its open_clip name, such as "
+                           f"ViT-L-14, or the model-config .json it was built from")
+    clip.load_state_dict(sd, strict=True)
     clip.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return clip, tokenizer, arch, resolved

@@ -28,6 +28,7 @@ from .segmenter import Segmenter
 from .visualize import first_is_background, label_png, overlay
 from .weights import WeightsError
 from .vocabulary import load_vocabulary, parse_vocabulary
+from .warn import as_cli_lines
 
 
 def output_names(paths: list[str], overlay: bool = False) -> list[str]:
@@ -175,6 +176,11 @@ def _segmenter(args) -> Segmenter:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with as_cli_lines():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     prog = "rfclip-segment" if os.path.basename(sys.argv[0]) == "rfclip-segment" else "python -m rfclip.segment"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)

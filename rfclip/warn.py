@@ -1,6 +1,7 @@
 """Warnings attributed to the user's line of code, not to a frame inside rfclip or torch."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -18,3 +19,12 @@ def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+@contextlib.contextmanager
+def as_cli_lines():
+    """Within it, a warning prints as one ``warning: ...`` line on stderr: a command-line tool's user has
+    no line of code of their own for it to point at (it would name ``<frozen runpy>``)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        yield

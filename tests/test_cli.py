@@ -298,7 +298,9 @@ def test_segment_checks_out_is_writable_before_the_model_and_stops_at_a_failed_w
     assert (out / "a.png").is_file() and not (out / "c.png").exists()
     (out / "b.png").rmdir()
     (images / "b.png").write_bytes(b"not a png")
-    assert segment.main([str(images), "--out", str(out)] + common) == 1
+    assert segment.main([str(images), "--out", str(out), "--setting", "lam=0.5"] + common) == 1
     err = capsys.readouterr().err
-    assert "b.png: cannot read image" in err and f"1 of 3 images could not be read (reasons above)" in err
+    assert "b.png: cannot read image" in err and "1 of 3 images could not be read (reasons above)" in err
+    # A warning is a line of its own, not Python's "<file>:<line>: UserWarning: ..." form.
+    assert "warning: method 'clip' does not use the setting(s) ['lam']" in err and "UserWarning" not in err
     assert (out / "c.png").is_file()
