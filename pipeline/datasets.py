@@ -151,9 +151,11 @@ class LabelledSource:
         bad = ((lab < 0) | (lab >= self.num_classes)) & (lab != self.ignore_index)
         if bad.any():
             vals = np.unique(lab[bad])[:10].tolist()
+            hint = (f"; if {vals[0]} marks unlabelled pixels (as 11 does in CamVid), pass --ignore-index {vals[0]}"
+                    if len(vals) == 1 else "")
             raise ValueError(
                 f"{self.name}: label values {vals} are outside [0, {self.num_classes}) and not the "
-                f"ignore index {self.ignore_index}; check the vocabulary / --ignore-index")
+                f"ignore index {self.ignore_index}; check the vocabulary / --ignore-index{hint}")
         return lab
 
     def read_label(self, label_uri: str) -> np.ndarray:
@@ -228,8 +230,12 @@ def _find_dataset_dir(fs, root: str, layout: Layout, benchmark: str) -> str:
         tried.append(posixpath.join(cand, layout.marker))
         if fs.isdir(posixpath.join(cand, layout.marker)):
             return cand
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{benchmark}: the data root {root!r} is not a folder (--data-root)")
     raise FileNotFoundError(
-        f"{benchmark}: no prepared dataset under {root!r}; looked for: {', '.join(tried)}")
+        f"{benchmark}: no prepared dataset under {root!r}; looked for: {', '.join(tried)}. --data-root is an "
+        f"MMSegmentation-style data/ folder, or one dataset's own folder (such as .../VOCdevkit/VOC2012); for "
+        f"several datasets kept apart, make a data/ folder of links laid out as the README shows")
 
 
 def _open_benchmark(benchmark: str, data_root: str, so: dict, limit: Optional[int] = None) -> LabelledSource:

@@ -119,7 +119,8 @@ def _run(cfg: JobConfig, inputs: sources.Inputs, t_start: float) -> dict:
         "finished_at": run_record.now(),
     }
     sinks.write_json(cfg.output, cfg.storage_options, sinks.SUMMARY_JSON, summary)
-    log.info("done: %s", json.dumps(summary))
+    log.info("done: %d ok, %d error rows, %d images skipped as already done, in %.1f s (%s written)",
+             counts["ok"], counts["error"], skipped, wall, sinks.SUMMARY_JSON)
     return summary
 
 

@@ -67,8 +67,10 @@ def test_standard_data_root_layout_and_limit(tmp_path):
     assert len(open_labelled_source("voc21", data_root=str(root), limit=5).pairs) == 5
     ade = open_labelled_source("ade20k", data_root=str(root))
     assert len(ade.pairs) == 6 and ade.num_classes == 150
-    with pytest.raises(FileNotFoundError, match="context60"):
+    with pytest.raises(FileNotFoundError, match="context60: no prepared dataset .* one dataset's own folder"):
         open_labelled_source("context60", data_root=str(root))
+    with pytest.raises(FileNotFoundError, match=r"voc21: the data root .*nowhere' is not a folder \(--data-root\)"):
+        open_labelled_source("voc21", data_root=str(tmp_path / "nowhere"))
 
 
 def test_image_ids_do_not_depend_on_how_the_data_root_is_spelled(tmp_path):

@@ -129,7 +129,7 @@ def test_evaluate_storage_options_from_a_file_or_the_environment_and_secrets_scr
         monkeypatch.setenv("RFCLIP_STORAGE_OPTIONS", f"@{opts}")
     assert main(args) == 2                                               # no such data: nothing runs
     err = capsys.readouterr().err
-    assert "error: voc20: no prepared dataset" in err and "***" in err and secret not in err
+    assert "error: voc20: the data root" in err and "***" in err and secret not in err
     assert "Traceback" not in err and not (tmp_path / "eval").exists()
 
 
