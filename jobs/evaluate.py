@@ -130,39 +130,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
             return 2
-    try:                                   # the weights and the output are checked once, not once per pair
-        _check_weights(args, so)
-        storage.check_writable(args.output, so)
-    except (OSError, ValueError, WeightsError) as exc:     # PermissionError: an output it can't write
-        print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
-        return 2
-    fs, root = storage.get_fs(args.output.rstrip("/"), so)
-    for m in args.methods:
-        unused = sorted(set(args.settings) - set(_settings_for(m, args.settings)))
-        if unused:
-            log.info("--setting %s: not used by %s, left out of its runs", ", ".join(unused), m)
     import ray
 
-    had_ray = ray.is_initialized()
+    had_ray, fs, created = ray.is_initialized(), None, []
     try:
-        try:
-            # One Ray for every pair (a local one takes seconds to start), shut down at the end.
-            cluster.init_ray(args.ray_address)
-        except ValueError as exc:
-            print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
+        try:          # the weights, the output and the cluster are checked once, before any pair runs
+            fs, root = storage.get_fs(args.output.rstrip("/"), so)
+            _check_weights(args, so)
+            created = storage.check_writable(args.output, so)
+            cluster.init_ray(args.ray_address)      # one Ray for every pair (a local one takes seconds to start)
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:  # ConnectionError: no cluster there
+            known = isinstance(exc, (OSError, ValueError, WeightsError))
+            print(f"error: {'' if known else type(exc).__name__ + ': '}{storage.scrub(str(exc))}", file=sys.stderr)
+            if created:
+                storage.remove_empty_folders(fs, created)
             return 2
-        return _evaluate_all(args, so, fs, root)
+        for m in args.methods:
+            unused = sorted(set(args.settings) - set(_settings_for(m, args.settings)))
+            if unused:
+                log.info("--setting %s: not used by %s, left out of its runs", ", ".join(unused), m)
+        status, md = _evaluate_all(args, so, fs, root)
     except KeyboardInterrupt:
-        print("interrupted: the shards committed so far are kept; run the same command again to finish the rest "
-              "(pairs already done are not redone)", file=sys.stderr)
+        if created:
+            storage.remove_empty_folders(fs, created)         # only those still empty
+        if args.overwrite:
+            # Each pair clears its own outputs when it starts: the pairs this run finished, and the shards
+            # committed so far, are this configuration's, and --overwrite again would redo them.
+            print("interrupted: the pairs finished and the shards committed so far are kept; run the command "
+                  "again without --overwrite to finish the rest (pairs this run had not reached still hold "
+                  "their earlier outputs)", file=sys.stderr)
+        else:
+            print("interrupted: the shards committed so far are kept; run the same command again to finish the "
+                  "rest (pairs already done are not redone)", file=sys.stderr)
         return 130
-    except OSError as exc:                 # writing the comparison past the storage's retries, a full disk
-        print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}; the pairs' results are kept: run the same "
-              f"command again to write the comparison", file=sys.stderr)
-        return 1
     finally:
-        if not had_ray and ray.is_initialized():     # also a Ray that Ctrl-C stopped half-way through starting
+        if not had_ray:                    # also a Ray that Ctrl-C stopped half-way through starting
             ray.shutdown()
+    if md is not None:
+        print(md)
+    return status
 
 
 def _check_weights(args, so: dict) -> None:
@@ -178,8 +184,9 @@ def _check_weights(args, so: dict) -> None:
                   image_mean=args.image_mean, image_std=args.image_std)
 
 
-def _evaluate_all(args, so: dict, fs, root: str) -> int:
-    """Every pair, then OUT/comparison.md and .json; the exit status."""
+def _evaluate_all(args, so: dict, fs, root: str) -> tuple[int, Optional[str]]:
+    """Every pair, then OUT/comparison.md and .json; the exit status and the comparison's markdown (None
+    where none was written)."""
     import rfclip.benchmarks as rb
 
     results, errors, kept = {}, {}, set()
@@ -203,7 +210,7 @@ def _evaluate_all(args, so: dict, fs, root: str) -> int:
         # Every pair failed (a changed --limit, say): the comparison an earlier run wrote stays as it was.
         log.error("every pair failed; the earlier comparison.md and comparison.json under %s are kept",
                   storage.scrub(args.output))
-        return 1
+        return 1, None
     val_images = {b: rb.BENCHMARKS[b].val_images for b in args.benchmarks}
     table = build_comparison(results, args.benchmarks, args.methods, val_images,
                              pamr=bool(args.settings.get("pamr", False)))
@@ -213,7 +220,6 @@ def _evaluate_all(args, so: dict, fs, root: str) -> int:
             r = results.get((b, row["method"]))
             cell["failed_images"] = None if r is None else r.get("images_failed")
     table.update(limit=args.limit, model=args.model, weights=args.weights, settings=args.settings)
-    storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
     md = comparison_markdown(table, f"mIoU comparison ({args.model}, {args.weights})")
     if errors:
         # A failed pair's earlier metrics are left out of the table: they were made under another
@@ -222,9 +228,14 @@ def _evaluate_all(args, so: dict, fs, root: str) -> int:
             f"- {b} x {m}: {e}" + (f"\n  (an earlier run's metrics are kept in {b}/{m}/metrics.md)"
                                    if (b, m) in kept else "")
             for (b, m), e in errors.items()) + "\n"
-    storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.md"), md.encode())
-    print(md)
-    return 1 if errors else 0
+    try:
+        storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
+        storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.md"), md.encode())
+    except OSError as exc:                 # past the storage's retries, a full disk
+        print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}; the pairs' results are kept: run the same "
+              f"command again to write the comparison", file=sys.stderr)
+        return 1, None
+    return (1 if errors else 0), md
 
 
 if __name__ == "__main__":

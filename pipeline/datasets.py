@@ -151,8 +151,8 @@ class LabelledSource:
         bad = ((lab < 0) | (lab >= self.num_classes)) & (lab != self.ignore_index)
         if bad.any():
             vals = np.unique(lab[bad])[:10].tolist()
-            hint = (f"; if {vals[0]} marks unlabelled pixels (as 11 does in CamVid), pass --ignore-index {vals[0]}"
-                    if len(vals) == 1 else "")
+            hint = (f"; if {vals[0]} marks unlabelled pixels (as 11 does in CamVid), it is the ignore index "
+                    f"(jobs/segment_dataset.py: --ignore-index {vals[0]})" if len(vals) == 1 else "")
             raise ValueError(
                 f"{self.name}: label values {vals} are outside [0, {self.num_classes}) and not the "
                 f"ignore index {self.ignore_index}; check the vocabulary / --ignore-index{hint}")

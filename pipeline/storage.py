@@ -363,8 +363,15 @@ def setup_logging() -> None:
         root.removeHandler(_LOG_HANDLER)
     _LOG_HANDLER = logging.StreamHandler(sys.stderr)
     _LOG_HANDLER.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _LOG_HANDLER.addFilter(_not_open_clip_info)
     root.addHandler(_LOG_HANDLER)
     root.setLevel(logging.INFO)
+
+
+def _not_open_clip_info(record: logging.LogRecord) -> bool:
+    """False for open_clip's INFO lines (it logs each tokenizer lookup to the root logger, three lines per
+    model built); its warnings and errors pass."""
+    return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
 
 
 def storage_options_arg(text: Optional[str]) -> Optional[dict]:

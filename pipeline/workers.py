@@ -21,11 +21,13 @@ import logging
 import os
 import posixpath
 import time
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
 
 from rfclip.decode import DecodeError, decode_image, max_file_bytes
+from .metrics import confusion_matrix
 from .storage import atomic_write_bytes, get_fs, read_uris, scrub
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,11 @@ class SegmentWorker:
     def __init__(self, segmenter_kwargs: dict):
         import rfclip
 
-        self.seg = rfclip.Segmenter(**segmenter_kwargs)
+        with warnings.catch_warnings():
+            # The driver's probe Segmenter, built from the same arguments, has shown these (settings the
+            # method does not use, the weights' unstated choices) once; every actor would repeat them.
+            warnings.simplefilter("ignore", UserWarning)
+            self.seg = rfclip.Segmenter(**segmenter_kwargs)
         self.dtype = label_dtype(self.seg.num_classes)
         self.delay_s = float(os.environ.get(WORKER_DELAY_ENV, "0") or 0)
 
@@ -234,8 +240,6 @@ def _confusion_bytes(data, decode_label: Callable, pred: np.ndarray, num_classes
     """The ``(K, K) int64`` confusion matrix of ``pred`` ``(H, W)`` against the label file's ``data`` (its
     bytes, or the exception reading it raised), as bytes; raises if the label can't be read or its size
     is not the image's."""
-    from .metrics import confusion_matrix  # provided by the evaluation side (pipeline/metrics.py)
-
     if isinstance(data, BaseException):
         raise data
     gt = np.asarray(decode_label(data))

@@ -100,11 +100,18 @@ def _misfit(weights: dict, model: dict, examples: int = 2) -> str:
     missing = [k for k in model if k not in weights]
     extra = [k for k in weights if k not in model]
     shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(model[k].shape)}" for k in model
-              if k in weights and weights[k].shape != model[k].shape]
+              if k in weights and not _fits(weights[k], model[k])]
     said = [f"{len(missing)} of the model's tensors missing: {some(missing)}" if missing else "",
             f"{len(extra)} tensors it has no place for: {some(extra)}" if extra else "",
             f"{len(shapes)} of other shapes: {some(shapes)}" if shapes else ""]
     return "; ".join(x for x in said if x)
+
+
+def _fits(value, param) -> bool:
+    """Whether PyTorch's strict ``load_state_dict`` takes ``value`` for ``param``: the same shape, or a 1-D
+    tensor for a 0-dim one (it takes the first element). Values without a shape are left to it to judge."""
+    shape = getattr(value, "shape", None)
+    return shape is None or tuple(shape) == tuple(param.shape) or (param.dim() == 0 and len(shape) == 1)
 
 
 def rgb_values(name: str, value, default: tuple = (), positive: bool = False) -> tuple:
@@ -217,7 +224,10 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
         raise WeightsError(f"{weights} does not fit architecture {arch} ({misfit}). Weights saved from another "
                            f"architecture need that one: pass model= (CLI: --model) its open_clip name, such as "
                            f"ViT-L-14, or the model-config .json it was built from")
-    clip.load_state_dict(sd, strict=True)
+    try:
+        clip.load_state_dict(sd, strict=True)
+    except RuntimeError as e:                    # what _misfit does not look at (a value that is not a tensor)
+        raise WeightsError(f"{weights} does not fit architecture {arch}: {str(e)[:600]}") from e
     clip.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return clip, tokenizer, arch, resolved

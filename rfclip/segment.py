@@ -13,6 +13,7 @@ coloured classes and a legend. No output overwrites another: images whose stems 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import tempfile
@@ -127,14 +128,16 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
         raise _Refused(f"--out {args.out} is a link to nothing: can't make the output folder there")
     if out.exists() and not out.is_dir():
         raise _Refused(f"--out {args.out} is a file, not a folder: can't make the output folder there")
+    # Only what the command line names: a broken link inside a folder is a file that can't be read, reported
+    # with the others while the rest are segmented.
+    missing = [a for a in args.images if not os.path.lexists(a)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _Refused(f"no such file or folder: {missing[0]}{more}")
     try:
         images = image_files(args.images, args.out)
     except ValueError as e:
         raise _Refused(str(e)) from None
-    missing = [a for a in images if not os.path.exists(a)]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise _Refused(f"no such file or folder: {missing[0]}{more}")
     if not images:
         raise _Refused("no images to segment")
     names = output_names(images, args.overlay)
@@ -154,6 +157,18 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
         _remove(made)
         raise _Refused(f"--out {args.out}: can't write in this folder: {e.strerror or e}") from None
     return images, names, made
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temporary name, then renamed): a full disk never
+    leaves a cut-off PNG under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _remove(made: list[Path]) -> None:
@@ -219,13 +234,18 @@ def _main(argv: list[str] | None) -> int:
             continue
         labels = seg.predict(rgb)
         target = out / f"{name}.png"
+        writing = target
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(label_png(labels, seg.num_classes, background=first_is_background(seg.class_names)))
+            _write_whole(target, label_png(labels, seg.num_classes, background=first_is_background(seg.class_names)))
             if args.overlay:
-                overlay(rgb, labels, seg.class_names).save(out / f"{name}_overlay.png")
+                writing = out / f"{name}_overlay.png"
+                buffer = io.BytesIO()
+                overlay(rgb, labels, seg.class_names).save(buffer, format="PNG")
+                _write_whole(writing, buffer.getvalue())
         except OSError as e:                     # a full disk, a folder where the file goes: the rest would fail too
-            print(f"error: can't write {target}: {e.strerror or e}; the masks written so far are kept",
+            unread = f"; {failed} images before it could not be read (reasons above)" if failed else ""
+            print(f"error: can't write {writing}: {e.strerror or e}; the masks written so far are kept{unread}",
                   file=sys.stderr)
             return 1
         present = len(set(labels.flatten().tolist()))

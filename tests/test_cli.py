@@ -297,10 +297,17 @@ def test_segment_checks_out_is_writable_before_the_model_and_stops_at_a_failed_w
     assert f"error: can't write {out / 'b.png'}" in err and "the masks written so far are kept" in err
     assert (out / "a.png").is_file() and not (out / "c.png").exists()
     (out / "b.png").rmdir()
+    (out / "a_overlay.png").mkdir()
+    assert segment.main([str(images), "--out", str(out), "--overlay"] + common) == 1       # names the overlay
+    assert f"error: can't write {out / 'a_overlay.png'}" in capsys.readouterr().err
+    (out / "a_overlay.png").rmdir()
     (images / "b.png").write_bytes(b"not a png")
+    (images / "d.png").symlink_to(tmp_path / "nowhere.png")       # a broken link inside a folder: unreadable
     assert segment.main([str(images), "--out", str(out), "--setting", "lam=0.5"] + common) == 1
     err = capsys.readouterr().err
-    assert "b.png: cannot read image" in err and "1 of 3 images could not be read (reasons above)" in err
+    assert "b.png: cannot read image" in err and "d.png: cannot read image" in err
+    assert "2 of 4 images could not be read (reasons above)" in err
+    assert not list(out.glob(".*.tmp"))
     # A warning is a line of its own, not Python's "<file>:<line>: UserWarning: ..." form.
     assert "warning: method 'clip' does not use the setting(s) ['lam']" in err and "UserWarning" not in err
     assert (out / "c.png").is_file()

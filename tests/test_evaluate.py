@@ -183,18 +183,30 @@ def test_evaluate_checks_the_weights_and_the_output_once_before_any_pair(tiny_mo
 
 
 def test_evaluate_ctrl_c_says_how_to_finish(tiny_model, tmp_path, monkeypatch, capsys):
-    """Ctrl-C during a pair: exit status 130 and one line that says the committed shards are kept and the
-    same command finishes the rest, as the segmentation job says; no traceback."""
+    """Ctrl-C during a pair: exit status 130 and one line that says the committed shards are kept and how to
+    finish the rest (with --overwrite: not by running it again as it was); no traceback, and no empty
+    output folder left. A cluster that can't be reached is one error line before any pair runs."""
     from jobs import evaluate
 
     def interrupt(*args):
         raise KeyboardInterrupt
 
+    def no_cluster(address):
+        raise ConnectionError("Could not find any running Ray instance")
+
     monkeypatch.setattr(evaluate, "evaluate_pair", interrupt)
     monkeypatch.setattr(evaluate.cluster, "init_ray", lambda address: False)      # no Ray needed
     cfg, weights = tiny_model
-    rc = evaluate.main(["--data-root", str(_voc_root(tmp_path)), "--benchmarks", "voc20", "--methods", "clip",
-                        "--model", str(cfg), "--weights", str(weights), "--output", str(tmp_path / "eval")])
+    args = ["--data-root", str(_voc_root(tmp_path)), "--benchmarks", "voc20", "--methods", "clip",
+            "--model", str(cfg), "--weights", str(weights), "--output", str(tmp_path / "eval")]
+    assert evaluate.main(args) == 130
     err = capsys.readouterr().err
-    assert rc == 130 and "interrupted: the shards committed so far are kept; run the same command again" in err
-    assert "Traceback" not in err
+    assert "interrupted: the shards committed so far are kept; run the same command again" in err
+    assert "Traceback" not in err and not (tmp_path / "eval").exists()
+    assert evaluate.main(args + ["--overwrite"]) == 130
+    assert "run the command again without --overwrite" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate.cluster, "init_ray", no_cluster)
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "error: Could not find any running Ray instance" and err.count("error:") == 1
+    assert "Traceback" not in err and not (tmp_path / "eval").exists()

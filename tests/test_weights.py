@@ -337,3 +337,22 @@ def test_two_custom_configs_of_one_name_load_one_after_the_other(tmp_path):
         path.write_text(json.dumps(cfg))
         assert register_model(str(path)) == "my-tiny"
         assert open_clip.get_model_config("my-tiny")["vision_cfg"]["width"] == width
+
+
+def test_misfit_follows_what_a_strict_load_accepts():
+    """The short misfit message counts what PyTorch's strict load would refuse, and nothing it takes: a 1-D
+    tensor for a 0-dim parameter (such as a logit_bias saved as shape (1,)) loads."""
+    import torch
+
+    from rfclip.model_factory import _misfit
+
+    model = torch.nn.Linear(3, 2)
+    model.register_parameter("bias0", torch.nn.Parameter(torch.zeros(())))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["bias0"] = torch.ones(1)
+    assert _misfit(sd, model.state_dict()) == ""
+    model.load_state_dict(sd, strict=True)                       # PyTorch agrees
+    sd["weight"], sd["extra"] = torch.zeros(3, 3), torch.zeros(1)
+    del sd["bias"]
+    assert _misfit(sd, model.state_dict()) == ("1 of the model's tensors missing: bias; 1 tensors it has no place "
+                                               "for: extra; 1 of other shapes: weight (3, 3) vs (2, 3)")
