@@ -173,8 +173,8 @@ _RANGES = {
 }
 # The settings only some methods use; every other setting (labels, windows, precision, plan, ...) is used
 # by all of them. A method given one it does not use computes the same thing as without it (Segmenter
-# warns). The kernel and solver settings also pick every method's plan (rfclip.plans.resolve_plan), which changes how
-# a forward runs, not what it computes.
+# warns). The kernel and solver settings also pick every method's plan (rfclip.plans.resolve_plan), which
+# changes how a forward runs, not what it computes.
 METHOD_SPECIFIC_SETTINGS: dict[str, frozenset] = {
     "naclip": frozenset({"naclip_sigma"}),
     "rfclip": frozenset({"tau", "distraction_dims", "min_received_attention", "lam", "distractor_attention",
