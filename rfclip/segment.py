@@ -161,7 +161,8 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
 
 def _write_whole(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all (a temporary name, then renamed): a full disk never
-    leaves a cut-off PNG under the final name."""
+    leaves a cut-off PNG under the final name. (The job's ``pipeline.storage.atomic_write_bytes`` does this
+    on any filesystem; the library does not import the pipeline, and this tool writes to local disk only.)"""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_bytes(data)
@@ -173,7 +174,7 @@ def _write_whole(path: Path, data: bytes) -> None:
 
 def _remove(made: list[Path]) -> None:
     """Remove the folders ``made`` (outermost first) while they are empty: a run that wrote nothing
-    leaves none behind."""
+    leaves none behind (the local-disk form of ``pipeline.storage.remove_empty_folders``)."""
     for d in reversed(made):
         try:
             d.rmdir()
