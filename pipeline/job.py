@@ -242,8 +242,6 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     goes on. Its images then run again one at a time; an image that still kills its process becomes an
     error row that says so, and its batch-mates are segmented.
     """
-    import dataclasses
-
     import ray.data
     from tqdm import tqdm
 
@@ -251,10 +249,7 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     context.enable_progress_bars = cfg.progress
     workers, gpw, cpw = cluster.model_workers(cfg)
     cluster.check_decode_memory(cfg)
-    rows = [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
-             "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
-             "listing_error": it.get("error") or ""}
-            for s in pending for pos, it in enumerate(s.items)]
+    rows = _window_rows(pending, inputs)
     log.info("pipeline: %d images, %d model workers (%g GPU, %g CPU each, batch %d)", len(rows), workers, gpw, cpw,
              cfg.batch_size)
 
@@ -296,27 +291,48 @@ def _run_window(cfg: JobConfig, pending: list, inputs: sources.Inputs, probe: di
     ray_data_log.addHandler(causes)
     try:
         consume(cfg, rows)
-        lost = shards.missing(rows)
-        causes.check(len(lost))
-        if lost and not shards.any_arrived():
-            raise PipelineError(f"every batch of this window lost its process ({causes.deaths[0]}): the model "
-                               f"may not fit the workers' memory; the shards committed so far are kept")
-        if lost:
-            log.warning("%d images were in batches whose process died on every try (out of memory? a crash?); "
-                        "running them again one image per batch", len(lost))
-            consume(dataclasses.replace(cfg, batch_size=1, decode_batch_size=1), lost)
-            causes.check(len(shards.missing(lost)))
-        for r in shards.missing(lost):
-            log.error("%s: its process died on every try, alone in its batch; written as an error row",
-                      r["image_uri"])
-            counts["images_that_killed_a_worker"] += 1
-            shards.take(lost_row(r, causes.deaths[-1]))
+        _rerun_lost(cfg, shards.missing(rows), shards, causes, consume, counts)
     finally:
         ray_data_log.removeHandler(causes)
         context.max_errored_blocks = errored_blocks
         bar.close()
     if shards.incomplete():                                  # take() commits every shard that is whole
         raise RuntimeError(f"pipeline ended with incomplete shards: {shards.incomplete()[:10]}")
+
+
+def _window_rows(pending: list, inputs: sources.Inputs) -> list[dict]:
+    """One row per image of the shards in ``pending``, in shard order: its URIs, ``image_id``, ``shard`` and
+    ``pos`` (its index in the shard), and the listing's error for it ("" if none)."""
+    return [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
+             "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
+             "listing_error": it.get("error") or ""}
+            for s in pending for pos, it in enumerate(s.items)]
+
+
+def _rerun_lost(cfg: JobConfig, lost: list, shards: ShardAssembler, causes: _BlockFailures, consume,
+                counts: dict) -> None:
+    """After a window's pass: the images ``lost`` with a batch whose process died on every try run again one
+    per batch (``consume(cfg, rows)``); those that still kill their process become error rows.
+
+    Raises PipelineError where a block failed for another reason, where rows are missing with no death
+    recorded, or where every batch of the window died (the model may not fit the workers' memory)."""
+    import dataclasses
+
+    causes.check(len(lost))
+    if lost and not shards.any_arrived():
+        raise PipelineError(f"every batch of this window lost its process ({causes.deaths[0]}): the model "
+                            f"may not fit the workers' memory; the shards committed so far are kept")
+    if not lost:
+        return
+    log.warning("%d images were in batches whose process died on every try (out of memory? a crash?); "
+                "running them again one image per batch", len(lost))
+    consume(dataclasses.replace(cfg, batch_size=1, decode_batch_size=1), lost)
+    causes.check(len(shards.missing(lost)))
+    for r in shards.missing(lost):
+        log.error("%s: its process died on every try, alone in its batch; written as an error row",
+                  r["image_uri"])
+        counts["images_that_killed_a_worker"] += 1
+        shards.take(lost_row(r, causes.deaths[-1]))
 
 
 # What a process that died looks like in Ray: the OOM killer, a segfault, a lost node.
