@@ -208,9 +208,7 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
         return (~done).nonzero().squeeze(-1)
 
     for i in range(rounds + 1):
-        sx = s @ x
-        theta = (x * sx).sum(1).squeeze(-1)                            # (B',)
-        residual = (sx - theta[:, None, None] * x).norm(dim=1).squeeze(-1)
+        theta, residual = _rayleigh(s, x)                               # (B',) each
         converged = has_start & (residual <= tol)
         # l2 < bound <= theta + margin, and theta <= l2: theta is within the margin below l2. (No bound yet
         # in the first round.)
@@ -221,10 +219,7 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
             rows, s, x, bound, theta, residual, converged, has_start, factor = (  # factor: set in round 0
                 t[keep] for t in (rows, s, x, bound, theta, residual, converged, has_start, factor))
         shift = theta + residual.clamp_min(0.9 * margin)
-        shifted = s.neg()
-        shifted.diagonal(dim1=1, dim2=2).add_(shift[:, None])           # sigma I - S
-        chol, info = torch.linalg.cholesky_ex(shifted)
-        ok = info == 0
+        chol, ok = _shifted_cholesky(s, shift)
         bound = torch.where(ok, torch.minimum(bound, shift), bound)
         keep = retire(converged & ok & (shift <= theta + margin))      # certified by this shift
         if i == rounds or (keep is not None and keep.numel() == 0):
@@ -236,6 +231,23 @@ def _refine_second_eigvec(m: Tensor, top: Tensor, start: Tensor, rounds: int = 4
         for _ in range(2):
             x = F.normalize(torch.cholesky_solve(x, factor), dim=1)
     return z, done_out
+
+
+def _rayleigh(s: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rayleigh quotient ``theta = x^T S x`` and residual ``|S x - theta x|`` of unit vectors ``x`` ``(B, N, 1)``
+    for symmetric ``s`` ``(B, N, N)``: two ``(B,)`` tensors."""
+    sx = s @ x
+    theta = (x * sx).sum(1).squeeze(-1)
+    return theta, (sx - theta[:, None, None] * x).norm(dim=1).squeeze(-1)
+
+
+def _shifted_cholesky(s: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky factors of ``shift I - S`` for ``s`` ``(B, N, N)`` and ``shift`` ``(B,)``, and ``(B,)`` bool:
+    where it factorised, i.e. where ``shift`` lies above ``S``'s largest eigenvalue (up to rounding)."""
+    shifted = s.neg()
+    shifted.diagonal(dim1=1, dim2=2).add_(shift[:, None])
+    chol, info = torch.linalg.cholesky_ex(shifted)
+    return chol, info == 0
 
 
 def _second_eigvec_subspace(m: Tensor, top: Tensor, iters: int, block: int) -> Tensor:
