@@ -111,7 +111,7 @@ def _exists(fs, path: str) -> bool:
     """``fs.exists(path)``, False where the store can't say."""
     try:
         return fs.exists(path)
-    except OSError:
+    except storage.STORAGE_ERRORS:
         return False
 
 
@@ -127,8 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for b in args.benchmarks:              # every dataset is found before the first pair runs
         try:
             open_labelled_source(b, data_root=args.data_root, storage_options=so, limit=args.limit)
-        except (OSError, ValueError) as exc:
-            print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
+        except (*storage.STORAGE_ERRORS, ValueError) as exc:
+            known = isinstance(exc, (OSError, ValueError))
+            print(f"error: {'' if known else type(exc).__name__ + ': '}{storage.scrub(str(exc))}", file=sys.stderr)
             return 2
     import ray
 
@@ -139,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _check_weights(args, so)
             created = storage.check_writable(args.output, so)
             cluster.init_ray(args.ray_address)      # one Ray for every pair (a local one takes seconds to start)
-        except (OSError, ValueError, TypeError, RuntimeError) as exc:  # ConnectionError: no cluster there
+        except (*storage.STORAGE_ERRORS, ValueError, TypeError, RuntimeError) as exc:  # ConnectionError: no cluster
             known = isinstance(exc, (OSError, ValueError, WeightsError))
             print(f"error: {'' if known else type(exc).__name__ + ': '}{storage.scrub(str(exc))}", file=sys.stderr)
             if created:
@@ -199,7 +200,8 @@ def _evaluate_all(args, so: dict, fs, root: str) -> tuple[int, Optional[str]]:
             except Exception as exc:  # noqa: BLE001 - one failed pair must not lose the others
                 # A refusal (a changed configuration, a bad label, no weights) is said without a traceback
                 # (at DEBUG level it is logged); anything else comes with its traceback.
-                expected = isinstance(exc, (ConfigMismatch, LabelError, WeightsError, OSError, ValueError))
+                expected = isinstance(exc, (ConfigMismatch, LabelError, WeightsError, ValueError,
+                                            *storage.STORAGE_ERRORS))
                 errors[(b, m)] = storage.scrub(f"{type(exc).__name__}: {exc}")
                 log.error("%s x %s failed: %s", b, m, errors[(b, m)], exc_info=not expected)
                 if expected:
@@ -231,7 +233,7 @@ def _evaluate_all(args, so: dict, fs, root: str) -> tuple[int, Optional[str]]:
     try:
         storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.json"), json.dumps(table, indent=2).encode())
         storage.atomic_write_bytes(fs, posixpath.join(root, "comparison.md"), md.encode())
-    except OSError as exc:                 # past the storage's retries, a full disk
+    except storage.STORAGE_ERRORS as exc:  # past the storage's retries, a full disk
         print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}; the pairs' results are kept: run the same "
               f"command again to write the comparison", file=sys.stderr)
         return 1, None

@@ -27,7 +27,7 @@ from pipeline.job_config import JobConfig, job_vocabulary, labelled_job_inputs  
 from pipeline.run_record import ConfigMismatch  # noqa: E402
 from rfclip.cli_args import (DefaultsHelpFormatter, add_model_arguments, non_negative_float,  # noqa: E402
                              positive_int)
-from rfclip.weights import WeightsError  # noqa: E402
+from rfclip.weights import WeightsError, public_spec  # noqa: E402
 
 log = logging.getLogger("segment_dataset")
 
@@ -242,7 +242,7 @@ def finish(cfg: JobConfig, src) -> dict:
     so = cfg.storage_options
     if src is not None:
         return finish_evaluation(cfg.output, src, so, extra={"method": cfg.method, "model": cfg.model,
-                                                             "weights": cfg.weights})
+                                                             "weights": public_spec(cfg.weights)})
     run_doc = sinks.read_json(cfg.output, so, sinks.RUN_JSON) or {}
     report = finish_pseudo_labels(cfg.output, run_doc.get("runtime", {}).get("class_names", []), so)
     return {"report": storage.scrub(report)}
@@ -267,7 +267,7 @@ def main(argv: Optional[list] = None) -> int:
     except (PipelineError, storage.StorageError) as exc:
         print(f"error: {storage.scrub(str(exc))}", file=sys.stderr)
         return 1
-    except OSError as exc:          # storage past its retries (a write, a listing), a full disk, a folder as a file
+    except storage.STORAGE_ERRORS as exc:   # storage past its retries (a write, a listing), a full disk, a folder
         if not started:             # reading the command's own files: the command must change
             print(f"error: {type(exc).__name__}: {storage.scrub(str(exc))}", file=sys.stderr)
             return 2

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 import warnings
@@ -44,6 +45,7 @@ def run(cfg: JobConfig) -> dict:
     """Run the job end to end; returns the summary dict (also written as summary.json)."""
     t_start = time.time()
     storage.register_secrets(cfg.storage_options)
+    storage.register_url_secrets(cfg.weights, cfg.input, cfg.output, cfg.vocabulary_file)
     if cfg.labels is not None:
         storage.register_secrets(cfg.labels.storage_options)
 
@@ -340,6 +342,25 @@ _PROCESS_DEATHS = ("RayActorError", "WorkerCrashedError", "OutOfMemoryError", "N
                    "LocalRayletDiedError")
 
 
+# The last line of a Python traceback: "module.Name: message".
+_TRACEBACK_ERROR = re.compile(r"^((?:[A-Za-z_]\w*\.)*)([A-Za-z_]\w*): (.+)$")
+
+
+def own_error_text(exc: BaseException) -> str:
+    """``"Name: message"`` of the first exception in ``exc``'s chain that is not Ray's wrapper of it (a task's
+    RayTaskError, Ray Data's UserCodeException). A wrapper from another process carries its causes only as
+    the text of their traceback: there it is the last error line not from ``ray.``."""
+    current, seen = exc, 0
+    while current is not None and seen < 8:
+        if not type(current).__module__.startswith("ray."):
+            return f"{type(current).__name__}: {current}"
+        nxt = current.__cause__ or getattr(current, "cause", None)
+        current, seen = (nxt if isinstance(nxt, BaseException) else None), seen + 1
+    lines = [m for m in map(_TRACEBACK_ERROR.match, str(exc).splitlines())
+             if m and not m.group(1).startswith("ray.") and m.group(2)[0].isupper()]
+    return f"{lines[-1].group(2)}: {lines[-1].group(3)}" if lines else f"{type(exc).__name__}: {exc}"
+
+
 class _BlockFailures(logging.Handler):
     """Collects the failures Ray Data logs as it skips a block (``max_errored_blocks``): ``deaths`` (a
     process died) and ``others`` (any other exception, e.g. the UDF's own)."""
@@ -356,8 +377,7 @@ class _BlockFailures(logging.Handler):
         if exc is None or "raised from a task of operator" not in record.getMessage():
             return
         names = {c.__name__ for c in type(exc).__mro__}
-        cause = exc.__cause__ if exc.__cause__ is not None else exc
-        text = f"{type(cause).__name__}: {storage.scrub(str(cause))[:300]}"
+        text = storage.scrub(own_error_text(exc))[:300]
         (self.deaths if names & set(_PROCESS_DEATHS) else self.others).append(text)
 
     def raise_on_exceptions(self) -> None:

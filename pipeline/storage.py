@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import importlib
 import json
 import logging
 import os
@@ -140,6 +141,38 @@ def is_transient(exc: BaseException) -> bool:
 
 class StorageError(OSError):
     """Storage that could not be read or written, retries spent: the job changed nothing it can't redo."""
+
+
+def _client_errors() -> tuple:
+    """The installed storage clients' own exception bases that are not OSErrors: botocore's (no
+    credentials, an endpoint it can't connect to: s3fs turns only the S3 service's answers into OSErrors)
+    and aiohttp's (fsspec's HTTP filesystem)."""
+    found = []
+    for module, name in (("botocore.exceptions", "BotoCoreError"), ("botocore.exceptions", "ClientError"),
+                         ("aiohttp", "ClientError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+# What a storage operation raises when it fails: OSError and the storage clients' own errors. ``except
+# STORAGE_ERRORS`` where a storage failure is to be reported in words.
+STORAGE_ERRORS: tuple = (OSError, *_client_errors())
+
+
+def storage_fault(exc: BaseException) -> bool:
+    """Whether the failure to read a file is the storage's, not the file's: a transient error (retries spent)
+    or a storage client's own error (no credentials, an endpoint it can't reach). The file's own failures
+    (not found, no permission, a folder) are OSErrors that are not transient."""
+    return is_transient(exc) or not isinstance(exc, OSError)
+
+
+def raise_storage_fault(uri: str, exc: BaseException) -> None:
+    """Raise a :class:`StorageError` about ``uri`` from ``exc`` if it is a :func:`storage_fault`."""
+    if storage_fault(exc):
+        raise StorageError(f"can't read {scrub(uri)}, retries spent: {type(exc).__name__}: {scrub(str(exc))}") from exc
 
 
 def retry_call(fn: Callable[[], T], what: str, attempts: int = 5, base_delay_s: float = 0.5,
@@ -321,6 +354,19 @@ def secret_values(obj: Any) -> set[str]:
 def register_secrets(storage_options: Optional[dict]) -> None:
     """Remember the secrets in ``storage_options`` so that :func:`scrub` removes them from any text."""
     _KNOWN_SECRETS.update(s for s in secret_values(storage_options or {}) if len(s) >= 4)
+
+
+def register_url_secrets(*uris: Optional[str]) -> None:
+    """Remember the credentials written into URLs (``https://user:password@host/...``, a signed URL's query
+    string) so that :func:`scrub` removes them from any text."""
+    from urllib.parse import urlsplit
+
+    for uri in uris:
+        if not uri or "://" not in uri:
+            continue
+        parts = urlsplit(uri)
+        userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+        _KNOWN_SECRETS.update(s for s in (userinfo, parts.password or "", parts.query) if len(s) >= 4)
 
 
 def redact(obj: Any) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 
 from rfclip.decode import DecodeError, decode_image, max_file_bytes
 from .metrics import confusion_matrix
-from .storage import atomic_write_bytes, get_fs, read_uris, scrub
+from .storage import atomic_write_bytes, get_fs, raise_storage_fault, read_uris, scrub
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def _err(exc: BaseException) -> str:
 
 def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: int, short_side: int,
                  max_long_side: int) -> dict:
-    """CPU stage: read, decode and resize each image of the batch; bad ones become error rows.
+    """CPU stage: read, decode and resize each image of the batch; bad ones become error rows. Storage that
+    can't be read, retries spent (:func:`pipeline.storage.storage_fault`), raises StorageError instead.
 
     Adds ``pixels`` (object array of bytes), ``rh``, ``rw`` (resized size, int32), ``width``,
     ``height`` (upright original size, int32), ``status``, ``error``, ``decode_ms`` (float32) and
@@ -79,6 +80,10 @@ def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: in
     # One byte past the most an image of max_pixels needs: decode_image refuses such a file unread.
     for i, data in zip(readable, read_uris([uris[i] for i in readable], storage_options,
                                            limit=max_file_bytes(max_pixels) + 1)):
+        # A file that can't be read becomes an error row; storage that can't be read fails the batch, so the
+        # job stops with its shard uncommitted and a re-run reads the image again.
+        if isinstance(data, BaseException):
+            raise_storage_fault(uris[i], data)
         got[i] = data
     read_ms = (time.perf_counter() - t0) * 1000.0 / max(n, 1)
     for i, data in enumerate(got):
@@ -209,6 +214,9 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
         label_uris = [batch["label_uri"][i] for i in range(n)]
         want = [i for i in range(n) if status[i] == "ok" and label_uris[i]]
         label_bytes = dict(zip(want, read_uris([str(label_uris[i]) for i in want], label_storage_options)))
+        for i, data in label_bytes.items():                      # as in decode_stage
+            if isinstance(data, BaseException):
+                raise_storage_fault(str(label_uris[i]), data)
     for i in range(n):
         mask_png[i] = b""
         class_pixels[i] = b""

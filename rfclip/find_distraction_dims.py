@@ -79,14 +79,20 @@ def mean_embedding_weights(vit: DenseViT, images: Iterable[np.ndarray], batch_si
     return total / count, n
 
 
-def peak_dimensions(weights: torch.Tensor, top: int = 16, z_threshold: float = 8.0) -> list[dict]:
-    """The ``top`` dimensions by mean weight, each with its robust z-score and whether it is a peak."""
+def robust_z(weights: torch.Tensor) -> torch.Tensor:
+    """``(E,)`` float64 robust z-scores of the ``(E,)`` mean weights: distance from the median in MADs."""
     w = weights.double()
     med = w.median()
-    mad = (w - med).abs().median().clamp_min(1e-12) * 1.4826
-    z = (w - med) / mad
+    return (w - med) / ((w - med).abs().median().clamp_min(1e-12) * 1.4826)
+
+
+def peak_dimensions(weights: torch.Tensor, top: int = 16, z_threshold: float = 8.0) -> tuple[list[dict], list[int]]:
+    """The ``top`` dimensions by mean weight, each with its robust z-score and whether it is a peak, and
+    every peak (robust z above ``z_threshold``, listed or not), in ascending order."""
+    w, z = weights.double(), robust_z(weights)
     order = torch.argsort(w, descending=True)[:top]
-    return [{"dim": int(d), "weight": float(w[d]), "z": float(z[d]), "peak": bool(z[d] > z_threshold)} for d in order]
+    rows = [{"dim": int(d), "weight": float(w[d]), "z": float(z[d]), "peak": bool(z[d] > z_threshold)} for d in order]
+    return rows, (z > z_threshold).nonzero().flatten().tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +142,7 @@ def _main(argv: list[str] | None) -> int:
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = peak_dimensions(weights, args.top, args.z_threshold)
-    peaks = sorted(r["dim"] for r in rows if r["peak"])
+    rows, peaks = peak_dimensions(weights, args.top, args.z_threshold)
     result = {"model": arch, "images": n_images, "distraction_dims": peaks, "top": rows}
     if not peaks:
         best = max(r["z"] for r in rows)
@@ -152,6 +157,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"{r['dim']:>6} {r['weight']:>10.6f} {r['z']:>9.1f}  {'*' if r['peak'] else ''}")
     if not peaks:
         return 1
+    unlisted = len(peaks) - sum(r["peak"] for r in rows)
+    if unlisted:
+        print(f"(and {unlisted} more peaks below these rows; --top {len(rows) + unlisted} lists them)")
     print(f"distraction_dims = {peaks}")
     print(f"use: --setting distraction_dims='{json.dumps(peaks)}'  (or Segmenter(..., distraction_dims={peaks}))")
     return 0

@@ -221,13 +221,13 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
     resize_pos_embed(sd, clip)
     misfit = _misfit(sd, clip.state_dict())
     if misfit:
-        raise WeightsError(f"{weights} does not fit architecture {arch} ({misfit}). Weights saved from another "
+        raise WeightsError(f"{resolved.spec} does not fit architecture {arch} ({misfit}). Weights saved from another "
                            f"architecture need that one: pass model= (CLI: --model) its open_clip name, such as "
                            f"ViT-L-14, or the model-config .json it was built from")
     try:
         clip.load_state_dict(sd, strict=True)
     except RuntimeError as e:                    # what _misfit does not look at (a value that is not a tensor)
-        raise WeightsError(f"{weights} does not fit architecture {arch}: {str(e)[:600]}") from e
+        raise WeightsError(f"{resolved.spec} does not fit architecture {arch}: {str(e)[:600]}") from e
     clip.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return clip, tokenizer, arch, resolved

@@ -44,6 +44,12 @@ def load_vocabulary(path: str, storage_options: dict | None = None) -> list[list
                                 f"line)") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not a UTF-8 text file of class names ({e.reason} at byte {e.start})") from None
+    except (ImportError, ValueError) as e:         # fsspec: a protocol it does not know, or whose package is missing
+        raise ValueError(f"can't read vocabulary file {path}: {e}") from e
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a storage client's own error (botocore: no credentials, no endpoint)
+        raise OSError(f"can't read vocabulary file {path}: {type(e).__name__}: {e}") from e
     classes = [_split_names(line) for line in lines]
     while classes and not classes[-1]:
         classes.pop()

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import fsspec
 
@@ -203,8 +203,24 @@ def _http_status(exc: BaseException) -> Optional[int]:
     return None
 
 
+def public_spec(spec: str) -> str:
+    """``spec`` as it may be shown and recorded: a URL's user info and query string (a password, a signed
+    URL's signature or token) become ``***``; anything else as given."""
+    if not _is_url(spec):
+        return spec
+    parts = urlsplit(spec)
+    netloc = parts.netloc if "@" not in parts.netloc else "***@" + parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
+
+
 def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Optional[dict]) -> str:
     """Stream a remote file into the cache once; return its local path."""
+    shown = public_spec(url)
+
+    def said(e: BaseException) -> str:
+        """``e``'s text without the URL's credentials (HTTP errors quote the URL)."""
+        return str(e).replace(url, shown)
+
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     target = cache_root() / "weights" / key / (os.path.basename(urlparse(url).path) or "weights.bin")
     if target.is_file() and (expected_sha256 is None or file_sha256(target) == expected_sha256):
@@ -224,17 +240,23 @@ def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Option
         why = (_unreachable(parsed.hostname, parsed.scheme, parsed.port, use_proxy=trust_env)
                if parsed.scheme in ("http", "https") and parsed.hostname else None)
         if why:
-            raise WeightsUnavailableError(f"can't fetch weights URL {url} ({why}; offline?); pass weights=PATH "
+            raise WeightsUnavailableError(f"can't fetch weights URL {shown} ({why}; offline?); pass weights=PATH "
                                           f"with a local copy") from e
         status = _http_status(e) if parsed.scheme in ("http", "https") else 404
         if status != 404:           # a proxy's 502, a 403, or a connection that failed: not a missing file
             cause = e.__cause__ or e
-            answer = f"the server answered HTTP {status}" if status else f"{type(cause).__name__}: {cause}"
-            raise WeightsUnavailableError(f"can't fetch weights URL {url} ({answer}); pass weights=PATH with a "
+            answer = f"the server answered HTTP {status}" if status else f"{type(cause).__name__}: {said(cause)}"
+            raise WeightsUnavailableError(f"can't fetch weights URL {shown} ({answer}); pass weights=PATH with a "
                                           f"local copy") from e
-        raise WeightsError(f"weights URL {url} does not exist") from e
+        raise WeightsError(f"weights URL {shown} does not exist") from e
     except OSError as e:
-        raise WeightsError(f"can't read weights URL {url}: {type(e).__name__}: {e}") from e
+        raise WeightsError(f"can't read weights URL {shown}: {type(e).__name__}: {said(e)}") from e
+    except (ImportError, ValueError) as e:     # fsspec: a protocol it does not know, or whose package is missing
+        raise WeightsError(f"can't read weights URL {shown}: {said(e)}") from e
+    except Exception as e:  # noqa: BLE001 - a storage client's own error (botocore: no credentials, no endpoint)
+        raise WeightsUnavailableError(f"can't fetch weights URL {shown} ({type(e).__name__}: {said(e)}); check the "
+                                      f"storage's credentials and endpoint (storage_options=; for s3:// also the "
+                                      f"AWS_* environment variables), or pass weights=PATH with a local copy") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -266,13 +288,13 @@ def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = No
         kind, path = "tag", _resolve_tag(model, weights, cache_dir)
     digest = file_sha256(path)
     if weights_sha256 is not None and digest != weights_sha256:
-        raise WeightsError(f"sha256 mismatch for {weights}: expected {weights_sha256}, file has {digest}")
+        raise WeightsError(f"sha256 mismatch for {public_spec(weights)}: expected {weights_sha256}, file has {digest}")
     # A tag's pretrained config says what its weights were trained with; a file says nothing, unless it
     # is one of OpenAI's (by digest or by its TorchScript format).
     tag_cfg = tag_config(model, weights) if kind == "tag" else {}
     openai = (kind == "tag" and weights == "openai") or digest in OPENAI_SHA256 or is_torchscript(path)
     quick_gelu = model.endswith("-quickgelu") or bool(tag_cfg.get("quick_gelu", False)) or openai
-    return ResolvedWeights(spec=weights, kind=kind, path=path, sha256=digest, quick_gelu=quick_gelu,
+    return ResolvedWeights(spec=public_spec(weights), kind=kind, path=path, sha256=digest, quick_gelu=quick_gelu,
                            mean=tuple(tag_cfg.get("mean", OPENAI_MEAN)), std=tuple(tag_cfg.get("std", OPENAI_STD)),
                            openai=openai)
 

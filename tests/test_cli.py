@@ -47,12 +47,25 @@ def test_find_distraction_dims_recovers_planted_channels(planted_files, tmp_path
         Image.fromarray((rng.random((*shape, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     r = run("rfclip.find_distraction_dims", "--model", cfg, "--weights", weights, "--images", str(tmp_path / "imgs"),
-            "--top", "8", "--z-threshold", "1.5", "--json")
+            "--top", "8", "--z-threshold", "1.85", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["images"] == 4 and "broken.png: skipped, cannot read image" in r.stderr
     assert sorted(row["dim"] for row in out["top"]) == list(range(8))
-    assert set(out["distraction_dims"]) <= set(range(8)) and len(out["distraction_dims"]) >= 4
+    assert out["distraction_dims"] == list(range(8))          # z 2.0-5.1; the next channel has 1.7
+
+
+def test_find_distraction_dims_reports_every_peak_whatever_top_lists():
+    """``--top`` sets the rows listed, not the peaks: a peak below the listed rows is still reported."""
+    import torch
+
+    from rfclip.find_distraction_dims import peak_dimensions
+
+    weights = torch.full((64,), 0.01) + torch.linspace(0, 1e-4, 64)
+    weights[[3, 9, 20, 40, 41]] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    rows, peaks = peak_dimensions(weights, top=3, z_threshold=8.0)
+    assert [r["dim"] for r in rows] == [3, 9, 20] and all(r["peak"] for r in rows)
+    assert peaks == [3, 9, 20, 40, 41]
 
 
 def test_offline_default_weights_fail_fast_with_a_message(tmp_path):

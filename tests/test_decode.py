@@ -83,6 +83,31 @@ def test_the_decode_stage_reads_a_huge_file_only_up_to_the_limit(tmp_path, monke
     assert peak < 1 << 20, peak
 
 
+def test_a_file_that_cant_be_read_is_an_error_row_and_storage_that_cant_be_read_stops_the_batch(tmp_path,
+                                                                                                   monkeypatch):
+    """A missing file is the file's fault: an error row. Storage past its retries (a timeout, botocore's
+    EndpointConnectionError, no credentials) is not: the batch fails, so its shard stays uncommitted and a
+    re-run reads the image again, instead of a permanent error row."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from pipeline import storage, workers
+    from pipeline.workers import decode_stage
+
+    good = tmp_path / "good.png"
+    Image.fromarray(_rgb(20, 30)).save(good)
+    batch = {"image_uri": np.array([str(good), str(tmp_path / "gone.png")], dtype=object)}
+    out = decode_stage(batch, storage_options=None, max_pixels=10_000, short_side=20, max_long_side=100)
+    assert list(out["status"]) == ["ok", "error"] and "file not found" in out["error"][1]
+    for fault in (TimeoutError("read timed out"), EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+                  NoCredentialsError()):
+        monkeypatch.setattr(workers, "read_uris", lambda uris, *a, fault=fault, **k: [b"x", fault][:len(uris)])
+        with pytest.raises(storage.StorageError, match=f"can't read {tmp_path / 'gone.png'}, retries spent: "
+                                                       f"{type(fault).__name__}"):
+            decode_stage(batch, storage_options=None, max_pixels=10_000, short_side=20, max_long_side=100)
+    assert not storage.storage_fault(FileNotFoundError("gone")) and not storage.storage_fault(PermissionError("no"))
+    assert storage.storage_fault(ConnectionError("reset")) and storage.storage_fault(NoCredentialsError())
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
 def test_unusual_modes_become_rgb_uint8(mode):
     base = Image.fromarray(_rgb())

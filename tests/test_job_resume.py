@@ -224,6 +224,26 @@ def test_a_stage_that_raises_stops_the_job_with_its_shard_uncommitted_and_a_reru
     _check_exactly_once(out, inputs)
 
 
+def test_storage_that_cant_be_read_stops_the_job_instead_of_writing_error_rows(tiny_model, tmp_path, capsys):
+    """An image on storage that can't be reached (retries spent) is not a bad image: the job stops, exit
+    status 1, with the storage's error in one line and nothing committed, so a re-run reads it again."""
+    from jobs.segment_dataset import main
+
+    inputs = tmp_path / "in"
+    write_images(inputs, 2, seed=4)
+    manifest = tmp_path / "images.txt"
+    manifest.write_text("\n".join([*(str(p) for p in sorted(inputs.iterdir())), "s3://bkt/a.jpg"]) + "\n")
+    dead = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}, "key": "k", "secret": "s",
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    out = tmp_path / "out"
+    args = ["--input", str(manifest), "--output", str(out), "--storage-options", json.dumps(dead)]
+    assert main(args + pipeline_cli_args(tiny_model)) == 1
+    err = capsys.readouterr().err
+    assert ("error: a pipeline stage failed (StorageError: can't read s3://bkt/a.jpg, retries spent: "
+            "EndpointConnectionError") in err and "running the same command again redoes the rest" in err, err
+    assert not _committed(out)
+
+
 def test_a_stage_exception_stops_the_window_early_not_at_its_end(tiny_model, tmp_path):
     """One image's mask can't be written (a folder holds its name): the job stops with the next batch that
     arrives, long before the other images of its window (one shard each, 0.5 s a model batch) are done."""

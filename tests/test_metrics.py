@@ -177,3 +177,21 @@ def test_encode_stage_scores_each_row_and_turns_bad_labels_into_error_rows(tmp_p
     assert out["error"][2].startswith("label failed: FileNotFoundError") and "label failed: " in out["error"][3]
     assert all(out["confusion"][j] == b"" and out["mask_png"][j] == b"" for j in (1, 2, 3))
     assert np.frombuffer(out["class_pixels"][0], np.int64).sum() == 20
+
+
+def test_encode_stage_stops_on_storage_that_cant_be_read_instead_of_an_error_row(tmp_path, monkeypatch):
+    """A label the storage can't deliver (retries spent) is not a bad label: the batch fails, and a re-run
+    scores the image, instead of leaving it out of the mIoU for good."""
+    import pytest
+
+    from pipeline import storage, workers
+
+    batch = {"image_uri": np.array(["i0"], dtype=object), "label_uri": np.array(["s3://b/l.png"], dtype=object),
+             "status": np.array(["ok"], dtype=object), "error": np.array([""], dtype=object),
+             "height": np.full(1, 4), "width": np.full(1, 5), "labels": np.array([bytes(20)], dtype=object),
+             "decode_ms": np.zeros(1), "segment_ms": np.zeros(1)}
+    monkeypatch.setattr(workers, "read_uris", lambda uris, *a, **k: [ConnectionError("Connection reset by peer")])
+    with pytest.raises(storage.StorageError, match="can't read s3://b/l.png, retries spent: ConnectionError"):
+        workers.encode_stage(batch, num_classes=K, output_uri=str(tmp_path / "out"), storage_options=None,
+                             save_masks=False, decode_label=lambda data: np.zeros((4, 5), np.int64),
+                             ignore_index=IGN)

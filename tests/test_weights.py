@@ -183,6 +183,59 @@ def test_unreachable_weights_host_is_not_reported_as_a_missing_file(tiny_model):
         resolve_weights(cfg, "http://127.0.0.1:9/ViT-B-16.pt")
 
 
+def test_object_store_errors_that_are_not_oserrors_are_weights_errors(tiny_model, tmp_path, monkeypatch):
+    """botocore's own errors (no credentials, an endpoint it can't reach) and a protocol whose package is
+    missing are WeightsErrors with the URL, not raw tracebacks."""
+    cfg, _ = tiny_model
+    monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path / "cache"))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    dead = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    with pytest.raises(WeightsError, match=r"can't fetch weights URL s3://bkt/w.pt \(NoCredentialsError: .*"
+                                           r"credentials and endpoint \(storage_options="):
+        resolve_weights(cfg, "s3://bkt/w.pt", storage_options=dead)
+    with pytest.raises(WeightsError, match=r"can't fetch weights URL s3://bkt/w.pt \(EndpointConnectionError: "):
+        resolve_weights(cfg, "s3://bkt/w.pt", storage_options={**dead, "key": "k", "secret": "s"})
+    with pytest.raises(WeightsError, match=r"can't read weights URL nosuchproto://bkt/w.pt: .*nosuchproto"):
+        resolve_weights(cfg, "nosuchproto://bkt/w.pt")
+
+
+def test_a_weights_url_is_recorded_and_reported_without_its_credentials(tiny_model, tmp_path, monkeypatch):
+    from rfclip.weights import public_spec
+
+    cfg, weights = tiny_model
+    monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path / "cache"))
+    assert public_spec("https://user:s3cret@host/w.pt?X-Amz-Signature=abc#f") == "https://***@host/w.pt?***#f"
+    assert public_spec("s3://bkt/w.pt") == "s3://bkt/w.pt" and public_spec("/a/b@c.pt") == "/a/b@c.pt"
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    (tmp_path / "site").mkdir()
+    shutil.copy(weights, tmp_path / "site" / "w.pt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        got = resolve_weights(cfg, f"http://user:s3cret@127.0.0.1:{port}/w.pt?token=s3cret")
+        assert got.spec == f"http://***@127.0.0.1:{port}/w.pt?***" and got.kind == "url"
+        with pytest.raises(WeightsError) as e:
+            resolve_weights(cfg, f"http://user:s3cret@127.0.0.1:{port}/w.pt", "0" * 64)
+        assert "s3cret" not in str(e.value) and "sha256 mismatch for http://***@127.0.0.1" in str(e.value)
+    finally:
+        server.shutdown()
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(cfg, "http://user:s3cret@127.0.0.1:9/w.pt")
+    assert "s3cret" not in str(e.value) and "http://***@127.0.0.1:9/w.pt" in str(e.value)
+
+
 def test_quick_gelu_override_is_what_config_and_the_text_cache_see(tiny_model):
     cfg, weights = tiny_model
     kw = dict(model=cfg, weights=weights, method="clip", vocabulary=["sky", "road"], device="cpu")
