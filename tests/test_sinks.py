@@ -88,8 +88,9 @@ def test_secrets_are_redacted_and_scrubbed():
     assert r["storage_options"]["client_kwargs"]["endpoint_url"] == "http://h:1"   # not a secret
     assert r["storage_options"]["config_kwargs"]["retries"]["max_attempts"] == 3
     assert storage.scrub("x AKIAEXAMPLEKEY y") == "x *** y"
-    storage.register_url_secrets("https://ann:pa55word@h/w.pt?X-Amz-Signature=f00d", None, "/local/a@b.pt")
-    assert storage.scrub("GET https://ann:pa55word@h/w.pt?X-Amz-Signature=f00d failed") == "GET https://***@h/w.pt?*** failed"
+    url = "https://ann:pa55word@h/w.pt?X-Amz-Signature=f00d"
+    storage.register_url_secrets(url, None, "/local/a@b.pt")
+    assert storage.scrub(f"GET {url} failed") == "GET https://***@h/w.pt?*** failed"
     assert storage.scrub("/local/a@b.pt") == "/local/a@b.pt"
 
 
