@@ -208,7 +208,8 @@ def test_retry_call_retries_transient_errors_only():
 def test_clear_outputs_removes_what_the_job_wrote_and_nothing_else(tmp_path):
     """--overwrite: the job's files (also report, figures, metrics, temp files) go; a user's files stay."""
     ours = ["run.json", "summary.json", "report.md", "metrics.json", "metrics.md", "metrics/confusion.npy",
-            "predictions/shard-00000.parquet", "predictions/.tmp-0123456789ab-shard-00001.parquet",
+            "predictions/shard-00000.parquet", "predictions/shard-100000.parquet",
+            "predictions/.tmp-0123456789ab-shard-00001.parquet",
             "masks/img_1-0123456789.png", "figures/iou.png", "figures/confusion.png", "figures/samples.png",
             "figures/class_distribution.png", "figures/confidence.png", ".tmp-0123456789ab-run.json"]
     theirs = ["notes.md", "masks/mine.png", "masks/sub/x-0123456789.png", "figures/logo.png", "predictions/README",
