@@ -76,29 +76,36 @@ def _run(cfg: JobConfig, inputs: sources.Inputs, t_start: float) -> dict:
         seg_kw["weights_sha256"] = sha  # every worker must load exactly the weights recorded in run.json
     identity = run_record.identity(cfg, inputs, probe["config"])
 
-    resume = run_record.start_or_resume(cfg, shards, identity, probe)
-    pending = resume.pending
-    skipped = sum(len(s.items) for s in shards) - sum(len(s.items) for s in pending)
-    log.info("%d shards already committed (%d images skipped), %d to do", len(shards) - len(pending), skipped, len(pending))
-
     counts = {"ok": 0, "error": 0, "duplicates_dropped": 0, "decoded_in_model_process": 0,
               "images_that_killed_a_worker": 0}
     executions: set[str] = set()           # JSON of each distinct Segmenter.execution() the workers reported
-    t_pipe = time.time()
-    if pending:
-        # Pending shards run in windows of about ``window_images`` images, one Ray Data execution
-        # each, so the driver and the object store hold one window's rows, not the whole corpus.
-        config_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-        total_images = skipped + sum(len(s.items) for s in pending)
-        started_ray = cluster.init_ray(cfg.ray_address)
-        try:
+    started_ray = False
+    try:
+        if cfg.overwrite and shards:
+            # Every shard runs again: the cluster is checked before the old outputs go, so a run it refuses
+            # (no cluster there, workers it can't hold, too large a --max-pixels) leaves them as they were.
+            started_ray = cluster.init_ray(cfg.ray_address)
+            cluster.model_workers(cfg)
+            cluster.check_decode_memory(cfg)
+        resume = run_record.start_or_resume(cfg, shards, identity, probe)
+        pending = resume.pending
+        skipped = sum(len(s.items) for s in shards) - sum(len(s.items) for s in pending)
+        log.info("%d shards already committed (%d images skipped), %d to do", len(shards) - len(pending), skipped,
+                 len(pending))
+        t_pipe = time.time()
+        if pending:
+            # Pending shards run in windows of about ``window_images`` images, one Ray Data execution
+            # each, so the driver and the object store hold one window's rows, not the whole corpus.
+            config_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+            total_images = skipped + sum(len(s.items) for s in pending)
+            started_ray = cluster.init_ray(cfg.ray_address) or started_ray
             for window in shard_windows(pending, cfg.window_images):
                 _run_window(cfg, window, inputs, probe, seg_kw, config_sha256, counts, executions,
                             skipped + counts["ok"] + counts["error"], total_images)
-        finally:
-            if started_ray:
-                import ray
-                ray.shutdown()
+    finally:
+        if started_ray:
+            import ray
+            ray.shutdown()
     wall = time.time() - t_start
     done = counts["ok"] + counts["error"]
     summary = {

@@ -197,7 +197,8 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> Resume:
 
 def _check_identity(cfg, previous: Optional[dict], ident: dict, committed: set) -> None:
     """Raise :class:`ConfigMismatch` unless run.json (``previous``) describes the run ``ident`` does, or no
-    shard was committed under it. Older run.json files are read as the identity they meant."""
+    shard was committed under it (then the files that run wrote are removed: :func:`sinks.clear_outputs`).
+    Older run.json files are read as the identity they meant."""
     so = cfg.storage_options
     if previous is None:
         if committed:
@@ -215,7 +216,10 @@ def _check_identity(cfg, previous: Optional[dict], ident: dict, committed: set) 
         old["input"] = storage.canonical_uri(old_input, so)
     diffs = sinks.config_differences(old, ident)
     if diffs and not committed:     # nothing was done under the old configuration: nothing to protect
-        log.info("run.json of a run that committed no shard is replaced (%s)", "; ".join(diffs))
+        # What it wrote (masks of shards it never committed) was made under the other configuration: gone too.
+        log.info("run.json of a run that committed no shard is replaced (%s); the files it wrote are removed",
+                 "; ".join(diffs))
+        sinks.clear_outputs(cfg.output, so)
         return
     if diffs:
         note = ("\nthis run.json is older than image ids relative to the input root for --labels, --limit "

@@ -393,6 +393,12 @@ def test_overwrite_starts_over(first_run, tiny_model, tmp_path):
     cfg, out, first = first_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    # A run the cluster refuses (here decode tasks no node can hold) is refused before the old outputs go.
+    refused = pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), overwrite=True, max_pixels=10**12)
+    with pytest.raises(ValueError, match="--max-pixels"):
+        run(refused)
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
     cfg2 = pipeline_job_config(tiny_model, input=cfg.input, output=str(copy), vocabulary="sky; road", overwrite=True)
     s = run(cfg2)
     assert s["skipped"] == 0 and s["ok"] + s["error"] == first["images_total"]
@@ -650,3 +656,21 @@ def test_a_setting_the_method_does_not_use_is_no_reason_to_refuse_a_resume(tmp_p
     old["segmenter"]["settings"]["logit_scale"] = 50.0                  # a setting clip uses: refused
     with pytest.raises(ConfigMismatch, match="logit_scale"):
         _check_identity(cfg, {"config": old}, ident("clip", None), {"shard-00000"})
+
+
+def test_a_run_that_committed_no_shard_under_another_configuration_leaves_no_files_behind(tmp_path):
+    """Its masks were made under the other configuration and belong to no shard: replacing its run.json
+    removes them too, and a user's own files stay."""
+    from types import SimpleNamespace
+
+    from pipeline.run_record import _check_identity
+
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a-0123456789.png").write_bytes(b"x")
+    (tmp_path / "notes.md").write_text("mine")
+    cfg = SimpleNamespace(storage_options=None, output=str(tmp_path))
+    ident = {"input": str(tmp_path), "labels": None, "segmenter": {"method": "clip", "settings": {}}, "save_masks": True}
+    _check_identity(cfg, {"config": ident}, ident, set())                   # the same run: its masks are kept
+    assert (tmp_path / "masks" / "a-0123456789.png").exists()
+    _check_identity(cfg, {"config": {**ident, "save_masks": False}}, ident, set())
+    assert not (tmp_path / "masks").exists() and (tmp_path / "notes.md").read_text() == "mine"
