@@ -8,7 +8,8 @@
 Writes ``DIR/<stem>.png``, a palette PNG whose pixel values are class indices (a 16-bit grey PNG above
 256 classes, which no palette holds), and with ``--overlay`` ``DIR/<stem>_overlay.png``, the image with
 coloured classes and a legend. No output overwrites another: images whose stems clash keep their suffix
-(``a.jpg.png``, ``a.png.png``), then their folder (``x/a.jpg.png``); see :func:`output_names`.
+(``a.jpg.png``, ``a.png.png``), then their folder (``x/a.jpg.png``); see :func:`output_names`. Outputs carry
+the PNG text chunk ``Software: rfclip-segment``; a file under an output's name without it is never replaced.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from .folders import local_files, within
 from .images import IMAGE_SUFFIXES
 from .segmenter import Segmenter
-from .visualize import first_is_background, label_png, overlay
+from .visualize import first_is_background, label_png, overlay, png_text
 from .weights import WeightsError
 from .vocabulary import load_vocabulary, parse_vocabulary
 from .warn import as_cli_lines
@@ -101,6 +102,26 @@ def _images_below(folder: str, skip: str | None) -> list[str]:
     return [f for f in local_files(folder, skip) if os.path.basename(f).lower().endswith(IMAGE_SUFFIXES)]
 
 
+# The PNG text chunk that marks this tool's masks and overlays: the only files in --out it replaces.
+MARK = {"Software": "rfclip-segment"}
+
+
+def _is_ours(path: Path) -> bool:
+    """Whether the file ``path`` is a PNG this tool wrote (its :data:`MARK` text chunk)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == MARK["Software"]
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def _replaced_files(targets: list[Path]) -> list[Path]:
+    """The ``targets`` that exist and that this tool did not write: a user's own files, never replaced."""
+    return [t for t in targets if os.path.lexists(t) and not (t.is_file() and _is_ours(t))]
+
+
 def _overwritten_input(images: list[str], folders: list[str], out: str, targets: list[Path]) -> str | None:
     """Why one of ``targets`` can't be written: it would overwrite an input image, or land inside an input
     folder (a later run would take it for an image) that does not hold ``out``; else None."""
@@ -146,6 +167,11 @@ def _plan(args) -> tuple[list[str], list[str], list[Path]]:
     clash = _overwritten_input(images, folders, args.out, targets)
     if clash is not None:
         raise _Refused(f"{clash}; give another --out")
+    theirs = _replaced_files(targets)
+    if theirs:
+        more = f" (and {len(theirs) - 1} more)" if len(theirs) > 1 else ""
+        raise _Refused(f"--out {args.out} already holds {theirs[0]}{more}, which rfclip-segment did not write; "
+                       f"give another --out, or move it away")
     made = [d for d in [out, *out.parents] if not d.exists()][::-1]
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -238,11 +264,12 @@ def _main(argv: list[str] | None) -> int:
         writing = target
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_whole(target, label_png(labels, seg.num_classes, background=first_is_background(seg.class_names)))
+            _write_whole(target, label_png(labels, seg.num_classes, background=first_is_background(seg.class_names),
+                                           text=MARK))
             if args.overlay:
                 writing = out / f"{name}_overlay.png"
                 buffer = io.BytesIO()
-                overlay(rgb, labels, seg.class_names).save(buffer, format="PNG")
+                overlay(rgb, labels, seg.class_names).save(buffer, format="PNG", pnginfo=png_text(MARK))
                 _write_whole(writing, buffer.getvalue())
         except OSError as e:                     # a full disk, a folder where the file goes: the rest would fail too
             unread = f"; {failed} images before it could not be read (reasons above)" if failed else ""

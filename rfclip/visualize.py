@@ -38,11 +38,13 @@ def class_palette(class_names) -> np.ndarray:
     return palette(len(class_names), background=first_is_background(class_names))
 
 
-def label_png(labels: np.ndarray, num_classes: int, colours: bool = True, background: bool = True) -> bytes:
+def label_png(labels: np.ndarray, num_classes: int, colours: bool = True, background: bool = True,
+              text: dict | None = None) -> bytes:
     """Encode ``(H, W)`` integer labels as PNG; pixel values are class indices.
 
     ``num_classes <= 256``: 8-bit, with the VOC palette (``palette(256, background)``) when ``colours``
     (mode P, viewable) or plain gray (mode L). More classes: 16-bit gray (a palette cannot hold them).
+    ``text``: PNG text chunks to add (``{"Software": ...}``), written before the image data.
     """
     labels = np.asarray(labels)
     top = 255 if num_classes <= 256 else 65535
@@ -56,8 +58,18 @@ def label_png(labels: np.ndarray, num_classes: int, colours: bool = True, backgr
     else:
         img = Image.fromarray(labels.astype(np.uint8), mode="L")
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
+    img.save(buf, format="PNG", compress_level=1, pnginfo=png_text(text) if text else None)
     return buf.getvalue()
+
+
+def png_text(text: dict):
+    """A ``PIL.PngImagePlugin.PngInfo`` holding ``text``'s items as PNG text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    return info
 
 
 def decode_label_png(data: bytes) -> np.ndarray:

@@ -161,6 +161,20 @@ def test_segment_never_overwrites_or_rereads_its_inputs(tiny_model, tmp_path, ca
     assert main([str(data / "images"), str(data / "other"), "--out", str(data)] + common) == 2
     assert "would land inside the input folder" in capsys.readouterr().err    # data/images/c.png.png
 
+    mine = tmp_path / "mine"                                             # a user's file under an output's name
+    mine.mkdir()
+    Image.fromarray(planted_image(40, 50, seed=5)).save(mine / "a.png")
+    Image.fromarray(planted_image(40, 50, seed=6)).save(mine / "a.jpg")
+    theirs = hashlib.sha256((mine / "a.png").read_bytes()).hexdigest()
+    assert main([str(mine / "a.jpg"), "--out", str(mine)] + common) == 2   # a.jpg -> mine/a.png: not replaced
+    assert f"already holds {mine / 'a.png'}, which rfclip-segment did not write" in capsys.readouterr().err
+    assert hashlib.sha256((mine / "a.png").read_bytes()).hexdigest() == theirs
+    (mine / "a.png").unlink()
+    for _ in range(2):                                                   # its own outputs: replaced
+        assert main([str(mine / "a.jpg"), "--out", str(mine)] + common) == 0
+    with Image.open(mine / "a.png") as m, Image.open(mine / "a_overlay.png") as o:
+        assert m.info["Software"] == o.info["Software"] == "rfclip-segment"
+
     gone = tmp_path / "new" / "deeper"                                   # a failed model load leaves no folder
     assert main([str(photos / "a.png"), "--out", str(gone), "--vocabulary", "sky", "--model", cfg,
                  "--weights", str(tmp_path / "missing.pt")]) == 2
@@ -304,16 +318,29 @@ def test_segment_checks_out_is_writable_before_the_model_and_stops_at_a_failed_w
         assert segment.main([str(images), "--out", str(tmp_path / "new" / "o")] + common) == 2
         assert not (tmp_path / "new").exists()                  # the folders it made are taken back
     out = tmp_path / "out"
-    (out / "b.png").mkdir(parents=True)
-    assert segment.main([str(images), "--out", str(out)] + common) == 1
-    err = capsys.readouterr().err
-    assert f"error: can't write {out / 'b.png'}" in err and "the masks written so far are kept" in err
-    assert (out / "a.png").is_file() and not (out / "c.png").exists()
+    (out / "b.png").mkdir(parents=True)                        # a folder under an output's name: not replaced
+    assert segment.main([str(images), "--out", str(out)] + common) == 2
+    assert f"already holds {out / 'b.png'}, which rfclip-segment did not write" in capsys.readouterr().err
     (out / "b.png").rmdir()
-    (out / "a_overlay.png").mkdir()
-    assert segment.main([str(images), "--out", str(out), "--overlay"] + common) == 1       # names the overlay
-    assert f"error: can't write {out / 'a_overlay.png'}" in capsys.readouterr().err
-    (out / "a_overlay.png").rmdir()
+    write_whole = segment._write_whole
+
+    def full_disk_at(name):
+        def write(path, data):
+            if path.name == name:
+                raise OSError(28, "No space left on device")
+            write_whole(path, data)
+        return write
+
+    with monkeypatch.context() as m:
+        m.setattr(segment, "_write_whole", full_disk_at("b.png"))
+        assert segment.main([str(images), "--out", str(out)] + common) == 1
+        err = capsys.readouterr().err
+        assert f"error: can't write {out / 'b.png'}: No space left on device" in err
+        assert "the masks written so far are kept" in err
+        assert (out / "a.png").is_file() and not (out / "c.png").exists()
+        m.setattr(segment, "_write_whole", full_disk_at("a_overlay.png"))
+        assert segment.main([str(images), "--out", str(out), "--overlay"] + common) == 1   # names the overlay
+        assert f"error: can't write {out / 'a_overlay.png'}" in capsys.readouterr().err
     (images / "b.png").write_bytes(b"not a png")
     (images / "d.png").symlink_to(tmp_path / "nowhere.png")       # a broken link inside a folder: unreadable
     assert segment.main([str(images), "--out", str(out), "--setting", "lam=0.5"] + common) == 1
