@@ -108,9 +108,14 @@ def resize_short_side(rgb: np.ndarray, short_side: int, max_long_side: int = 204
     Returns ``(h, w, 3) uint8``. Plain bilinear (no antialiasing), as MMSegmentation's ``Resize``
     (cv2 ``INTER_LINEAR``) does in the pipelines behind the published numbers.
     """
-    t = resize_short_side_tensor(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), short_side,
-                                 max_long_side)
-    return t.permute(1, 2, 0).numpy()
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"resize_short_side takes an (H, W, 3) uint8 RGB array, not shape {rgb.shape} "
+                         f"{rgb.dtype}; rfclip.to_rgb_array makes one of an image or another array")
+    # np.require: contiguous and writable (np.asarray of a PIL image is read-only, and torch.from_numpy warns
+    # of those), copied only where it is not.
+    image = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1)
+    return resize_short_side_tensor(image, short_side, max_long_side).permute(1, 2, 0).numpy()
 
 
 def resize_short_side_tensor(image: torch.Tensor, short_side: int, max_long_side: int = 2048) -> torch.Tensor:

@@ -16,6 +16,7 @@ formats into the model open_clip built and says what failed.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import warnings
@@ -42,12 +43,19 @@ def register_model(model: str) -> str:
     open_clip model-config JSON (``{"embed_dim", "vision_cfg", "text_cfg"}``), which is registered
     under the file's stem. The JSON form serves custom and tiny test architectures.
     """
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"model is an open_clip architecture name or the path of a model-config .json, not {model!r}")
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model config {model} does not exist")
-        cfg = json.loads(path.read_text())
-        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"model config {model} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ValueError(f"{model} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
         if path.stem in _BUILT_IN_ARCHS and open_clip.get_model_config(path.stem) != cfg:
             # open_clip registers a config under its file's stem: this one would replace the built-in

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
@@ -58,10 +59,14 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tup
     """Windows ``(y1, y2, x1, x2)`` covering an image (§1.2); one window if ``crop <= 0``.
 
     ``h_grids = ceil(max(H - crop, 0) / stride) + 1``; window i starts at ``i * stride`` and is
-    shifted back inside the image. An image smaller than the crop is one window.
+    shifted back inside the image. An image smaller than the crop is one window. Raises ValueError for a
+    ``stride`` that is not in ``1..crop`` (windows would leave rows and columns uncovered).
     """
     if crop <= 0:
         return [(0, height, 0, width)]
+    if not 1 <= stride <= crop:
+        raise ValueError(f"stride must lie in 1..crop ({crop}), got {stride}: windows further apart than "
+                         f"their size leave pixels uncovered")
     out = []
     ny = math.ceil(max(height - crop, 0) / stride) + 1
     nx = math.ceil(max(width - crop, 0) / stride) + 1
@@ -101,21 +106,27 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return picked
 
 
-def _original_sizes(sizes, n: int) -> list[tuple[int, int]]:
-    """``sizes`` as ``n`` ``(H, W)`` pairs of positive ints; ``ValueError`` naming the first that is not."""
+def _original_sizes(sizes, resized: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``sizes`` as one ``(H, W)`` pair of positive ints per ``resized`` image ``(h, w)``; ``ValueError``
+    naming the first that is not, or whose aspect ratio is not the resized image's (up to the rounding of
+    the resize: ``|h W - w H| <= H + W``), as a ``(W, H)`` pair's is not."""
     sizes = list(sizes)
-    if len(sizes) != n:
-        raise ValueError(f"original_sizes must have one (H, W) per image: {len(sizes)} for {n} images")
+    if len(sizes) != len(resized):
+        raise ValueError(f"original_sizes must have one (H, W) per image: {len(sizes)} for {len(resized)} images")
     out = []
-    for i, hw in enumerate(sizes):
+    for i, (hw, (rh, rw)) in enumerate(zip(sizes, resized)):
         try:
             h, w = hw
-            ok = all(float(v) == int(v) > 0 for v in (h, w))
+            ok = all(not isinstance(v, (bool, np.bool_)) and float(v) == int(v) > 0 for v in (h, w))
         except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
             raise ValueError(f"original_sizes[{i}] must be (H, W), two positive whole numbers, got {hw!r}")
-        out.append((int(h), int(w)))
+        h, w = int(h), int(w)
+        if abs(rh * w - rw * h) > h + w:
+            raise ValueError(f"original_sizes[{i}] = {hw!r} (H, W) has another aspect ratio than its resized image "
+                             f"({rh} x {rw}): sizes are (height, width)")
+        out.append((h, w))
     return out
 
 
@@ -167,7 +178,8 @@ class Segmenter:
         clip, tokenizer, arch, resolved = load_clip(model, weights, weights_sha256, storage_options,
                                                      quick_gelu=quick_gelu, image_mean=image_mean,
                                                      image_std=image_std)
-        self.model_name, self.arch, self.weights, self.benchmark, self.method_name = model, arch, resolved, benchmark, method
+        self.model_name, self.arch, self.weights = os.fspath(model), arch, resolved
+        self.benchmark, self.method_name = benchmark, method
         clip = clip.to(self.device)
         clip.visual.to(self.dtype)
         self.clip = clip
@@ -457,7 +469,7 @@ class Segmenter:
             uint8 = [resize_short_side_tensor(t, self.settings.short_side, self.settings.max_long_side)
                      for t in uint8]
         else:
-            sizes = _original_sizes(original_sizes, len(rgbs))
+            sizes = _original_sizes(original_sizes, [tuple(r.shape[:2]) for r in rgbs])
         tensors = [self._normalise(t) for t in uint8]
         logits = self._image_logits(tensors)
         return [self._labels(l, size, t) for l, size, t in zip(logits, sizes, tensors)]

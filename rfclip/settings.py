@@ -215,8 +215,8 @@ def coerce_setting(name: str, value):
     Accepts what a command line gives as well as Python values: ``"off"``/``"false"``/``"no"``/``"0"``
     (any case) for False and their opposites for True, ``"none"``/``"null"`` for an optional setting's
     None, ``"4,162,189"``, one index or a list for ``distraction_dims``; NumPy scalars and arrays as
-    their Python values. Never guesses: ``2.5`` is not an int, ``"no"`` is not True, and an int is not
-    a bool.
+    their Python values. Never guesses: ``2.5`` is not an int, ``"no"`` is not True, a bool is not an
+    int (``True`` is no crop size), and of the ints only 0 and 1 are bools (as ``"0"`` and ``"1"`` are).
     """
     if name not in _TYPES:
         raise ValueError(f"unknown setting {name!r}; settings are {', '.join(SETTING_NAMES)}")

@@ -271,6 +271,8 @@ def resolve_weights(model: str, weights: str, weights_sha256: Optional[str] = No
     if not isinstance(weights, str) or not weights:
         raise TypeError(f"weights is an open_clip tag, a file path or a URL, not {weights!r}")
     if weights_sha256 is not None:
+        if not isinstance(weights_sha256, str):
+            raise TypeError(f"weights_sha256 is a string of 64 hex digits, not {weights_sha256!r}")
         weights_sha256 = weights_sha256.strip().lower()
         if len(weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in weights_sha256):
             raise ValueError(f"weights_sha256 must be 64 hex digits, got {weights_sha256!r}")

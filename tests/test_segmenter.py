@@ -210,10 +210,12 @@ def test_api_misuse_is_a_clear_error_not_a_wrong_result(tiny_model):
     assert len(seg.segment_batch(iter([img, img]))) == 2                           # any iterable of images
     assert len(seg.segment_batch(np.stack([img, img]))) == 2                       # or a (B, H, W, C) array
     for sizes, msg in [([(0, 0)], "two positive whole numbers"), ([(-1, 5)], "positive"), ([(10, 4, 3)], r"\(H, W\)"),
-                       ([(10.7, 4)], "whole"), ([(4, 4), (4, 4)], "one \\(H, W\\) per image: 2 for 1")]:
+                       ([(10.7, 4)], "whole"), ([(4, 4), (4, 4)], "one \\(H, W\\) per image: 2 for 1"),
+                       ([(True, True)], "two positive whole numbers"), ([(64, 48)], "another aspect ratio")]:
         with pytest.raises(ValueError, match=msg):
             seg.segment_batch([img], original_sizes=sizes)
     assert seg.segment_batch([img], original_sizes=[(np.int64(24), 32.0)])[0].labels.shape == (24, 32)
+    assert seg.segment_batch([img], original_sizes=[(481, 640)])[0].labels.shape == (481, 640)   # resize rounding
     with pytest.raises(TypeError, match="torch tensor"):
         seg.encode_dense(np.zeros((1, 3, 32, 32), np.float32))
     with pytest.raises(TypeError, match="normalised float images"):
@@ -575,3 +577,35 @@ def test_known_distraction_dims_on_other_weights_warn(planted_files, monkeypatch
         monkeypatch.setitem(rfclip.weights.OPENAI_SHA256, rfclip.weights.file_sha256(weights), arch)
         seg = make("rfclip", quick_gelu=True)
     assert seg.weights.openai and seg.method.settings.distraction_dims is None
+
+
+def test_public_helpers_refuse_what_they_would_get_wrong(tiny_model, tmp_path):
+    """``sliding_windows`` with a stride that leaves pixels uncovered, ``resize_short_side`` on a float or
+    grey array, and a ``model``/``weights_sha256`` of the wrong type or a broken model JSON: clear errors."""
+    from rfclip.images import resize_short_side
+    from rfclip.segmenter import sliding_windows
+
+    for stride in (0, 500):
+        with pytest.raises(ValueError, match="stride must lie in 1..crop"):
+            sliding_windows(1000, 300, 224, stride)
+    rgb = np.zeros((30, 40, 3), np.uint8)
+    rgb.setflags(write=False)                                    # np.asarray(PIL image) is read-only: no warning
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resize_short_side(rgb, 15).shape == (15, 20, 3)
+    for bad in (np.zeros((30, 40, 3), np.float32), np.zeros((30, 40), np.uint8)):
+        with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 RGB array.*rfclip.to_rgb_array"):
+            resize_short_side(bad, 15)
+    cfg, weights = tiny_model
+    from pathlib import Path
+    seg = rfclip.Segmenter(model=Path(cfg), weights=Path(weights), method="clip", vocabulary="a; b", device="cpu")
+    assert seg.config()["model"] == cfg
+    with pytest.raises(TypeError, match="model is an open_clip architecture name"):
+        rfclip.Segmenter(model=None, weights=weights, method="clip", vocabulary="a; b")
+    with pytest.raises(TypeError, match="weights_sha256 is a string of 64 hex digits, not 123"):
+        rfclip.Segmenter(model=cfg, weights=weights, weights_sha256=123, method="clip", vocabulary="a; b")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{embed_dim: 1}")
+    with pytest.raises(ValueError, match=f"model config {broken} is not valid JSON"):
+        rfclip.Segmenter(model=str(broken), weights=weights, method="clip", vocabulary="a; b")
