@@ -313,7 +313,7 @@ def _window_rows(pending: list, inputs: sources.Inputs) -> list[dict]:
     """One row per image of the shards in ``pending``, in shard order: its URIs, ``image_id``, ``shard`` and
     ``pos`` (its index in the shard), and the listing's error for it ("" if none)."""
     return [{"image_uri": it["image_uri"], "label_uri": it.get("label_uri") or "",
-             "image_id": sources.image_id(it["image_uri"], inputs.root), "shard": s.index, "pos": pos,
+             "image_id": inputs.ids[it["image_uri"]], "shard": s.index, "pos": pos,
              "listing_error": it.get("error") or ""}
             for s in pending for pos, it in enumerate(s.items)]
 

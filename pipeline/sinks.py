@@ -38,7 +38,7 @@ SUMMARY_JSON = "summary.json"
 # plus the files of these folders whose names match (pipeline.report writes figures/, pipeline.metrics the
 # metrics files), plus the temp files of interrupted atomic writes (storage.atomic_write_bytes).
 JOB_FILES = (RUN_JSON, SUMMARY_JSON, "report.md", "metrics.json", "metrics.md", "metrics/confusion.npy")
-JOB_FOLDERS = {PREDICTIONS_DIR: r"shard-\d{5,}\.parquet", MASKS_DIR: r".+-[0-9a-f]{10}\.png",
+JOB_FOLDERS = {PREDICTIONS_DIR: r"shard-\d{5,}\.parquet", MASKS_DIR: r".+-(?:[0-9a-f]{10}|[0-9a-f]{20})\.png",
                "figures": r"(iou|confusion|samples|class_distribution|confidence)\.png"}
 _TEMP_PREFIX = re.compile(r"\.tmp-[0-9a-f]{12}-")
 META_SHARD = b"rfclip.shard"

@@ -8,6 +8,8 @@ every run, and a resumed run can tell when they do not.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import io
 import logging
@@ -37,6 +39,11 @@ class Inputs:
     root: Optional[str]
     kind: str                      # "folder" | "manifest" | "file"
     duplicates_dropped: int = 0
+
+    @functools.cached_property
+    def ids(self) -> dict[str, str]:
+        """``image_uri`` -> its image id, unique among these inputs (:func:`image_ids`)."""
+        return image_ids([it["image_uri"] for it in self.items], self.root)
 
 
 @dataclass(frozen=True)
@@ -258,8 +265,8 @@ def relative_to(uri: str, root: Optional[str]) -> Optional[str]:
     return uri[len(root):] if uri.startswith(root) else None
 
 
-def image_id(image_uri: str, root: Optional[str] = None) -> str:
-    """A stable, file-name-safe id: ``<stem>-<10 hex of sha1(path relative to root)>``.
+def image_id(image_uri: str, root: Optional[str] = None, digits: int = 10) -> str:
+    """A stable, file-name-safe id: ``<stem>-<10 (``digits``) hex of sha1(path relative to root)>``.
 
     Relative to the input root, so the same corpus copied to another bucket keeps its ids;
     with a manifest (no root) the whole URI is hashed.
@@ -268,7 +275,22 @@ def image_id(image_uri: str, root: Optional[str] = None) -> str:
     rel = image_uri if rel is None else rel.lstrip("/")
     stem = posixpath.splitext(posixpath.basename(image_uri))[0]
     stem = _SAFE.sub("_", stem).strip("._")[:64] or "image"
-    return f"{stem}-{hashlib.sha1(rel.encode('utf-8')).hexdigest()[:10]}"
+    return f"{stem}-{hashlib.sha1(rel.encode('utf-8')).hexdigest()[:digits]}"
+
+
+def image_ids(uris: Sequence[str], root: Optional[str] = None) -> dict[str, str]:
+    """The :func:`image_id` of each URI, made unique: the ids that two inputs share (the same stem, and 40
+    bits of their hashes alike: likely once a million files share a stem, as ``rgb.png`` in a folder per
+    scene) take 20 hex digits of the hash instead, for every input that shares it, so the masks of one
+    never overwrite the other's. Deterministic for a given input list, so a resume finds the same ids."""
+    ids = {u: image_id(u, root) for u in uris}
+    count = collections.Counter(ids.values())
+    for u, i in ids.items():
+        if count[i] > 1:
+            ids[u] = image_id(u, root, digits=20)
+    if len(set(ids.values())) != len(ids):
+        raise ValueError("two inputs have the same image id even with 80 bits of their hashes")
+    return ids
 
 
 def items_digest(items: Sequence[dict]) -> str:

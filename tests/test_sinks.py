@@ -210,8 +210,9 @@ def test_clear_outputs_removes_what_the_job_wrote_and_nothing_else(tmp_path):
     ours = ["run.json", "summary.json", "report.md", "metrics.json", "metrics.md", "metrics/confusion.npy",
             "predictions/shard-00000.parquet", "predictions/shard-100000.parquet",
             "predictions/.tmp-0123456789ab-shard-00001.parquet",
-            "masks/img_1-0123456789.png", "figures/iou.png", "figures/confusion.png", "figures/samples.png",
-            "figures/class_distribution.png", "figures/confidence.png", ".tmp-0123456789ab-run.json"]
+            "masks/img_1-0123456789.png", "masks/rgb-0123456789abcdef0123.png", "figures/iou.png",
+            "figures/confusion.png", "figures/samples.png", "figures/class_distribution.png", "figures/confidence.png",
+            ".tmp-0123456789ab-run.json"]
     theirs = ["notes.md", "masks/mine.png", "masks/sub/x-0123456789.png", "figures/logo.png", "predictions/README",
               "metrics/extra.csv", "images/a-0123456789.png", "config.json"]
     out, only_ours = tmp_path / "out", tmp_path / "only_ours"

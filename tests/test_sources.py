@@ -222,6 +222,25 @@ def test_shards_are_deterministic_and_cover_every_item_once():
         sources.make_shards(items, 0)
 
 
+def test_image_ids_that_two_inputs_share_take_more_digits(monkeypatch):
+    """40 bits of a hash collide once about a million files share a stem: those ids get 80 bits, the others
+    keep theirs, and the masks of one never overwrite the other's."""
+    real = sources.image_id
+
+    def short_hash(uri, root=None, digits=10):              # collisions on demand: 8 bits for the short ids
+        got = real(uri, root, digits)
+        return got[:-8] if digits == 10 else got
+
+    monkeypatch.setattr(sources, "image_id", short_hash)
+    uris = [f"/d/scene{i}/rgb.png" for i in range(40)]
+    ids = sources.image_ids(uris, "/d")
+    assert len(set(ids.values())) == 40
+    long = [u for u in uris if len(ids[u]) > len("rgb-") + 2]
+    assert 0 < len(long) < 40 and all(len(ids[u]) == len("rgb-") + 20 for u in long)
+    assert all(ids[u] == short_hash(u, "/d") for u in uris if u not in long)
+    assert sources.Inputs([{"image_uri": u} for u in uris], "/d", "folder").ids == ids
+
+
 def test_image_id_is_stable_safe_and_relative_to_root():
     a = sources.image_id("/data/x/img 1.jpg", "/data")
     assert a == sources.image_id("s3://other/x/img 1.jpg", "s3://other")   # same relative path, same id
