@@ -221,7 +221,15 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
         clip = open_clip.create_model(arch, pretrained=None, force_quick_gelu=use_quick_gelu)
     finally:
         root.setLevel(level)
-    sd = read_state_dict(resolved.path)
+    try:
+        sd = read_state_dict(resolved.path)
+    except WeightsError as e:
+        if resolved.kind != "url":
+            raise
+        # What the URL gave is no checkpoint (an HTML page, a cut-off file): its cached copy goes, so the next
+        # run fetches the URL again instead of failing on the copy.
+        os.remove(resolved.path)
+        raise WeightsError(f"{e}; it came from {resolved.spec}, and its cached copy is removed") from e
     if "logit_scale" in sd and sd["logit_scale"].ndim != clip.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(clip.logit_scale.shape)
     if getattr(clip, "logit_bias", None) is None:

@@ -127,6 +127,24 @@ def test_fsspec_url_is_streamed_once_into_the_cache(tiny_model, tmp_path, monkey
         resolve_weights("rfclip-tiny", "memory://models/missing.pt")
 
 
+def test_a_url_that_gave_no_checkpoint_is_fetched_again_next_time(tiny_model, tmp_path, monkeypatch):
+    """A page instead of weights (no sha256 given) fails to load, and its cached copy goes with it: the next
+    run fetches the URL again rather than failing on the copy for good."""
+    from rfclip.model_factory import load_clip
+
+    cfg, weights = tiny_model
+    monkeypatch.setenv("RFCLIP_CACHE", str(tmp_path / "cache"))
+    url = "memory://models/page.pt"
+    with fsspec.open(url, "wb") as f:
+        f.write(b"<html>Sign in to download</html>")
+    with pytest.raises(WeightsError, match=f"not a readable checkpoint.*came from {url}, and its cached copy is removed"):
+        load_clip(cfg, url)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    with fsspec.open(url, "wb") as f, open(weights, "rb") as src:
+        f.write(src.read())
+    assert load_clip(cfg, url)[3].kind == "url"
+
+
 def test_offline_tag_fails_fast_with_a_pointer_to_weights_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
