@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import random
+import stat
 import sys
 import time
 import uuid
@@ -207,6 +208,12 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5
     """
     if not paths:
         return {}
+    out: dict[str, Any] = {}
+    if is_local(fs):                     # a pipe or a device would block the read, or never end it
+        for p in paths:
+            if not is_regular_file(p):
+                out[p] = OSError(errno.EINVAL, "not a regular file (a pipe, socket or device): not read", p)
+        paths = [p for p in paths if p not in out]
     span = {} if limit is None else {"start": 0, "end": int(limit)}
     # fs.cat expands glob characters; names like "img[1].jpg" must be read literally with cat_file.
     plain = [p for p in paths if not any(c in p for c in "*?[")]
@@ -214,7 +221,6 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5
         got = fs.cat(plain, on_error="return", **span) if plain else {}
     except Exception as exc:  # noqa: BLE001 - the whole batch failed; each file is retried on its own
         got = {p: ConnectionError(f"batch read failed: {exc}") for p in plain}
-    out: dict[str, Any] = {}
     for p in paths:
         if p in plain:
             v = got.get(p, got.get(fs._strip_protocol(p), ConnectionError(f"no result returned for {p}")))
@@ -233,6 +239,15 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5
                 pass
         out[p] = v
     return out
+
+
+def is_regular_file(path: str) -> bool:
+    """Whether the local ``path`` is a regular file (links followed); True where it can't be told, so that
+    reading it reports why."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return True
 
 
 def read_uris(uris: list[str], storage_options: Optional[dict] = None, limit: Optional[int] = None) -> list[Any]:

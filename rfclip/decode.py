@@ -7,6 +7,7 @@ corrupt data fails here); mode and EXIF orientation via ``rfclip.images.to_rgb_a
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -75,6 +76,10 @@ def decode_file(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options:
     ``max_file_bytes(max_pixels) + 1`` bytes. Raises ``OSError`` when it can't be read."""
     import fsspec
 
+    local = uri[len("file://"):] if uri.startswith("file://") else None if "://" in uri else uri
+    if local is not None and os.path.exists(local) and not os.path.isfile(local) and not os.path.isdir(local):
+        # a pipe, socket or device: a read would block, or never end
+        raise DecodeError("not a regular file (a pipe, socket or device): not read")
     with fsspec.open(uri, "rb", **(storage_options or {})) as f:
         data = f.read(max_file_bytes(max_pixels) + 1)
     return decode_image(data, max_pixels)

@@ -108,6 +108,25 @@ def test_a_file_that_cant_be_read_is_an_error_row_and_storage_that_cant_be_read_
     assert storage.storage_fault(ConnectionError("reset")) and storage.storage_fault(NoCredentialsError())
 
 
+def test_a_pipe_named_like_an_image_is_an_error_row_not_a_hang(tmp_path):
+    """A FIFO blocks a read until something writes to it: it is refused unread, by the job's decode stage
+    and by the tools' decode_file, and the other images are decoded."""
+    import os
+
+    from rfclip.decode import decode_file
+    from pipeline.workers import decode_stage
+
+    good = tmp_path / "good.png"
+    Image.fromarray(_rgb(20, 30)).save(good)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    batch = {"image_uri": np.array([str(tmp_path / "pipe.jpg"), str(good)], dtype=object)}
+    out = decode_stage(batch, storage_options=None, max_pixels=10_000, short_side=20, max_long_side=100)
+    assert list(out["status"]) == ["error", "ok"] and "not a regular file (a pipe" in out["error"][0]
+    with pytest.raises(DecodeError, match="not a regular file"):
+        decode_file(str(tmp_path / "pipe.jpg"))
+    assert decode_file(str(good)).shape == (20, 30, 3)
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
 def test_unusual_modes_become_rgb_uint8(mode):
     base = Image.fromarray(_rgb())
