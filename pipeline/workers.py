@@ -53,6 +53,16 @@ def _err(exc: BaseException) -> str:
     return f"read failed: {type(exc).__name__}: {scrub(str(exc))}"
 
 
+# What a failed device says: CUDA's (and ROCm's) errors leave the process's context unusable.
+_DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "device-side assert", "HIP error")
+
+
+def device_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device failing (an illegal memory access, a device-side assert), not the image:
+    no later call in the process succeeds. Out of memory is not one: a smaller image may still fit."""
+    return any(w in str(exc) for w in _DEVICE_FAULTS)
+
+
 def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: int, short_side: int,
                  max_long_side: int) -> dict:
     """CPU stage: read, decode and resize each image of the batch; bad ones become error rows. Storage that
@@ -161,7 +171,11 @@ class SegmentWorker:
                 for i, img, size in zip(ok, images, sizes):
                     try:
                         results.append((i, self._segment([img], [size])[0], None))
-                    except Exception as exc1:  # noqa: BLE001 - this image's error row
+                    except Exception as exc1:  # noqa: BLE001 - this image's error row, unless the device failed
+                        if device_fault(exc1):
+                            # Not this image's fault, and every later call in this process fails too: the
+                            # batch fails, the job stops with its shard uncommitted, and a re-run redoes it.
+                            raise
                         results.append((i, None, exc1))
             per = (time.perf_counter() - t0) * 1000.0 / len(ok)
             for i, pred, exc in results:

@@ -195,3 +195,42 @@ def test_encode_stage_stops_on_storage_that_cant_be_read_instead_of_an_error_row
         workers.encode_stage(batch, num_classes=K, output_uri=str(tmp_path / "out"), storage_options=None,
                              save_masks=False, decode_label=lambda data: np.zeros((4, 5), np.int64),
                              ignore_index=IGN)
+
+
+def test_the_model_stage_makes_error_rows_of_failed_images_but_stops_on_a_failed_device():
+    """An image the model fails on is an error row, its batch-mates segmented; a CUDA error is the device's:
+    every later call in that process fails too, so the batch fails (the job stops, a re-run redoes it)
+    instead of the rest of the corpus becoming error rows."""
+    import types
+
+    import pytest
+
+    from pipeline.workers import SegmentWorker
+
+    worker = object.__new__(SegmentWorker)                  # no model: _segment is replaced below
+    worker.seg = types.SimpleNamespace(execution=lambda: {"device": "cpu"})
+    worker.dtype, worker.delay_s = np.dtype(np.uint8), 0.0
+    n = 3
+    batch = {"image_uri": np.array([f"i{j}" for j in range(n)], dtype=object),
+             "image_id": np.array([f"i{j}" for j in range(n)], dtype=object),
+             "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object),
+             "pixels": np.array([bytes(2 * 2 * 3)] * n, dtype=object), "rh": np.full(n, 2), "rw": np.full(n, 2),
+             "height": np.full(n, 2), "width": np.full(n, 2)}
+    seen = []
+
+    def segment(images, sizes):
+        seen.append(len(images))
+        if len(images) > 1 or len(seen) == 3:             # the batch, then the second image alone
+            raise RuntimeError("cannot reshape this image")
+        return [types.SimpleNamespace(labels=np.zeros(sizes[0], np.int32), confidence=np.ones(sizes[0]))]
+
+    worker._segment = segment
+    out = worker(batch)
+    assert list(out["status"]) == ["ok", "error", "ok"] and "cannot reshape this image" in out["error"][1]
+
+    def device_fails(images, sizes):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    worker._segment = device_fails
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        worker(batch)
