@@ -34,7 +34,7 @@ from pipeline.evaluation import finish_evaluation  # noqa: E402
 from pipeline.job import run  # noqa: E402
 from pipeline.job_config import JobConfig, LabelError, labelled_job_inputs  # noqa: E402
 from pipeline.run_record import ConfigMismatch  # noqa: E402
-from rfclip.weights import WeightsError  # noqa: E402
+from rfclip.weights import WeightsError, public_spec  # noqa: E402
 from pipeline.published import TABLE_ORDER  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -84,7 +84,7 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
                     ray_address=args.ray_address,
                     overwrite=args.overwrite, items=items, input_root=src.root, labels=labels)
     run(cfg)
-    extra = {"method": method, "model": args.model, "weights": args.weights, "limit": args.limit}
+    extra = {"method": method, "model": args.model, "weights": public_spec(args.weights), "limit": args.limit}
     result = finish_evaluation(out, src, so, extra=extra)    # its images_failed counts every committed shard
     if result["images_failed"]:
         log.warning("%s x %s: %d images could not be segmented and are not scored (see %s/metrics.md)",
@@ -124,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --storage-options: {exc}", file=sys.stderr)
         return 2
     storage.register_secrets(so)
+    storage.register_url_secrets(args.data_root, args.output, args.weights)
     for b in args.benchmarks:              # every dataset is found before the first pair runs
         try:
             open_labelled_source(b, data_root=args.data_root, storage_options=so, limit=args.limit)

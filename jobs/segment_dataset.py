@@ -254,6 +254,9 @@ def main(argv: Optional[list] = None) -> int:
     Ctrl-C."""
     args = build_parser().parse_args(argv)
     storage.setup_logging()
+    # Before anything reads them: an error about an input names it without the password in its URL.
+    storage.register_url_secrets(args.input, args.output, args.weights, args.vocabulary_file, args.labels,
+                                 args.data_root)
     cfg, started = None, False
     try:
         cfg = config_from_args(args)

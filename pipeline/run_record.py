@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from rfclip.weights import public_spec
+
 from . import sinks, sources, storage
 
 log = logging.getLogger(__name__)
@@ -125,11 +127,12 @@ def identity(cfg, inputs: sources.Inputs, seg_config: dict) -> dict:
 
     ``input`` names the root image ids are relative to (the input folder or the data root), else the
     manifest or image file; resolved (:func:`~pipeline.storage.canonical_uri`), so any spelling of the same
-    input resumes. Items given without any input (the Python API) record ``"<items>"``.
+    input resumes, and without the credentials a URL may carry (``rfclip.weights.public_spec``), which
+    run.json never holds. Items given without any input (the Python API) record ``"<items>"``.
     """
     recorded = storage.canonical_uri(cfg.input, cfg.storage_options) if cfg.input else "<items>"
     return {
-        "input": inputs.root or recorded,
+        "input": public_spec(inputs.root or recorded),
         "num_inputs": len(inputs.items),
         "inputs_sha256": sources.items_digest(inputs.items),
         "shard_size": cfg.shard_size,
@@ -213,7 +216,7 @@ def _check_identity(cfg, previous: Optional[dict], ident: dict, committed: set) 
     old["labels"] = _with_background_name(old.get("labels"), ident.get("labels"))
     old_input = old.get("input")
     if old_input not in (None, "<items>", ident["input"]):   # older run.json files hold --input as typed
-        old["input"] = storage.canonical_uri(old_input, so)
+        old["input"] = public_spec(storage.canonical_uri(old_input, so))
     diffs = sinks.config_differences(old, ident)
     if diffs and not committed:     # nothing was done under the old configuration: nothing to protect
         # What it wrote (masks of shards it never committed) was made under the other configuration: gone too.

@@ -164,10 +164,17 @@ STORAGE_ERRORS: tuple = (OSError, *_client_errors())
 
 
 def storage_fault(exc: BaseException) -> bool:
-    """Whether the failure to read a file is the storage's, not the file's: a transient error (retries spent)
-    or a storage client's own error (no credentials, an endpoint it can't reach). The file's own failures
-    (not found, no permission, a folder) are OSErrors that are not transient."""
-    return is_transient(exc) or not isinstance(exc, OSError)
+    """Whether the failure to read a file is the storage's, not the file's: a transient error (retries spent:
+    an outage, an endpoint it can't reach) or missing credentials (botocore's NoCredentialsError and the
+    like). Any other failure is the file's (not found, no permission, an HTTP 403 or 410, a malformed URI)."""
+    if is_transient(exc):
+        return True
+    seen = 0
+    while exc is not None and seen < 4:
+        if "Credential" in type(exc).__name__:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def raise_storage_fault(uri: str, exc: BaseException) -> None:
@@ -372,16 +379,21 @@ def register_secrets(storage_options: Optional[dict]) -> None:
 
 
 def register_url_secrets(*uris: Optional[str]) -> None:
-    """Remember the credentials written into URLs (``https://user:password@host/...``, a signed URL's query
-    string) so that :func:`scrub` removes them from any text."""
-    from urllib.parse import urlsplit
+    """Remember the credentials written into URLs so that :func:`scrub` removes them from any text: the
+    password of ``https://user:password@host/...``, and a signed URL's query values under secret-looking
+    keys (``X-Amz-Signature``, ``token``, ...), as written and decoded. Not the user name, nor other query
+    values: those may be words that other text holds too."""
+    from urllib.parse import parse_qsl, quote, urlsplit
 
     for uri in uris:
         if not uri or "://" not in uri:
             continue
         parts = urlsplit(uri)
-        userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
-        _KNOWN_SECRETS.update(s for s in (userinfo, parts.password or "", parts.query) if len(s) >= 4)
+        found = {parts.password or ""}
+        for key, value in parse_qsl(parts.query):
+            if _is_secret_key(key):
+                found |= {value, quote(value, safe=""), quote(value)}
+        _KNOWN_SECRETS.update(s for s in found if len(s) >= 4)
 
 
 def redact(obj: Any) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 
 from rfclip.decode import DecodeError, decode_image, max_file_bytes
 from .metrics import confusion_matrix
-from .storage import atomic_write_bytes, get_fs, raise_storage_fault, read_uris, scrub
+from .storage import atomic_write_bytes, get_fs, raise_storage_fault, read_uris, register_secrets, scrub
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def decode_stage(batch: dict, *, storage_options: Optional[dict], max_pixels: in
     """
     from rfclip.images import resize_short_side
 
+    register_secrets(storage_options)      # this process's error rows are scrubbed of them, as the driver's logs
     uris = [str(u) for u in batch["image_uri"]]
     n = len(uris)
     out = dict(batch)
@@ -211,6 +212,8 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
     """
     from .sinks import MASKS_DIR, encode_label_png, palette_png
 
+    register_secrets(storage_options)
+    register_secrets(label_storage_options)
     n = len(batch["image_uri"])
     dt = label_dtype(num_classes)
     out = {k: v for k, v in batch.items() if k != "labels"}

@@ -15,6 +15,7 @@ formats into the model open_clip built and says what failed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import logging
@@ -224,11 +225,13 @@ def load_clip(model: str, weights: str, weights_sha256: Optional[str] = None,
     try:
         sd = read_state_dict(resolved.path)
     except WeightsError as e:
-        if resolved.kind != "url":
+        if resolved.kind != "url" or weights_sha256 is not None:
             raise
-        # What the URL gave is no checkpoint (an HTML page, a cut-off file): its cached copy goes, so the next
-        # run fetches the URL again instead of failing on the copy.
-        os.remove(resolved.path)
+        # Unverified, what the URL gave is no checkpoint (an HTML page, a cut-off file): its cached copy goes,
+        # so the next run fetches the URL again instead of failing on the copy. (Verified weights are what
+        # was asked for: a fetch would give them again.)
+        with contextlib.suppress(FileNotFoundError):        # another process on this machine removed it
+            os.remove(resolved.path)
         raise WeightsError(f"{e}; it came from {resolved.spec}, and its cached copy is removed") from e
     if "logit_scale" in sd and sd["logit_scale"].ndim != clip.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(clip.logit_scale.shape)

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlparse, urlsplit, urlunsplit
 
 import fsspec
 
@@ -213,13 +213,27 @@ def public_spec(spec: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
 
 
+def url_secrets(url: str) -> set[str]:
+    """What in ``url`` may be a credential: its password and its query values (as written and decoded),
+    those of 4 characters or more."""
+    parts = urlsplit(url)
+    found = {parts.password or ""}
+    for _, value in parse_qsl(parts.query):
+        found |= {value, quote(value, safe=""), quote(value)}
+    return {s for s in found if len(s) >= 4}
+
+
 def _fetch_url(url: str, expected_sha256: Optional[str], storage_options: Optional[dict]) -> str:
     """Stream a remote file into the cache once; return its local path."""
     shown = public_spec(url)
+    secrets = url_secrets(url)
 
     def said(e: BaseException) -> str:
-        """``e``'s text without the URL's credentials (HTTP errors quote the URL)."""
-        return str(e).replace(url, shown)
+        """``e``'s text without the URL's credentials (HTTP errors quote the URL, as typed or decoded)."""
+        text = str(e).replace(url, shown)
+        for secret in sorted(secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
 
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     target = cache_root() / "weights" / key / (os.path.basename(urlparse(url).path) or "weights.bin")

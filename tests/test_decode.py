@@ -106,6 +106,16 @@ def test_a_file_that_cant_be_read_is_an_error_row_and_storage_that_cant_be_read_
             decode_stage(batch, storage_options=None, max_pixels=10_000, short_side=20, max_long_side=100)
     assert not storage.storage_fault(FileNotFoundError("gone")) and not storage.storage_fault(PermissionError("no"))
     assert storage.storage_fault(ConnectionError("reset")) and storage.storage_fault(NoCredentialsError())
+    from aiohttp import ClientResponseError, RequestInfo
+    from botocore.exceptions import ParamValidationError
+    from yarl import URL
+
+    def http(status):
+        return ClientResponseError(RequestInfo(URL("http://h/a.jpg"), "GET", {}), (), status=status)
+
+    assert not storage.storage_fault(http(403)) and not storage.storage_fault(http(410))   # the file's: error rows
+    assert storage.storage_fault(http(503)) and storage.storage_fault(http(429))
+    assert not storage.storage_fault(ParamValidationError(report="Invalid bucket name"))     # a malformed URI
 
 
 def test_a_pipe_named_like_an_image_is_an_error_row_not_a_hang(tmp_path):

@@ -674,3 +674,24 @@ def test_a_run_that_committed_no_shard_under_another_configuration_leaves_no_fil
     assert (tmp_path / "masks" / "a-0123456789.png").exists()
     _check_identity(cfg, {"config": {**ident, "save_masks": False}}, ident, set())
     assert not (tmp_path / "masks").exists() and (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_an_input_url_with_credentials_is_recorded_without_them_and_resumes(tmp_path):
+    """run.json holds the input without the password or token in its URL (the identity is made without
+    them), so a resume with the same URL compares equal instead of being refused."""
+    from types import SimpleNamespace
+
+    from pipeline import run_record, sources, storage
+
+    url = "http://alice:s3cretpw@127.0.0.1:9/m.csv?token=abcdef"
+    cfg = SimpleNamespace(input=url, storage_options=None, shard_size=2, max_pixels=10, save_masks=False,
+                          labels=None, output=str(tmp_path))
+    inputs = sources.Inputs([{"image_uri": "http://h/a.jpg"}], None, "manifest")
+    ident = run_record.identity(cfg, inputs, {"method": "clip", "settings": {}})
+    assert ident["input"] == "http://***@127.0.0.1:9/m.csv?***"
+    storage.register_url_secrets(url)
+    written = storage.redact(ident)                                        # what run.json holds
+    assert "s3cretpw" not in json.dumps(written) and "abcdef" not in json.dumps(written)
+    run_record._check_identity(cfg, {"config": written}, ident, {"shard-00000"})       # resumes
+    old = {**ident, "input": url}                                          # a run.json of the code before
+    run_record._check_identity(cfg, {"config": old}, ident, {"shard-00000"})

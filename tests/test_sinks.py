@@ -88,10 +88,11 @@ def test_secrets_are_redacted_and_scrubbed():
     assert r["storage_options"]["client_kwargs"]["endpoint_url"] == "http://h:1"   # not a secret
     assert r["storage_options"]["config_kwargs"]["retries"]["max_attempts"] == 3
     assert storage.scrub("x AKIAEXAMPLEKEY y") == "x *** y"
-    url = "https://ann:pa55word@h/w.pt?X-Amz-Signature=f00d"
+    url = "https://ann:pa55word@h/w.pt?v=2&X-Amz-Credential=AKIA%2F2026%2Fus&X-Amz-Signature=f00d"
     storage.register_url_secrets(url, None, "/local/a@b.pt")
-    assert storage.scrub(f"GET {url} failed") == "GET https://***@h/w.pt?*** failed"
-    assert storage.scrub("/local/a@b.pt") == "/local/a@b.pt"
+    assert storage.scrub(url) == "https://ann:***@h/w.pt?v=2&X-Amz-Credential=***&X-Amz-Signature=***"
+    assert storage.scrub("as a client quotes it: Credential=AKIA/2026/us") == "as a client quotes it: Credential=***"
+    assert storage.scrub("/local/a@b.pt, ann, v=2") == "/local/a@b.pt, ann, v=2"      # names and plain values stay
 
 
 def test_log_formatter_scrubs_messages_and_tracebacks_and_leaves_the_record_to_other_handlers():

@@ -253,6 +253,32 @@ def test_a_weights_url_is_recorded_and_reported_without_its_credentials(tiny_mod
         resolve_weights(cfg, "http://user:s3cret@127.0.0.1:9/w.pt")
     assert "s3cret" not in str(e.value) and "http://***@127.0.0.1:9/w.pt" in str(e.value)
 
+    class Refusing(http.server.BaseHTTPRequestHandler):       # HEAD finds the file, GET is refused
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+
+        def do_GET(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        signed = (f"http://127.0.0.1:{server.server_address[1]}/w.pt?X-Amz-Credential=AKIA%2F2026%2Fus"
+                  f"&X-Amz-Signature=deadbeefcafe")
+        with pytest.raises(WeightsError) as e:
+            resolve_weights(cfg, signed)
+    finally:
+        server.shutdown()
+    text = str(e.value)                                         # the client quotes the URL decoded
+    assert "403" in text and "AKIA" not in text and "deadbeefcafe" not in text, text
+
 
 def test_quick_gelu_override_is_what_config_and_the_text_cache_see(tiny_model):
     cfg, weights = tiny_model
