@@ -165,16 +165,25 @@ STORAGE_ERRORS: tuple = (OSError, *_client_errors())
 
 def storage_fault(exc: BaseException) -> bool:
     """Whether the failure to read a file is the storage's, not the file's: a transient error (retries spent:
-    an outage, an endpoint it can't reach) or missing credentials (botocore's NoCredentialsError and the
-    like). Any other failure is the file's (not found, no permission, an HTTP 403 or 410, a malformed URI)."""
+    an outage, an endpoint it can't reach), missing credentials (botocore's NoCredentialsError and the
+    like) or credentials S3 refuses (an unknown key, a wrong secret, an expired token). Any other failure
+    is the file's (not found, no permission, an HTTP 403 or 410, a malformed URI)."""
     if is_transient(exc):
         return True
     seen = 0
     while exc is not None and seen < 4:
-        if "Credential" in type(exc).__name__:
+        response = getattr(exc, "response", None)                          # botocore ClientError
+        code = ((response.get("Error") or {}).get("Code") if isinstance(response, dict) else None)
+        if "Credential" in type(exc).__name__ or code in _CREDENTIAL_ERROR_CODES:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+# S3's answers about the request's credentials, whatever the object (s3fs makes them PermissionErrors, as
+# it does AccessDenied, which may be one object's): every read with them fails alike.
+_CREDENTIAL_ERROR_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                           "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidSecurity"}
 
 
 def raise_storage_fault(uri: str, exc: BaseException) -> None:

@@ -116,6 +116,15 @@ def test_a_file_that_cant_be_read_is_an_error_row_and_storage_that_cant_be_read_
     assert not storage.storage_fault(http(403)) and not storage.storage_fault(http(410))   # the file's: error rows
     assert storage.storage_fault(http(503)) and storage.storage_fault(http(429))
     assert not storage.storage_fault(ParamValidationError(report="Invalid bucket name"))     # a malformed URI
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    def s3(code):                                  # what s3fs raises once botocore gives up
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": "m"},
+                                                 "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject"))
+
+    assert storage.storage_fault(s3("InvalidAccessKeyId")) and storage.storage_fault(s3("SignatureDoesNotMatch"))
+    assert not storage.storage_fault(s3("AccessDenied"))                                  # may be this object's
 
 
 def test_a_pipe_named_like_an_image_is_an_error_row_not_a_hang(tmp_path):
