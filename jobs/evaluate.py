@@ -57,6 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-gpus-per-worker", type=non_negative_float, default=None, help="default 1 where GPUs exist, else 0")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="redo every pair from scratch")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="run again each pair's committed shards that hold error rows; the others are kept")
     args = p.parse_args(argv)
     args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -81,8 +83,8 @@ def evaluate_pair(args, benchmark: str, method: str, so: dict) -> dict:
                     quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std,
                     precision=args.precision, settings=_settings_for(method, args.settings), shard_size=args.shard_size,
                     batch_size=args.batch_size, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
-                    ray_address=args.ray_address,
-                    overwrite=args.overwrite, items=items, input_root=src.root, labels=labels)
+                    ray_address=args.ray_address, overwrite=args.overwrite, retry_errors=args.retry_errors,
+                    items=items, input_root=src.root, labels=labels)
     run(cfg)
     extra = {"method": method, "model": args.model, "weights": public_spec(args.weights), "limit": args.limit}
     result = finish_evaluation(out, src, so, extra=extra)    # its images_failed counts every committed shard

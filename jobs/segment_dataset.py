@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "credential chain)")
     io_.add_argument("--save-masks", action="store_true", help="also write masks/<image_id>.png (palette PNG)")
     io_.add_argument("--overwrite", action="store_true", help="delete previous outputs and start over")
+    io_.add_argument("--retry-errors", action="store_true",
+                     help="run again the committed shards that hold error rows (once what made them is fixed: "
+                          "replaced files, storage access); the others are kept")
     io_.add_argument("--shard-size", type=positive_int, default=1000, help="images per Parquet shard (the unit of resume)")
     io_.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                      help="larger images become error rows, from their header")
@@ -101,8 +104,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         input=args.input, output=args.output, storage_options=storage.storage_options_arg(args.storage_options),
         vocabulary=args.vocabulary, vocabulary_file=args.vocabulary_file, benchmark=args.benchmark,
         method=args.method, model=args.model, weights=args.weights, weights_sha256=args.weights_sha256,
-        quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std, precision=args.precision, settings=settings, shard_size=args.shard_size, max_pixels=args.max_pixels,
-        save_masks=args.save_masks, overwrite=args.overwrite, workers=args.workers,
+        quick_gelu=args.quick_gelu, image_mean=args.image_mean, image_std=args.image_std, precision=args.precision,
+        settings=settings, shard_size=args.shard_size, max_pixels=args.max_pixels, save_masks=args.save_masks,
+        overwrite=args.overwrite, retry_errors=args.retry_errors, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         batch_size=args.batch_size, decode_batch_size=args.decode_batch_size, window_images=args.window_images,
         ray_address=args.ray_address,

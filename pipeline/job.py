@@ -113,6 +113,7 @@ def _run(cfg: JobConfig, inputs: sources.Inputs, t_start: float) -> dict:
         "shards_total": len(shards), "shards_committed_this_run": len(pending),
         "shards_skipped": len(shards) - len(pending),
         "shards_redone_damaged": sorted(resume.redone),
+        "shards_retried_for_errors": resume.retried,
         # The whole output, committed before this run or by it: a resume that had nothing to do still says
         # what the output holds.
         "output": {"images": skipped + done,

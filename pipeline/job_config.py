@@ -58,6 +58,7 @@ class JobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     save_masks: bool = False
     overwrite: bool = False
+    retry_errors: bool = False                  # run again the committed shards that hold error rows
     workers: Optional[int] = None
     num_gpus_per_worker: Optional[float] = None
     cpus_per_worker: Optional[float] = None     # None: 1, or on a small local Ray what leaves a CPU to decode

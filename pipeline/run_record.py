@@ -149,11 +149,13 @@ class Resume:
 
     ``pending``: the shards still to commit, in order. ``committed``: name -> the metadata of each shard
     already committed and kept (its footer's ``rfclip.shard``). ``redone``: name -> why, for each
-    committed shard whose file was damaged after its commit, and is pending again.
+    committed shard whose file was damaged after its commit, and is pending again. ``retried``: the names of
+    the committed shards with error rows that ``--retry-errors`` runs again.
     """
     pending: list
     committed: dict
     redone: dict
+    retried: list = dataclasses.field(default_factory=list)
 
 
 def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> Resume:
@@ -175,6 +177,11 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> Resume:
     committed = sinks.committed_shard_names(cfg.output, so)
     _check_identity(cfg, previous, ident, committed)
     metas, damaged = _check_committed(cfg, shards, committed)
+    retried = sorted(n for n, m in metas.items() if int(m.get("error", 0)) > 0) if cfg.retry_errors else []
+    if retried:
+        log.info("--retry-errors: %d committed shards hold error rows and run again (%s%s)", len(retried),
+                 ", ".join(retried[:5]), ", ..." if len(retried) > 5 else "")
+        metas = {n: m for n, m in metas.items() if n not in retried}
     earlier = list(previous.get("earlier_versions") or []) if previous else []
     if previous and committed and isinstance(previous.get("versions"), dict):
         changes = _version_changes(previous, versions())
@@ -195,7 +202,8 @@ def start_or_resume(cfg, shards: list, ident: dict, probe: dict) -> Resume:
                                           if previous else now(),
                            "resumed_at": now() if previous else None}}
     sinks.write_json(cfg.output, so, sinks.RUN_JSON, run_doc)
-    return Resume(pending=[s for s in shards if s.name not in metas], committed=metas, redone=damaged)
+    return Resume(pending=[s for s in shards if s.name not in metas], committed=metas, redone=damaged,
+                  retried=retried)
 
 
 def _check_identity(cfg, previous: Optional[dict], ident: dict, committed: set) -> None:

@@ -695,3 +695,30 @@ def test_an_input_url_with_credentials_is_recorded_without_them_and_resumes(tmp_
     run_record._check_identity(cfg, {"config": written}, ident, {"shard-00000"})       # resumes
     old = {**ident, "input": url}                                          # a run.json of the code before
     run_record._check_identity(cfg, {"config": old}, ident, {"shard-00000"})
+
+
+def test_retry_errors_reruns_only_the_shards_with_error_rows(ray_local, tiny_model, tmp_path):
+    """A corrupt file is an error row for good, until --retry-errors: once it is replaced, that shard (only)
+    runs again and the row is segmented; the shard without errors is kept as it was."""
+    from PIL import Image
+
+    from pipeline.job import run
+
+    inputs = tmp_path / "in"
+    paths = sorted(write_images(inputs, 4, seed=11))
+    paths[-1].write_bytes(b"not an image")                          # in the second shard of 2
+    out = tmp_path / "out"
+    cfg = dict(input=str(inputs), output=str(out), shard_size=2)
+    first = run(pipeline_job_config(tiny_model, **cfg))
+    assert first["error"] == 1
+    kept = (out / "predictions" / "shard-00000.parquet").stat().st_mtime_ns
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(paths[-1], format="JPEG" if paths[-1].suffix == ".jpg"
+                                                          else "PNG")
+    again = run(pipeline_job_config(tiny_model, **cfg))              # a plain resume: nothing to do
+    assert again["shards_committed_this_run"] == 0 and again["output"]["error"] == 1
+    retried = run(pipeline_job_config(tiny_model, retry_errors=True, **cfg))
+    assert retried["shards_retried_for_errors"] == ["shard-00001"] and retried["shards_committed_this_run"] == 1
+    assert retried["output"] == {"images": 4, "ok": 4, "error": 0}
+    assert (out / "predictions" / "shard-00000.parquet").stat().st_mtime_ns == kept
+    t = read_predictions(str(out))
+    assert t.num_rows == 4 and set(t.column("status").to_pylist()) == {"ok"}
