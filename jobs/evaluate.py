@@ -224,8 +224,13 @@ def _evaluate_all(args, so: dict, fs, root: str) -> tuple[int, Optional[str]]:
             cell["error"] = errors.get((b, row["method"]))
             r = results.get((b, row["method"]))
             cell["failed_images"] = None if r is None else r.get("images_failed")
-    table.update(limit=args.limit, model=args.model, weights=args.weights, settings=args.settings)
-    md = comparison_markdown(table, f"mIoU comparison ({args.model}, {args.weights})")
+    weights = public_spec(args.weights)
+    table.update(limit=args.limit, model=args.model, weights=weights, settings=args.settings)
+    md = comparison_markdown(table, f"mIoU comparison ({args.model}, {weights})")
+    if args.settings:
+        given = ", ".join(f"{k}={v}" for k, v in sorted(args.settings.items()))
+        md += (f"\nSettings given with --setting, over each benchmark's preset: {given}. The published numbers "
+               f"in parentheses were made with the presets.\n")
     if errors:
         # A failed pair's earlier metrics are left out of the table: they were made under another
         # configuration, or the run that failed would have resumed them.

@@ -157,6 +157,26 @@ def _voc_root(tmp_path):
     return root
 
 
+def test_the_comparison_names_a_weights_url_without_its_credentials(tmp_path, monkeypatch):
+    import fsspec
+
+    from jobs import evaluate
+
+    url = "https://user:hunter2secret@example.com/w.pt?X-Amz-Signature=abcdef123456"
+    monkeypatch.setattr(evaluate, "evaluate_pair", lambda *a: {"mIoU": 10.0, "images": 1})
+    args = evaluate.parse_args(["--data-root", str(tmp_path), "--benchmarks", "voc21", "--methods", "clip",
+                                "--output", str(tmp_path / "eval"), "--weights", url])
+    (tmp_path / "eval").mkdir()
+    status, md = evaluate._evaluate_all(args, {}, fsspec.filesystem("file"), str(tmp_path / "eval"))
+    written = (tmp_path / "eval" / "comparison.md").read_text() + (tmp_path / "eval" / "comparison.json").read_text()
+    assert status == 0 and "https://***@example.com/w.pt?***" in md
+    assert "hunter2secret" not in md + written and "abcdef123456" not in md + written
+    assert "--setting" not in md
+    args.settings = {"prob_thd": 0.3}                     # settings over the presets: said under the table
+    assert "over each benchmark's preset: prob_thd=0.3" in evaluate._evaluate_all(
+        args, {}, fsspec.filesystem("file"), str(tmp_path / "eval"))[1]
+
+
 def test_evaluate_checks_the_weights_and_the_output_once_before_any_pair(tiny_model, tmp_path, monkeypatch,
                                                                           capsys):
     """Weights it can't get, or an output it can't write, are one error line and exit 2 before any pair
