@@ -28,7 +28,7 @@ from .methods.base import DenseOutput
 from .model_factory import load_clip
 from .pamr import pamr_row_bands
 from .plans import resolve_attention_kernels, resolve_plan
-from .settings import DISTRACTION_DIMS, base_arch, make_settings, unused_settings
+from .settings import DISTRACTION_DIMS, METHOD_SPECIFIC_SETTINGS, base_arch, make_settings, unused_settings
 from .text import TextEncoder
 from .vit import DenseViT
 from .vocabulary import VocabularyLike, flatten, normalize_vocabulary
@@ -243,14 +243,21 @@ class Segmenter:
     def execution(self) -> dict:
         """How the forward passes run so far, JSON-able: ``device`` (and ``device_name`` on CUDA), ``plan``,
         ``attention_kernels`` as resolved (not ``"auto"``) and ``ncut_kernels`` (kernels only for methods
-        that use them), and ``fallbacks``: what ``"auto"`` gave up on, and why (a failed graph capture,
-        kernel tiles this GPU cannot hold)."""
+        that use them), ``distractors`` (RF-CLIP's methods: the distraction ``dims``, ``tau`` and
+        ``min_received_attention`` that ran, where the settings say None for the architecture's known
+        ones), and ``fallbacks``: what ``"auto"`` gave up on, and why (a failed graph capture, kernel tiles
+        this GPU cannot hold)."""
         out = {"device": str(self.device), "plan": self.plan}
         if self.device.type == "cuda":
             out["device_name"] = torch.cuda.get_device_name(self.device)
         if hasattr(self.method, "refused_tiles"):                      # methods with RF-CLIP's kernels
             out["attention_kernels"] = resolve_attention_kernels(self.method.settings, self.device)
             out["ncut_kernels"] = self.method.settings.ncut_kernels
+        if "distraction_dims" in METHOD_SPECIFIC_SETTINGS.get(self.method_name, ()):
+            # As resolved: the settings say None for "the known ones for this architecture" (config()).
+            from .methods.rfclip import distraction_setup
+            dims, tau, min_received = distraction_setup(self.method, self.device)
+            out["distractors"] = {"dims": dims.tolist(), "tau": tau, "min_received_attention": min_received}
         refused = getattr(self.method, "refused_tiles", dict)()
         out["fallbacks"] = sorted(self.fallbacks + [f"attention kernels: {why}; ran PyTorch's kernels"
                                                     for why in refused.values()])

@@ -577,6 +577,10 @@ def test_known_distraction_dims_on_other_weights_warn(planted_files, monkeypatch
         monkeypatch.setitem(rfclip.weights.OPENAI_SHA256, rfclip.weights.file_sha256(weights), arch)
         seg = make("rfclip", quick_gelu=True)
     assert seg.weights.openai and seg.method.settings.distraction_dims is None
+    # config() records the settings as given (None), execution() the channels that ran
+    assert seg.config()["settings"]["distraction_dims"] is None
+    assert seg.execution()["distractors"]["dims"] == sorted(PLANTED_DIMS)
+    assert "distractors" not in make("clip").execution()
 
 
 def test_public_helpers_refuse_what_they_would_get_wrong(tiny_model, tmp_path):
