@@ -33,7 +33,7 @@ from pipeline.datasets import open_labelled_source  # noqa: E402
 from pipeline.evaluation import finish_evaluation  # noqa: E402
 from pipeline.job import run  # noqa: E402
 from pipeline.job_config import JobConfig, LabelError, labelled_job_inputs  # noqa: E402
-from pipeline.run_record import ConfigMismatch  # noqa: E402
+from pipeline.run_record import EXECUTION_SETTINGS, ConfigMismatch  # noqa: E402
 from rfclip.weights import WeightsError, public_spec  # noqa: E402
 from pipeline.published import TABLE_ORDER  # noqa: E402
 
@@ -227,8 +227,12 @@ def _evaluate_all(args, so: dict, fs, root: str) -> tuple[int, Optional[str]]:
     weights = public_spec(args.weights)
     table.update(limit=args.limit, model=args.model, weights=weights, settings=args.settings)
     md = comparison_markdown(table, f"mIoU comparison ({args.model}, {weights})")
-    if args.settings:
-        given = ", ".join(f"{k}={v}" for k, v in sorted(args.settings.items()))
+    # What changes the numbers: settings some method used, not how the forward runs, and not pamr (the
+    # published column then is the +PAMR one).
+    used = {k: v for m in args.methods for k, v in _settings_for(m, args.settings).items()
+            if k not in EXECUTION_SETTINGS and k != "pamr"}
+    if used:
+        given = ", ".join(f"{k}={v}" for k, v in sorted(used.items()))
         md += (f"\nSettings given with --setting, over each benchmark's preset: {given}. The published numbers "
                f"in parentheses were made with the presets.\n")
     if errors:

@@ -42,7 +42,7 @@ S3_LONG_JOB_DEFAULTS = {
     },
 }
 
-SECRET_KEY_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session", "sas", "signature")
+SECRET_KEY_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session", "sas", "sig")
 REDACTED = "***"
 
 
@@ -390,18 +390,20 @@ def register_secrets(storage_options: Optional[dict]) -> None:
 def register_url_secrets(*uris: Optional[str]) -> None:
     """Remember the credentials written into URLs so that :func:`scrub` removes them from any text: the
     password of ``https://user:password@host/...``, and a signed URL's query values under secret-looking
-    keys (``X-Amz-Signature``, ``token``, ...), as written and decoded. Not the user name, nor other query
-    values: those may be words that other text holds too."""
-    from urllib.parse import parse_qsl, quote, urlsplit
+    keys (``X-Amz-Signature``, ``sig``, ``token``, ...), as written and decoded. Not the user name, nor other
+    query values: those may be words that other text holds too."""
+    from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
     for uri in uris:
         if not uri or "://" not in uri:
             continue
         parts = urlsplit(uri)
-        found = {parts.password or ""}
-        for key, value in parse_qsl(parts.query):
-            if _is_secret_key(key):
-                found |= {value, quote(value, safe=""), quote(value)}
+        found = {parts.password or "", unquote(parts.password or "")}
+        for pair in parts.query.split("&"):
+            key, _, raw = pair.partition("=")
+            if _is_secret_key(unquote_plus(key)):
+                value = unquote_plus(raw)
+                found |= {raw, value, quote(value, safe=""), quote(value)}
         _KNOWN_SECRETS.update(s for s in found if len(s) >= 4)
 
 

@@ -53,8 +53,10 @@ def _err(exc: BaseException) -> str:
     return f"read failed: {type(exc).__name__}: {scrub(str(exc))}"
 
 
-# What a failed device says: CUDA's (and ROCm's) errors leave the process's context unusable.
-_DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "device-side assert", "HIP error")
+# What a failed device says: CUDA's sticky errors, which leave the process's context unusable (not out of
+# memory, nor a launch configuration a smaller image may not need).
+_DEVICE_FAULTS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+                  "illegal instruction", "uncorrectable ECC error", "hardware stack error")
 
 
 def device_fault(exc: BaseException) -> bool:
@@ -239,6 +241,8 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
         class_pixels[i] = b""
         confusion[i] = b""
         if status[i] != "ok":
+            if save_masks:              # a row that was ok in a shard --retry-errors runs again: no mask now
+                _remove_mask(out_fs, posixpath.join(out_root, MASKS_DIR, f"{batch['image_id'][i]}.png"))
             continue
         h, w = int(batch["height"][i]), int(batch["width"][i])
         lab = np.frombuffer(batch["labels"][i], dt).reshape(h, w)
@@ -247,6 +251,8 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
                 confusion[i] = _confusion_bytes(label_bytes[i], decode_label, lab, num_classes, ignore_index)
             except Exception as exc:  # noqa: BLE001 - the row records why it can't be scored
                 status[i], error[i] = "error", f"label failed: {type(exc).__name__}: {scrub(str(exc))}"
+                if save_masks:
+                    _remove_mask(out_fs, posixpath.join(out_root, MASKS_DIR, f"{batch['image_id'][i]}.png"))
                 continue
         mask_png[i] = encode_label_png(lab, num_classes)
         class_pixels[i] = np.bincount(lab.ravel(), minlength=num_classes).astype(np.int64).tobytes()
@@ -259,6 +265,14 @@ def encode_stage(batch: dict, *, num_classes: int, output_uri: str, storage_opti
     out.update(mask_png=mask_png, class_pixels=class_pixels, confusion=confusion, status=status,
                error=error, elapsed_ms=elapsed)
     return out
+
+
+def _remove_mask(fs, path: str) -> None:
+    """Remove an error row's mask where an earlier run of its shard wrote one (``--retry-errors``)."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def _confusion_bytes(data, decode_label: Callable, pred: np.ndarray, num_classes: int, ignore_index: int) -> bytes:

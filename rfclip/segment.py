@@ -27,7 +27,7 @@ from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_file
 from .folders import local_files, within
 from .images import IMAGE_SUFFIXES
 from .segmenter import Segmenter
-from .visualize import first_is_background, label_png, overlay, palette, png_text
+from .visualize import first_is_background, label_png, overlay, png_text
 from .weights import WeightsError
 from .vocabulary import load_vocabulary, parse_vocabulary
 from .warn import as_cli_lines
@@ -107,22 +107,15 @@ MARK = {"Software": "rfclip-segment"}
 
 
 def _is_ours(path: Path) -> bool:
-    """Whether the file ``path`` is a PNG this tool wrote: its :data:`MARK` text chunk, or (masks of the
-    versions before the mark) a palette PNG with exactly the masks' VOC palette."""
+    """Whether the file ``path`` is a PNG this tool wrote: its :data:`MARK` text chunk. (Not its palette:
+    VOC's ground-truth PNGs have the same.)"""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            if im.format != "PNG":
-                return False
-            if im.info.get("Software") == MARK["Software"]:
-                return True
-            return im.mode == "P" and (im.getpalette() or []) in _MASK_PALETTES
+            return im.format == "PNG" and im.info.get("Software") == MARK["Software"]
     except (OSError, UnidentifiedImageError, ValueError):
         return False
-
-
-_MASK_PALETTES = [palette(256, background).flatten().tolist() for background in (True, False)]
 
 
 def _replaced_files(targets: list[Path]) -> list[Path]:

@@ -169,8 +169,10 @@ def test_segment_never_overwrites_or_rereads_its_inputs(tiny_model, tmp_path, ca
     assert main([str(mine / "a.jpg"), "--out", str(mine)] + common) == 2   # a.jpg -> mine/a.png: not replaced
     assert f"already holds {mine / 'a.png'}, which rfclip-segment did not write" in capsys.readouterr().err
     assert hashlib.sha256((mine / "a.png").read_bytes()).hexdigest() == theirs
-    (mine / "a.png").write_bytes(label_png(np.zeros((40, 50), int), 2))  # a mask of the versions before the mark
-    assert main([str(mine / "a.jpg"), "--out", str(mine)] + common) == 0
+    (mine / "a.png").write_bytes(label_png(np.zeros((40, 50), int), 2))  # VOC's ground truth looks like this
+    assert main([str(mine / "a.jpg"), "--out", str(mine)] + common) == 2
+    assert "which rfclip-segment did not write" in capsys.readouterr().err
+    (mine / "a.png").unlink()
     for _ in range(2):                                                   # its own outputs: replaced
         assert main([str(mine / "a.jpg"), "--out", str(mine)] + common) == 0
     with Image.open(mine / "a.png") as m, Image.open(mine / "a_overlay.png") as o:

@@ -175,6 +175,8 @@ def test_the_comparison_names_a_weights_url_without_its_credentials(tmp_path, mo
     args.settings = {"prob_thd": 0.3}                     # settings over the presets: said under the table
     assert "over each benchmark's preset: prob_thd=0.3" in evaluate._evaluate_all(
         args, {}, fsspec.filesystem("file"), str(tmp_path / "eval"))[1]
+    args.settings = {"plan": "explicit", "lam": 0.5}       # how it runs, and what clip does not use: not said
+    assert "--setting" not in evaluate._evaluate_all(args, {}, fsspec.filesystem("file"), str(tmp_path / "eval"))[1]
 
 
 def test_evaluate_checks_the_weights_and_the_output_once_before_any_pair(tiny_model, tmp_path, monkeypatch,

@@ -699,26 +699,32 @@ def test_an_input_url_with_credentials_is_recorded_without_them_and_resumes(tmp_
 
 def test_retry_errors_reruns_only_the_shards_with_error_rows(ray_local, tiny_model, tmp_path):
     """A corrupt file is an error row for good, until --retry-errors: once it is replaced, that shard (only)
-    runs again and the row is segmented; the shard without errors is kept as it was."""
+    runs again and the row is segmented; the shard without errors is kept as it was. A row that was ok and
+    now fails loses its mask."""
     from PIL import Image
 
+    from pipeline import sources
     from pipeline.job import run
 
     inputs = tmp_path / "in"
-    paths = sorted(write_images(inputs, 4, seed=11))
-    paths[-1].write_bytes(b"not an image")                          # in the second shard of 2
+    paths = sorted(write_images(inputs, 4, seed=11))                 # shard 2: b/img000.png, b/img002.jpg
+    paths[-1].write_bytes(b"not an image")
     out = tmp_path / "out"
-    cfg = dict(input=str(inputs), output=str(out), shard_size=2)
+    cfg = dict(input=str(inputs), output=str(out), shard_size=2, save_masks=True)
     first = run(pipeline_job_config(tiny_model, **cfg))
     assert first["error"] == 1
     kept = (out / "predictions" / "shard-00000.parquet").stat().st_mtime_ns
-    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(paths[-1], format="JPEG" if paths[-1].suffix == ".jpg"
-                                                          else "PNG")
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(paths[-1], format="JPEG")
     again = run(pipeline_job_config(tiny_model, **cfg))              # a plain resume: nothing to do
     assert again["shards_committed_this_run"] == 0 and again["output"]["error"] == 1
+    mask = out / "masks" / f"{sources.image_id(str(paths[-2]), str(inputs))}.png"
+    assert mask.exists()
+    paths[-2].write_bytes(b"broken since")                           # ok in the first run, an error now
     retried = run(pipeline_job_config(tiny_model, retry_errors=True, **cfg))
     assert retried["shards_retried_for_errors"] == ["shard-00001"] and retried["shards_committed_this_run"] == 1
-    assert retried["output"] == {"images": 4, "ok": 4, "error": 0}
+    assert retried["output"] == {"images": 4, "ok": 3, "error": 1}
     assert (out / "predictions" / "shard-00000.parquet").stat().st_mtime_ns == kept
     t = read_predictions(str(out))
-    assert t.num_rows == 4 and set(t.column("status").to_pylist()) == {"ok"}
+    status = dict(zip(t.column("image_uri").to_pylist(), t.column("status").to_pylist()))
+    assert t.num_rows == 4 and status[str(paths[-1])] == "ok" and status[str(paths[-2])] == "error"
+    assert not mask.exists() and len(list((out / "masks").iterdir())) == 3

@@ -234,3 +234,5 @@ def test_the_model_stage_makes_error_rows_of_failed_images_but_stops_on_a_failed
     worker._segment = device_fails
     with pytest.raises(RuntimeError, match="CUDA error"):
         worker(batch)
+    from pipeline.workers import device_fault
+    assert not device_fault(RuntimeError("CUDA error: out of memory")) and not device_fault(ValueError("shape"))

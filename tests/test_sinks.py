@@ -93,6 +93,9 @@ def test_secrets_are_redacted_and_scrubbed():
     assert storage.scrub(url) == "https://ann:***@h/w.pt?v=2&X-Amz-Credential=***&X-Amz-Signature=***"
     assert storage.scrub("as a client quotes it: Credential=AKIA/2026/us") == "as a client quotes it: Credential=***"
     assert storage.scrub("/local/a@b.pt, ann, v=2") == "/local/a@b.pt, ann, v=2"      # names and plain values stay
+    storage.register_url_secrets("https://h/c.csv?sv=2022&sig=Az%2fSigValue%3D", "https://bo:p%40ssw0rd@h/x")
+    assert storage.scrub("c.csv?sv=2022&sig=Az%2fSigValue%3D or Az/SigValue=") == "c.csv?sv=2022&sig=*** or ***"
+    assert storage.scrub("bo:p%40ssw0rd, p@ssw0rd") == "bo:***, ***"
 
 
 def test_log_formatter_scrubs_messages_and_tracebacks_and_leaves_the_record_to_other_handlers():
