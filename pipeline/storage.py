@@ -390,21 +390,14 @@ def register_secrets(storage_options: Optional[dict]) -> None:
 def register_url_secrets(*uris: Optional[str]) -> None:
     """Remember the credentials written into URLs so that :func:`scrub` removes them from any text: the
     password of ``https://user:password@host/...``, and a signed URL's query values under secret-looking
-    keys (``X-Amz-Signature``, ``sig``, ``token``, ...), as written and decoded. Not the user name, nor other
-    query values: those may be words that other text holds too."""
-    from urllib.parse import quote, unquote, unquote_plus, urlsplit
+    keys (``X-Amz-Signature``, ``sig``, ``token``, ...), as written and decoded
+    (``rfclip.weights.url_secrets``). Not the user name, nor other query values: those may be words that
+    other text holds too."""
+    from rfclip.weights import url_secrets
 
     for uri in uris:
-        if not uri or "://" not in uri:
-            continue
-        parts = urlsplit(uri)
-        found = {parts.password or "", unquote(parts.password or "")}
-        for pair in parts.query.split("&"):
-            key, _, raw = pair.partition("=")
-            if _is_secret_key(unquote_plus(key)):
-                value = unquote_plus(raw)
-                found |= {raw, value, quote(value, safe=""), quote(value)}
-        _KNOWN_SECRETS.update(s for s in found if len(s) >= 4)
+        if uri and "://" in uri:
+            _KNOWN_SECRETS.update(url_secrets(uri, _is_secret_key))
 
 
 def redact(obj: Any) -> Any:

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-from urllib.parse import parse_qsl, quote, unquote, urlparse, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlparse, urlsplit, urlunsplit
 
 import fsspec
 
@@ -213,13 +213,16 @@ def public_spec(spec: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
 
 
-def url_secrets(url: str) -> set[str]:
-    """What in ``url`` may be a credential: its password and its query values (as written and decoded),
-    those of 4 characters or more."""
+def url_secrets(url: str, secret_key=lambda key: True) -> set[str]:
+    """What in ``url`` may be a credential: its password, and its query values whose key ``secret_key``
+    accepts (all, by default), each as written and decoded; those of 4 characters or more."""
     parts = urlsplit(url)
-    found = {parts.password or ""}
-    for _, value in parse_qsl(parts.query):
-        found |= {value, quote(value, safe=""), quote(value)}
+    found = {parts.password or "", unquote(parts.password or "")}
+    for pair in parts.query.split("&"):
+        key, _, raw = pair.partition("=")
+        if secret_key(unquote_plus(key)):
+            value = unquote_plus(raw)
+            found |= {raw, value, quote(value, safe=""), quote(value)}
     return {s for s in found if len(s) >= 4}
 
 
