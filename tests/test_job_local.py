@@ -156,7 +156,7 @@ def test_run_json_and_summary(first_run):
     assert on_disk["ok"] == summary["ok"] and on_disk["images_per_second"] > 0
     # What ran, as resolved on the worker (not "auto"): in summary.json and in every shard's metadata.
     ran = [{"device": "cpu", "plan": "explicit", "attention_kernels": "torch", "ncut_kernels": "torch",
-            "fallbacks": []}]
+            "distractors": {"dims": [3, 7], "tau": 5 / 64, "min_received_attention": None}, "fallbacks": []}]
     assert on_disk["execution"] == summary["execution"] == ran
     assert run_doc["runtime"]["execution_settings"] == {"plan": "auto", "attention_kernels": "auto",
                                                         "ncut_kernels": "torch"}

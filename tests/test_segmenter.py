@@ -418,6 +418,7 @@ def test_a_failed_graph_capture_under_auto_falls_back_to_the_fused_plan_and_says
 def test_execution_reports_the_resolved_plan_and_kernels(planted_files):
     run = make_segmenter(planted_files, "rfclip").execution()
     assert run == {"device": "cpu", "plan": "explicit", "attention_kernels": "torch", "ncut_kernels": "torch",
+                   "distractors": {"dims": list(range(8)), "tau": 5 / 64, "min_received_attention": None},
                    "fallbacks": []}
     assert make_segmenter(planted_files, "clip").execution() == {"device": "cpu", "plan": "explicit",
                                                                  "fallbacks": []}
