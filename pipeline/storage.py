@@ -15,7 +15,6 @@ import os
 import posixpath
 import re
 import random
-import stat
 import sys
 import time
 import uuid
@@ -24,6 +23,7 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from rfclip.decode import is_regular_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,15 +255,6 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 5
                 pass
         out[p] = v
     return out
-
-
-def is_regular_file(path: str) -> bool:
-    """Whether the local ``path`` is a regular file (links followed); True where it can't be told, so that
-    reading it reports why."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return True
 
 
 def read_uris(uris: list[str], storage_options: Optional[dict] = None, limit: Optional[int] = None) -> list[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -71,13 +72,22 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             raise DecodeError(f"unsupported image mode {img.mode!r} ({img.format}): {exc}") from None
 
 
+def is_regular_file(path: str) -> bool:
+    """Whether the local ``path`` is a regular file (links followed); True where it can't be told, so that
+    reading it reports why."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return True
+
+
 def decode_file(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None) -> np.ndarray:
     """:func:`decode_image` of a file (local path or fsspec URL), read no further than
     ``max_file_bytes(max_pixels) + 1`` bytes. Raises ``OSError`` when it can't be read."""
     import fsspec
 
     local = uri[len("file://"):] if uri.startswith("file://") else None if "://" in uri else uri
-    if local is not None and os.path.exists(local) and not os.path.isfile(local) and not os.path.isdir(local):
+    if local is not None and not is_regular_file(local) and not os.path.isdir(local):
         # a pipe, socket or device: a read would block, or never end
         raise DecodeError("not a regular file (a pipe, socket or device): not read")
     with fsspec.open(uri, "rb", **(storage_options or {})) as f:
